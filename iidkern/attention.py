@@ -1,0 +1,284 @@
+"""The one public attention call: validate, choose a backend, launch.
+
+Like ``F.scaled_dot_product_attention`` it returns the output tensor when nothing else is
+asked for; when LSE, probes, pair statistics or tile counts are asked for it returns an
+:class:`~iidkern.specs.AttentionResult`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .kernels.tiles import TagMask
+from .reference import attention_reference
+from .specs import MAX_VALUE_PROBE_CHANNELS, AttentionResult, BlockMultiplier, Probe, TokenGroups, ValueProbe
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TAG_DTYPES = (torch.int32, torch.int64)
+MAX_HEAD_DIM = 256
+BACKENDS = ("auto", "triton", "reference")
+
+Tags = Union[Tuple[torch.Tensor, torch.Tensor], TagMask]
+
+
+def tag_mask(q_tags: torch.Tensor, k_tags: torch.Tensor) -> TagMask:
+    """Validate a tag pair once and wrap it with a cache of its tile skip lists.
+
+    Pass the result as ``tags=`` to every call that shares the mask (IID: every block and
+    step after S), so the tile classification runs once per tile shape, not per call.
+    """
+    for name, t in (("q_tags", q_tags), ("k_tags", k_tags)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tags: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _TAG_DTYPES:
+            raise TypeError(f"tags: {name} must be int32 or int64 bit sets, got {t.dtype}")
+        if t.dim() not in (1, 2):
+            raise ValueError(f"tags: {name} must have shape [B, N] or [N], got {tuple(t.shape)}")
+    if q_tags.device != k_tags.device:
+        raise ValueError(f"tags: q_tags is on {q_tags.device} but k_tags is on {k_tags.device}")
+    return TagMask(q_tags, k_tags)
+
+
+def _shape_of(t: torch.Tensor, layout: str):
+    """(B, H, N, D) of a 4-D tensor in the given layout."""
+    if layout == "bhnd":
+        return tuple(t.shape)
+    b, n, h, d = t.shape
+    return b, h, n, d
+
+
+def _validate_qkv(q, k, v, layout):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ({'[B, H, N, D]' if layout == 'bhnd' else '[B, N, H, D]'} for "
+                             f"layout={layout!r}), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name} must have a contiguous last (head) dim (stride 1), got strides {t.stride()}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    bq, hq, nq, dq = _shape_of(q, layout)
+    bk, hk, nk, dk = _shape_of(k, layout)
+    bv, hv, nv, dv = _shape_of(v, layout)
+    if not (bq == bk == bv):
+        raise ValueError(f"q, k, v batch sizes differ: q={bq}, k={bk}, v={bv} (layout={layout!r})")
+    if not (hq == hk == hv):
+        raise ValueError(f"q, k, v head counts differ: q={hq}, k={hk}, v={hv} (layout={layout!r})")
+    if nk != nv:
+        raise ValueError(f"k and v must have the same number of tokens, got k={nk}, v={nv} (layout={layout!r})")
+    if not (dq == dk == dv):
+        raise ValueError(f"q, k, v head dims differ: q={dq}, k={dk}, v={dv}")
+    if not 1 <= dq <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got D={dq}")
+    if min(bq, hq, nq, nk) < 1:
+        raise ValueError(f"q/k must be non-empty, got B={bq}, H={hq}, Nq={nq}, Nk={nk}")
+    return bq, hq, nq, nk, dq
+
+
+def _validate_tags(tags, b, nq, nk, device) -> Optional[TagMask]:
+    if tags is None:
+        return None
+    if isinstance(tags, TagMask):
+        mask = tags
+    elif isinstance(tags, (tuple, list)) and len(tags) == 2:
+        mask = tag_mask(tags[0], tags[1])
+    else:
+        raise TypeError(f"tags must be a (q_tags, k_tags) pair or an iidkern.tag_mask(...), got {type(tags).__name__}")
+    for name, t, n in (("q_tags", mask.q_tags, nq), ("k_tags", mask.k_tags, nk)):
+        expected = f"[{b}, {n}] or [{n}]"
+        if t.shape[-1] != n or (t.dim() == 2 and t.shape[0] != b):
+            raise ValueError(f"tags: {name} must have shape {expected}, got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"tags: {name} is on {t.device}, expected {device} (the device of q)")
+    return mask
+
+
+def _validate_head_weights(w, b, h, nq, device):
+    if w is None:
+        return None
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"head_weights must be a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"head_weights must be floating point, got {w.dtype}")
+    allowed = {1: (h,), 2: (b, h), 3: (b, h, nq)}
+    if w.dim() not in allowed or tuple(w.shape) != allowed[w.dim()]:
+        raise ValueError(f"head_weights must have shape [{h}], [{b}, {h}] or [{b}, {h}, {nq}], got {tuple(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"head_weights is on {w.device}, expected {device}")
+    return w
+
+
+def _validate_groups(g: TokenGroups, n: int, b: int, device, where: str):
+    if g.kind == "each":
+        if g.stop > n:
+            raise ValueError(f"{where}: TokenGroups.each range [{g.start}, {g.stop}) exceeds the {n} tokens")
+        return
+    ids = g.group_ids
+    if ids.shape[-1] != n or (ids.dim() == 2 and ids.shape[0] != b):
+        raise ValueError(f"{where}: group ids must have shape [{b}, {n}] or [{n}], got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{where}: group ids are on {ids.device}, expected {device}")
+    if g.stop > n:
+        raise ValueError(f"{where}: group span [{g.start}, {g.stop}) exceeds the {n} tokens")
+
+
+def _validate_probe_heads(heads, b, h, device, where):
+    if isinstance(heads, torch.Tensor):
+        if tuple(heads.shape) not in ((h,), (b, h)):
+            raise ValueError(f"{where}: per-head weights must have shape [{h}] or [{b}, {h}], got {tuple(heads.shape)}")
+        if heads.device != device:
+            raise ValueError(f"{where}: per-head weights are on {heads.device}, expected {device}")
+
+
+def _validate_probes(probes, b, h, nq, nk, device):
+    if isinstance(probes, (Probe, ValueProbe)):
+        probes = (probes,)
+    if not isinstance(probes, (tuple, list)):
+        raise TypeError(f"probes must be a sequence of Probe / ValueProbe, got {type(probes).__name__}")
+    channels = 0
+    for i, p in enumerate(probes):
+        where = f"probes[{i}]"
+        if isinstance(p, Probe):
+            _validate_groups(p.queries, nq, b, device, where + ".queries")
+            _validate_groups(p.keys, nk, b, device, where + ".keys")
+        elif isinstance(p, ValueProbe):
+            _validate_groups(p.queries, nq, b, device, where + ".queries")
+            x = p.x
+            if x.shape[-2] != nk or (x.dim() == 3 and x.shape[0] != b):
+                raise ValueError(f"{where}.x must have shape [{b}, {nk}, C] or [{nk}, C], got {tuple(x.shape)}")
+            if x.device != device:
+                raise ValueError(f"{where}.x is on {x.device}, expected {device}")
+            channels += x.shape[-1]
+        else:
+            raise TypeError(f"{where} must be a Probe or ValueProbe, got {type(p).__name__}")
+        _validate_probe_heads(p.heads, b, h, device, where)
+    if channels > 4 * MAX_VALUE_PROBE_CHANNELS:
+        raise ValueError(f"probes: value probes of one call may carry at most {4 * MAX_VALUE_PROBE_CHANNELS} channels "
+                         f"in total, got {channels}")
+    return tuple(probes)
+
+
+def _validate_multiplier(m, b, h, nq, nk, device):
+    if m is None:
+        return None
+    if not isinstance(m, BlockMultiplier):
+        raise TypeError(f"block_multiplier must be an iidkern.BlockMultiplier, got {type(m).__name__}")
+    vals = m.values
+    if not isinstance(vals, torch.Tensor) or not vals.is_floating_point():
+        raise TypeError(f"block_multiplier.values must be a floating-point tensor, got "
+                        f"{getattr(vals, 'dtype', type(vals).__name__)}")
+    if vals.dim() not in (3, 4) or vals.shape[0] != b or (vals.dim() == 4 and vals.shape[1] != h):
+        raise ValueError(f"block_multiplier.values must have shape [{b}, Mq, Mk] or [{b}, {h}, Mq, Mk], "
+                         f"got {tuple(vals.shape)}")
+    mq, mk = vals.shape[-2], vals.shape[-1]
+    if not (0 <= m.query_start and m.query_start + mq <= nq):
+        raise ValueError(f"block_multiplier query range [{m.query_start}, {m.query_start + mq}) must lie in [0, {nq}]")
+    if not (0 <= m.key_start and m.key_start + mk <= nk):
+        raise ValueError(f"block_multiplier key range [{m.key_start}, {m.key_start + mk}) must lie in [0, {nk}]")
+    if vals.device != device:
+        raise ValueError(f"block_multiplier.values is on {vals.device}, expected {device}")
+    return m
+
+
+def _validate_pairs(pairs, b, device):
+    if pairs is None:
+        return None
+    t = pairs if isinstance(pairs, torch.Tensor) else torch.as_tensor(pairs, dtype=torch.int64)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"pair_stats must hold integer batch indices, got {t.dtype}")
+    if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] < 1:
+        raise ValueError(f"pair_stats must be a list of (b0, b1) pairs / a [P, 2] tensor, got shape {tuple(t.shape)}")
+    t = t.to(device="cpu", dtype=torch.int64)
+    if (t < 0).any() or (t >= b).any():
+        raise ValueError(f"pair_stats indices must lie in [0, {b}), got {t.tolist()}")
+    return t.to(device)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bhnd",
+              scale: Optional[float] = None, tags: Optional[Tags] = None,
+              head_weights: Optional[torch.Tensor] = None, probes: Sequence = (),
+              block_multiplier: Optional[BlockMultiplier] = None, pair_stats=None,
+              return_lse: bool = False, backend: str = "auto", count_tiles: bool = False,
+              kernel_options: Optional[dict] = None) -> Union[torch.Tensor, AttentionResult]:
+    """Softmax attention with the extras training-free editing needs, in one fused pass.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` (``layout="bhnd"``) or ``[B, N, H, D]`` (``"bnhd"``,
+            diffusers' layout), float16 / bfloat16 / float32, last dim contiguous; read
+            through their strides, never copied. ``Nq`` may differ from ``Nk``; D <= 256.
+        scale: score scale, default ``1/sqrt(D)``.
+        tags: ``(q_tags, k_tags)`` int32/int64 bit sets of shape ``[B, Nq]``/``[B, Nk]``
+            (or ``[N]``, shared by the batch), or a prebuilt :func:`tag_mask`. Query ``i``
+            may attend key ``j`` iff ``q_tags[i] & k_tags[j] != 0``. Tiles with no allowed
+            pair are skipped. A query with no allowed key gets a zero output and LSE -inf.
+        head_weights: ``[H]``, ``[B, H]`` or ``[B, H, Nq]``; multiplies each head's output.
+        probes: :class:`Probe` / :class:`ValueProbe` specs; each returns a float32 tensor
+            (see ``iidkern.specs``) computed from the exact masked softmax, unaffected by
+            ``head_weights`` and ``block_multiplier``.
+        block_multiplier: :class:`BlockMultiplier`, post-softmax ``(M*p) @ v / sum(p)``.
+        pair_stats: ``[(b0, b1), ...]`` batch-row pairs; returns :class:`PairStats` of the
+            final output (after head weights), per head.
+        return_lse: also return the row log-sum-exp ``[B, H, Nq]`` (natural log).
+        backend: ``"auto"`` (Triton on CUDA, the reference elsewhere), ``"triton"`` (on CPU
+            tensors it runs under Triton's interpreter when CUDA is absent or
+            ``TRITON_INTERPRET=1``), ``"reference"`` (dense float32 PyTorch).
+        count_tiles: Triton backend only: also return how many key tiles each query tile
+            visited (``tiles_visited``), to verify tile skipping.
+        kernel_options: Triton tile options (``BLOCK_M``, ``BLOCK_N``, ``num_warps``,
+            ``num_stages``), as in FlexAttention.
+
+    Returns:
+        The output (same shape and layout as ``q``), or an :class:`AttentionResult` when
+        ``return_lse``, ``probes``, ``pair_stats`` or ``count_tiles`` is set.
+    """
+    if layout not in ("bhnd", "bnhd"):
+        raise ValueError(f"layout must be 'bhnd' or 'bnhd', got {layout!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    b, h, nq, nk, d = _validate_qkv(q, k, v, layout)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    device = q.device
+    mask = _validate_tags(tags, b, nq, nk, device)
+    head_weights = _validate_head_weights(head_weights, b, h, nq, device)
+    probes = _validate_probes(probes, b, h, nq, nk, device)
+    block_multiplier = _validate_multiplier(block_multiplier, b, h, nq, nk, device)
+    pairs = _validate_pairs(pair_stats, b, device)
+    if kernel_options is not None and not isinstance(kernel_options, dict):
+        raise TypeError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
+
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "reference"
+    if count_tiles and backend != "triton":
+        raise ValueError("count_tiles=True needs backend='triton'")
+    extras = return_lse or bool(probes) or pairs is not None or count_tiles
+
+    if backend == "reference":
+        res = attention_reference(q, k, v, layout=layout, scale=float(scale),
+                                  tags=(mask.q_tags, mask.k_tags) if mask is not None else None,
+                                  head_weights=head_weights, probes=probes, block_multiplier=block_multiplier,
+                                  pair_stats=pairs, compute_dtype=torch.float32)
+        res.out = res.out.contiguous()
+        if not return_lse:
+            res.lse = None
+    else:
+        from . import kernels  # sets TRITON_INTERPRET before the kernels are decorated on CUDA-less hosts
+
+        if device.type != "cuda" and not kernels.INTERPRETING:
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
+                             "before importing iidkern, or use backend='reference'")
+        res = kernels.triton_attention(q, k, v, layout=layout, scale=float(scale), tags=mask,
+                                       head_weights=head_weights, probes=probes, block_multiplier=block_multiplier,
+                                       pair_stats=pairs, need_lse=return_lse, count_tiles=count_tiles,
+                                       kernel_options=kernel_options)
+    return res if extras else res.out

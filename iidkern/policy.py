@@ -1,0 +1,159 @@
+"""The only door between models and kernels.
+
+A model (the from-scratch runner in ``iidkern.mmdit`` or a diffusers model with iidkern's
+processors) calls :func:`attend` for every joint attention, describing the call with an
+:class:`AttentionSite` (step, block, block kind, token ranges). An
+:class:`AttentionPolicy` looks at the site and answers with an :class:`AttentionRequest`
+(tags, head weights, probes, a block multiplier, pair statistics) or ``None``; the
+result comes back to the policy through :meth:`AttentionPolicy.receive`, which may
+return a replacement output (HeadRouter's routing does).
+
+Editing methods are policies (``iidkern.edit``), never forked models. A policy that
+answers ``None`` costs nothing: the call is the plain fused attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from .attention import Tags, attention
+from .specs import AttentionResult, BlockMultiplier
+
+Range = Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Where an attention call happens and how its joint sequence is laid out.
+
+    ``text`` / ``image`` are ``[start, stop)`` token ranges in the joint sequence (Flux
+    orders [text; image], diffusers' SD3 processor [image; text]: never assume an order).
+    ``extra`` names further ranges (e.g. ``"source"`` for Kontext-style source tokens).
+    """
+
+    block: int  # index of the block within its kind
+    block_kind: str  # "joint" (SD3), "double" / "single" (Flux), or a model's own name
+    text: Range
+    image: Range
+    step: Optional[int] = None  # denoising step, None outside a sampler
+    num_steps: Optional[int] = None
+    layer: int = 0  # index of this attention call among all calls of one forward pass
+    num_layers: int = 0  # attention calls per forward pass (so a policy can find "the penultimate")
+    extra: Tuple[Tuple[str, Range], ...] = ()
+
+    @property
+    def seq_len(self) -> int:
+        return max(self.text[1], self.image[1], *(r[1] for _, r in self.extra)) if self.extra else \
+            max(self.text[1], self.image[1])
+
+    def range(self, name: str) -> Range:
+        if name in ("text", "image"):
+            return getattr(self, name)
+        for key, r in self.extra:
+            if key == name:
+                return r
+        raise KeyError(f"AttentionSite has no range named {name!r}")
+
+
+@dataclass
+class AttentionRequest:
+    """What a policy asks of one attention call (all optional)."""
+
+    tags: Optional[Tags] = None
+    head_weights: Optional[torch.Tensor] = None
+    probes: Sequence = ()
+    block_multiplier: Optional[BlockMultiplier] = None
+    pair_stats: Optional[Sequence[Tuple[int, int]]] = None
+    return_lse: bool = False
+
+    @property
+    def wants_result(self) -> bool:
+        return bool(self.probes) or self.pair_stats is not None or self.return_lse
+
+
+class AttentionPolicy:
+    """Base policy: asks for nothing. Subclass and override :meth:`request` / :meth:`receive`."""
+
+    def request(self, site: AttentionSite) -> Optional[AttentionRequest]:
+        return None
+
+    def receive(self, site: AttentionSite, result: AttentionResult) -> Optional[torch.Tensor]:
+        """Called with the result of a call this policy asked for; may return a new output."""
+        return None
+
+
+class CapturePolicy(AttentionPolicy):
+    """Attach fixed probes at chosen (step, layer) sites and keep what they return.
+
+    ``when(site) -> bool`` selects the sites; ``probes(site)`` builds the probe specs
+    (ranges differ between models, so they are built from the site). Results are stored in
+    ``self.captured[(step, layer)]``.
+    """
+
+    def __init__(self, when, probes):
+        self.when = when
+        self.probes = probes
+        self.captured: Dict[Tuple[Optional[int], int], Tuple[torch.Tensor, ...]] = {}
+
+    def request(self, site):
+        if not self.when(site):
+            return None
+        return AttentionRequest(probes=tuple(self.probes(site)))
+
+    def receive(self, site, result):
+        self.captured[(site.step, site.layer)] = result.probes
+        return None
+
+
+class ChainPolicy(AttentionPolicy):
+    """Run several policies; their requests must not both set the same single-valued field."""
+
+    def __init__(self, *policies: AttentionPolicy):
+        self.policies = policies
+
+    def request(self, site):
+        merged, owners = AttentionRequest(), []
+        for pol in self.policies:
+            req = pol.request(site)
+            if req is None:
+                continue
+            owners.append((pol, len(merged.probes), len(req.probes)))
+            for name in ("tags", "head_weights", "block_multiplier", "pair_stats"):
+                value = getattr(req, name)
+                if value is not None:
+                    if getattr(merged, name) is not None:
+                        raise ValueError(f"ChainPolicy: two policies set {name} for the same call")
+                    setattr(merged, name, value)
+            merged.probes = tuple(merged.probes) + tuple(req.probes)
+            merged.return_lse = merged.return_lse or req.return_lse
+        self._owners = owners
+        return merged if owners else None
+
+    def receive(self, site, result):
+        out = None
+        for pol, first, count in self._owners:
+            part = AttentionResult(out=result.out if out is None else out, lse=result.lse,
+                                   probes=result.probes[first:first + count], pair_stats=result.pair_stats)
+            replaced = pol.receive(site, part)
+            out = replaced if replaced is not None else out
+        return out
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: AttentionSite,
+           policy: Optional[AttentionPolicy] = None, *, layout: str = "bnhd", scale: Optional[float] = None,
+           backend: str = "auto") -> torch.Tensor:
+    """Joint attention for one model call, with whatever the policy asks for at this site."""
+    request = policy.request(site) if policy is not None else None
+    if request is None:
+        return attention(q, k, v, layout=layout, scale=scale, backend=backend)
+    result = attention(q, k, v, layout=layout, scale=scale, backend=backend, tags=request.tags,
+                       head_weights=request.head_weights, probes=request.probes,
+                       block_multiplier=request.block_multiplier, pair_stats=request.pair_stats,
+                       return_lse=request.return_lse)
+    if not request.wants_result:
+        out = result
+        result = AttentionResult(out=out)
+    replaced = policy.receive(site, result)
+    return replaced if replaced is not None else result.out

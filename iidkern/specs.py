@@ -1,0 +1,348 @@
+"""Plain data that describes what an attention call should compute besides its output.
+
+Everything here is declarative (in the spirit of FlexAttention's mask/score API): a spec
+says *what* to reduce or mask, the backends in ``iidkern.kernels`` / ``iidkern.reference``
+decide *how*. Nothing in this module launches a kernel.
+
+Vocabulary
+----------
+* **Token groups** (:class:`TokenGroups`): one side (queries or keys) of a probe. Either
+  "each token of a range is its own group" (``TokenGroups.each(start, stop)``), or an int
+  group id per token with ``-1`` meaning "not probed" (``TokenGroups.ids(...)``).
+* **Probe** (:class:`Probe`): ``out[b, h, gq, gk] = sum_{q in gq} sum_{k in gk} A_h[q, k]``
+  where ``A_h = softmax(Q_h K_h^T * scale + mask)`` is the exact, normalized, masked
+  attention of head ``h`` (before head weights or a block multiplier touch the output).
+* **Value probe** (:class:`ValueProbe`): ``out[b, h, gq, c] = sum_{q in gq} (A_h @ x)[q, c]``
+  for a small per-key signal ``x`` of shape ``[B, Nk, C]`` (``C <= 16``).
+* **Token tags**: an int bit set per query and per key; query ``i`` may attend key ``j``
+  iff ``q_tags[i] & k_tags[j] != 0``. :func:`instruction_tags` builds them for IID.
+* **Block multiplier** (:class:`BlockMultiplier`): a post-softmax multiplier on one
+  query-range x key-range sub-block, ``out = sum_k (M p)_k v_k / sum_k p_k``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+HeadReduction = Union[str, torch.Tensor]  # "mean" | "sum" | "keep" | per-head weights
+_HEAD_MODES = ("mean", "sum", "keep")
+_NORMALIZE_MODES = (None, "queries", "keys", "both")
+MAX_VALUE_PROBE_CHANNELS = 16
+
+
+# --------------------------------------------------------------------------- token groups
+@dataclass(frozen=True)
+class TokenGroups:
+    """One side of a probe: which tokens are probed and how they are grouped.
+
+    Build with :meth:`each`, :meth:`ids`, :meth:`single` or :meth:`segments`; do not fill
+    the fields by hand.
+    """
+
+    kind: str  # "each" | "ids"
+    start: int = 0  # "each": first token; "ids": first token that may carry an id >= 0
+    stop: int = 0  # "each": one past the last token; "ids": one past the last such token
+    group_ids: Optional[torch.Tensor] = None  # "ids": [B, N] or [N] integer, -1 = not probed
+    count: int = 0  # number of groups
+
+    @staticmethod
+    def each(start: int, stop: int) -> "TokenGroups":
+        """Every token in ``[start, stop)`` is its own group (group ``t - start``)."""
+        start, stop = int(start), int(stop)
+        if start < 0 or stop <= start:
+            raise ValueError(f"TokenGroups.each: expected 0 <= start < stop, got start={start}, stop={stop}")
+        return TokenGroups(kind="each", start=start, stop=stop, count=stop - start)
+
+    @staticmethod
+    def ids(group_ids: torch.Tensor, num_groups: Optional[int] = None,
+            span: Optional[Tuple[int, int]] = None) -> "TokenGroups":
+        """An int group id per token (``[B, N]`` or ``[N]``), ``-1`` = not probed.
+
+        ``num_groups`` defaults to ``max(id) + 1`` and ``span`` (the token range holding
+        every id >= 0, which bounds the kernel's loop) to the tight range; both defaults
+        read the ids on the host, so pass them to avoid a device synchronization.
+        """
+        if not isinstance(group_ids, torch.Tensor):
+            raise TypeError(f"TokenGroups.ids: group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
+        if group_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"TokenGroups.ids: group_ids must have an integer dtype, got {group_ids.dtype}")
+        if group_ids.dim() not in (1, 2):
+            raise ValueError(f"TokenGroups.ids: group_ids must have shape [N] or [B, N], got {tuple(group_ids.shape)}")
+        if num_groups is None or span is None:
+            probed = (group_ids >= 0).reshape(-1, group_ids.shape[-1]).any(0)
+            where = torch.nonzero(probed).flatten()
+            if num_groups is None:
+                num_groups = int(group_ids.max().item()) + 1 if where.numel() else 0
+            if span is None:
+                span = (int(where[0]), int(where[-1]) + 1) if where.numel() else (0, 0)
+        num_groups = int(num_groups)
+        if num_groups < 1:
+            raise ValueError(f"TokenGroups.ids: need at least one group (an id >= 0), got num_groups={num_groups}")
+        start, stop = int(span[0]), int(span[1])
+        if start < 0 or stop < start or stop > group_ids.shape[-1]:
+            raise ValueError(f"TokenGroups.ids: span must satisfy 0 <= start <= stop <= N={group_ids.shape[-1]}, got {span}")
+        return TokenGroups(kind="ids", start=start, stop=stop, group_ids=group_ids, count=num_groups)
+
+    @staticmethod
+    def single(start: int, stop: int, length: int) -> "TokenGroups":
+        """All tokens in ``[start, stop)`` form one group (e.g. a column mean over image queries)."""
+        return TokenGroups.segments([(start, stop)], length)
+
+    @staticmethod
+    def segments(ranges: Sequence[Tuple[int, int]], length: int, device=None) -> "TokenGroups":
+        """Group ``i`` is the token range ``ranges[i]``; other tokens are not probed.
+
+        Ranges may not overlap (a token has one group id); use several probes otherwise.
+        """
+        ids = torch.full((int(length),), -1, dtype=torch.int32, device=device)
+        lo, hi = int(length), 0
+        for i, (a, b) in enumerate(ranges):
+            a, b = int(a), int(b)
+            if not 0 <= a < b <= length:
+                raise ValueError(f"TokenGroups.segments: range {i}={(a, b)} must lie in [0, {length}) and be non-empty")
+            if (ids[a:b] >= 0).any():
+                raise ValueError(f"TokenGroups.segments: range {i}={(a, b)} overlaps an earlier range")
+            ids[a:b] = i
+            lo, hi = min(lo, a), max(hi, b)
+        return TokenGroups.ids(ids, num_groups=len(ranges), span=(lo, hi))
+
+    # ---- helpers shared by the backends
+    def dense_ids(self, batch: int, length: int, device) -> torch.Tensor:
+        """Group id per token as an ``[B, N]`` int32 tensor (``-1`` = not probed)."""
+        if self.kind == "each":
+            ids = torch.full((length,), -1, dtype=torch.int32, device=device)
+            ids[self.start:self.stop] = torch.arange(self.count, dtype=torch.int32, device=device)
+            return ids.expand(batch, length)
+        ids = self.group_ids.to(device=device, dtype=torch.int32)
+        return ids.expand(batch, length) if ids.dim() == 1 else ids
+
+    def group_sizes(self, batch: int, length: int, device) -> torch.Tensor:
+        """Number of tokens per group, ``[B, G]`` float32."""
+        if self.kind == "each":
+            return torch.ones(batch, self.count, device=device)
+        ids = self.dense_ids(batch, length, device).long()
+        sizes = torch.zeros(batch, self.count + 1, device=device)
+        sizes.scatter_add_(1, torch.where(ids >= 0, ids, self.count), torch.ones_like(ids, dtype=sizes.dtype))
+        return sizes[:, : self.count]
+
+
+def _check_heads(heads, where: str):
+    if isinstance(heads, str):
+        if heads not in _HEAD_MODES:
+            raise ValueError(f"{where}: heads must be one of {_HEAD_MODES} or a tensor of per-head weights, got {heads!r}")
+    elif isinstance(heads, torch.Tensor):
+        if heads.dim() not in (1, 2):
+            raise ValueError(f"{where}: per-head weights must have shape [H] or [B, H], got {tuple(heads.shape)}")
+        if not heads.is_floating_point():
+            raise TypeError(f"{where}: per-head weights must be floating point, got {heads.dtype}")
+    else:
+        raise TypeError(f"{where}: heads must be a str or a torch.Tensor, got {type(heads).__name__}")
+
+
+# --------------------------------------------------------------------------- host-side reductions
+def head_coefficients(heads, batch: int, num_heads: int, dtype, device) -> Optional[torch.Tensor]:
+    """Per-(batch, head) weights of a head reduction, ``[B, H]``; ``None`` for ``"keep"``."""
+    if isinstance(heads, str):
+        if heads == "keep":
+            return None
+        value = 1.0 / num_heads if heads == "mean" else 1.0
+        return torch.full((batch, num_heads), value, dtype=dtype, device=device)
+    w = heads.to(device=device, dtype=dtype)
+    return w.expand(batch, num_heads) if w.dim() == 1 else w
+
+
+def reduce_heads(per_head: torch.Tensor, heads) -> torch.Tensor:
+    """Apply a head reduction to a ``[B, H, ...]`` tensor (a reduced head dim stays, as 1)."""
+    coef = head_coefficients(heads, per_head.shape[0], per_head.shape[1], per_head.dtype, per_head.device)
+    if coef is None:
+        return per_head
+    coef = coef.reshape(coef.shape + (1,) * (per_head.dim() - 2))
+    return (per_head * coef).sum(1, keepdim=True)
+
+
+def normalize_groups(out: torch.Tensor, queries: TokenGroups, keys: Optional[TokenGroups],
+                     normalize: Optional[str], n_q: int, n_k: int) -> torch.Tensor:
+    """Divide a ``[B, H, Gq, Gk]`` probe result by query and/or key group sizes."""
+    b = out.shape[0]
+    if normalize in ("queries", "both"):
+        out = out / queries.group_sizes(b, n_q, out.device).to(out.dtype).clamp_min(1)[:, None, :, None]
+    if normalize in ("keys", "both"):
+        out = out / keys.group_sizes(b, n_k, out.device).to(out.dtype).clamp_min(1)[:, None, None, :]
+    return out
+
+
+# --------------------------------------------------------------------------- probes
+@dataclass(frozen=True)
+class Probe:
+    """A grouped reduction of the attention probabilities (see module docstring).
+
+    ``heads``: ``"mean"`` / ``"sum"`` over heads (output head dim 1), ``"keep"`` (output
+    head dim H), or a ``[H]`` / ``[B, H]`` tensor of weights for a weighted sum (head dim 1).
+    ``normalize``: divide by the query group sizes, the key group sizes, or both.
+    Result: float32 ``[B, H or 1, Gq, Gk]``.
+    """
+
+    queries: TokenGroups
+    keys: TokenGroups
+    heads: HeadReduction = "mean"
+    normalize: Optional[str] = None
+
+    def __post_init__(self):
+        if not isinstance(self.queries, TokenGroups) or not isinstance(self.keys, TokenGroups):
+            raise TypeError("Probe: queries and keys must be TokenGroups (use TokenGroups.each / TokenGroups.ids)")
+        _check_heads(self.heads, "Probe")
+        if self.normalize not in _NORMALIZE_MODES:
+            raise ValueError(f"Probe: normalize must be one of {_NORMALIZE_MODES}, got {self.normalize!r}")
+
+
+@dataclass(frozen=True)
+class ValueProbe:
+    """Propagate a small per-key signal through attention: ``A_h @ x`` summed over query groups.
+
+    ``x``: ``[B, Nk, C]`` (or ``[Nk, C]``), ``C <= 16``. Result: float32 ``[B, H or 1, Gq, C]``.
+    With ``x`` the one-hot of key groups this equals a :class:`Probe` with grouped keys.
+    """
+
+    x: torch.Tensor
+    queries: TokenGroups
+    heads: HeadReduction = "mean"
+    normalize: Optional[str] = None  # None | "queries"
+
+    def __post_init__(self):
+        if not isinstance(self.x, torch.Tensor):
+            raise TypeError(f"ValueProbe: x must be a torch.Tensor, got {type(self.x).__name__}")
+        if self.x.dim() not in (2, 3):
+            raise ValueError(f"ValueProbe: x must have shape [B, Nk, C] or [Nk, C], got {tuple(self.x.shape)}")
+        if not 1 <= self.x.shape[-1] <= MAX_VALUE_PROBE_CHANNELS:
+            raise ValueError(f"ValueProbe: x must have 1..{MAX_VALUE_PROBE_CHANNELS} channels, got C={self.x.shape[-1]}")
+        if not self.x.is_floating_point():
+            raise TypeError(f"ValueProbe: x must be floating point, got {self.x.dtype}")
+        if not isinstance(self.queries, TokenGroups):
+            raise TypeError("ValueProbe: queries must be TokenGroups")
+        _check_heads(self.heads, "ValueProbe")
+        if self.normalize not in (None, "queries"):
+            raise ValueError(f"ValueProbe: normalize must be None or 'queries', got {self.normalize!r}")
+
+
+# --------------------------------------------------------------------------- multiplier
+@dataclass(frozen=True)
+class BlockMultiplier:
+    """Post-softmax multiplier on the sub-block ``[query_start, +Mq) x [key_start, +Mk)``.
+
+    ``values``: ``[B, Mq, Mk]`` (shared by heads) or ``[B, H, Mq, Mk]``. Outside the
+    sub-block the multiplier is 1. The softmax normalizer is not changed.
+    """
+
+    values: torch.Tensor
+    query_start: int = 0
+    key_start: int = 0
+
+
+# --------------------------------------------------------------------------- pair statistics
+@dataclass
+class PairStats:
+    """Per (pair, head) statistics of two batch rows' attention outputs, float32 ``[P, H]``.
+
+    ``dot = <O_b0,h, O_b1,h>``, ``norm0_sq = ||O_b0,h||^2``, ``norm1_sq = ||O_b1,h||^2``,
+    summed over all query tokens and channels.
+    """
+
+    dot: torch.Tensor
+    norm0_sq: torch.Tensor
+    norm1_sq: torch.Tensor
+
+    def cosine(self, eps: float = 1e-12) -> torch.Tensor:
+        return self.dot / torch.sqrt(self.norm0_sq * self.norm1_sq).clamp_min(eps)
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class AttentionResult:
+    """What :func:`iidkern.attention` returns when more than the output is asked for."""
+
+    out: torch.Tensor
+    lse: Optional[torch.Tensor] = None  # [B, H, Nq] float32, natural log, -inf on rows with no allowed key
+    probes: Tuple[torch.Tensor, ...] = ()  # one per probe, in the order given
+    pair_stats: Optional[PairStats] = None
+    tiles_visited: Optional[torch.Tensor] = None  # [B, H, query tiles] int32, triton backend, count_tiles=True
+    tile_shape: Optional[Tuple[int, int]] = None  # (BLOCK_M, BLOCK_N) the counts refer to
+
+
+# --------------------------------------------------------------------------- tags
+ALL_BITS = -1  # int64 with every bit set: a key every query sees / a query that sees every key
+
+
+def tags_from_segments(length: int, segments: Sequence[Tuple[int, int, int]], *, batch: int = 1,
+                       default: int = 0, device=None) -> torch.Tensor:
+    """Build ``[B, N]`` int64 tags: tokens in ``[start, stop)`` get bit set ``bits`` OR-ed in."""
+    tags = torch.full((int(batch), int(length)), int(default), dtype=torch.int64, device=device)
+    for i, (start, stop, bits) in enumerate(segments):
+        if not 0 <= int(start) <= int(stop) <= length:
+            raise ValueError(f"tags_from_segments: segment {i}={(start, stop)} must lie in [0, {length}]")
+        tags[:, int(start):int(stop)] |= int(bits)
+    return tags
+
+
+def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Sequence[Tuple[int, int]],
+                     region_masks: torch.Tensor, background: str = "none",
+                     always_visible: Sequence[Tuple[int, int]] = (), device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Query/key tags for IID's masked joint attention (METHODS.md, IID step 5).
+
+    Allow table (``i`` is an instruction, ``IMG`` a bit every image token carries):
+
+    * image token in region ``M_i`` <-> text of instruction ``P_i`` (both ways);
+      overlapping regions see the union of their instructions;
+    * ``P_i`` sees ``P_i`` and every image token, never ``P_k``;
+    * image sees all image;
+    * background image tokens see no instruction (``background="none"``) or every
+      instruction (``"all"``);
+    * tokens in ``always_visible`` ranges (conditioning: source image, time token, shared
+      text) are seen by every query and see every key.
+
+    ``region_masks``: bool ``[N_instr, N_img]`` or ``[B, N_instr, N_img]``; at most 62
+    instructions. Returns ``(q_tags, k_tags)`` int64 ``[B, N]``.
+    """
+    n_instr = len(instructions)
+    if not 1 <= n_instr <= 62:
+        raise ValueError(f"instruction_tags: need 1..62 instructions, got {n_instr}")
+    if background not in ("none", "all"):
+        raise ValueError(f"instruction_tags: background must be 'none' or 'all', got {background!r}")
+    img_lo, img_hi = int(image[0]), int(image[1])
+    if not 0 <= img_lo < img_hi <= length:
+        raise ValueError(f"instruction_tags: image range {image} must lie in [0, {length})")
+    masks = region_masks
+    if masks.dim() == 2:
+        masks = masks.unsqueeze(0)
+    if masks.dim() != 3 or masks.shape[1] != n_instr or masks.shape[2] != img_hi - img_lo:
+        raise ValueError(f"instruction_tags: region_masks must have shape [N_instr={n_instr}, N_img={img_hi - img_lo}] "
+                         f"or [B, {n_instr}, {img_hi - img_lo}], got {tuple(region_masks.shape)}")
+    device = device if device is not None else masks.device
+    masks = masks.to(device=device, dtype=torch.bool)
+    batch = masks.shape[0]
+    img_bit = 1 << 62
+    instr_bits = torch.tensor([1 << i for i in range(n_instr)], dtype=torch.int64, device=device)
+    all_instr = int(sum(1 << i for i in range(n_instr)))
+
+    q_tags = torch.zeros(batch, length, dtype=torch.int64, device=device)
+    k_tags = torch.zeros(batch, length, dtype=torch.int64, device=device)
+    for i, (a, b) in enumerate(instructions):
+        if not 0 <= int(a) < int(b) <= length:
+            raise ValueError(f"instruction_tags: instruction {i} range {(a, b)} must lie in [0, {length})")
+        q_tags[:, a:b] |= (1 << i) | img_bit  # P_i sees P_i and all image
+        k_tags[:, a:b] |= 1 << i  # P_i is seen only by holders of bit i
+    region_bits = (masks.long() * instr_bits[None, :, None]).sum(1)  # [B, N_img], distinct bits: sum == OR
+    if background == "all":
+        region_bits = torch.where(region_bits == 0, torch.full_like(region_bits, all_instr), region_bits)
+    q_tags[:, img_lo:img_hi] |= region_bits | img_bit
+    k_tags[:, img_lo:img_hi] |= img_bit
+    for a, b in always_visible:
+        q_tags[:, int(a):int(b)] = ALL_BITS
+        k_tags[:, int(a):int(b)] = ALL_BITS
+    return q_tags, k_tags
+
+
+def allowed_pairs(q_tags: torch.Tensor, k_tags: torch.Tensor) -> torch.Tensor:
+    """Dense ``[B, Nq, Nk]`` bool allow table of a tag pair (for tests and small references)."""
+    return (q_tags.long().unsqueeze(-1) & k_tags.long().unsqueeze(-2)) != 0

@@ -1,0 +1,166 @@
+"""Fused flash-attention forward with token-tag masks, head weights, a post-softmax block
+multiplier and a value probe, after the Triton tutorial's fused attention.
+
+Program-id mapping: ``program_id(0)`` = query tile, ``program_id(1)`` = batch * heads.
+Each program streams key tiles with the online softmax in the log2 domain (the scale is
+folded into ``qk_scale = scale * log2(e)`` so the inner loop uses ``exp2``).
+
+Key tiles come in two kinds:
+* *masked* tiles apply an elementwise mask (key bounds, and tags when given);
+* *unmasked* tiles skip it. Without tags every tile but a ragged last one is unmasked;
+  with tags the host passes, per query tile, a list of partial tiles and a list of full
+  tiles (see ``tiles.py``); tiles on neither list are never loaded.
+
+Rows that see no allowed key keep ``m = -inf``; the ``m_safe`` guard keeps ``exp2`` from
+producing NaN, and the epilogue writes zeros and ``lse = -inf`` for them.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
+               k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale,
+               k_tags_base,
+               mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0, mult_k1,
+               x_base, stride_xn,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
+               MASKED: tl.constexpr, HAS_TAGS: tl.constexpr, HAS_MULT: tl.constexpr, HAS_X: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    d_ok = offs_d < head_dim
+    n_ok = offs_n < n_k
+    # K is read transposed ([D, N]) so that the score tile is a plain q @ k.
+    k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        allowed = n_ok[None, :]
+        if HAS_TAGS:
+            k_tags = tl.load(k_tags_base + offs_n, mask=n_ok, other=0)
+            allowed = allowed & ((q_tags[:, None] & k_tags[None, :]) != 0)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no allowed key yet has m_new = -inf; shift by 0 instead.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    p_out = p
+    if HAS_MULT:
+        # Post-softmax multiplier on one sub-block; 1 outside it. The normalizer l_i uses p.
+        rows_in = (offs_m >= mult_q0) & (offs_m < mult_q1)
+        cols_in = (offs_n >= mult_k0) & (offs_n < mult_k1)
+        mult = tl.load(mult_base + (offs_m - mult_q0)[:, None] * stride_mq + (offs_n - mult_k0)[None, :] * stride_mk,
+                       mask=rows_in[:, None] & cols_in[None, :], other=1.0)
+        p_out = p * mult.to(tl.float32)
+    acc += tl.dot(p_out.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if HAS_X:
+        offs_c = tl.arange(0, X_PAD)
+        x = tl.load(x_base + offs_n[:, None] * stride_xn + offs_c[None, :], mask=n_ok[:, None], other=0.0)
+        acc_x = acc_x * alpha[:, None] + tl.dot(p, x, input_precision="ieee")
+    return acc, acc_x, l_i, m_new
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    num_heads, n_q, n_k, head_dim, qk_scale,
+    Q_TAGS, K_TAGS, stride_qtb, stride_ktb,
+    PART_CNT, PART_IDX, FULL_CNT, FULL_IDX, n_q_tiles, n_k_tiles,
+    HW, stride_hwb, stride_hwh, stride_hwn,
+    MULT, stride_mb, stride_mh, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0, mult_k1,
+    X, stride_xb, stride_xn, XO,
+    TILES,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
+    HAS_TAGS: tl.constexpr, HAS_HW: tl.constexpr, HAS_MULT: tl.constexpr, HAS_X: tl.constexpr,
+    STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    b64 = b.to(tl.int64)  # batch/head offsets can exceed 2**31 elements at large B*N*H*D
+    h64 = h.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < n_q
+    d_ok = offs_d < head_dim
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    mult_base = MULT + b64 * stride_mb + h64 * stride_mh
+    x_base = X + b64 * stride_xb
+    k_tags_base = K_TAGS + b64 * stride_ktb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_x = tl.zeros([BLOCK_M, X_PAD], dtype=tl.float32)
+
+    if HAS_TAGS:
+        q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
+        list_row = (b64 * n_q_tiles + pid_m) * n_k_tiles
+        n_partial = tl.load(PART_CNT + b64 * n_q_tiles + pid_m)
+        n_full = tl.load(FULL_CNT + b64 * n_q_tiles + pid_m)
+        for i in range(0, n_partial):
+            start_n = tl.load(PART_IDX + list_row + i) * BLOCK_N
+            acc, acc_x, l_i, m_i = _attn_tile(
+                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0,
+                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION)
+        for i in range(0, n_full):
+            start_n = tl.load(FULL_IDX + list_row + i) * BLOCK_N
+            acc, acc_x, l_i, m_i = _attn_tile(
+                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0,
+                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION)
+        visited = n_partial + n_full
+    else:
+        q_tags = offs_m  # unused placeholder
+        n_whole = n_k // BLOCK_N
+        for j in range(0, n_whole):
+            acc, acc_x, l_i, m_i = _attn_tile(
+                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0,
+                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION)
+        visited = n_whole
+        if n_k % BLOCK_N != 0:
+            acc, acc_x, l_i, m_i = _attn_tile(
+                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, n_whole * BLOCK_N, k_base, v_base, stride_kn,
+                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1,
+                mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, HAS_TAGS, HAS_MULT, HAS_X,
+                DOT_PRECISION)
+            visited += 1
+
+    # Epilogue: normalize (rows with no allowed key have l = 0 and acc = 0 -> output 0).
+    empty_row = l_i == 0.0
+    inv_l = 1.0 / tl.where(empty_row, 1.0, l_i)
+    out = acc * inv_l[:, None]
+    if HAS_HW:
+        w = tl.load(HW + b64 * stride_hwb + h64 * stride_hwh + offs_m * stride_hwn, mask=m_ok, other=0.0)
+        out = out * w.to(tl.float32)[:, None]
+    tl.store(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    row = (b64 * num_heads + h64) * n_q + offs_m
+    if STORE_LSE:
+        lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
+        tl.store(LSE + row, lse, mask=m_ok)
+    if HAS_X:
+        offs_c = tl.arange(0, X_PAD)
+        tl.store(XO + row[:, None] * X_PAD + offs_c[None, :], acc_x * inv_l[:, None], mask=m_ok[:, None])
+    if COUNT_TILES:
+        tl.store(TILES + pid_bh * n_q_tiles + pid_m, visited)

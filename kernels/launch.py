@@ -1,0 +1,234 @@
+"""Host side of the Triton backend: pick tile shapes, lay out arguments, launch the kernels.
+
+Arguments arrive validated by ``iidkern.attention``; nothing here re-checks user input.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+
+from iidkern.specs import AttentionResult, BlockMultiplier, PairStats, Probe, ValueProbe, reduce_heads, \
+    head_coefficients, normalize_groups
+
+from .flash_fwd import LOG2E, attn_fwd_kernel
+from .pair_stats import pair_stats_kernel
+from .probe import probe_kernel
+from .tiles import TagMask
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+PROBE_GROUP_BLOCK = 16  # group ids per output tile on a grouped probe side
+MAX_VALUE_CHANNELS = 64  # all value probes of one call share one padded side channel
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile shape and launch options for the main kernel (overridable by ``kernel_options``)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if _INTERPRET:
+        # The interpreter runs programs one by one: small tiles keep tests fast and make
+        # modest sequence lengths span several tiles.
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def _strides_bhn(t: torch.Tensor, layout: str):
+    """(batch, head, token) strides of a 4-D tensor in either layout; the channel stride is 1."""
+    if layout == "bhnd":
+        return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMask],
+                     head_weights: Optional[torch.Tensor], probes: Sequence,
+                     block_multiplier: Optional[BlockMultiplier], pair_stats: Optional[torch.Tensor],
+                     need_lse: bool, count_tiles: bool, kernel_options: Optional[dict]) -> AttentionResult:
+    if layout == "bhnd":
+        batch, heads, n_q, head_dim = q.shape
+        n_k = k.shape[2]
+    else:
+        batch, n_q, heads, head_dim = q.shape
+        n_k = k.shape[1]
+    device = q.device
+    cfg = default_config(head_dim, q.dtype)
+    cfg.update(kernel_options or {})
+    block_m, block_n = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    launch_opts = {} if _INTERPRET else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # fp32 inputs get fp32 products (not tf32), so the backend honours the dtype's precision.
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale = scale * LOG2E
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout
+    value_probes = [p for p in probes if isinstance(p, ValueProbe)]
+    store_lse = need_lse or any(isinstance(p, Probe) for p in probes)
+    lse = torch.empty(batch, heads, n_q, dtype=torch.float32, device=device) if store_lse else None
+    n_q_tiles = triton.cdiv(n_q, block_m)
+    n_k_tiles = triton.cdiv(n_k, block_n)
+    dummy = torch.empty(1, dtype=torch.int32, device=device)
+    dummy_f = torch.empty(1, dtype=torch.float32, device=device)
+
+    # ---- token tags -> per-query-tile lists of partial and full key tiles
+    if tags is not None:
+        q_tags, k_tags = tags.batched(batch)
+        lists = tags.tile_lists(block_m, block_n, batch)
+        tag_args = (q_tags, k_tags, q_tags.stride(0), k_tags.stride(0),
+                    lists.partial_count, lists.partial_index, lists.full_count, lists.full_index)
+    else:
+        tag_args = (dummy, dummy, 0, 0, dummy, dummy, dummy, dummy)
+
+    # ---- head weights, broadcast to [B, H, Nq] through zero strides (no copy)
+    if head_weights is not None:
+        hw = head_weights
+        if hw.dim() == 1:
+            hw_strides = (0, hw.stride(0), 0)
+        elif hw.dim() == 2:
+            hw_strides = (hw.stride(0), hw.stride(1), 0)
+        else:
+            hw_strides = hw.stride()
+        hw_args = (hw, *hw_strides)
+    else:
+        hw_args = (dummy_f, 0, 0, 0)
+
+    # ---- block multiplier
+    if block_multiplier is not None:
+        mv = block_multiplier.values
+        if mv.dim() == 3:
+            m_strides = (mv.stride(0), 0, mv.stride(1), mv.stride(2))
+        else:
+            m_strides = mv.stride()
+        q0, k0 = block_multiplier.query_start, block_multiplier.key_start
+        mult_args = (mv, *m_strides, q0, q0 + mv.shape[-2], k0, k0 + mv.shape[-1])
+    else:
+        mult_args = (dummy_f, 0, 0, 0, 0, 0, 0, 0, 0)
+
+    # ---- value probes share one padded side channel: x_all [B, Nk, X_PAD]
+    x_pad = 16
+    if value_probes:
+        widths = [vp.x.shape[-1] for vp in value_probes]
+        x_pad = max(16, triton.next_power_of_2(sum(widths)))
+        x_all = torch.zeros(batch, n_k, x_pad, dtype=torch.float32, device=device)
+        col = 0
+        for vp, w in zip(value_probes, widths):
+            x_all[:, :, col:col + w] = vp.x.to(device=device, dtype=torch.float32)
+            col += w
+        x_out = torch.empty(batch, heads, n_q, x_pad, dtype=torch.float32, device=device)
+        x_args = (x_all, x_all.stride(0), x_all.stride(1), x_out)
+    else:
+        x_args = (dummy_f, 0, 0, dummy_f)
+
+    tiles = torch.empty(batch * heads * n_q_tiles, dtype=torch.int32, device=device) if count_tiles else dummy
+
+    grid = (n_q_tiles, batch * heads)
+    attn_fwd_kernel[grid](
+        q, k, v, out, lse if lse is not None else dummy_f,
+        *_strides_bhn(q, layout), *_strides_bhn(k, layout), *_strides_bhn(v, layout), *_strides_bhn(out, layout),
+        heads, n_q, n_k, head_dim, qk_scale,
+        *tag_args, n_q_tiles, n_k_tiles,
+        *hw_args, *mult_args, *x_args, tiles,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, X_PAD=x_pad,
+        HAS_TAGS=tags is not None, HAS_HW=head_weights is not None, HAS_MULT=block_multiplier is not None,
+        HAS_X=bool(value_probes), STORE_LSE=store_lse, COUNT_TILES=count_tiles, DOT_PRECISION=dot_precision,
+        **launch_opts,
+    )
+
+    results = []
+    col = 0
+    for p in probes:
+        if isinstance(p, Probe):
+            results.append(_run_probe(p, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_dim, qk_scale,
+                                      block_d, dot_precision, cfg, launch_opts))
+        else:
+            w = p.x.shape[-1]
+            results.append(_finish_value_probe(p, x_out[..., col:col + w], n_q))
+            col += w
+
+    stats = _pair_stats(out, pair_stats, layout, heads, n_q, head_dim, block_d) if pair_stats is not None else None
+    return AttentionResult(
+        out=out, lse=lse if need_lse else None, probes=tuple(results), pair_stats=stats,
+        tiles_visited=tiles.view(batch, heads, n_q_tiles) if count_tiles else None,
+        tile_shape=(block_m, block_n),
+    )
+
+
+def _group_side(groups, batch, length, device):
+    """(spread?, lo, hi, ids tensor, ids batch stride, number of output rows/cols)."""
+    if groups.kind == "each":
+        return True, groups.start, groups.stop, None, 0, groups.count
+    ids = groups.group_ids.to(device=device, dtype=torch.int32)
+    stride = 0 if ids.dim() == 1 else ids.stride(0)
+    return False, groups.start, groups.stop, ids, stride, groups.count
+
+
+def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_dim, qk_scale, block_d,
+               dot_precision, cfg, launch_opts):
+    device = q.device
+    q_spread, q_lo, q_hi, q_ids, q_ids_stride, gq = _group_side(p.queries, batch, n_q, device)
+    k_spread, k_lo, k_hi, k_ids, k_ids_stride, gk = _group_side(p.keys, batch, n_k, device)
+    keep = isinstance(p.heads, str) and p.heads == "keep"
+    out_heads = heads if keep else 1
+    coef = head_coefficients(p.heads, batch, heads, torch.float32, device)
+    coef = torch.ones(batch, heads, device=device) if coef is None else coef.contiguous()
+    block_m, block_n = int(cfg.get("PROBE_BLOCK_M", cfg["BLOCK_M"])), int(cfg.get("PROBE_BLOCK_N", cfg["BLOCK_N"]))
+    block_m, block_n = min(block_m, 64), min(block_n, 64)  # no PV accumulator here: smaller tiles, more programs
+    g_block = PROBE_GROUP_BLOCK
+    rows = block_m if q_spread else g_block
+    cols = block_n if k_spread else g_block
+    grid = (triton.cdiv(gq, rows), triton.cdiv(gk, cols), batch * out_heads)
+    result = torch.empty(batch, out_heads, gq, gk, dtype=torch.float32, device=device)
+    dummy = torch.empty(1, dtype=torch.int32, device=device)
+    if tags is not None:
+        q_tags, k_tags = tags.batched(batch)
+        tag_args = (q_tags, k_tags, q_tags.stride(0), k_tags.stride(0))
+    else:
+        tag_args = (dummy, dummy, 0, 0)
+    probe_kernel[grid](
+        q, k, lse, result,
+        *_strides_bhn(q, layout), *_strides_bhn(k, layout),
+        heads, n_q, n_k, head_dim, qk_scale,
+        *tag_args,
+        q_ids if q_ids is not None else dummy, k_ids if k_ids is not None else dummy, q_ids_stride, k_ids_stride,
+        q_lo, q_hi, k_lo, k_hi, gq, gk, coef, out_heads,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, G_BLOCK=g_block, ROWS=rows, COLS=cols,
+        KEEP_HEADS=keep, Q_SPREAD=q_spread, K_SPREAD=k_spread, HAS_TAGS=tags is not None,
+        DOT_PRECISION=dot_precision, **launch_opts,
+    )
+    return normalize_groups(result, p.queries, p.keys, p.normalize, n_q, n_k)
+
+
+def _finish_value_probe(vp: ValueProbe, per_query: torch.Tensor, n_q: int) -> torch.Tensor:
+    """Fold the per-query, per-head ``A_h @ x`` rows into query groups and reduce heads."""
+    batch, heads, _, channels = per_query.shape
+    groups = vp.queries
+    if groups.kind == "each":
+        folded = per_query[:, :, groups.start:groups.stop]
+    else:
+        ids = groups.dense_ids(batch, n_q, per_query.device).long()
+        slot = torch.where(ids >= 0, ids, groups.count)  # unprobed rows land in a dropped extra slot
+        folded = per_query.new_zeros(batch, heads, groups.count + 1, channels)
+        folded.scatter_add_(2, slot[:, None, :, None].expand(batch, heads, n_q, channels), per_query)
+        folded = folded[:, :, :groups.count]
+    folded = reduce_heads(folded, vp.heads)
+    return normalize_groups(folded, groups, None, vp.normalize, n_q, 0)
+
+
+def _pair_stats(out, pairs, layout, heads, n_q, head_dim, block_d) -> PairStats:
+    n_pairs = pairs.shape[0]
+    pairs32 = pairs.to(device=out.device, dtype=torch.int32).contiguous()
+    block_t = 16 if _INTERPRET else max(1, min(128, 8192 // block_d))
+    n_chunks = triton.cdiv(n_q, block_t)
+    partial = torch.empty(n_pairs * heads, n_chunks, 3, dtype=torch.float32, device=out.device)
+    pair_stats_kernel[(n_chunks, n_pairs * heads)](
+        out, pairs32, partial, *_strides_bhn(out, layout), heads, n_q, head_dim, n_chunks,
+        BLOCK_T=block_t, BLOCK_D=block_d,
+    )
+    sums = partial.sum(1).view(n_pairs, heads, 3)
+    return PairStats(dot=sums[..., 0], norm0_sq=sums[..., 1], norm1_sq=sums[..., 2])

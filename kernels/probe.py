@@ -1,0 +1,115 @@
+"""Probe pass: exact grouped sums of attention probabilities, never holding Nq x Nk.
+
+Runs after the main pass, which stored the row log-sum-exp. For the probed sub-block only,
+it recomputes the scores and the exact probabilities ``p = exp2(s * qk_scale - lse2)``
+(tag mask applied), and reduces them into the output groups.
+
+Each side of a probe is either *spread* (every token of a range is its own group, so an
+output tile row/column is a token tile) or *grouped* (an int id per token; an output tile
+row/column is a chunk of ``G_BLOCK`` group ids and tokens are folded in with a one-hot
+matrix product). Program-id mapping: ``program_id(0)`` = output row tile (query tile or
+query-group chunk), ``program_id(1)`` = output column tile, ``program_id(2)`` = batch *
+output heads. A program owns its output tile and loops over everything reduced into it
+(heads, and the tokens of grouped sides), so every output element is written once, by
+one program, without atomics: results are deterministic.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def probe_kernel(
+    Q, K, LSE, OUT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    num_heads, n_q, n_k, head_dim, qk_scale,
+    Q_TAGS, K_TAGS, stride_qtb, stride_ktb,
+    Q_GROUPS, K_GROUPS, stride_qgb, stride_kgb,
+    q_lo, q_hi, k_lo, k_hi,
+    n_q_out, n_k_out,
+    HEAD_COEF, out_heads,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, G_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, KEEP_HEADS: tl.constexpr,
+    Q_SPREAD: tl.constexpr, K_SPREAD: tl.constexpr, HAS_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    b = pid_z // out_heads
+    h_out = pid_z % out_heads
+    b64 = b.to(tl.int64)
+
+    # Output tile: rows are query tokens (spread) or query-group ids (grouped); likewise columns.
+    if Q_SPREAD:
+        q_begin = q_lo + pid_r * BLOCK_M
+        q_end = q_begin + 1  # one query tile
+        row_ids = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        q_begin = q_lo
+        q_end = q_hi
+        row_ids = pid_r * G_BLOCK + tl.arange(0, G_BLOCK)
+    if K_SPREAD:
+        k_begin = k_lo + pid_c * BLOCK_N
+        k_end = k_begin + 1
+        col_ids = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    else:
+        k_begin = k_lo
+        k_end = k_hi
+        col_ids = pid_c * G_BLOCK + tl.arange(0, G_BLOCK)
+
+    # "keep" gives one output head per program; reductions loop over every head.
+    if KEEP_HEADS:
+        h_begin = h_out
+        h_end = h_out + 1
+    else:
+        h_begin = 0
+        h_end = num_heads
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    for h in range(h_begin, h_end):
+        coef = tl.load(HEAD_COEF + b64 * num_heads + h)
+        for q0 in range(q_begin, q_end, BLOCK_M):
+            offs_m = q0 + tl.arange(0, BLOCK_M)
+            if Q_SPREAD:
+                m_ok = offs_m < q_hi
+            else:
+                q_group = tl.load(Q_GROUPS + b64 * stride_qgb + offs_m, mask=offs_m < q_hi, other=-1)
+                m_ok = q_group >= 0
+                q_onehot = (q_group[:, None] == row_ids[None, :]).to(tl.float32)  # [BLOCK_M, G_BLOCK]
+            q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse2 = tl.load(LSE + (b64 * num_heads + h) * n_q + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+            if HAS_TAGS:
+                q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
+            for k0 in range(k_begin, k_end, BLOCK_N):
+                offs_n = k0 + tl.arange(0, BLOCK_N)
+                if K_SPREAD:
+                    n_ok = offs_n < k_hi
+                else:
+                    k_group = tl.load(K_GROUPS + b64 * stride_kgb + offs_n, mask=offs_n < k_hi, other=-1)
+                    n_ok = k_group >= 0
+                k = tl.load(K + b64 * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
+                            mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+                s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+                valid = m_ok[:, None] & n_ok[None, :]
+                if HAS_TAGS:
+                    k_tags = tl.load(K_TAGS + b64 * stride_ktb + offs_n, mask=n_ok, other=0)
+                    valid = valid & ((q_tags[:, None] & k_tags[None, :]) != 0)
+                # Masked entries and rows with no allowed key (lse = -inf) contribute 0.
+                p = tl.math.exp2(tl.where(valid, s - lse2[:, None], float("-inf"))) * coef
+                if K_SPREAD:
+                    p_cols = p
+                else:
+                    k_onehot = (k_group[:, None] == col_ids[None, :]).to(tl.float32)  # [BLOCK_N, G_BLOCK]
+                    p_cols = tl.dot(p, k_onehot, input_precision="ieee")
+                if Q_SPREAD:
+                    acc += p_cols
+                else:
+                    acc += tl.dot(tl.trans(q_onehot), p_cols, input_precision="ieee")
+
+    rows_ok = row_ids < n_q_out
+    cols_ok = col_ids < n_k_out
+    out_base = OUT + (b64 * out_heads + h_out) * n_q_out * n_k_out
+    tl.store(out_base + row_ids[:, None] * n_k_out + col_ids[None, :], acc, mask=rows_ok[:, None] & cols_ok[None, :])

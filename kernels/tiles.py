@@ -1,0 +1,102 @@
+"""Tile classification of token tags: which (query tile, key tile) pairs to skip, run
+unmasked ("full") or run with the elementwise tag mask ("partial").
+
+Like FlexAttention's BlockMask, the kernel never looks at a skipped tile: it walks two
+short lists of key-tile indices per query tile. The lists depend on the tile shape, so a
+:class:`TagMask` computes them lazily per ``(BLOCK_M, BLOCK_N)`` and caches them; build
+one with :func:`iidkern.tag_mask` and reuse it across calls (IID reuses one mask for every
+block and step after S).
+
+Rules (exact, per tile pair):
+* skip    iff ``OR(q tags) & OR(k tags) == 0``  (no pair of the tile may attend);
+* full    iff ``AND(q tags) & AND(k tags) != 0`` (one bit shared by every query and key;
+          a sufficient condition, so a few all-allowed tiles may run as partial, which
+          is slower but still exact). A key tile that runs past ``Nk`` is never full;
+* partial otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Tuple
+
+import torch
+
+
+@dataclass
+class TileLists:
+    partial_count: torch.Tensor  # [B, Mt] int32
+    partial_index: torch.Tensor  # [B, Mt, Nt] int32, the first partial_count entries are used
+    full_count: torch.Tensor  # [B, Mt] int32
+    full_index: torch.Tensor  # [B, Mt, Nt] int32
+
+
+def _tile_bits(tags: torch.Tensor, block: int, n_tiles: int, nbits: int):
+    """Per tile, which bits some token has (OR) and which every real token has (AND)."""
+    b, n = tags.shape
+    shifts = torch.arange(nbits, device=tags.device, dtype=torch.int64)
+    bits = ((tags.long().unsqueeze(-1) >> shifts) & 1).bool()  # [B, N, nbits]
+    pad = n_tiles * block - n
+    padded_or = torch.nn.functional.pad(bits, (0, 0, 0, pad), value=False).view(b, n_tiles, block, nbits)
+    padded_and = torch.nn.functional.pad(bits, (0, 0, 0, pad), value=True).view(b, n_tiles, block, nbits)
+    return padded_or.any(2), padded_and.all(2)
+
+
+def classify_tiles(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int):
+    """``(skip, full)`` bool tensors of shape ``[B, Mt, Nt]``."""
+    nbits = 64 if torch.int64 in (q_tags.dtype, k_tags.dtype) else 32
+    mt = -(-q_tags.shape[1] // block_m)
+    nt = -(-k_tags.shape[1] // block_n)
+    q_or, q_and = _tile_bits(q_tags, block_m, mt, nbits)
+    k_or, k_and = _tile_bits(k_tags, block_n, nt, nbits)
+    # A key tile with padding must mask the padding: make its AND empty so it is never full.
+    if k_tags.shape[1] % block_n:
+        k_and[:, -1] = False
+    # Bit-set intersections as 0/1 matrix products (inner dim = number of bits; exact in fp32).
+    meet_or = torch.einsum("zic,zjc->zij", q_or.float(), k_or.float())
+    meet_and = torch.einsum("zic,zjc->zij", q_and.float(), k_and.float())
+    return meet_or == 0, meet_and > 0
+
+
+def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int) -> TileLists:
+    skip, full = classify_tiles(q_tags, k_tags, block_m, block_n)
+    partial = ~skip & ~full
+
+    def as_list(sel: torch.Tensor):
+        # Stable sort puts the selected tile indices first, in increasing order.
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return sel.sum(-1, dtype=torch.int32).contiguous(), order.contiguous()
+
+    pc, pi = as_list(partial)
+    fc, fi = as_list(full)
+    return TileLists(pc, pi, fc, fi)
+
+
+@dataclass
+class TagMask:
+    """Query/key tags plus their per-tile-shape skip lists (built on first use, cached)."""
+
+    q_tags: torch.Tensor  # [B, Nq] int32/int64
+    k_tags: torch.Tensor  # [B, Nk] int32/int64
+    _lists: Dict[Tuple[int, int], TileLists] = field(default_factory=dict, repr=False)
+
+    def batched(self, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The tags as ``[B, N]`` (1-D tags are shared by the batch)."""
+        return tuple(t.expand(batch, t.shape[-1]) if t.dim() == 1 else t for t in (self.q_tags, self.k_tags))
+
+    def tile_lists(self, block_m: int, block_n: int, batch: int = 1) -> TileLists:
+        key = (block_m, block_n, batch)
+        if key not in self._lists:
+            q_tags, k_tags = self.batched(batch)
+            self._lists[key] = build_tile_lists(q_tags, k_tags, block_m, block_n)
+        return self._lists[key]
+
+    def tile_counts(self, block_m: int, block_n: int, batch: int = 1) -> torch.Tensor:
+        """Number of key tiles each query tile must visit, ``[B, Mt]`` (for tests and stats)."""
+        lists = self.tile_lists(block_m, block_n, batch)
+        return lists.partial_count + lists.full_count
+
+    def sparsity(self, block_m: int, block_n: int, batch: int = 1) -> float:
+        """Fraction of (query tile, key tile) pairs skipped."""
+        nt = -(-self.k_tags.shape[-1] // block_n)
+        counts = self.tile_counts(block_m, block_n, batch)
+        return 1.0 - counts.float().mean().item() / nt
