@@ -29,12 +29,14 @@ def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
                x_base, stride_xn,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
                MASKED: tl.constexpr, HAS_TAGS: tl.constexpr, HAS_MULT: tl.constexpr, HAS_X: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < head_dim
     n_ok = offs_n < n_k
     # K is read transposed ([D, N]) so that the score tile is a plain q @ k.
     k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+    if UPCAST_DOTS:
+        k = k.to(tl.float32)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         allowed = n_ok[None, :]
@@ -61,7 +63,11 @@ def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
         mult = tl.load(mult_base + (offs_m - mult_q0)[:, None] * stride_mq + (offs_n - mult_k0)[None, :] * stride_mk,
                        mask=rows_in[:, None] & cols_in[None, :], other=1.0)
         p_out = p * mult.to(tl.float32)
-    acc += tl.dot(p_out.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if UPCAST_DOTS:
+        # P keeps the rounding to the input dtype that the compiled kernel has.
+        acc += tl.dot(p_out.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=DOT_PRECISION)
+    else:
+        acc += tl.dot(p_out.to(v.dtype), v, input_precision=DOT_PRECISION)
     if HAS_X:
         offs_c = tl.arange(0, X_PAD)
         x = tl.load(x_base + offs_n[:, None] * stride_xn + offs_c[None, :], mask=n_ok[:, None], other=0.0)
@@ -86,6 +92,7 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
     HAS_TAGS: tl.constexpr, HAS_HW: tl.constexpr, HAS_MULT: tl.constexpr, HAS_X: tl.constexpr,
     STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, fp32 operands are exact
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -100,6 +107,8 @@ def attn_fwd_kernel(
     d_ok = offs_d < head_dim
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST_DOTS:
+        q = q.to(tl.float32)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
     mult_base = MULT + b64 * stride_mb + h64 * stride_mh
@@ -121,13 +130,13 @@ def attn_fwd_kernel(
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
                 n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0,
-                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION)
+                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION, UPCAST_DOTS)
         for i in range(0, n_full):
             start_n = tl.load(FULL_IDX + list_row + i) * BLOCK_N
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
                 n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0,
-                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION)
+                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION, UPCAST_DOTS)
         visited = n_partial + n_full
     else:
         q_tags = offs_m  # unused placeholder
@@ -136,14 +145,14 @@ def attn_fwd_kernel(
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
                 n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0,
-                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION)
+                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION, UPCAST_DOTS)
         visited = n_whole
         if n_k % BLOCK_N != 0:
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, n_whole * BLOCK_N, k_base, v_base, stride_kn,
                 stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1,
                 mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, HAS_TAGS, HAS_MULT, HAS_X,
-                DOT_PRECISION)
+                DOT_PRECISION, UPCAST_DOTS)
             visited += 1
 
     # Epilogue: normalize (rows with no allowed key have l = 0 and acc = 0 -> output 0).

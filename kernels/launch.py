@@ -24,6 +24,10 @@ PROBE_GROUP_BLOCK = 16  # group ids per output tile on a grouped probe side
 MAX_VALUE_CHANNELS = 64  # all value probes of one call share one padded side channel
 
 
+def _poisoned(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
 def default_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile shape and launch options for the main kernel (overridable by ``kernel_options``)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -60,17 +64,20 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     device = q.device
     cfg = default_config(head_dim, q.dtype)
     cfg.update(kernel_options or {})
+    # Tests pass poison=True: outputs start as NaN so an element the kernels never write shows.
+    alloc = _poisoned if cfg.get("poison") else torch.empty
     block_m, block_n = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     block_d = max(16, triton.next_power_of_2(head_dim))
     launch_opts = {} if _INTERPRET else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     # fp32 inputs get fp32 products (not tf32), so the backend honours the dtype's precision.
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     qk_scale = scale * LOG2E
+    upcast_dots = _INTERPRET and q.dtype == torch.bfloat16
 
-    out = torch.empty(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout
+    out = alloc(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout
     value_probes = [p for p in probes if isinstance(p, ValueProbe)]
     store_lse = need_lse or any(isinstance(p, Probe) for p in probes)
-    lse = torch.empty(batch, heads, n_q, dtype=torch.float32, device=device) if store_lse else None
+    lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if store_lse else None
     n_q_tiles = triton.cdiv(n_q, block_m)
     n_k_tiles = triton.cdiv(n_k, block_n)
     dummy = torch.empty(1, dtype=torch.int32, device=device)
@@ -120,12 +127,12 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         for vp, w in zip(value_probes, widths):
             x_all[:, :, col:col + w] = vp.x.to(device=device, dtype=torch.float32)
             col += w
-        x_out = torch.empty(batch, heads, n_q, x_pad, dtype=torch.float32, device=device)
+        x_out = alloc((batch, heads, n_q, x_pad), dtype=torch.float32, device=device)
         x_args = (x_all, x_all.stride(0), x_all.stride(1), x_out)
     else:
         x_args = (dummy_f, 0, 0, dummy_f)
 
-    tiles = torch.empty(batch * heads * n_q_tiles, dtype=torch.int32, device=device) if count_tiles else dummy
+    tiles = torch.full((batch * heads * n_q_tiles,), -1, dtype=torch.int32, device=device) if count_tiles else dummy
 
     grid = (n_q_tiles, batch * heads)
     attn_fwd_kernel[grid](
@@ -137,6 +144,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, X_PAD=x_pad,
         HAS_TAGS=tags is not None, HAS_HW=head_weights is not None, HAS_MULT=block_multiplier is not None,
         HAS_X=bool(value_probes), STORE_LSE=store_lse, COUNT_TILES=count_tiles, DOT_PRECISION=dot_precision,
+        UPCAST_DOTS=upcast_dots,
         **launch_opts,
     )
 
@@ -145,7 +153,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     for p in probes:
         if isinstance(p, Probe):
             results.append(_run_probe(p, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_dim, qk_scale,
-                                      block_d, dot_precision, cfg, launch_opts))
+                                      block_d, dot_precision, cfg, launch_opts, alloc))
         else:
             w = p.x.shape[-1]
             results.append(_finish_value_probe(p, x_out[..., col:col + w], n_q))
@@ -169,7 +177,7 @@ def _group_side(groups, batch, length, device):
 
 
 def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_dim, qk_scale, block_d,
-               dot_precision, cfg, launch_opts):
+               dot_precision, cfg, launch_opts, alloc):
     device = q.device
     q_spread, q_lo, q_hi, q_ids, q_ids_stride, gq = _group_side(p.queries, batch, n_q, device)
     k_spread, k_lo, k_hi, k_ids, k_ids_stride, gk = _group_side(p.keys, batch, n_k, device)
@@ -183,7 +191,7 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
     rows = block_m if q_spread else g_block
     cols = block_n if k_spread else g_block
     grid = (triton.cdiv(gq, rows), triton.cdiv(gk, cols), batch * out_heads)
-    result = torch.empty(batch, out_heads, gq, gk, dtype=torch.float32, device=device)
+    result = alloc((batch, out_heads, gq, gk), dtype=torch.float32, device=device)
     dummy = torch.empty(1, dtype=torch.int32, device=device)
     if tags is not None:
         q_tags, k_tags = tags.batched(batch)
@@ -199,7 +207,7 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
         q_lo, q_hi, k_lo, k_hi, gq, gk, coef, out_heads,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, G_BLOCK=g_block, ROWS=rows, COLS=cols,
         KEEP_HEADS=keep, Q_SPREAD=q_spread, K_SPREAD=k_spread, HAS_TAGS=tags is not None,
-        DOT_PRECISION=dot_precision, **launch_opts,
+        DOT_PRECISION=dot_precision, UPCAST_DOTS=_INTERPRET and q.dtype == torch.bfloat16, **launch_opts,
     )
     return normalize_groups(result, p.queries, p.keys, p.normalize, n_q, n_k)
 
@@ -225,7 +233,7 @@ def _pair_stats(out, pairs, layout, heads, n_q, head_dim, block_d) -> PairStats:
     pairs32 = pairs.to(device=out.device, dtype=torch.int32).contiguous()
     block_t = 16 if _INTERPRET else max(1, min(128, 8192 // block_d))
     n_chunks = triton.cdiv(n_q, block_t)
-    partial = torch.empty(n_pairs * heads, n_chunks, 3, dtype=torch.float32, device=out.device)
+    partial = torch.full((n_pairs * heads, n_chunks, 3), float("nan"), dtype=torch.float32, device=out.device)
     pair_stats_kernel[(n_chunks, n_pairs * heads)](
         out, pairs32, partial, *_strides_bhn(out, layout), heads, n_q, head_dim, n_chunks,
         BLOCK_T=block_t, BLOCK_D=block_d,

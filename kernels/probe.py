@@ -31,6 +31,7 @@ def probe_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, G_BLOCK: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, KEEP_HEADS: tl.constexpr,
     Q_SPREAD: tl.constexpr, K_SPREAD: tl.constexpr, HAS_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, fp32 operands are exact
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -92,7 +93,10 @@ def probe_kernel(
                     n_ok = k_group >= 0
                 k = tl.load(K + b64 * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
                             mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-                s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+                if UPCAST_DOTS:
+                    s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision=DOT_PRECISION) * qk_scale
+                else:
+                    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
                 valid = m_ok[:, None] & n_ok[None, :]
                 if HAS_TAGS:
                     k_tags = tl.load(K_TAGS + b64 * stride_ktb + offs_n, mask=n_ok, other=0)

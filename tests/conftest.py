@@ -1,0 +1,20 @@
+"""Shared fixtures. On a CPU-only machine the Triton kernels run under the interpreter
+(``iidkern.kernels`` sets TRITON_INTERPRET=1 before they are decorated)."""
+import pytest
+import torch
+
+import iidkern  # noqa: F401  (sets the interpreter up before any test imports a kernel)
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU; GPU tests run on the device machine (bench/gpu_run.sh)")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_CUDA else "cpu")

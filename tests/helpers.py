@@ -1,0 +1,42 @@
+"""Test helpers: random inputs in either layout, tolerances per dtype, error metrics."""
+import torch
+
+# Relative-norm tolerances ||out - ref|| / ||ref|| for the attention output, per input dtype
+# (bf16/fp16 round P to the input dtype before P @ V, as every flash kernel does).
+OUT_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# Probes are computed in fp32 from the (rounded) inputs, so they stay tight for every dtype.
+PROBE_TOL = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-4}
+
+
+def make_qkv(b, h, nq, nk, d, dtype=torch.float32, layout="bhnd", device="cpu", generator=None):
+    """Fresh random q, k, v (never zeros) in the given layout."""
+    def one(n):
+        t = torch.randn(b, h, n, d, generator=generator, device="cpu").to(device=device, dtype=dtype)
+        return t if layout == "bhnd" else t.transpose(1, 2).contiguous()
+    return one(nq), one(nk), one(nk)
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "output holds NaN (an unwritten, poisoned element?)"
+    denom = ref.norm().clamp_min(1e-30)
+    return ((out - ref).norm() / denom).item()
+
+
+def assert_close_rel(out, ref, tol, what="output"):
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+def assert_lse_equal(lse, ref, tol=1e-4):
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref)), "LSE -inf pattern differs from the reference"
+    fin = torch.isfinite(ref)
+    assert (lse[fin].double() - ref[fin].double()).abs().max().item() < tol * max(1.0, ref[fin].abs().max().item())
+
+
+def random_tags(b, n, nbits=4, density=0.4, generator=None, dtype=torch.int64):
+    """Random bit sets: each token holds each bit with probability ``density`` (some hold none)."""
+    bits = torch.rand(b, n, nbits, generator=generator) < density
+    weights = torch.tensor([1 << i for i in range(nbits)], dtype=torch.int64)
+    return (bits.long() * weights).sum(-1).to(dtype)

@@ -1,0 +1,96 @@
+"""Flash attention forward through the Triton kernel (interpreter on CPU) vs the float64 oracle."""
+import math
+
+import pytest
+import torch
+
+import iidkern
+from iidkern.reference import attention_reference
+from helpers import OUT_TOL, assert_close_rel, assert_lse_equal, make_qkv
+
+POISON = {"poison": True}
+
+SHAPES = [  # (B, H, Nq, Nk, D): odd lengths, N = 1, Nq != Nk, several batch/head counts
+    (1, 1, 1, 1, 32),
+    (2, 3, 17, 17, 64),
+    (1, 2, 130, 33, 32),
+    (2, 1, 5, 333, 16),
+    (3, 2, 45, 29, 96),
+]
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_plain_fp32_matches_reference(shape, layout):
+    g = torch.Generator().manual_seed(hash(shape) % 2**31)
+    q, k, v = make_qkv(*shape, layout=layout, generator=g)
+    res = iidkern.attention(q, k, v, layout=layout, backend="triton", return_lse=True, kernel_options=POISON)
+    ref = attention_reference(q, k, v, layout=layout)
+    assert res.out.shape == q.shape and res.out.dtype == q.dtype
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
+    assert_lse_equal(res.lse, ref.lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_half_dtypes(dtype, layout):
+    g = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv(2, 2, 37, 51, 64, dtype=dtype, layout=layout, generator=g)
+    res = iidkern.attention(q, k, v, layout=layout, backend="triton", return_lse=True, kernel_options=POISON)
+    ref = attention_reference(q, k, v, layout=layout)
+    assert res.out.dtype == dtype
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_lse_equal(res.lse, ref.lse, tol=1e-3)
+
+
+@pytest.mark.parametrize("d", [1, 24, 40, 128, 200, 256])
+def test_head_dims_padded(d):
+    g = torch.Generator().manual_seed(d)
+    q, k, v = make_qkv(1, 2, 19, 23, d, generator=g)
+    out = iidkern.attention(q, k, v, backend="triton", kernel_options=POISON)
+    assert_close_rel(out, attention_reference(q, k, v).out, OUT_TOL[torch.float32])
+
+
+def test_custom_scale_and_strided_views():
+    """Inputs that are views into a fused projection (non-contiguous except the last dim)."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 41, 3, 4, 32, generator=g)  # [B, N, 3, H, D] like a fused qkv projection
+    q, k, v = qkv.unbind(2)  # each [B, N, H, D] with token stride 3*H*D
+    assert not q.is_contiguous()
+    out = iidkern.attention(q, k, v, layout="bnhd", scale=0.3, backend="triton", kernel_options=POISON)
+    ref = attention_reference(q, k, v, layout="bnhd", scale=0.3)
+    assert_close_rel(out, ref.out, OUT_TOL[torch.float32])
+
+
+def test_kernel_tile_shapes_agree():
+    g = torch.Generator().manual_seed(11)
+    q, k, v = make_qkv(1, 2, 70, 90, 32, generator=g)
+    a = iidkern.attention(q, k, v, backend="triton", kernel_options={"BLOCK_M": 16, "BLOCK_N": 32})
+    b = iidkern.attention(q, k, v, backend="triton", kernel_options={"BLOCK_M": 32, "BLOCK_N": 16})
+    assert_close_rel(a, b, 1e-5)
+
+
+def test_auto_backend_on_cpu_is_reference():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(1, 2, 9, 9, 16, generator=g)
+    out = iidkern.attention(q, k, v)  # backend="auto"
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert_close_rel(out, ref, 1e-5)
+
+
+def test_reference_backend_matches_sdpa_both_layouts():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = make_qkv(2, 3, 12, 14, 8, layout="bnhd", generator=g)
+    out = iidkern.attention(q, k, v, layout="bnhd", backend="reference")
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert_close_rel(out, ref.transpose(1, 2), 1e-5)
+
+
+def test_plain_call_returns_tensor_extras_return_result():
+    q, k, v = make_qkv(1, 1, 4, 4, 16)
+    assert isinstance(iidkern.attention(q, k, v, backend="triton"), torch.Tensor)
+    res = iidkern.attention(q, k, v, backend="triton", return_lse=True)
+    assert isinstance(res, iidkern.AttentionResult) and res.lse.shape == (1, 1, 4)
+    assert res.lse.dtype == torch.float32
+    expected = torch.logsumexp((q @ k.transpose(-1, -2)) / math.sqrt(16), -1)
+    assert torch.allclose(res.lse, expected, atol=1e-5)

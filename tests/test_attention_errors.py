@@ -1,0 +1,112 @@
+"""Bad input: a clear ValueError / TypeError naming the argument, never a Triton crash."""
+import pytest
+import torch
+
+import iidkern
+from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
+
+B, H, N, D = 2, 3, 10, 16
+
+
+def qkv(**over):
+    t = dict(q=torch.randn(B, H, N, D), k=torch.randn(B, H, N, D), v=torch.randn(B, H, N, D))
+    t.update(over)
+    return t
+
+
+def call(backend="triton", **kw):
+    args = qkv(**{k: kw.pop(k) for k in ("q", "k", "v") if k in kw})
+    return iidkern.attention(args["q"], args["k"], args["v"], backend=backend, **kw)
+
+
+CASES = [
+    # (id, kwargs, exception type, words the message must contain)
+    ("q-not-tensor", dict(q=[[1.0]]), TypeError, ["q", "torch.Tensor"]),
+    ("q-3d", dict(q=torch.randn(B, N, D)), ValueError, ["q", "4-D", "(2, 10, 16)"]),
+    ("int-dtype", dict(q=torch.ones(B, H, N, D, dtype=torch.int32)), TypeError, ["q", "int32"]),
+    ("float64", dict(v=torch.randn(B, H, N, D, dtype=torch.float64)), TypeError, ["v", "float64"]),
+    ("mixed-dtype", dict(k=torch.randn(B, H, N, D).half()), TypeError, ["share a dtype", "float16"]),
+    ("batch-mismatch", dict(k=torch.randn(B + 1, H, N, D), v=torch.randn(B + 1, H, N, D)), ValueError,
+     ["batch", "q=2", "k=3"]),
+    ("head-mismatch", dict(v=torch.randn(B, H + 1, N, D)), ValueError, ["head counts", "v=4"]),
+    ("kv-length", dict(v=torch.randn(B, H, N + 1, D)), ValueError, ["same number of tokens", "k=10", "v=11"]),
+    ("head-dim-mismatch", dict(k=torch.randn(B, H, N, 8)), ValueError, ["head dims", "k=8"]),
+    ("head-dim-too-large", dict(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300),
+                                v=torch.randn(1, 1, 2, 300)), ValueError, ["head dim", "256", "300"]),
+    ("last-dim-strided", dict(q=torch.randn(B, H, N, 2 * D)[..., ::2]), ValueError, ["q", "contiguous last"]),
+    ("layout", dict(layout="nhd"), ValueError, ["layout", "'nhd'"]),
+    ("backend", dict(backend="cuda"), ValueError, ["backend", "'cuda'"]),
+    ("scale-negative", dict(scale=-1.0), ValueError, ["scale", "-1.0"]),
+    ("scale-type", dict(scale="big"), ValueError, ["scale"]),
+    ("tags-not-pair", dict(tags=torch.ones(B, N, dtype=torch.int64)), TypeError, ["tags", "pair"]),
+    ("tags-float", dict(tags=(torch.ones(B, N), torch.ones(B, N))), TypeError, ["q_tags", "int32 or int64"]),
+    ("tags-shape", dict(tags=(torch.ones(B, N + 1, dtype=torch.int64), torch.ones(B, N, dtype=torch.int64))),
+     ValueError, ["q_tags", "[2, 10]", "(2, 11)"]),
+    ("tags-batch", dict(tags=(torch.ones(B, N, dtype=torch.int64), torch.ones(5, N, dtype=torch.int64))),
+     ValueError, ["k_tags", "(5, 10)"]),
+    ("head-weights-shape", dict(head_weights=torch.ones(H + 1)), ValueError, ["head_weights", "[3]", "(4,)"]),
+    ("head-weights-int", dict(head_weights=torch.ones(H, dtype=torch.int64)), TypeError, ["head_weights"]),
+    ("probe-type", dict(probes=["map"]), TypeError, ["probes[0]", "Probe"]),
+    ("probe-range", dict(probes=[Probe(TG.each(0, N + 5), TG.each(0, 3))]), ValueError,
+     ["probes[0].queries", "exceeds", "10"]),
+    ("probe-ids-shape", dict(probes=[Probe(TG.each(0, 3), TG.ids(torch.zeros(N + 2, dtype=torch.int32), 1,
+                                                                  span=(0, 1)))]),
+     ValueError, ["probes[0].keys", "(12,)"]),
+    ("probe-head-weights", dict(probes=[Probe(TG.each(0, 3), TG.each(0, 3), heads=torch.ones(7))]), ValueError,
+     ["probes[0]", "per-head weights", "(7,)"]),
+    ("value-probe-x", dict(probes=[ValueProbe(torch.randn(B, N + 1, 2), TG.each(0, 3))]), ValueError,
+     ["probes[0].x", "(2, 11, 2)"]),
+    ("multiplier-type", dict(block_multiplier=torch.ones(B, 2, 2)), TypeError, ["block_multiplier", "BlockMultiplier"]),
+    ("multiplier-range", dict(block_multiplier=BlockMultiplier(torch.ones(B, 4, 4), query_start=8)), ValueError,
+     ["block_multiplier query range", "[8, 12)"]),
+    ("multiplier-batch", dict(block_multiplier=BlockMultiplier(torch.ones(B + 1, 2, 2))), ValueError,
+     ["block_multiplier.values", "(3, 2, 2)"]),
+    ("pairs-range", dict(pair_stats=[(0, 5)]), ValueError, ["pair_stats", "[0, 2)"]),
+    ("pairs-shape", dict(pair_stats=[(0, 1, 1)]), ValueError, ["pair_stats", "(1, 3)"]),
+    ("count-tiles-reference", dict(count_tiles=True, backend="reference"), ValueError, ["count_tiles"]),
+    ("kernel-options", dict(kernel_options=[("BLOCK_M", 16)]), TypeError, ["kernel_options"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises_clear_error(case):
+    _, kwargs, exc, words = case
+    with pytest.raises(exc) as info:
+        call(**kwargs)
+    msg = str(info.value)
+    for word in words:
+        assert word in msg, f"message {msg!r} lacks {word!r}"
+
+
+SPEC_CASES = [
+    ("each-empty", lambda: TG.each(5, 5), ValueError, ["start < stop"]),
+    ("ids-float", lambda: TG.ids(torch.zeros(4)), TypeError, ["integer dtype"]),
+    ("ids-none-probed", lambda: TG.ids(torch.full((4,), -1)), ValueError, ["at least one group"]),
+    ("segments-overlap", lambda: TG.segments([(0, 3), (2, 4)], 5), ValueError, ["overlaps"]),
+    ("probe-heads", lambda: Probe(TG.each(0, 2), TG.each(0, 2), heads="max"), ValueError, ["heads", "'max'"]),
+    ("probe-normalize", lambda: Probe(TG.each(0, 2), TG.each(0, 2), normalize="rows"), ValueError, ["normalize"]),
+    ("value-probe-channels", lambda: ValueProbe(torch.randn(4, 17), TG.each(0, 2)), ValueError, ["1..16", "C=17"]),
+    ("instruction-tags-masks", lambda: iidkern.instruction_tags(10, image=(4, 10), instructions=[(0, 2), (2, 4)],
+                                                              region_masks=torch.ones(3, 6, dtype=torch.bool)),
+     ValueError, ["region_masks", "(3, 6)"]),
+    ("router-stats", lambda: iidkern.router_weights(torch.ones(3)), TypeError, ["PairStats"]),
+]
+
+
+@pytest.mark.parametrize("case", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
+def test_bad_specs_raise_clear_error(case):
+    _, build, exc, words = case
+    with pytest.raises(exc) as info:
+        build()
+    for word in words:
+        assert word in str(info.value), f"message {str(info.value)!r} lacks {word!r}"
+
+
+def test_device_mismatch_is_reported():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to build a cross-device call")
+    q = torch.randn(1, 1, 4, 16, device="cuda")
+    with pytest.raises(ValueError, match="one device"):
+        iidkern.attention(q, torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16))
+    with pytest.raises(ValueError, match="tags"):
+        iidkern.attention(q, q, q, tags=(torch.ones(1, 4, dtype=torch.int64), torch.ones(1, 4, dtype=torch.int64)))

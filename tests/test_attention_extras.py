@@ -1,0 +1,148 @@
+"""Probes, value probes, head weights, block multiplier and branch-pair statistics vs the oracle."""
+import pytest
+import torch
+
+import iidkern
+from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
+from iidkern.reference import attention_probs, attention_reference
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_tags
+
+OPTS = {"poison": True}
+B, H, NQ, NK, D = 2, 3, 45, 38, 32
+
+
+def _probe_suite(nq, nk, b, h, g):
+    """One probe of every kind the issue lists, on odd ranges."""
+    instr = torch.full((nk,), -1, dtype=torch.int32)
+    instr[2:7], instr[7:9], instr[9:15] = 0, 1, 2
+    qgroups = torch.randint(-1, 4, (b, nq), generator=g, dtype=torch.int32)
+    return [
+        Probe(TG.each(5, nq), TG.each(0, 20), heads="mean"),  # image x text head-mean map
+        Probe(TG.each(3, nq - 2), TG.ids(instr, 3, span=(2, 15)), heads="keep", normalize="keys"),  # IID map
+        Probe(TG.each(0, 20), TG.each(20, nk), heads="sum"),  # text x image, other direction
+        Probe(TG.single(15, nq, nq), TG.each(15, nk), heads="keep", normalize="queries"),  # column means
+        Probe(TG.ids(qgroups), TG.ids(instr, 3, span=(2, 15)), heads=torch.rand(b, h, generator=g), normalize="both"),
+        ValueProbe(torch.randn(b, nk, 3, generator=g), TG.each(0, nq), heads="mean"),
+        ValueProbe(torch.randn(nk, 5, generator=g), TG.ids(qgroups), heads="keep", normalize="queries"),
+    ]
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_tags", [False, True])
+def test_every_probe_kind(layout, dtype, with_tags):
+    g = torch.Generator().manual_seed(31)
+    q, k, v = make_qkv(B, H, NQ, NK, D, dtype=dtype, layout=layout, generator=g)
+    tags = (random_tags(B, NQ, generator=g), random_tags(B, NK, generator=g)) if with_tags else None
+    probes = _probe_suite(NQ, NK, B, H, g)
+    res = iidkern.attention(q, k, v, layout=layout, tags=tags, probes=probes, backend="triton", kernel_options=OPTS)
+    ref = attention_reference(q, k, v, layout=layout, tags=tags, probes=probes)
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert len(res.probes) == len(probes)
+    for i, (got, want) in enumerate(zip(res.probes, ref.probes)):
+        assert got.dtype == torch.float32
+        assert_close_rel(got, want, PROBE_TOL[dtype], what=f"probe {i}")
+
+
+def test_probe_shapes_and_row_sums():
+    """A full-range, each x each probe with heads='keep' is the attention matrix: rows sum to 1."""
+    g = torch.Generator().manual_seed(32)
+    q, k, v = make_qkv(2, 2, 21, 19, 16, generator=g)
+    res = iidkern.attention(q, k, v, probes=[Probe(TG.each(0, 21), TG.each(0, 19), heads="keep")],
+                            backend="triton", kernel_options=OPTS)
+    full = res.probes[0]
+    assert full.shape == (2, 2, 21, 19)
+    assert torch.allclose(full.sum(-1), torch.ones(2, 2, 21), atol=1e-5)
+    probs, _ = attention_probs(q.double(), k.double(), 16 ** -0.5, None)
+    assert torch.allclose(full.double(), probs, atol=1e-6)
+
+
+def test_grouped_probe_with_many_groups_spans_several_chunks():
+    """More groups than one output tile holds (G_BLOCK = 16) on both grouped sides."""
+    g = torch.Generator().manual_seed(33)
+    q, k, v = make_qkv(1, 2, 60, 70, 16, generator=g)
+    qg = torch.randint(-1, 37, (1, 60), generator=g, dtype=torch.int32)
+    kg = torch.randint(-1, 41, (1, 70), generator=g, dtype=torch.int32)
+    probe = Probe(TG.ids(qg, 37), TG.ids(kg, 41), heads="keep")
+    res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options=OPTS)
+    ref = attention_reference(q, k, v, probes=[probe])
+    assert res.probes[0].shape == (1, 2, 37, 41)
+    assert_close_rel(res.probes[0], ref.probes[0], 2e-5)
+
+
+def test_probe_ignores_head_weights_and_multiplier():
+    g = torch.Generator().manual_seed(34)
+    q, k, v = make_qkv(1, 2, 25, 25, 16, generator=g)
+    probe = Probe(TG.each(0, 25), TG.each(0, 25), heads="keep")
+    plain = iidkern.attention(q, k, v, probes=[probe], backend="triton").probes[0]
+    mult = BlockMultiplier(torch.rand(1, 10, 10, generator=g) * 3, 5, 5)
+    extra = iidkern.attention(q, k, v, probes=[probe], head_weights=torch.rand(2, generator=g) + 0.5,
+                              block_multiplier=mult, backend="triton").probes[0]
+    assert torch.allclose(plain, extra, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", ["h", "bh", "bhq"])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_head_weights(shape, layout):
+    g = torch.Generator().manual_seed(35)
+    q, k, v = make_qkv(B, H, NQ, NK, D, layout=layout, generator=g)
+    w = {"h": torch.rand(H, generator=g), "bh": torch.rand(B, H, generator=g),
+         "bhq": torch.rand(B, H, NQ, generator=g)}[shape] + 0.5
+    out = iidkern.attention(q, k, v, layout=layout, head_weights=w, backend="triton", kernel_options=OPTS)
+    plain = attention_reference(q, k, v, layout=layout).out
+    wq = w.view(1, H, 1) if shape == "h" else (w.view(B, H, 1) if shape == "bh" else w)  # [B or 1, H, Nq]
+    wq = wq.unsqueeze(-1) if layout == "bhnd" else wq.transpose(1, 2).unsqueeze(-1)
+    assert_close_rel(out, plain * wq, 2e-5)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_multiplier(per_head, dtype):
+    g = torch.Generator().manual_seed(36)
+    q, k, v = make_qkv(B, H, NQ, NK, D, dtype=dtype, layout="bnhd", generator=g)
+    shape = (B, H, 17, 11) if per_head else (B, 17, 11)
+    mult = BlockMultiplier(torch.rand(shape, generator=g) * 4, query_start=20, key_start=9)
+    out = iidkern.attention(q, k, v, layout="bnhd", block_multiplier=mult, backend="triton", kernel_options=OPTS)
+    # Independent definition: out = (M * P) @ V with P the plain softmax.
+    probs, _ = attention_probs(q.transpose(1, 2).double(), k.transpose(1, 2).double(), D ** -0.5, None)
+    m = torch.ones_like(probs)
+    vals = mult.values.double() if per_head else mult.values.double().unsqueeze(1)
+    m[:, :, 20:37, 9:20] = vals
+    want = ((m * probs) @ v.transpose(1, 2).double()).transpose(1, 2)
+    assert_close_rel(out, want, OUT_TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_pair_stats_and_router_weights(layout):
+    g = torch.Generator().manual_seed(37)
+    q, k, v = make_qkv(4, H, 29, 29, D, layout=layout, generator=g)
+    pairs = [(0, 1), (2, 3), (3, 0)]
+    res = iidkern.attention(q, k, v, layout=layout, pair_stats=pairs, backend="triton", kernel_options=OPTS)
+    o = res.out.double() if layout == "bhnd" else res.out.double().transpose(1, 2)
+    for p, (b0, b1) in enumerate(pairs):
+        assert torch.allclose(res.pair_stats.dot[p].double(), (o[b0] * o[b1]).sum((1, 2)), rtol=1e-5)
+        assert torch.allclose(res.pair_stats.norm0_sq[p].double(), (o[b0] ** 2).sum((1, 2)), rtol=1e-5)
+        assert torch.allclose(res.pair_stats.norm1_sq[p].double(), (o[b1] ** 2).sum((1, 2)), rtol=1e-5)
+    # The IARouter formula of METHODS.md, written out independently.
+    w = iidkern.router_weights(res.pair_stats, gamma=0.2, delta=0.5)
+    s = res.pair_stats.dot / (res.pair_stats.norm0_sq * res.pair_stats.norm1_sq).sqrt()
+    d = (s.max(-1, keepdim=True).values - s) / (s.max(-1, keepdim=True).values - s.min(-1, keepdim=True).values)
+    assert torch.allclose(w, 1 + 0.2 * torch.sigmoid(d - 0.5), atol=1e-6)
+    assert w.shape == (3, H) and (w >= 1).all() and (w <= 1.2).all()
+
+
+def test_everything_at_once_matches_reference():
+    g = torch.Generator().manual_seed(38)
+    q, k, v = make_qkv(B, H, NQ, NK, D, dtype=torch.float16, layout="bnhd", generator=g)
+    tags = (random_tags(B, NQ, generator=g), random_tags(B, NK, generator=g))
+    probes = _probe_suite(NQ, NK, B, H, g)
+    hw = torch.rand(B, H, generator=g) + 0.5
+    mult = BlockMultiplier(torch.rand(B, 9, 13, generator=g) * 2, 30, 20)
+    kw = dict(layout="bnhd", tags=tags, probes=probes, head_weights=hw, block_multiplier=mult, pair_stats=[(0, 1)])
+    res = iidkern.attention(q, k, v, backend="triton", return_lse=True, kernel_options=OPTS, **kw)
+    ref = attention_reference(q, k, v, pair_stats=torch.tensor([[0, 1]]), **{k_: v_ for k_, v_ in kw.items()
+                                                                               if k_ != "pair_stats"})
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.float16])
+    for got, want in zip(res.probes, ref.probes):
+        assert_close_rel(got, want, PROBE_TOL[torch.float16])
+    assert torch.allclose(res.pair_stats.dot, ref.pair_stats.dot, rtol=1e-2)

@@ -1,0 +1,158 @@
+"""Token-tag masks: exactness, overlapping tags, fully masked rows, and real tile skipping."""
+import pytest
+import torch
+
+import iidkern
+from iidkern.kernels.tiles import classify_tiles
+from iidkern.reference import attention_reference
+from helpers import OUT_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_tags
+
+TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "poison": True}
+
+
+def dense_tile_visits(q_tags, k_tags, bm, bn):
+    """Independent count: key tiles holding at least one allowed (query, key) pair, per query tile."""
+    allowed = iidkern.allowed_pairs(q_tags, k_tags)  # [B, Nq, Nk]
+    b, nq, nk = allowed.shape
+    mt, nt = -(-nq // bm), -(-nk // bn)
+    padded = torch.zeros(b, mt * bm, nt * bn, dtype=torch.bool)
+    padded[:, :nq, :nk] = allowed
+    return padded.view(b, mt, bm, nt, bn).any(4).any(2).sum(-1)  # [B, Mt]
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tag_dtype", [torch.int32, torch.int64])
+def test_random_overlapping_tags(layout, dtype, tag_dtype):
+    g = torch.Generator().manual_seed(21)
+    b, h, nq, nk = 2, 3, 53, 47
+    q, k, v = make_qkv(b, h, nq, nk, 32, dtype=dtype, layout=layout, generator=g)
+    qt, kt = random_tags(b, nq, generator=g, dtype=tag_dtype), random_tags(b, nk, generator=g, dtype=tag_dtype)
+    res = iidkern.attention(q, k, v, layout=layout, tags=(qt, kt), backend="triton", return_lse=True,
+                            kernel_options=TILES)
+    ref = attention_reference(q, k, v, layout=layout, tags=(qt, kt))
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_lse_equal(res.lse, ref.lse, tol=1e-3)
+
+
+def test_fully_masked_rows_give_zeros_and_neg_inf_lse():
+    g = torch.Generator().manual_seed(22)
+    q, k, v = make_qkv(2, 2, 40, 35, 16, generator=g)
+    qt = random_tags(2, 40, generator=g)
+    qt[:, ::3] = 0  # every third query holds no bit: it may attend nothing
+    kt = random_tags(2, 35, generator=g) | 1
+    res = iidkern.attention(q, k, v, tags=(qt, kt), backend="triton", return_lse=True, kernel_options=TILES)
+    empty = qt == 0
+    assert torch.isfinite(res.out).all(), "fully masked rows must not produce NaN/inf"
+    assert (res.out.permute(0, 2, 1, 3)[empty] == 0).all()
+    assert torch.isneginf(res.lse.permute(0, 2, 1)[empty]).all()
+    assert_close_rel(res.out, attention_reference(q, k, v, tags=(qt, kt)).out, 2e-5)
+
+
+def test_all_keys_masked_everywhere():
+    q, k, v = make_qkv(1, 2, 20, 20, 16)
+    qt = torch.ones(1, 20, dtype=torch.int32)
+    kt = torch.full((1, 20), 2, dtype=torch.int32)
+    res = iidkern.attention(q, k, v, tags=(qt, kt), backend="triton", return_lse=True, count_tiles=True,
+                            kernel_options=TILES)
+    assert (res.out == 0).all() and torch.isneginf(res.lse).all()
+    assert (res.tiles_visited == 0).all(), "no tile may be visited when nothing can meet"
+
+
+def test_one_dimensional_tags_are_shared_by_the_batch():
+    g = torch.Generator().manual_seed(23)
+    q, k, v = make_qkv(3, 1, 30, 30, 16, generator=g)
+    qt, kt = random_tags(1, 30, generator=g)[0], random_tags(1, 30, generator=g)[0]
+    out = iidkern.attention(q, k, v, tags=(qt, kt), backend="triton", kernel_options=TILES)
+    ref = attention_reference(q, k, v, tags=(qt.expand(3, 30), kt.expand(3, 30))).out
+    assert_close_rel(out, ref, 2e-5)
+
+
+def test_tile_skipping_counts_exactly_the_meeting_tiles():
+    """Block-structured tags: the kernel must visit exactly the key tiles that hold an allowed pair."""
+    g = torch.Generator().manual_seed(24)
+    b, h, n = 2, 2, 99
+    q, k, v = make_qkv(b, h, n, n, 16, generator=g)
+    seg = torch.arange(n) // 25  # four segments of 25 tokens (tile 16: edges cut tiles -> partial tiles)
+    qt = (1 << seg).expand(b, n).clone()
+    kt = (1 << seg).expand(b, n).clone()
+    kt[1, 90:] = 0  # batch row 1: last keys invisible
+    res = iidkern.attention(q, k, v, tags=(qt, kt), backend="triton", count_tiles=True, kernel_options=TILES)
+    expected = dense_tile_visits(qt, kt, 16, 16)  # [B, Mt]
+    visited = res.tiles_visited  # [B, H, Mt]
+    assert res.tile_shape == (16, 16)
+    assert torch.equal(visited, expected[:, None, :].expand_as(visited).to(visited.dtype))
+    n_tiles = -(-n // 16)
+    assert visited.float().mean() < 0.5 * n_tiles, "block-diagonal tags must skip most tiles"
+    assert_close_rel(res.out, attention_reference(q, k, v, tags=(qt, kt)).out, 2e-5)
+
+
+def test_without_tags_every_tile_is_visited():
+    q, k, v = make_qkv(1, 1, 33, 50, 16)
+    res = iidkern.attention(q, k, v, backend="triton", count_tiles=True, kernel_options=TILES)
+    assert (res.tiles_visited == 4).all()  # ceil(50 / 16)
+
+
+def test_tile_classification_rules():
+    qt = torch.tensor([[1, 1, 3, 3]])
+    kt = torch.tensor([[1, 1, 2, 2, 4, 4]])
+    skip, full = classify_tiles(qt, kt, 2, 2)
+    # q tile 0 = {1}, q tile 1 = {3}; k tiles {1}, {2}, {4}
+    assert skip.tolist() == [[[False, True, True], [False, False, True]]]
+    assert full.tolist() == [[[True, False, False], [True, True, False]]]
+    # a ragged last key tile is never full (its padding must be masked)
+    skip, full = classify_tiles(qt, torch.tensor([[1, 1, 1]]), 2, 2)
+    assert full[0, :, 1].tolist() == [False, False] and not skip.any()
+
+
+def test_tag_mask_object_is_reusable_and_cached():
+    g = torch.Generator().manual_seed(25)
+    q, k, v = make_qkv(1, 2, 40, 40, 16, generator=g)
+    qt, kt = random_tags(1, 40, generator=g), random_tags(1, 40, generator=g)
+    mask = iidkern.tag_mask(qt, kt)
+    a = iidkern.attention(q, k, v, tags=mask, backend="triton", kernel_options=TILES)
+    lists = mask.tile_lists(16, 16, 1)
+    b = iidkern.attention(q, k, v, tags=mask, backend="triton", kernel_options=TILES)
+    assert mask.tile_lists(16, 16, 1) is lists
+    assert torch.equal(a, b)
+    assert 0.0 <= mask.sparsity(16, 16) <= 1.0
+
+
+def test_instruction_tags_allow_table():
+    """The IID allow table of METHODS.md, checked pair by pair against a hand-written rule."""
+    n_txt, n_img, n_cond = 6, 8, 2
+    instructions = [(0, 3), (3, 6)]
+    image = (6, 14)
+    cond = [(14, 16)]
+    masks = torch.zeros(2, n_img, dtype=torch.bool)
+    masks[0, :3] = True
+    masks[1, 2:5] = True  # token 2 lies in both regions; tokens 5..7 are background
+    for background in ("none", "all"):
+        qt, kt = iidkern.instruction_tags(16, image=image, instructions=instructions, region_masks=masks,
+                                          background=background, always_visible=cond)
+        allow = iidkern.allowed_pairs(qt, kt)[0]
+
+        def kind(t):
+            if t < 6:
+                return ("P", 0 if t < 3 else 1)
+            if t < 14:
+                return ("Z", t - 6)
+            return ("C", None)
+
+        for i in range(16):
+            for j in range(16):
+                (ki, ai), (kj, aj) = kind(i), kind(j)
+                if ki == "C" or kj == "C":
+                    want = True
+                elif ki == "P" and kj == "P":
+                    want = ai == aj
+                elif ki == "P" and kj == "Z":
+                    want = True
+                elif ki == "Z" and kj == "Z":
+                    want = True
+                else:  # image query -> text key
+                    regions = {r for r in range(2) if masks[r, ai]}
+                    if not regions and background == "all":
+                        regions = {0, 1}
+                    want = aj in regions
+                assert bool(allow[i, j]) == want, (background, i, j)
