@@ -124,8 +124,9 @@ def _validate_groups(g: TokenGroups, n: int, b: int, device, where: str):
     ids = g.group_ids
     if ids.shape[-1] != n or (ids.dim() == 2 and ids.shape[0] != b):
         raise ValueError(f"{where}: group ids must have shape [{b}, {n}] or [{n}], got {tuple(ids.shape)}")
-    if ids.device != device:
-        raise ValueError(f"{where}: group ids are on {ids.device}, expected {device}")
+    if ids.device != device and ids.device.type != "cpu":
+        # Host-built ids (TokenGroups.segments/single) are copied over; another GPU is a mistake.
+        raise ValueError(f"{where}: group ids are on {ids.device}, expected {device} or the CPU")
     if g.stop > n:
         raise ValueError(f"{where}: group span [{g.start}, {g.stop}) exceeds the {n} tokens")
 
@@ -154,8 +155,8 @@ def _validate_probes(probes, b, h, nq, nk, device):
             x = p.x
             if x.shape[-2] != nk or (x.dim() == 3 and x.shape[0] != b):
                 raise ValueError(f"{where}.x must have shape [{b}, {nk}, C] or [{nk}, C], got {tuple(x.shape)}")
-            if x.device != device:
-                raise ValueError(f"{where}.x is on {x.device}, expected {device}")
+            if x.device != device and x.device.type != "cpu":
+                raise ValueError(f"{where}.x is on {x.device}, expected {device} or the CPU")
             channels += x.shape[-1]
         else:
             raise TypeError(f"{where} must be a Probe or ValueProbe, got {type(p).__name__}")

@@ -22,47 +22,61 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _load_rows(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [rows, D] tile; full tiles of a power-of-two head dim load without masks so the
+    compiler can issue wide vector loads."""
+    if MASK_ROWS:
+        return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
                k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale,
                k_tags_base,
-               mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0, mult_k1,
+               mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1,
                x_base, stride_xn,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
-               MASKED: tl.constexpr, HAS_TAGS: tl.constexpr, HAS_MULT: tl.constexpr, HAS_X: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_TAGS: tl.constexpr, HAS_MULT: tl.constexpr,
+               HAS_X: tl.constexpr, DOT_PRECISION: tl.constexpr, X_PRECISION: tl.constexpr,
+               UPCAST_DOTS: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < head_dim
     n_ok = offs_n < n_k
-    # K is read transposed ([D, N]) so that the score tile is a plain q @ k.
-    k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+    # K is loaded as [N, D] and transposed in registers so that the score tile is q @ k^T.
+    k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASKED, EVEN_D)
     if UPCAST_DOTS:
         k = k.to(tl.float32)
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw scores; the scale rides in the FMA below
     if MASKED:
         allowed = n_ok[None, :]
         if HAS_TAGS:
             k_tags = tl.load(k_tags_base + offs_n, mask=n_ok, other=0)
             allowed = allowed & ((q_tags[:, None] & k_tags[None, :]) != 0)
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         # A row that has seen no allowed key yet has m_new = -inf; shift by 0 instead.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_safe = m_new
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASKED, EVEN_D)
     p_out = p
     if HAS_MULT:
-        # Post-softmax multiplier on one sub-block; 1 outside it. The normalizer l_i uses p.
-        rows_in = (offs_m >= mult_q0) & (offs_m < mult_q1)
-        cols_in = (offs_n >= mult_k0) & (offs_n < mult_k1)
-        mult = tl.load(mult_base + (offs_m - mult_q0)[:, None] * stride_mq + (offs_n - mult_k0)[None, :] * stride_mk,
-                       mask=rows_in[:, None] & cols_in[None, :], other=1.0)
-        p_out = p * mult.to(tl.float32)
+        # Post-softmax multiplier on one sub-block (1 outside it); the normalizer l_i keeps p.
+        # Only tiles that overlap the sub-block pay for the load.
+        if mult_rows_hit & (start_n < mult_k1) & (start_n + BLOCK_N > mult_k0):
+            rows_in = (offs_m >= mult_q0) & (offs_m < mult_q1)
+            cols_in = (offs_n >= mult_k0) & (offs_n < mult_k1)
+            mult = tl.load(mult_base + (offs_m - mult_q0)[:, None] * stride_mq + (offs_n - mult_k0)[None, :] * stride_mk,
+                           mask=rows_in[:, None] & cols_in[None, :], other=1.0)
+            p_out = p * mult.to(tl.float32)
     if UPCAST_DOTS:
         # P keeps the rounding to the input dtype that the compiled kernel has.
         acc += tl.dot(p_out.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=DOT_PRECISION)
@@ -71,7 +85,7 @@ def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
     if HAS_X:
         offs_c = tl.arange(0, X_PAD)
         x = tl.load(x_base + offs_n[:, None] * stride_xn + offs_c[None, :], mask=n_ok[:, None], other=0.0)
-        acc_x = acc_x * alpha[:, None] + tl.dot(p, x, input_precision="ieee")
+        acc_x = acc_x * alpha[:, None] + tl.dot(p, x, input_precision=X_PRECISION)
     return acc, acc_x, l_i, m_new
 
 
@@ -92,6 +106,8 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
     HAS_TAGS: tl.constexpr, HAS_HW: tl.constexpr, HAS_MULT: tl.constexpr, HAS_X: tl.constexpr,
     STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: full tiles load without masks
+    X_PRECISION: tl.constexpr,  # precision of the value-probe product (fp32 p against fp32 x)
     UPCAST_DOTS: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, fp32 operands are exact
 ):
     pid_m = tl.program_id(0)
@@ -120,6 +136,8 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_x = tl.zeros([BLOCK_M, X_PAD], dtype=tl.float32)
 
+    # The multiplier's row range is known per program: tiles outside it skip its load.
+    mult_rows_hit = (pid_m * BLOCK_M < mult_q1) & (pid_m * BLOCK_M + BLOCK_M > mult_q0)
     if HAS_TAGS:
         q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
         list_row = (b64 * n_q_tiles + pid_m) * n_k_tiles
@@ -129,14 +147,16 @@ def attn_fwd_kernel(
             start_n = tl.load(PART_IDX + list_row + i) * BLOCK_N
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0,
-                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION, UPCAST_DOTS)
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
+                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D, HAS_TAGS,
+                HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
         for i in range(0, n_full):
             start_n = tl.load(FULL_IDX + list_row + i) * BLOCK_N
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0,
-                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION, UPCAST_DOTS)
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
+                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, HAS_TAGS,
+                HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
         visited = n_partial + n_full
     else:
         q_tags = offs_m  # unused placeholder
@@ -144,15 +164,16 @@ def attn_fwd_kernel(
         for j in range(0, n_whole):
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0,
-                mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION, UPCAST_DOTS)
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
+                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, HAS_TAGS,
+                HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
         visited = n_whole
         if n_k % BLOCK_N != 0:
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, n_whole * BLOCK_N, k_base, v_base, stride_kn,
-                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_q0, mult_q1,
-                mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, HAS_TAGS, HAS_MULT, HAS_X,
-                DOT_PRECISION, UPCAST_DOTS)
+                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D,
+                HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
             visited += 1
 
     # Epilogue: normalize (rows with no allowed key have l = 0 and acc = 0 -> output 0).

@@ -28,6 +28,15 @@ def _poisoned(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def _fp32_product_precision(dtype: torch.dtype) -> str:
+    """Precision of products of fp32 probabilities (value probes, group folding).
+
+    fp32 inputs get true fp32 products; half inputs get tf32 (about 5e-4 relative per
+    term), far cheaper than fp32 FMAs and well inside the error their inputs carry.
+    """
+    return "ieee" if dtype == torch.float32 or _INTERPRET else "tf32"
+
+
 def default_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile shape and launch options for the main kernel (overridable by ``kernel_options``)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -144,6 +153,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, X_PAD=x_pad,
         HAS_TAGS=tags is not None, HAS_HW=head_weights is not None, HAS_MULT=block_multiplier is not None,
         HAS_X=bool(value_probes), STORE_LSE=store_lse, COUNT_TILES=count_tiles, DOT_PRECISION=dot_precision,
+        EVEN_D=head_dim == block_d, X_PRECISION=_fp32_product_precision(q.dtype),
         UPCAST_DOTS=upcast_dots,
         **launch_opts,
     )
@@ -207,7 +217,8 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
         q_lo, q_hi, k_lo, k_hi, gq, gk, coef, out_heads,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, G_BLOCK=g_block, ROWS=rows, COLS=cols,
         KEEP_HEADS=keep, Q_SPREAD=q_spread, K_SPREAD=k_spread, HAS_TAGS=tags is not None,
-        DOT_PRECISION=dot_precision, UPCAST_DOTS=_INTERPRET and q.dtype == torch.bfloat16, **launch_opts,
+        DOT_PRECISION=dot_precision, ONEHOT_PRECISION=_fp32_product_precision(q.dtype),
+        UPCAST_DOTS=_INTERPRET and q.dtype == torch.bfloat16, **launch_opts,
     )
     return normalize_groups(result, p.queries, p.keys, p.normalize, n_q, n_k)
 

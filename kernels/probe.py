@@ -31,6 +31,7 @@ def probe_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, G_BLOCK: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, KEEP_HEADS: tl.constexpr,
     Q_SPREAD: tl.constexpr, K_SPREAD: tl.constexpr, HAS_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ONEHOT_PRECISION: tl.constexpr,  # folding p into groups: "tf32" for half inputs, "ieee" for fp32
     UPCAST_DOTS: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, fp32 operands are exact
 ):
     pid_r = tl.program_id(0)
@@ -107,11 +108,11 @@ def probe_kernel(
                     p_cols = p
                 else:
                     k_onehot = (k_group[:, None] == col_ids[None, :]).to(tl.float32)  # [BLOCK_N, G_BLOCK]
-                    p_cols = tl.dot(p, k_onehot, input_precision="ieee")
+                    p_cols = tl.dot(p, k_onehot, input_precision=ONEHOT_PRECISION)
                 if Q_SPREAD:
                     acc += p_cols
                 else:
-                    acc += tl.dot(tl.trans(q_onehot), p_cols, input_precision="ieee")
+                    acc += tl.dot(tl.trans(q_onehot), p_cols, input_precision=ONEHOT_PRECISION)
 
     rows_ok = row_ids < n_q_out
     cols_ok = col_ids < n_k_out
