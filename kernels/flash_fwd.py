@@ -143,15 +143,21 @@ def attn_fwd_kernel(
         list_row = (b64 * n_q_tiles + pid_m) * n_k_tiles
         n_partial = tl.load(PART_CNT + b64 * n_q_tiles + pid_m)
         n_full = tl.load(FULL_CNT + b64 * n_q_tiles + pid_m)
+        # Tile indices are read one iteration ahead (loop-carried), so the next K/V addresses
+        # are known before the current tile's math and the loads can be pipelined.
+        next_n = tl.load(PART_IDX + list_row, mask=n_partial > 0, other=0) * BLOCK_N
         for i in range(0, n_partial):
-            start_n = tl.load(PART_IDX + list_row + i) * BLOCK_N
+            start_n = next_n
+            next_n = tl.load(PART_IDX + list_row + i + 1, mask=i + 1 < n_partial, other=0) * BLOCK_N
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
                 n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
                 mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D, HAS_TAGS,
                 HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
+        next_n = tl.load(FULL_IDX + list_row, mask=n_full > 0, other=0) * BLOCK_N
         for i in range(0, n_full):
-            start_n = tl.load(FULL_IDX + list_row + i) * BLOCK_N
+            start_n = next_n
+            next_n = tl.load(FULL_IDX + list_row + i + 1, mask=i + 1 < n_full, other=0) * BLOCK_N
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
                 n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,

@@ -197,6 +197,8 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
     coef = torch.ones(batch, heads, device=device) if coef is None else coef.contiguous()
     block_m, block_n = int(cfg.get("PROBE_BLOCK_M", cfg["BLOCK_M"])), int(cfg.get("PROBE_BLOCK_N", cfg["BLOCK_N"]))
     block_m, block_n = min(block_m, 64), min(block_n, 64)  # no PV accumulator here: smaller tiles, more programs
+    if launch_opts:
+        launch_opts = dict(num_warps=int(cfg.get("PROBE_NUM_WARPS", 4)), num_stages=int(cfg.get("PROBE_NUM_STAGES", 3)))
     g_block = PROBE_GROUP_BLOCK
     rows = block_m if q_spread else g_block
     cols = block_n if k_spread else g_block

@@ -44,7 +44,7 @@ def probe_kernel(
     # Output tile: rows are query tokens (spread) or query-group ids (grouped); likewise columns.
     if Q_SPREAD:
         q_begin = q_lo + pid_r * BLOCK_M
-        q_end = q_begin + 1  # one query tile
+        q_end = q_begin + BLOCK_M  # one query tile
         row_ids = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
     else:
         q_begin = q_lo
@@ -52,7 +52,7 @@ def probe_kernel(
         row_ids = pid_r * G_BLOCK + tl.arange(0, G_BLOCK)
     if K_SPREAD:
         k_begin = k_lo + pid_c * BLOCK_N
-        k_end = k_begin + 1
+        k_end = k_begin + BLOCK_N
         col_ids = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     else:
         k_begin = k_lo
@@ -62,57 +62,68 @@ def probe_kernel(
     # "keep" gives one output head per program; reductions loop over every head.
     if KEEP_HEADS:
         h_begin = h_out
-        h_end = h_out + 1
+        n_h = 1
     else:
         h_begin = 0
-        h_end = num_heads
+        n_h = num_heads
+    # One flat loop over (head, query tile, key tile) work items: a single innermost loop is
+    # what Triton software-pipelines, so the next item's loads overlap this item's math.
+    # Spread sides contribute exactly one tile.
+    if Q_SPREAD:
+        n_qt = 1
+    else:
+        n_qt = tl.cdiv(q_end - q_begin, BLOCK_M)
+    if K_SPREAD:
+        n_kt = 1
+    else:
+        n_kt = tl.cdiv(k_end - k_begin, BLOCK_N)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
-    for h in range(h_begin, h_end):
+    for item in range(0, n_h * n_qt * n_kt):
+        kt = item % n_kt
+        qt = (item // n_kt) % n_qt
+        h = h_begin + item // (n_kt * n_qt)
         coef = tl.load(HEAD_COEF + b64 * num_heads + h)
-        for q0 in range(q_begin, q_end, BLOCK_M):
-            offs_m = q0 + tl.arange(0, BLOCK_M)
-            if Q_SPREAD:
-                m_ok = offs_m < q_hi
-            else:
-                q_group = tl.load(Q_GROUPS + b64 * stride_qgb + offs_m, mask=offs_m < q_hi, other=-1)
-                m_ok = q_group >= 0
-                q_onehot = (q_group[:, None] == row_ids[None, :]).to(tl.float32)  # [BLOCK_M, G_BLOCK]
-            q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            lse2 = tl.load(LSE + (b64 * num_heads + h) * n_q + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-            if HAS_TAGS:
-                q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
-            for k0 in range(k_begin, k_end, BLOCK_N):
-                offs_n = k0 + tl.arange(0, BLOCK_N)
-                if K_SPREAD:
-                    n_ok = offs_n < k_hi
-                else:
-                    k_group = tl.load(K_GROUPS + b64 * stride_kgb + offs_n, mask=offs_n < k_hi, other=-1)
-                    n_ok = k_group >= 0
-                k = tl.load(K + b64 * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
-                            mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST_DOTS:
-                    s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision=DOT_PRECISION) * qk_scale
-                else:
-                    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-                valid = m_ok[:, None] & n_ok[None, :]
-                if HAS_TAGS:
-                    k_tags = tl.load(K_TAGS + b64 * stride_ktb + offs_n, mask=n_ok, other=0)
-                    valid = valid & ((q_tags[:, None] & k_tags[None, :]) != 0)
-                # Masked entries and rows with no allowed key (lse = -inf) contribute 0.
-                p = tl.math.exp2(tl.where(valid, s - lse2[:, None], float("-inf"))) * coef
-                if K_SPREAD:
-                    p_cols = p
-                else:
-                    k_onehot = (k_group[:, None] == col_ids[None, :]).to(tl.float32)  # [BLOCK_N, G_BLOCK]
-                    p_cols = tl.dot(p, k_onehot, input_precision=ONEHOT_PRECISION)
-                if Q_SPREAD:
-                    acc += p_cols
-                else:
-                    acc += tl.dot(tl.trans(q_onehot), p_cols, input_precision=ONEHOT_PRECISION)
+        offs_m = q_begin + qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = k_begin + kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        if Q_SPREAD:
+            m_ok = offs_m < q_hi
+        else:
+            q_group = tl.load(Q_GROUPS + b64 * stride_qgb + offs_m, mask=offs_m < q_hi, other=-1)
+            m_ok = q_group >= 0
+        if K_SPREAD:
+            n_ok = offs_n < k_hi
+        else:
+            k_group = tl.load(K_GROUPS + b64 * stride_kgb + offs_n, mask=offs_n < k_hi, other=-1)
+            n_ok = k_group >= 0
+        q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(K + b64 * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        lse2 = tl.load(LSE + (b64 * num_heads + h) * n_q + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        if UPCAST_DOTS:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION) * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        valid = m_ok[:, None] & n_ok[None, :]
+        if HAS_TAGS:
+            q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
+            k_tags = tl.load(K_TAGS + b64 * stride_ktb + offs_n, mask=n_ok, other=0)
+            valid = valid & ((q_tags[:, None] & k_tags[None, :]) != 0)
+        # Masked entries and rows with no allowed key (lse = -inf) contribute 0.
+        p = tl.math.exp2(tl.where(valid, s - lse2[:, None], float("-inf"))) * coef
+        if K_SPREAD:
+            p_cols = p
+        else:
+            k_onehot = (k_group[:, None] == col_ids[None, :]).to(tl.float32)  # [BLOCK_N, G_BLOCK]
+            p_cols = tl.dot(p, k_onehot, input_precision=ONEHOT_PRECISION)
+        if Q_SPREAD:
+            acc += p_cols
+        else:
+            q_onehot = (q_group[:, None] == row_ids[None, :]).to(tl.float32)  # [BLOCK_M, G_BLOCK]
+            acc += tl.dot(tl.trans(q_onehot), p_cols, input_precision=ONEHOT_PRECISION)
 
     rows_ok = row_ids < n_q_out
     cols_ok = col_ids < n_k_out
