@@ -58,7 +58,12 @@ def classify_tiles(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, blo
 
 
 def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int) -> TileLists:
-    skip, full = classify_tiles(q_tags, k_tags, block_m, block_n)
+    from iidkern._ext import cuda_ext
+
+    if cuda_ext is not None and q_tags.is_cuda:
+        skip, full = cuda_ext.classify_tiles(q_tags.contiguous(), k_tags.contiguous(), block_m, block_n)
+    else:
+        skip, full = classify_tiles(q_tags, k_tags, block_m, block_n)
     partial = ~skip & ~full
 
     def as_list(sel: torch.Tensor):

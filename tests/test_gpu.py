@@ -102,3 +102,17 @@ def test_default_config_is_used():
     q, k, v = qkv(1, 1, 300, 300, 128, torch.bfloat16, "bhnd", seed=6)
     res = iidkern.attention(q, k, v, count_tiles=True)
     assert res.tile_shape == (cfg["BLOCK_M"], cfg["BLOCK_N"])
+
+
+def test_cuda_extension_matches_torch_tile_classification():
+    from iidkern._ext import cuda_ext
+    from iidkern.kernels.tiles import classify_tiles
+
+    if cuda_ext is None:
+        pytest.skip("the optional CUDA extension (csrc/) is not built here")
+    g = torch.Generator().manual_seed(9)
+    qt, kt = random_tags(3, 1000, generator=g).cuda(), random_tags(3, 777, generator=g).cuda()
+    for bm, bn in [(128, 64), (64, 64), (16, 32)]:
+        skip, full = cuda_ext.classify_tiles(qt, kt, bm, bn)
+        ref_skip, ref_full = classify_tiles(qt, kt, bm, bn)
+        assert torch.equal(skip, ref_skip) and torch.equal(full, ref_full)
