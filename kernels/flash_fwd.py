@@ -36,8 +36,8 @@ def _load_rows(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr
 def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
                k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale,
                k_tags_base,
-               mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1,
-               x_base, stride_xn,
+               mult_base, stride_mq, stride_mk, mult_rows_hit, mult_rows_inside, mult_q0, mult_q1, mult_k0,
+               mult_k1, x_base, stride_xn,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
                MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_TAGS: tl.constexpr, HAS_MULT: tl.constexpr,
                HAS_X: tl.constexpr, DOT_PRECISION: tl.constexpr, X_PRECISION: tl.constexpr,
@@ -72,10 +72,13 @@ def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
         # Post-softmax multiplier on one sub-block (1 outside it); the normalizer l_i keeps p.
         # Only tiles that overlap the sub-block pay for the load.
         if mult_rows_hit & (start_n < mult_k1) & (start_n + BLOCK_N > mult_k0):
-            rows_in = (offs_m >= mult_q0) & (offs_m < mult_q1)
-            cols_in = (offs_n >= mult_k0) & (offs_n < mult_k1)
-            mult = tl.load(mult_base + (offs_m - mult_q0)[:, None] * stride_mq + (offs_n - mult_k0)[None, :] * stride_mk,
-                           mask=rows_in[:, None] & cols_in[None, :], other=1.0)
+            mult_ptrs = mult_base + (offs_m - mult_q0)[:, None] * stride_mq + (offs_n - mult_k0)[None, :] * stride_mk
+            if mult_rows_inside & (start_n >= mult_k0) & (start_n + BLOCK_N <= mult_k1):
+                mult = tl.load(mult_ptrs)  # tile wholly inside the sub-block: no mask, wide loads
+            else:
+                rows_in = (offs_m >= mult_q0) & (offs_m < mult_q1)
+                cols_in = (offs_n >= mult_k0) & (offs_n < mult_k1)
+                mult = tl.load(mult_ptrs, mask=rows_in[:, None] & cols_in[None, :], other=1.0)
             p_out = p * mult.to(tl.float32)
     if UPCAST_DOTS:
         # P keeps the rounding to the input dtype that the compiled kernel has.
@@ -138,6 +141,7 @@ def attn_fwd_kernel(
 
     # The multiplier's row range is known per program: tiles outside it skip its load.
     mult_rows_hit = (pid_m * BLOCK_M < mult_q1) & (pid_m * BLOCK_M + BLOCK_M > mult_q0)
+    mult_rows_inside = (pid_m * BLOCK_M >= mult_q0) & (pid_m * BLOCK_M + BLOCK_M <= mult_q1)
     if HAS_TAGS:
         q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
         list_row = (b64 * n_q_tiles + pid_m) * n_k_tiles
@@ -151,7 +155,7 @@ def attn_fwd_kernel(
             next_n = tl.load(PART_IDX + list_row + i + 1, mask=i + 1 < n_partial, other=0) * BLOCK_N
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_rows_inside, mult_q0,
                 mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D, HAS_TAGS,
                 HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
         next_n = tl.load(FULL_IDX + list_row, mask=n_full > 0, other=0) * BLOCK_N
@@ -160,7 +164,7 @@ def attn_fwd_kernel(
             next_n = tl.load(FULL_IDX + list_row + i + 1, mask=i + 1 < n_full, other=0) * BLOCK_N
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_rows_inside, mult_q0,
                 mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, HAS_TAGS,
                 HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
         visited = n_partial + n_full
@@ -170,7 +174,7 @@ def attn_fwd_kernel(
         for j in range(0, n_whole):
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_rows_inside, mult_q0,
                 mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, HAS_TAGS,
                 HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
         visited = n_whole
@@ -178,7 +182,7 @@ def attn_fwd_kernel(
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, n_whole * BLOCK_N, k_base, v_base, stride_kn,
                 stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
-                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D,
+                mult_rows_inside, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D,
                 HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
             visited += 1
 
