@@ -81,6 +81,14 @@ def probe_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    # With one head and one query tile per program (spread queries, heads kept) the query
+    # tile is loop-invariant: load it once instead of once per key tile.
+    if Q_SPREAD and KEEP_HEADS:
+        offs_m0 = q_begin + tl.arange(0, BLOCK_M)
+        m_ok0 = offs_m0 < q_hi
+        q0 = tl.load(Q + b64 * stride_qb + h_begin * stride_qh + offs_m0[:, None] * stride_qn + offs_d[None, :],
+                     mask=m_ok0[:, None] & d_ok[None, :], other=0.0)
+        lse0 = tl.load(LSE + (b64 * num_heads + h_begin) * n_q + offs_m0, mask=m_ok0, other=0.0) * 1.4426950408889634
     for item in range(0, n_h * n_qt * n_kt):
         kt = item % n_kt
         qt = (item // n_kt) % n_qt
@@ -98,11 +106,15 @@ def probe_kernel(
         else:
             k_group = tl.load(K_GROUPS + b64 * stride_kgb + offs_n, mask=offs_n < k_hi, other=-1)
             n_ok = k_group >= 0
-        q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if Q_SPREAD and KEEP_HEADS:
+            q = q0
+            lse2 = lse0
+        else:
+            q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse2 = tl.load(LSE + (b64 * num_heads + h) * n_q + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         k = tl.load(K + b64 * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        lse2 = tl.load(LSE + (b64 * num_heads + h) * n_q + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         if UPCAST_DOTS:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION) * qk_scale
         else:
