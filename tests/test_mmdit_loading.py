@@ -1,0 +1,141 @@
+"""The strict loader: every missing, unexpected, mis-shaped or wrong-dtype key is named, nothing is half-loaded."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from iidkern.mmdit import (FluxConfig, FluxTransformer, SD3Config, SD3Transformer, WeightLoadError, load_flux,
+                           load_sd3, load_weights, save_weights)
+
+
+@pytest.fixture
+def flux_state():
+    model = FluxTransformer.random(FluxConfig.tiny(), seed=1)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _write(tmp_path, state, name="w.safetensors"):
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def _fresh():
+    return FluxTransformer.random(FluxConfig.tiny(), seed=2)
+
+
+def _load_error(model, path, **kw) -> WeightLoadError:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightLoadError) as info:
+        load_weights(model, path, **kw)
+    # Strict means all-or-nothing: a failed load leaves the model untouched.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return info.value
+
+
+def test_round_trip_loads_every_tensor(flux_state, tmp_path):
+    model = load_weights(_fresh(), _write(tmp_path, flux_state))
+    assert all(torch.equal(flux_state[k], v) for k, v in model.state_dict().items())
+
+
+def test_missing_key_is_named(flux_state, tmp_path):
+    key = "transformer_blocks.0.attn.to_q.weight"
+    del flux_state[key]
+    err = _load_error(_fresh(), _write(tmp_path, flux_state))
+    assert err.missing == [key] and not err.unexpected and not err.shape_mismatch
+    assert "missing keys" in str(err) and key in str(err)
+
+
+def test_unexpected_key_is_named(flux_state, tmp_path):
+    flux_state["transformer_blocks.0.attn.to_z.weight"] = torch.randn(3, 3)
+    err = _load_error(_fresh(), _write(tmp_path, flux_state))
+    assert err.unexpected == ["transformer_blocks.0.attn.to_z.weight"] and not err.missing
+    assert "unexpected keys" in str(err) and "to_z" in str(err)
+
+
+def test_wrong_shape_is_named_with_both_shapes(flux_state, tmp_path):
+    key = "proj_out.weight"
+    rows, cols = flux_state[key].shape
+    flux_state[key] = torch.randn(rows + 1, cols)
+    err = _load_error(_fresh(), _write(tmp_path, flux_state))
+    assert [k for k, _, _ in err.shape_mismatch] == [key]
+    assert f"{key}: expected [{rows}, {cols}], file has [{rows + 1}, {cols}]" in str(err)
+
+
+def test_wrong_dtype_is_named_unless_cast_is_allowed(flux_state, tmp_path):
+    key = "x_embedder.bias"
+    flux_state[key] = flux_state[key].half()
+    path = _write(tmp_path, flux_state)
+    err = _load_error(_fresh(), path)
+    assert err.dtype_mismatch == [(key, torch.float32, torch.float16)]
+    assert "allow_cast=True" in str(err) and key in str(err)
+    model = load_weights(_fresh(), path, allow_cast=True)
+    assert torch.equal(model.x_embedder.bias, flux_state[key].float())
+
+
+def test_all_problems_reported_at_once(flux_state, tmp_path):
+    del flux_state["context_embedder.bias"]
+    flux_state["extra.weight"] = torch.ones(2)
+    flux_state["proj_out.bias"] = torch.ones(3)
+    err = _load_error(_fresh(), _write(tmp_path, flux_state))
+    assert err.missing == ["context_embedder.bias"] and err.unexpected == ["extra.weight"]
+    assert [k for k, _, _ in err.shape_mismatch] == ["proj_out.bias"]
+
+
+def test_sd3_buffer_is_part_of_the_contract(tmp_path):
+    """SD3's positional table is a persistent buffer in diffusers' checkpoints: it must be there."""
+    model = SD3Transformer.random(SD3Config.tiny())
+    state = dict(model.state_dict())
+    del state["pos_embed.pos_embed"]
+    err = _load_error(SD3Transformer(SD3Config.tiny()), _write(tmp_path, state))
+    assert err.missing == ["pos_embed.pos_embed"]
+
+
+def test_shards_and_duplicate_keys(flux_state, tmp_path):
+    keys = sorted(flux_state)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _write(folder, {k: flux_state[k] for k in keys[: len(keys) // 2]}, "a.safetensors")
+    _write(folder, {k: flux_state[k] for k in keys[len(keys) // 2:]}, "b.safetensors")
+    model = load_weights(_fresh(), folder)
+    assert torch.equal(model.proj_out.weight, flux_state["proj_out.weight"])
+    _write(folder, {keys[0]: flux_state[keys[0]]}, "c.safetensors")
+    with pytest.raises(ValueError, match="more than one shard"):
+        load_weights(_fresh(), folder)
+
+
+def test_bfl_layout_errors_name_keys(tmp_path):
+    from test_mmdit_parity import to_bfl_layout
+
+    config = FluxConfig.tiny()
+    state = to_bfl_layout(FluxTransformer.random(config).state_dict(), config.inner_dim)
+    del state["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"]
+    state["model.diffusion_model.double_blocks.0.img_attn.lora_up.weight"] = torch.ones(2)
+    err = _load_error(FluxTransformer(config), _write(tmp_path, state))
+    assert err.missing == sorted(f"transformer_blocks.0.attn.to_{c}.weight" for c in "qkv")
+    assert err.unexpected == ["double_blocks.0.img_attn.lora_up.weight"]
+    assert "BFL layout" in str(err)
+
+
+def test_bfl_layout_needs_a_flux_model(tmp_path):
+    from test_mmdit_parity import to_bfl_layout
+
+    config = FluxConfig.tiny()
+    path = _write(tmp_path, to_bfl_layout(FluxTransformer.random(config).state_dict(), config.inner_dim))
+    with pytest.raises(ValueError, match="not a FluxTransformer"):
+        load_weights(SD3Transformer(SD3Config.tiny()), path)
+
+
+def test_missing_paths_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        load_weights(_fresh(), tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        load_weights(_fresh(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="Flux transformer: path not found"):
+        load_flux(tmp_path / "nowhere")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    save_weights(SD3Transformer.random(SD3Config.tiny()), lone / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_sd3(lone)
+    with pytest.raises(ValueError, match="layout must be"):
+        load_weights(_fresh(), lone / "model.safetensors", layout="original")
