@@ -200,7 +200,9 @@ def _validate_pairs(pairs, b, device):
     t = t.to(device="cpu", dtype=torch.int64)
     if (t < 0).any() or (t >= b).any():
         raise ValueError(f"pair_stats indices must lie in [0, {b}), got {t.tolist()}")
-    return t.to(device)
+    # Kept on the host: the launcher reads the rows as scalars, and a host-to-device copy
+    # here would synchronize the stream on every call.
+    return t
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bhnd",

@@ -299,7 +299,10 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
     * background image tokens see no instruction (``background="none"``) or every
       instruction (``"all"``);
     * tokens in ``always_visible`` ranges (conditioning: source image, time token, shared
-      text) are seen by every query and see every key.
+      text) are seen by every query and see every key;
+    * tokens in none of these ranges (e.g. text padding) carry no bit: they see nothing
+      (zero output, LSE ``-inf``) and no query sees them. Name them in ``always_visible``
+      to keep them in play.
 
     ``region_masks``: bool ``[N_instr, N_img]`` or ``[B, N_instr, N_img]``; at most 62
     instructions. Returns ``(q_tags, k_tags)`` int64 ``[B, N]``.
@@ -338,6 +341,8 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
     q_tags[:, img_lo:img_hi] |= region_bits | img_bit
     k_tags[:, img_lo:img_hi] |= img_bit
     for a, b in always_visible:
+        if not 0 <= int(a) <= int(b) <= length:
+            raise ValueError(f"instruction_tags: always_visible range {(a, b)} must lie in [0, {length}]")
         q_tags[:, int(a):int(b)] = ALL_BITS
         k_tags[:, int(a):int(b)] = ALL_BITS
     return q_tags, k_tags

@@ -10,7 +10,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Batch rows as plain (not specialized) scalars: Triton turns an int argument equal to 1
+# into a compile-time constant, on which ``.to`` does not exist, and would compile one
+# kernel per distinct (b0 == 1, b1 == 1) combination.
+@triton.jit(do_not_specialize=["b0", "b1"])
 def pair_stats_kernel(
     O, PARTIAL, b0, b1,
     stride_ob, stride_oh, stride_on,
