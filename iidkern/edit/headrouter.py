@@ -1,0 +1,292 @@
+"""HeadRouter as attention policies (METHODS.md, HeadRouter).
+
+The batch holds two branches from the same inverted noise: a reconstruction row (source
+prompt) and an editing row (target prompt); ``pairs`` lists ``(recon_row, edit_row)``.
+
+* **IARouter** (step 1), every call: the kernel returns the branch pair's per-head output
+  statistics (``pair_stats``); :func:`iidkern.router_weights` turns them into ``w_h`` and
+  :meth:`HeadRouterPolicy.receive` multiplies the editing row's head outputs by ``w_h``
+  (a broadcast multiply on ``[B, N, H, D]``; the output projection follows in the model).
+* **DTR, image tokens** (step 2), paper form: a post-softmax :class:`~iidkern.BlockMultiplier`
+  on the editing row's image-query x text-key block,
+  ``w = alpha * sigmoid(upsilon * softmax_over_image_tokens(A^{ZP}))``.
+  A^{ZP} comes from a probe of the **previous step** at the same block (the probe of a call
+  reads the exact softmax, untouched by that call's multiplier, so one fused pass per call
+  both applies this step's multiplier and measures the next one's map; step 0 runs without
+  a multiplier). A same-call (two-pass) form would need ``attend`` to run a second pass,
+  which the policy door does not offer today. ``dtr_image="code"`` is the released-code
+  form: the weighting is applied to the editing row's image-token attention outputs (by
+  default in single blocks), with one weight per image token from its head-mean text mass.
+* **DTR, text tokens** (step 3) is a model-side residual across double blocks:
+  :class:`TextResidual`, called by the runner's per-block hook.
+* **Key regions** (step 4): :class:`KeyRegionPolicy` captures head-summed image x text-token
+  maps and :func:`~iidkern.edit.masks.key_region_masks` thresholds them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..policy import AttentionPolicy, AttentionRequest, AttentionSite
+from ..routing import router_weights
+from ..specs import BlockMultiplier, Probe, TokenGroups
+from .masks import key_region_masks
+
+DTR_IMAGE_FORMS = ("paper", "code", "off")
+
+
+@dataclass
+class HeadRouterConfig:
+    """HeadRouter's knobs (public defaults: gamma 0.2, delta 0.5, alpha 2 or 5, upsilon 5).
+
+    ``pairs``: ``(recon_row, edit_row)`` batch-row pairs. ``route``: IARouter on/off.
+    ``dtr_image``: ``"paper"`` | ``"code"`` | ``"off"``; ``dtr_block_kinds``: block kinds
+    that get it (``None`` = every kind for the paper form, ``("single",)`` for the code
+    form). ``dtr_heads``: ``"mean"`` (one map shared by the heads) or ``"keep"`` (a map per
+    head; H times the memory). ``dtr_text_keep``: the weight of the previous block's input
+    in the text residual (0.1). ``steps``: ``(start, stop)`` step window of the attention
+    side (``None`` = every step). ``layout``: layout of the output ``attend`` hands back.
+    """
+
+    gamma: float = 0.2
+    delta: float = 0.5
+    pairs: Sequence[Tuple[int, int]] = ((0, 1),)
+    route: bool = True
+    dtr_image: str = "paper"
+    dtr_block_kinds: Optional[Sequence[str]] = None
+    dtr_heads: str = "mean"
+    alpha: float = 2.0
+    upsilon: float = 5.0
+    dtr_text: bool = True
+    dtr_text_keep: float = 0.1
+    steps: Optional[Tuple[int, int]] = None
+    layout: str = "bnhd"
+
+    def __post_init__(self):
+        if self.dtr_image not in DTR_IMAGE_FORMS:
+            raise ValueError(f"HeadRouterConfig: dtr_image must be one of {DTR_IMAGE_FORMS}, got {self.dtr_image!r}")
+        if self.dtr_heads not in ("mean", "keep"):
+            raise ValueError(f"HeadRouterConfig: dtr_heads must be 'mean' or 'keep', got {self.dtr_heads!r}")
+        if self.layout not in ("bnhd", "bhnd"):
+            raise ValueError(f"HeadRouterConfig: layout must be 'bnhd' or 'bhnd', got {self.layout!r}")
+        self.pairs = tuple((int(a), int(b)) for a, b in self.pairs)
+        if not self.pairs or any(a == b for a, b in self.pairs):
+            raise ValueError(f"HeadRouterConfig: pairs must be non-empty (recon_row, edit_row) with distinct rows, "
+                             f"got {self.pairs}")
+        if not 0.0 <= self.dtr_text_keep <= 1.0:
+            raise ValueError(f"HeadRouterConfig: dtr_text_keep must be in [0, 1], got {self.dtr_text_keep}")
+
+    @property
+    def edit_rows(self) -> Tuple[int, ...]:
+        return tuple(b for _, b in self.pairs)
+
+    def dtr_kinds(self) -> Optional[Tuple[str, ...]]:
+        if self.dtr_block_kinds is not None:
+            return tuple(self.dtr_block_kinds)
+        return ("single",) if self.dtr_image == "code" else None
+
+
+def dtr_weights(a_zp: torch.Tensor, alpha: float, upsilon: float) -> torch.Tensor:
+    """Paper-form DTR weights ``alpha * sigmoid(upsilon * softmax over image tokens of A^{ZP})``.
+
+    ``a_zp``: ``[..., N_img, N_txt]`` attention of image queries on text keys; the softmax
+    runs over the image axis (-2), per text token (and head).
+    """
+    return alpha * torch.sigmoid(upsilon * torch.softmax(a_zp.float(), dim=-2))
+
+
+def dtr_token_weights(text_mass: torch.Tensor, alpha: float, upsilon: float) -> torch.Tensor:
+    """Code-form DTR: one weight per image token from its text attention mass ``[..., N_img]``."""
+    return alpha * torch.sigmoid(upsilon * torch.softmax(text_mass.float(), dim=-1))
+
+
+def scale_heads(out: torch.Tensor, rows: Sequence[int], weights: torch.Tensor, layout: str = "bnhd") -> torch.Tensor:
+    """A copy of ``out`` with row ``rows[p]``'s heads multiplied by ``weights[p]`` (``[P, H]``)."""
+    new = out.clone()
+    idx = list(rows)
+    w = weights.to(out.dtype)
+    w = w[:, None, :, None] if layout == "bnhd" else w[:, :, None, None]
+    new[idx] = (out[idx].float() * w.float()).to(out.dtype)
+    return new
+
+
+class HeadRouterPolicy(AttentionPolicy):
+    """IARouter + DTR image-token weighting for the two-branch batch (see the module doc)."""
+
+    def __init__(self, config: Optional[HeadRouterConfig] = None):
+        self.config = config or HeadRouterConfig()
+        # previous step's A^{ZP} of the edit rows, and the batch size it came with, per block
+        self._maps: Dict[Tuple[str, int], Tuple[torch.Tensor, int]] = {}
+        self.last_router_weights: Dict[Tuple[str, int], torch.Tensor] = {}  # [P, H] of the latest call per block
+
+    def reset(self) -> None:
+        """Forget the previous step's maps (call between runs)."""
+        self._maps.clear()
+        self.last_router_weights.clear()
+
+    def _active(self, site: AttentionSite) -> bool:
+        win = self.config.steps
+        if win is None or site.step is None:
+            return True
+        return win[0] <= site.step < win[1]
+
+    def _dtr_here(self, site: AttentionSite) -> bool:
+        if self.config.dtr_image == "off" or site.text[1] <= site.text[0]:  # no text: nothing to refine
+            return False
+        kinds = self.config.dtr_kinds()
+        return kinds is None or site.block_kind in kinds
+
+    def _probe(self, site: AttentionSite) -> Probe:
+        img0, img1 = site.image
+        t0, t1 = site.text
+        if self.config.dtr_image == "paper":
+            return Probe(TokenGroups.each(img0, img1), TokenGroups.each(t0, t1), heads=self.config.dtr_heads)
+        return Probe(TokenGroups.each(img0, img1), TokenGroups.single(t0, t1, site.seq_len), heads="mean")
+
+    def _multiplier(self, site: AttentionSite) -> Optional[BlockMultiplier]:
+        stored = self._maps.get((site.block_kind, site.block))
+        if stored is None or self.config.dtr_image != "paper":
+            return None
+        prev, batch = stored
+        w = dtr_weights(prev, self.config.alpha, self.config.upsilon)  # [P, 1 or H, N_img, N_txt]
+        if self.config.dtr_heads == "mean":
+            w = w[:, 0]
+        values = torch.ones((batch,) + tuple(w.shape[1:]), dtype=torch.float32, device=w.device)
+        values[list(self.config.edit_rows)] = w
+        return BlockMultiplier(values, query_start=site.image[0], key_start=site.text[0])
+
+    def request(self, site):
+        if not self._active(site):
+            return None
+        cfg = self.config
+        req = AttentionRequest()
+        if cfg.route:
+            req.pair_stats = list(cfg.pairs)
+        if self._dtr_here(site):
+            req.probes = (self._probe(site),)
+            req.block_multiplier = self._multiplier(site)
+        if req.pair_stats is None and not req.probes:
+            return None
+        return req
+
+    def receive(self, site, result):
+        cfg = self.config
+        out = result.out
+        key = (site.block_kind, site.block)
+        prev = self._maps.get(key)  # this step's multiplier came from it (code form: weights it now)
+        if self._dtr_here(site) and result.probes:
+            self._maps[key] = (result.probes[0][list(cfg.edit_rows)].float(), out.shape[0])
+        new = None
+        if cfg.route and result.pair_stats is not None:
+            w = router_weights(result.pair_stats, cfg.gamma, cfg.delta)  # [P, H]
+            self.last_router_weights[(site.block_kind, site.block)] = w
+            new = scale_heads(out, cfg.edit_rows, w, cfg.layout)
+        if cfg.dtr_image == "code" and self._dtr_here(site) and prev is not None:
+            base = new if new is not None else out.clone()
+            new = self._apply_code_form(site, base, prev[0])
+        return new
+
+    def _apply_code_form(self, site: AttentionSite, out: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        img0, img1 = site.image
+        w = dtr_token_weights(mass[:, 0, :, 0], self.config.alpha, self.config.upsilon)  # [P, N_img]
+        rows = list(self.config.edit_rows)
+        if self.config.layout == "bnhd":
+            part = out[rows, img0:img1].float() * w[:, :, None, None]
+            out[rows, img0:img1] = part.to(out.dtype)
+        else:
+            part = out[rows, :, img0:img1].float() * w[:, None, :, None]
+            out[rows, :, img0:img1] = part.to(out.dtype)
+        return out
+
+
+class TextResidual:
+    """DTR for text tokens (HeadRouter step 3), called by the model between double blocks.
+
+    The text stream entering double block ``l`` becomes ``keep * (text entering l-1) +
+    (1 - keep) * (text leaving l-1)``; image tokens are unchanged. ``rows``: batch rows it
+    applies to (the editing rows; ``None`` = all). ``__call__(block, num_blocks, text_in,
+    text_out)`` returns the text to hand to the next block (the last double block's output
+    is left alone: the residual is *across* double blocks).
+    """
+
+    def __init__(self, keep: float = 0.1, rows: Optional[Sequence[int]] = None):
+        if not 0.0 <= keep <= 1.0:
+            raise ValueError(f"TextResidual: keep must be in [0, 1], got {keep}")
+        self.keep = float(keep)
+        self.rows = tuple(rows) if rows is not None else None
+
+    def __call__(self, block: int, num_blocks: int, text_in: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:
+        if block >= num_blocks - 1:
+            return text_out
+        mixed = self.keep * text_in + (1.0 - self.keep) * text_out
+        if self.rows is None:
+            return mixed
+        new = text_out.clone()
+        new[list(self.rows)] = mixed[list(self.rows)]
+        return new
+
+
+class KeyRegionPolicy(AttentionPolicy):
+    """Key regions of text tokens (HeadRouter step 4): ``sum_h A_h[image rows, token]``.
+
+    ``tokens``: text token offsets (relative to the text range start), each an int or a
+    ``(start, stop)`` range (a word of several tokens: its tokens' maps are summed).
+    ``steps`` / ``block_kinds``: where to capture (``None`` = everywhere); maps are summed
+    over the captured calls. ``row``: the batch row to keep. After a run: ``maps``
+    ``[T, N_img]`` and :meth:`masks` (min-max normalized, ``>= threshold``).
+    """
+
+    def __init__(self, tokens: Sequence, row: int = 1, steps: Optional[Sequence[int]] = None,
+                 block_kinds: Optional[Sequence[str]] = None):
+        self.groups = tuple((int(t), int(t) + 1) if isinstance(t, int) else (int(t[0]), int(t[1])) for t in tokens)
+        if not self.groups:
+            raise ValueError("KeyRegionPolicy: need at least one text token")
+        if any(not 0 <= a < b for a, b in self.groups):
+            raise ValueError(f"KeyRegionPolicy: token ranges must satisfy 0 <= start < stop, got {self.groups}")
+        self.row = row
+        self.steps = None if steps is None else set(steps)
+        self.block_kinds = None if block_kinds is None else tuple(block_kinds)
+        self.maps: Optional[torch.Tensor] = None
+
+    def request(self, site):
+        if self.steps is not None and site.step not in self.steps:
+            return None
+        if self.block_kinds is not None and site.block_kind not in self.block_kinds:
+            return None
+        if site.text[1] <= site.text[0]:
+            return None
+        t0, t1 = site.text
+        if any(t0 + b > t1 for _, b in self.groups):
+            raise ValueError(f"KeyRegionPolicy: token ranges {self.groups} exceed the text range {site.text}")
+        probes = []
+        # Groups may overlap (a token in two words), and one probe's key groups may not: one probe per
+        # run of disjoint groups; in practice all words are disjoint and this is one probe.
+        for chunk in _disjoint_chunks(self.groups):
+            keys = TokenGroups.segments([(t0 + a, t0 + b) for a, b in chunk], site.seq_len)
+            probes.append(Probe(TokenGroups.each(*site.image), keys, heads="sum"))
+        return AttentionRequest(probes=tuple(probes))
+
+    def receive(self, site, result):
+        m = torch.cat([p[self.row, 0] for p in result.probes], dim=-1).transpose(0, 1).float()  # [T, N_img]
+        self.maps = m if self.maps is None else self.maps + m
+        return None
+
+    def masks(self, threshold: float = 0.2) -> torch.Tensor:
+        if self.maps is None:
+            raise RuntimeError("KeyRegionPolicy: no maps captured yet (no site matched)")
+        return key_region_masks(self.maps, threshold)
+
+
+def _disjoint_chunks(groups):
+    chunks, current, used = [], [], set()
+    for a, b in groups:
+        span = set(range(a, b))
+        if span & used:
+            chunks.append(current)
+            current, used = [], set()
+        current.append((a, b))
+        used |= span
+    chunks.append(current)
+    return chunks

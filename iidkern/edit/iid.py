@@ -1,0 +1,417 @@
+"""IID (Instruction Influence Disentanglement) as attention policies.
+
+METHODS.md, IID. Three small policies and one that sequences them:
+
+* :class:`BranchIsolationPolicy` (steps ``<= S``): in a batch that holds one
+  single-instruction branch per instruction next to the combined branch, row ``r`` of
+  instruction ``i`` cannot see the text of any other instruction (their keys are hidden
+  by tags), so one batched forward equals N single-instruction runs plus the combined
+  run, all on the same text layout ``[P_1 ... P_N]``.
+* :class:`IIDMapPolicy` (step ``S``, the map layer(s)): ONE fused probe per call gives the
+  per-head image x instruction maps ``[B, H, N_img, N]`` (mean over each instruction's
+  tokens); :func:`~iidkern.edit.masks.iid_masks` turns them into region masks ``M_i``.
+  OmniGen-style image x image sources are options (``map_source``).
+* :class:`IIDMaskPolicy` (steps ``S+1 .. T``): the tags of
+  :func:`iidkern.instruction_tags` built once (one :func:`iidkern.tag_mask` per sequence
+  layout) and handed to every block.
+* :class:`IIDPolicy`: isolation + capture up to ``S``, masks after.
+
+Every policy is model-agnostic: it only reads :class:`~iidkern.policy.AttentionSite`
+ranges. Instruction ranges are given relative to the start of the text range, because the
+text slot is the pipeline's business and its offset in the joint sequence is the model's.
+
+Step convention: steps are the sampler's 0-based indices ``0 .. num_steps-1``. The maps
+are captured during the forward pass of step ``S``; the pipeline blends the latents that
+step ``S`` produced; masked attention runs in every block of steps ``S+1`` up to
+``mask_until`` (default: the last step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..attention import tag_mask
+from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPolicy
+from ..specs import Probe, TokenGroups, ValueProbe, instruction_tags
+from .masks import THRESHOLD_RULES, iid_masks
+
+Range = Tuple[int, int]
+MAP_SOURCES = ("text", "image_colmean", "image_propagation")
+PUBLIC_MAP_STEP_FRACTION = 27 / 50  # FluxEdit: S = 27 of T = 50 (METHODS.md, IID step 2)
+
+
+def default_map_step(num_steps: int) -> int:
+    """The public FluxEdit choice S = 27 of 50, scaled to ``num_steps`` (0-based index)."""
+    return max(0, min(num_steps - 1, int(round(PUBLIC_MAP_STEP_FRACTION * num_steps)) - 1))
+
+
+@dataclass
+class IIDConfig:
+    """The open choices of IID, all configurable (defaults documented in METHODS.md).
+
+    ``map_step``: S (0-based); ``None`` = :func:`default_map_step`. ``map_layer``: which
+    attention call(s) of the forward pass give the maps: a negative int counts from the end
+    (``-2`` = penultimate), a sequence of ints averages those calls. ``map_source``:
+    ``"text"`` (image x instruction probe, FluxEdit), ``"image_colmean"`` (per branch row,
+    the column mean over image queries of image x image attention, OmniGen) or
+    ``"image_propagation"`` (per branch row, ``mean_h A_h @ x`` for a per-key signal ``x``).
+    ``map_row``: the batch row whose text maps are used (the combined branch, last by
+    default). ``sigma`` / ``kernel_size``: Gaussian smoothing on the latent grid (sigma 0 =
+    off). ``threshold``: ``"otsu"`` | ``"fixed"`` | ``"top"`` with ``threshold_value``.
+    ``background``: what image tokens outside every mask see after S (``"none"`` = no
+    instruction, ``"all"`` = every instruction). ``mask_until``: last masked step
+    (inclusive; ``None`` = to the end). ``visible_ranges``: names of ``AttentionSite.extra``
+    ranges that stay visible to and from everything (conditioning: source image, time
+    token); ``None`` = every extra range.
+    """
+
+    map_step: Optional[int] = None
+    map_layer: Union[int, Sequence[int]] = -2
+    map_source: str = "text"
+    map_row: int = -1
+    sigma: float = 1.0
+    kernel_size: Optional[int] = None
+    threshold: str = "otsu"
+    threshold_value: float = 0.5
+    background: str = "none"
+    mask_until: Optional[int] = None
+    visible_ranges: Optional[Sequence[str]] = None
+    image_key_range: str = "image"  # image x image sources: the key range ("source" for Kontext layouts)
+    propagation_signal: Optional[torch.Tensor] = None  # [N_key_range, C<=16]; None = indicator of the key range
+    shared_text: str = "visible"  # text tokens outside every instruction: "visible" (conditioning) | "hidden"
+
+    def __post_init__(self):
+        if self.map_source not in MAP_SOURCES:
+            raise ValueError(f"IIDConfig: map_source must be one of {MAP_SOURCES}, got {self.map_source!r}")
+        if self.threshold not in THRESHOLD_RULES:
+            raise ValueError(f"IIDConfig: threshold must be one of {THRESHOLD_RULES}, got {self.threshold!r}")
+        if self.background not in ("none", "all"):
+            raise ValueError(f"IIDConfig: background must be 'none' or 'all', got {self.background!r}")
+        if self.shared_text not in ("visible", "hidden"):
+            raise ValueError(f"IIDConfig: shared_text must be 'visible' or 'hidden', got {self.shared_text!r}")
+        if self.sigma < 0:
+            raise ValueError(f"IIDConfig: sigma must be >= 0, got {self.sigma}")
+
+    def resolved_map_step(self, num_steps: Optional[int]) -> int:
+        if self.map_step is not None:
+            return int(self.map_step)
+        if num_steps is None:
+            raise ValueError("IIDConfig: map_step is None and the site carries no num_steps to derive it from")
+        return default_map_step(num_steps)
+
+    def map_layers(self, num_layers: int) -> Tuple[int, ...]:
+        layers = (self.map_layer,) if isinstance(self.map_layer, int) else tuple(self.map_layer)
+        if any(layer < 0 for layer in layers) and num_layers <= 0:
+            raise ValueError("IIDConfig: a negative map_layer needs AttentionSite.num_layers (the runner must set it)")
+        return tuple(layer + num_layers if layer < 0 else layer for layer in layers)
+
+
+def _check_instructions(instructions: Sequence[Range]) -> Tuple[Range, ...]:
+    out = tuple((int(a), int(b)) for a, b in instructions)
+    if not out:
+        raise ValueError("IID: need at least one instruction range")
+    for i, (a, b) in enumerate(out):
+        if not 0 <= a < b:
+            raise ValueError(f"IID: instruction {i} range {(a, b)} must satisfy 0 <= start < stop "
+                             "(relative to the start of the text range)")
+    return out
+
+
+def absolute_instruction_ranges(site: AttentionSite, instructions: Sequence[Range]) -> List[Range]:
+    """Instruction ranges (relative to the text range) as joint-sequence ranges."""
+    t0, t1 = site.text
+    ranges = [(t0 + a, t0 + b) for a, b in instructions]
+    for i, (a, b) in enumerate(ranges):
+        if b > t1:
+            raise ValueError(f"IID: instruction {i} ends at text offset {b - t0}, past the text range {site.text}")
+    return ranges
+
+
+def _visible(site: AttentionSite, names: Optional[Sequence[str]]) -> List[Range]:
+    if names is None:
+        return [r for _, r in site.extra]
+    return [site.range(name) for name in names if any(key == name for key, _ in site.extra)]
+
+
+def shared_text_ranges(site: AttentionSite, instructions: Sequence[Range]) -> List[Range]:
+    """Text tokens of ``site`` outside every instruction, as joint-sequence ranges."""
+    covered = torch.zeros(site.text[1] - site.text[0], dtype=torch.bool)
+    for a, b in instructions:
+        covered[a:b] = True
+    out, start = [], None
+    for i, c in enumerate(covered.tolist() + [True]):
+        if not c and start is None:
+            start = i
+        elif c and start is not None:
+            out.append((site.text[0] + start, site.text[0] + i))
+            start = None
+    return out
+
+
+def _has_text(site: AttentionSite) -> bool:
+    return site.text[1] > site.text[0]
+
+
+def _layout_key(site: AttentionSite) -> tuple:
+    return (site.text, site.image, site.extra, site.seq_len)
+
+
+# --------------------------------------------------------------------------- isolation
+class BranchIsolationPolicy(AttentionPolicy):
+    """Batched single-instruction branches: row ``r`` sees only instruction ``row_instruction[r]``.
+
+    ``row_instruction``: per batch row, an instruction index or ``None`` (the combined
+    branch: no restriction). Hidden instruction tokens still run through the model but no
+    other token reads them, which equals a prompt without them. ``until_step``: last step
+    (inclusive) with isolation.
+    """
+
+    def __init__(self, instructions: Sequence[Range], row_instruction: Sequence[Optional[int]],
+                 until_step: Optional[int] = None, device=None):
+        self.instructions = _check_instructions(instructions)
+        self.row_instruction = tuple(row_instruction)
+        for r, i in enumerate(self.row_instruction):
+            if i is not None and not 0 <= i < len(self.instructions):
+                raise ValueError(f"BranchIsolationPolicy: row {r} names instruction {i}, "
+                                 f"have {len(self.instructions)}")
+        self.until_step = until_step
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._masks: Dict[tuple, object] = {}
+
+    def tags_for(self, site: AttentionSite):
+        key = _layout_key(site)
+        if key not in self._masks:
+            ranges = absolute_instruction_ranges(site, self.instructions)
+            n, b = site.seq_len, len(self.row_instruction)
+            q_tags = torch.ones(b, n, dtype=torch.int64)
+            k_tags = torch.ones(b, n, dtype=torch.int64)
+            for r, keep in enumerate(self.row_instruction):
+                if keep is None:
+                    continue
+                for i, (a, c) in enumerate(ranges):
+                    if i != keep:
+                        k_tags[r, a:c] = 0
+            self._masks[key] = tag_mask(q_tags.to(self.device), k_tags.to(self.device))
+        return self._masks[key]
+
+    def request(self, site):
+        if all(i is None for i in self.row_instruction) or not _has_text(site):
+            return None
+        if self.until_step is not None and site.step is not None and site.step > self.until_step:
+            return None
+        return AttentionRequest(tags=self.tags_for(site))
+
+
+# --------------------------------------------------------------------------- capture
+class IIDMapPolicy(AttentionPolicy):
+    """Capture IID maps at step S and derive the region masks (IID steps 2-3).
+
+    After the capture step has run: ``per_head_maps`` ``[H, N_img, N]``, ``soft``
+    ``[N, N_img]`` and ``masks`` (bool ``[N, N_img]``). ``branch_rows`` (image x image
+    sources only) lists the batch rows of the single-instruction branches, in instruction order.
+    """
+
+    def __init__(self, instructions: Sequence[Range], grid: Tuple[int, int], config: Optional[IIDConfig] = None,
+                 branch_rows: Optional[Sequence[int]] = None):
+        self.instructions = _check_instructions(instructions)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.config = config or IIDConfig()
+        self.branch_rows = tuple(branch_rows) if branch_rows is not None else None
+        self.map_row = self.config.map_row
+        if self.config.map_source != "text":
+            if self.branch_rows is None or len(self.branch_rows) != len(self.instructions):
+                raise ValueError(f"IIDMapPolicy: map_source={self.config.map_source!r} needs branch_rows with one "
+                                 f"row per instruction ({len(self.instructions)}), got {branch_rows}")
+        self._sum: Optional[torch.Tensor] = None
+        self._count = 0
+        self.per_head_maps: Optional[torch.Tensor] = None
+        self.soft: Optional[torch.Tensor] = None
+        self.masks: Optional[torch.Tensor] = None
+
+    # ---- when
+    def is_capture_site(self, site: AttentionSite) -> bool:
+        if site.step is None:
+            return False
+        if site.step != self.config.resolved_map_step(site.num_steps):
+            return False
+        return site.layer in self.config.map_layers(site.num_layers)
+
+    # ---- what
+    def probe_for(self, site: AttentionSite):
+        cfg = self.config
+        n = site.seq_len
+        img0, img1 = site.image
+        if img1 - img0 != self.grid[0] * self.grid[1] and cfg.map_source != "image_colmean":
+            raise ValueError(f"IIDMapPolicy: image range {site.image} has {img1 - img0} tokens, "
+                             f"grid {self.grid} has {self.grid[0] * self.grid[1]}")
+        if cfg.map_source == "text":
+            keys = TokenGroups.segments(absolute_instruction_ranges(site, self.instructions), n)
+            return Probe(TokenGroups.each(img0, img1), keys, heads="keep", normalize="keys")
+        k0, k1 = site.range(cfg.image_key_range)
+        if cfg.map_source == "image_colmean":
+            if k1 - k0 != self.grid[0] * self.grid[1]:
+                raise ValueError(f"IIDMapPolicy: key range {cfg.image_key_range!r}={(k0, k1)} must cover the grid "
+                                 f"{self.grid} for map_source='image_colmean'")
+            return Probe(TokenGroups.single(img0, img1, n), TokenGroups.each(k0, k1), heads="keep",
+                         normalize="queries")
+        signal = cfg.propagation_signal
+        if signal is None:
+            signal = torch.ones(k1 - k0, 1)
+        if signal.dim() != 2 or signal.shape[0] != k1 - k0:
+            raise ValueError(f"IIDConfig.propagation_signal must have shape [{k1 - k0}, C], got {tuple(signal.shape)}")
+        x = torch.zeros(n, signal.shape[1], dtype=torch.float32, device=signal.device)
+        x[k0:k1] = signal.float()
+        return ValueProbe(x, TokenGroups.each(img0, img1), heads="keep")
+
+    def request(self, site):
+        if not self.is_capture_site(site):
+            return None
+        if not _has_text(site) and self.config.map_source == "text":
+            raise ValueError(f"IIDMapPolicy: map layer {site.layer} ({site.block_kind} block {site.block}) has no "
+                             "text tokens; choose a joint attention layer for map_source='text'")
+        return AttentionRequest(probes=(self.probe_for(site),))
+
+    def receive(self, site, result):
+        raw = result.probes[0].float()
+        if self.config.map_source == "text":
+            maps = raw[self.map_row]  # [H, N_img, N]
+        elif self.config.map_source == "image_colmean":
+            maps = raw[list(self.branch_rows), :, 0, :].permute(1, 2, 0)  # [N, H, N_key] -> [H, N_key, N]
+        else:
+            maps = raw[list(self.branch_rows)].mean(-1).permute(1, 2, 0)  # [N, H, N_img] -> [H, N_img, N]
+        self._sum = maps if self._sum is None else self._sum + maps
+        self._count += 1
+        self.per_head_maps = self._sum / self._count
+        cfg = self.config
+        self.masks, self.soft = iid_masks(self.per_head_maps, self.grid, sigma=cfg.sigma,
+                                          kernel_size=cfg.kernel_size, threshold=cfg.threshold,
+                                          threshold_value=cfg.threshold_value)
+        return None
+
+
+# --------------------------------------------------------------------------- masked steps
+class IIDMaskPolicy(AttentionPolicy):
+    """Masked joint attention (IID step 5) from region masks, in every block of the window.
+
+    ``masks``: bool ``[N, N_img]`` (shared by the batch) or ``[B, N, N_img]``. The tags are
+    built once per sequence layout as an :func:`iidkern.tag_mask` (so tile lists are built
+    once) and reused by every block and step. ``from_step`` / ``until_step``: the window
+    (inclusive); ``None`` = unbounded.
+    """
+
+    def __init__(self, instructions: Sequence[Range], masks: torch.Tensor, config: Optional[IIDConfig] = None,
+                 from_step: Optional[int] = None, until_step: Optional[int] = None):
+        self.instructions = _check_instructions(instructions)
+        if masks.dim() not in (2, 3) or masks.shape[-2] != len(self.instructions):
+            raise ValueError(f"IIDMaskPolicy: masks must be [N={len(self.instructions)}, N_img] or "
+                             f"[B, N, N_img], got {tuple(masks.shape)}")
+        self.masks = masks.bool()
+        self.config = config or IIDConfig()
+        self.from_step = from_step
+        self.until_step = until_step
+        self._tags: Dict[tuple, object] = {}
+
+    def tags_for(self, site: AttentionSite):
+        key = _layout_key(site)
+        if key not in self._tags:
+            q_tags, k_tags = instruction_tags(
+                site.seq_len, image=site.image, instructions=absolute_instruction_ranges(site, self.instructions),
+                region_masks=self.masks, background=self.config.background,
+                always_visible=self.visible_ranges(site))
+            if self.masks.dim() == 2:  # shared by every row of whatever batch runs
+                q_tags, k_tags = q_tags[0], k_tags[0]
+            self._tags[key] = tag_mask(q_tags, k_tags)
+        return self._tags[key]
+
+    def visible_ranges(self, site: AttentionSite) -> List[Range]:
+        """Ranges every token sees and that see every token: conditioning extras (+ shared text)."""
+        ranges = _visible(site, self.config.visible_ranges)
+        if self.config.shared_text == "visible":
+            ranges += shared_text_ranges(site, self.instructions)
+        return ranges
+
+    def in_window(self, step: Optional[int]) -> bool:
+        if step is None:
+            return self.from_step is None
+        return (self.from_step is None or step >= self.from_step) and \
+            (self.until_step is None or step <= self.until_step)
+
+    def request(self, site):
+        if not self.in_window(site.step) or not _has_text(site):
+            return None  # image-only attention (SD3.5's attn2): image sees all image, nothing to mask
+        return AttentionRequest(tags=self.tags_for(site))
+
+
+# --------------------------------------------------------------------------- the sequence
+class IIDPolicy(AttentionPolicy):
+    """IID's attention side over a whole run: isolation + capture up to S, masks after S.
+
+    ``row_instruction``: per batch row of the steps up to S, the instruction of its
+    single-instruction branch or ``None`` (combined branch); ``None`` altogether = one
+    combined row only. ``masks``: give precomputed masks to skip the capture. After the
+    capture, ``masks`` / ``soft`` / ``per_head_maps`` hold the result.
+    """
+
+    def __init__(self, instructions: Sequence[Range], grid: Tuple[int, int], config: Optional[IIDConfig] = None,
+                 row_instruction: Optional[Sequence[Optional[int]]] = None, masks: Optional[torch.Tensor] = None,
+                 device=None):
+        self.instructions = _check_instructions(instructions)
+        self.grid = grid
+        self.config = config or IIDConfig()
+        rows = tuple(row_instruction) if row_instruction is not None else (None,)
+        branch_rows = [rows.index(i) for i in range(len(self.instructions))] if \
+            all(i in rows for i in range(len(self.instructions))) else None
+        self.isolation = BranchIsolationPolicy(self.instructions, rows, device=device)
+        self.capture = IIDMapPolicy(self.instructions, grid, self.config, branch_rows=branch_rows)
+        if None in rows and self.config.map_row == -1:  # text maps come from the (last) combined row
+            self.capture.map_row = len(rows) - 1 - rows[::-1].index(None)
+        self.mask_policy: Optional[IIDMaskPolicy] = None
+        self._early = ChainPolicy(self.isolation, self.capture)
+        self._precomputed = masks is not None
+        self._last = "none"
+        if masks is not None:
+            self.set_masks(masks)
+
+    @property
+    def masks(self) -> Optional[torch.Tensor]:
+        return self.mask_policy.masks if self.mask_policy is not None else self.capture.masks
+
+    @property
+    def soft(self):
+        return self.capture.soft
+
+    @property
+    def per_head_maps(self):
+        return self.capture.per_head_maps
+
+    def set_masks(self, masks: torch.Tensor) -> None:
+        self.mask_policy = IIDMaskPolicy(self.instructions, masks, self.config, until_step=self.config.mask_until)
+
+    def _phase(self, site) -> str:
+        if site.step is None:
+            return "none"
+        s = self.config.resolved_map_step(site.num_steps)
+        if site.step <= s:
+            return "early"
+        if self.mask_policy is None:
+            if self.capture.masks is None:
+                raise RuntimeError(f"IIDPolicy: step {site.step} > S={s} but no masks were captured at step S "
+                                   f"(did map layer {self.config.map_layer} run? site.num_layers={site.num_layers})")
+            self.set_masks(self.capture.masks)
+        return "late"
+
+    def request(self, site):
+        phase = self._phase(site)
+        self._last = phase
+        if phase == "early":
+            return self.isolation.request(site) if self._precomputed else self._early.request(site)
+        if phase == "late":
+            return self.mask_policy.request(site)
+        return None
+
+    def receive(self, site, result):
+        if self._last == "early" and not self._precomputed:
+            return self._early.receive(site, result)
+        return None

@@ -1,0 +1,212 @@
+"""From attention maps to region masks, and masks to pictures.
+
+IID (METHODS.md, IID step 3) turns per-head, per-instruction maps into one binary region
+per instruction: head-wise ReLU differencing, head mean, Gaussian smoothing on the latent
+grid, then a threshold (Otsu by default). HeadRouter's key regions (step 4) use a
+min-max normalization and a fixed threshold. Everything here is plain tensor math on
+small ``[..., N_img]`` maps (never on ``N x N`` attention), so it runs on any device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+THRESHOLD_RULES = ("otsu", "fixed", "top")
+
+# Distinct overlay colours (RGB), one per instruction / token; cycled when there are more.
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60))
+
+
+# --------------------------------------------------------------------------- IID maps
+def disentangle_heads(maps: torch.Tensor) -> torch.Tensor:
+    """Head-wise ReLU differencing (IID step 3) of ``[..., H, N_img, N]`` maps.
+
+    ``M_i^j = max(0, A_i^j - 1/(N-1) * sum_{k != i} A_k^j)`` for instruction ``i`` (last dim)
+    and head ``j``; with one instruction the map is returned unchanged. The ReLU is per head,
+    so it must run before the head mean.
+    """
+    if maps.dim() < 3:
+        raise ValueError(f"disentangle_heads: maps must have shape [..., H, N_img, N_instr], got {tuple(maps.shape)}")
+    n = maps.shape[-1]
+    if n == 1:
+        return maps
+    others = (maps.sum(-1, keepdim=True) - maps) / (n - 1)
+    return torch.relu(maps - others)
+
+
+def gaussian_kernel1d(sigma: float, kernel_size: Optional[int] = None, device=None) -> torch.Tensor:
+    """Normalized 1-D Gaussian; ``kernel_size`` defaults to the odd size covering +-3 sigma."""
+    if sigma <= 0:
+        raise ValueError(f"gaussian_kernel1d: sigma must be > 0, got {sigma}")
+    if kernel_size is None:
+        kernel_size = 2 * int(math.ceil(3 * sigma)) + 1
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"gaussian_kernel1d: kernel_size must be a positive odd int, got {kernel_size}")
+    x = torch.arange(kernel_size, dtype=torch.float32, device=device) - kernel_size // 2
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _pad_symmetric(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Half-sample symmetric padding (``c b a | a b c``, scipy's "reflect") along ``dim``.
+
+    Unlike ``F.pad(mode="reflect")`` (``c b | a b c``) it does not count the edge row twice
+    toward its inner neighbour, so a region's border is not pulled onto the image edge.
+    """
+    n = x.shape[dim]
+    if r == 0:
+        return x
+    if r > n:  # kernel wider than the grid: repeat the edge values
+        pad = (r, r, 0, 0) if dim == 3 else (0, 0, r, r)
+        return F.pad(x, pad, mode="replicate")
+    head = x.narrow(dim, 0, r).flip(dim)
+    tail = x.narrow(dim, n - r, r).flip(dim)
+    return torch.cat([head, x, tail], dim=dim)
+
+
+def gaussian_smooth(maps: torch.Tensor, grid: Tuple[int, int], sigma: float = 1.0,
+                    kernel_size: Optional[int] = None) -> torch.Tensor:
+    """Separable Gaussian blur of ``[..., h*w]`` maps on the ``(h, w)`` latent grid.
+
+    Borders are mirrored (half-sample symmetric), so a constant map stays constant and a
+    region touching the edge keeps its edge value. ``sigma <= 0`` returns the maps as they are.
+    """
+    h, w = grid
+    if maps.shape[-1] != h * w:
+        raise ValueError(f"gaussian_smooth: maps have {maps.shape[-1]} tokens, grid {grid} has {h * w}")
+    if sigma <= 0:
+        return maps
+    lead = maps.shape[:-1]
+    x = maps.reshape(-1, 1, h, w).float()
+    k = gaussian_kernel1d(sigma, kernel_size, device=maps.device)
+    r = k.numel() // 2
+    x = F.conv2d(_pad_symmetric(x, r, 3), k.view(1, 1, 1, -1))
+    x = F.conv2d(_pad_symmetric(x, r, 2), k.view(1, 1, -1, 1))
+    return x.reshape(*lead, h * w)
+
+
+def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Scale every map (last dim) to ``[0, 1]``; a constant map becomes all zeros."""
+    lo = maps.min(-1, keepdim=True).values
+    hi = maps.max(-1, keepdim=True).values
+    return (maps - lo) / (hi - lo).clamp_min(eps)
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Otsu's threshold of each map (last dim), maximizing the between-class variance.
+
+    Returns ``[...]`` thresholds in the maps' units; a map is foreground where ``>= t``.
+    """
+    lead = values.shape[:-1]
+    x = values.reshape(-1, values.shape[-1]).float()
+    lo = x.min(-1, keepdim=True).values
+    hi = x.max(-1, keepdim=True).values
+    span = (hi - lo).clamp_min(1e-12)
+    idx = ((x - lo) / span * bins).long().clamp_(0, bins - 1)
+    hist = torch.zeros(x.shape[0], bins, device=x.device).scatter_add_(1, idx, torch.ones_like(x))
+    p = hist / hist.sum(-1, keepdim=True)
+    centers = (torch.arange(bins, device=x.device, dtype=torch.float32) + 0.5) / bins
+    w0 = p.cumsum(-1)
+    m0 = (p * centers).cumsum(-1)
+    mt = m0[:, -1:]
+    w1 = 1 - w0
+    between = (mt * w0 - m0) ** 2 / (w0 * w1).clamp_min(1e-12)
+    between = torch.where((w0 > 0) & (w1 > 0), between, torch.full_like(between, -1.0))
+    k = between.argmax(-1, keepdim=True)  # split after bin k
+    t = lo + (k.float() + 1) / bins * span
+    return t.reshape(lead)
+
+
+def binarize(maps: torch.Tensor, rule: str = "otsu", value: float = 0.5) -> torch.Tensor:
+    """Binary masks from soft maps (last dim = tokens).
+
+    ``rule``: ``"otsu"`` (Otsu per map), ``"fixed"`` (``value`` on the min-max normalized
+    map, e.g. HeadRouter's 0.2), ``"top"`` (the ``value`` fraction of tokens with the
+    highest score, ties broken by order).
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"binarize: rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+    if rule == "otsu":
+        return maps >= otsu_threshold(maps).unsqueeze(-1)
+    if rule == "fixed":
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"binarize: a fixed threshold applies to min-max normalized maps, expected value in "
+                             f"[0, 1], got {value}")
+        return minmax_normalize(maps) >= value
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"binarize: rule 'top' needs a fraction value in (0, 1], got {value}")
+    n = maps.shape[-1]
+    keep = max(1, int(round(value * n)))
+    order = maps.argsort(-1, descending=True)
+    out = torch.zeros_like(maps, dtype=torch.bool)
+    return out.scatter_(-1, order[..., :keep], True)
+
+
+def iid_masks(per_head_maps: torch.Tensor, grid: Tuple[int, int], *, sigma: float = 1.0,
+              kernel_size: Optional[int] = None, threshold: str = "otsu",
+              threshold_value: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """IID step 3 end to end: ``[H, N_img, N]`` per-head maps -> ``(masks, soft)``.
+
+    ``masks``: bool ``[N, N_img]`` (overlaps allowed); ``soft``: the smoothed head-mean
+    maps ``[N, N_img]`` the masks were thresholded from (for pictures and debugging).
+    A leading batch dim (``[B, H, N_img, N]``) is kept: ``[B, N, N_img]``.
+    """
+    if per_head_maps.dim() not in (3, 4):
+        raise ValueError(f"iid_masks: per_head_maps must be [H, N_img, N] or [B, H, N_img, N], "
+                         f"got {tuple(per_head_maps.shape)}")
+    diff = disentangle_heads(per_head_maps.float())
+    mean = diff.mean(-3).transpose(-1, -2)  # [..., N, N_img]
+    soft = gaussian_smooth(mean, grid, sigma, kernel_size)
+    return binarize(soft, threshold, threshold_value), soft
+
+
+def key_region_masks(maps: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """HeadRouter key regions (step 4): ``[..., N_img]`` head-summed maps of text tokens ->
+    min-max normalize per token -> ``>= threshold``."""
+    return binarize(maps, "fixed", threshold)
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    a, b = a.bool(), b.bool()
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
+# --------------------------------------------------------------------------- pictures
+def mask_to_image(mask: torch.Tensor, grid: Tuple[int, int], size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """A ``[h*w]`` mask or soft map as a uint8 grey picture ``[H, W]`` (nearest upsampling to ``size=(W, H)``)."""
+    h, w = grid
+    m = mask.detach().float().reshape(1, 1, h, w).cpu()
+    if mask.dtype != torch.bool:
+        m = minmax_normalize(m.reshape(1, -1)).reshape(1, 1, h, w)
+    if size is not None:
+        m = F.interpolate(m, size=(size[1], size[0]), mode="nearest")
+    return (m[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def overlay_masks(image: np.ndarray, masks: torch.Tensor, grid: Tuple[int, int], alpha: float = 0.45,
+                  colors: Sequence[Tuple[int, int, int]] = PALETTE) -> np.ndarray:
+    """Tint ``image`` (uint8 ``[H, W, 3]``) with one colour per mask (``[N, h*w]`` bool).
+
+    Overlapping masks mix their colours; outside every mask the picture is unchanged.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"overlay_masks: image must be uint8 [H, W, 3], got shape {image.shape}")
+    height, width = image.shape[:2]
+    out = image.astype(np.float32)
+    tint = np.zeros_like(out)
+    count = np.zeros((height, width, 1), dtype=np.float32)
+    for i, m in enumerate(masks):
+        up = mask_to_image(m.bool(), grid, (width, height)).astype(np.float32)[..., None] / 255.0
+        tint += up * np.array(colors[i % len(colors)], dtype=np.float32)
+        count += up
+    covered = count > 0
+    mixed = tint / np.maximum(count, 1)
+    out = np.where(covered, (1 - alpha) * out + alpha * mixed, out)
+    return out.clip(0, 255).round().astype(np.uint8)

@@ -1,0 +1,281 @@
+"""End-to-end editing runs on the from-scratch runner (:mod:`iidkern.mmdit`).
+
+IID and its two baselines share one entry point, :func:`iid_edit`, so they run with the
+same model, seed, schedule and step count:
+
+* ``method="iid"`` — our default branch layout for IID step 4 (the paper leaves it open):
+  up to step S one batch holds N single-instruction branches (row i sees only P_i, by
+  :class:`~iidkern.edit.iid.BranchIsolationPolicy` tags) and the combined branch (all
+  instructions); all start from the same noise. During step S the combined branch's
+  penultimate-layer maps give the masks M_i. The latents step S produced are blended,
+  ``z = sum_i M_i z^(i) / #{i: token in M_i}`` inside the masks (overlaps averaged) and
+  ``z = z^(combined)`` in the background, and from step S+1 on one row runs with the
+  combined prompt under IID's masked joint attention.
+* ``method="combined"`` — one run with all instructions in the text slot, no masks.
+* ``method="step"`` — step-by-step editing: N full runs, run i edits the latents run i-1
+  produced (no decode/encode round trip between runs) with instruction i alone.
+
+:func:`headrouter_edit`: RF-Inversion of the source picture with the source prompt, then
+one two-row batch ``[reconstruction, editing]`` from the inverted noise with
+:class:`~iidkern.edit.headrouter.HeadRouterPolicy` in every attention call, the DTR text
+residual across double blocks (the runner's ``block_hook``), and the RF-Inversion editing
+controller on ``[start, stop)``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..mmdit.encoders import PromptEmbeddings
+from ..mmdit.sampling import FluxDenoiser, euler_step, flux_sigmas, initial_noise, sample
+from ..policy import ChainPolicy
+from .headrouter import HeadRouterConfig, HeadRouterPolicy, KeyRegionPolicy, TextResidual
+from .iid import IIDConfig, IIDPolicy
+from .inversion import RFEditController, RFInversionConfig, invert
+from .models import EditModel
+
+IID_METHODS = ("iid", "step", "combined")
+
+
+@dataclass
+class EditResult:
+    """What an editing run produced. Images are ``[1, 3, H, W]`` in ``[-1, 1]`` on the CPU.
+
+    ``masks``: bool ``[M, N_img]`` on the token ``grid`` (IID: one per instruction;
+    HeadRouter: key regions of ``mask_labels``); ``soft_maps``: the maps they came from.
+    ``timings``: seconds per phase. ``extra``: method-specific pictures (e.g. HeadRouter's
+    reconstruction row).
+    """
+
+    method: str
+    image: torch.Tensor
+    latents: torch.Tensor
+    source: torch.Tensor
+    grid: Tuple[int, int]
+    masks: Optional[torch.Tensor] = None
+    soft_maps: Optional[torch.Tensor] = None
+    mask_labels: List[str] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _Clock:
+    """Wall-clock phases, synchronizing CUDA so GPU work is charged to the right phase."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.times: Dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def _now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def phase(self, name):
+        clock = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t0 = clock._now()
+
+            def __exit__(self, *exc):
+                clock.times[name] = clock.times.get(name, 0.0) + clock._now() - self.t0
+
+        return _Phase()
+
+    def total(self) -> Dict[str, float]:
+        return {**self.times, "total": self._now() - self._start}
+
+
+def token_masks_to_latents(masks: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """``[N, h*w]`` token masks (2x2 packed Flux tokens) -> float ``[N, 1, 2h, 2w]`` latent masks."""
+    m = masks.float().reshape(-1, 1, grid[0], grid[1])
+    return F.interpolate(m, scale_factor=2, mode="nearest")
+
+
+def blend_branches(branches: torch.Tensor, combined: torch.Tensor, masks: torch.Tensor,
+                   grid: Tuple[int, int]) -> torch.Tensor:
+    """IID step 4: ``sum_i M_i z_i / count`` inside the masks (overlaps averaged), ``combined`` elsewhere.
+
+    ``branches``: ``[N, C, H, W]``; ``combined``: ``[1, C, H, W]``; ``masks``: bool ``[N, h*w]``.
+    """
+    m = token_masks_to_latents(masks, grid).to(branches.device)  # [N, 1, H, W]
+    count = m.sum(0, keepdim=True)
+    inside = (m * branches).sum(0, keepdim=True) / count.clamp_min(1)
+    return torch.where(count > 0, inside, combined)
+
+
+def _source_kwargs(model: EditModel, source_latents: torch.Tensor) -> dict:
+    if model.layout == "concat":
+        return dict(concat_latents=source_latents)
+    if model.layout == "kontext":
+        return dict(kontext_latents=source_latents)
+    raise ValueError(f"instruction editing needs a 'concat' (FluxEdit) or 'kontext' model, got layout "
+                     f"{model.layout!r} (a text-to-image model edits through --method headrouter)")
+
+
+def _check_image(image: torch.Tensor, factor: int):
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[:2] != (1, 3):
+        raise ValueError(f"image must be a [1, 3, H, W] tensor in [-1, 1], got "
+                         f"{getattr(image, 'shape', type(image).__name__)}")
+    if image.shape[2] % (2 * factor) or image.shape[3] % (2 * factor):
+        raise ValueError(f"image height and width must be multiples of {2 * factor}, got {tuple(image.shape[2:])}")
+
+
+def _denoise(model: EditModel, prompt: PromptEmbeddings, x: torch.Tensor, sigmas: torch.Tensor, source_kwargs,
+             policy=None, progress=True, desc="sampling") -> torch.Tensor:
+    den = FluxDenoiser(model.transformer, prompt, guidance=model.guidance, policy=policy, backend=model.backend,
+                       **source_kwargs)
+    return sample(den, x, sigmas, progress=progress, desc=desc)
+
+
+@torch.no_grad()
+def iid_edit(model: EditModel, image: torch.Tensor, instructions: Sequence[str], *, method: str = "iid",
+             num_steps: int = 28, seed: int = 0, config: Optional[IIDConfig] = None,
+             progress: bool = True) -> EditResult:
+    """Apply ``instructions`` to ``image`` with IID or a baseline (see the module doc)."""
+    if method not in IID_METHODS:
+        raise ValueError(f"method must be one of {IID_METHODS}, got {method!r}")
+    instructions = [s for s in instructions]
+    if not instructions or any(not isinstance(s, str) or not s.strip() for s in instructions):
+        raise ValueError(f"instructions must be a non-empty list of non-empty strings, got {instructions!r}")
+    _check_image(image, model.factor)
+    config = config or IIDConfig()
+    device = model.device
+    clock = _Clock(device)
+    with clock.phase("encode"):
+        src = model.codec.encode(image.to(device))
+        c, h, w = src.shape[1:]
+        grid = (h // 2, w // 2)
+        sigmas = flux_sigmas(num_steps, image_seq_len=grid[0] * grid[1])
+        noise = initial_noise((1, c, h, w), seed=seed, device=device)
+        text, ranges = model.text.encode_segments(instructions)
+        text = text.to(device)
+    result = EditResult(method, image, src, image.cpu(), grid, mask_labels=list(instructions))
+
+    if method == "combined":
+        with clock.phase("sampling"):
+            z = _denoise(model, text, noise, sigmas, _source_kwargs(model, src), progress=progress,
+                         desc="combined prompt")
+    elif method == "step":
+        z = src
+        for i, instruction in enumerate(instructions):
+            with clock.phase("encode"):
+                single, _ = model.text.encode_segments([instruction])
+            with clock.phase("sampling"):
+                z = _denoise(model, single.to(device), noise, sigmas, _source_kwargs(model, z), progress=progress,
+                             desc=f"step-by-step {i + 1}/{len(instructions)}")
+    else:
+        z, policy = _iid_run(model, text, ranges, instructions, noise, sigmas, src, grid, config, clock, progress)
+        result.masks, result.soft_maps = policy.masks.cpu(), policy.soft.cpu()
+    with clock.phase("decode"):
+        result.image = model.codec.decode(z).cpu()
+    result.latents = z.cpu()
+    result.timings = clock.total()
+    return result
+
+
+def _iid_run(model, text, ranges, instructions, noise, sigmas, src, grid, config, clock, progress):
+    import tqdm
+
+    n = len(instructions)
+    device = model.device
+    num_steps = len(sigmas) - 1
+    s = config.resolved_map_step(num_steps)
+    pooled = torch.cat([model.text.pooled(p).to(device) for p in instructions] + [text.pooled])
+    branches = PromptEmbeddings(text.text.expand(n + 1, -1, -1), pooled)
+    policy = IIDPolicy(ranges, grid, config, row_instruction=list(range(n)) + [None], device=device)
+    kwargs = _source_kwargs(model, src)
+    early = FluxDenoiser(model.transformer, branches, guidance=model.guidance, policy=policy, backend=model.backend,
+                         **kwargs)
+    late = FluxDenoiser(model.transformer, text, guidance=model.guidance, policy=policy, backend=model.backend,
+                        **kwargs)
+    x = noise.expand(n + 1, -1, -1, -1)
+    for i in tqdm.trange(num_steps, disable=not progress, desc="IID", leave=False):
+        with clock.phase("sampling" if i != s else "sampling (step S: maps + blend)"):
+            x = euler_step(early if i <= s else late, x, float(sigmas[i]), float(sigmas[i + 1]), step=i,
+                           num_steps=num_steps)
+            if i == s:
+                if policy.masks is None:
+                    raise RuntimeError(f"IID: no maps were captured at step S={s} (map_layer={config.map_layer})")
+                x = blend_branches(x[:n], x[n:], policy.masks, grid)
+    return x, policy
+
+
+@torch.no_grad()
+def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, target_prompt: str, *,
+                    num_steps: int = 28, seed: int = 0, config: Optional[HeadRouterConfig] = None,
+                    inversion: Optional[RFInversionConfig] = None, key_words: Optional[Sequence[str]] = None,
+                    progress: bool = True) -> EditResult:
+    """HeadRouter editing of a real picture (see the module doc).
+
+    ``key_words``: target words whose key regions are returned as masks (default: the
+    target's words that the source lacks, else every target word).
+    """
+    for name, value in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if model.layout != "t2i":
+        raise ValueError(f"HeadRouter inverts a text-to-image model (layout 't2i'), got layout {model.layout!r}")
+    _check_image(image, model.factor)
+    config = config or HeadRouterConfig()
+    inversion = inversion or RFInversionConfig()
+    recon_row, edit_row = config.pairs[0]
+    device = model.device
+    clock = _Clock(device)
+    with clock.phase("encode"):
+        y0 = model.codec.encode(image.to(device))
+        c, h, w = y0.shape[1:]
+        grid = (h // 2, w // 2)
+        sigmas = flux_sigmas(num_steps, image_seq_len=grid[0] * grid[1])
+        length = max(model.text.num_tokens(source_prompt), model.text.num_tokens(target_prompt))
+        src_emb = model.text.encode(source_prompt, length).to(device)
+        tgt_emb = model.text.encode(target_prompt, length).to(device)
+        words = model.text.word_ranges(target_prompt)
+        source_words = {w for w, _ in model.text.word_ranges(source_prompt)}
+        chosen = [wr for wr in words if (wr[0] in key_words if key_words else wr[0] not in source_words)] or words
+    with clock.phase("inversion"):
+        den = FluxDenoiser(model.transformer, src_emb, guidance=model.guidance, backend=model.backend)
+        x1 = invert(den, y0, sigmas, gamma=inversion.gamma, seed=seed, progress=progress)
+
+    router = HeadRouterPolicy(config)
+    regions = KeyRegionPolicy([r for _, r in chosen], row=edit_row)
+    policy = ChainPolicy(router, regions)
+    hook = _text_residual_hook(model, config, edit_row)
+    prompts = PromptEmbeddings.cat([src_emb, tgt_emb] if recon_row < edit_row else [tgt_emb, src_emb])
+    controller = RFEditController(y0, inversion.eta, inversion.start, inversion.resolved_stop(num_steps))
+    with clock.phase("sampling"):
+        den = FluxDenoiser(model.transformer, prompts, guidance=model.guidance, policy=policy, backend=model.backend,
+                           block_hook=hook)
+        z = sample(den, x1.expand(2, -1, -1, -1), sigmas, velocity_hook=controller, progress=progress,
+                   desc="HeadRouter")
+    with clock.phase("decode"):
+        edited = model.codec.decode(z[edit_row:edit_row + 1]).cpu()
+        recon = model.codec.decode(z[recon_row:recon_row + 1]).cpu()
+    result = EditResult("headrouter", edited, z[edit_row:edit_row + 1].cpu(), image.cpu(), grid,
+                        masks=regions.masks().cpu() if regions.maps is not None else None,
+                        soft_maps=regions.maps.cpu() if regions.maps is not None else None,
+                        mask_labels=[w for w, _ in chosen], extra={"reconstruction": recon,
+                                                                   "inverted_noise": x1.cpu()})
+    result.timings = clock.total()
+    return result
+
+
+def _text_residual_hook(model: EditModel, config: HeadRouterConfig, edit_row: int):
+    """``block_hook`` applying HeadRouter's DTR text residual across the double blocks."""
+    if not config.dtr_text:
+        return None
+    residual = TextResidual(config.dtr_text_keep, rows=config.edit_rows)
+    num_double = model.transformer.config.num_layers
+
+    def hook(kind, index, inputs, outputs):
+        if kind != "double":
+            return None
+        return residual(index, num_double, inputs[0], outputs[0]), outputs[1]
+
+    return hook

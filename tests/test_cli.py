@@ -1,0 +1,112 @@
+"""The ``iidkern`` command in a subprocess: demo and edit write valid PNGs, bad arguments exit 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "iidkern", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+
+
+def assert_png(path, size=None):
+    assert os.path.isfile(path), f"missing {path}"
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        img.verify()
+    with Image.open(path) as img:
+        if size is not None:
+            assert img.size == size, f"{path}: size {img.size} != {size}"
+
+
+@pytest.fixture(scope="module")
+def input_png(tmp_path_factory):
+    from iidkern.edit.codec import demo_picture, save_png, to_uint8
+
+    path = tmp_path_factory.mktemp("cli_input") / "in.png"
+    save_png(to_uint8(demo_picture(80)), path)  # 80 -> resized to 64 by --size 64
+    return str(path)
+
+
+def test_demo_writes_every_output(tmp_path):
+    out = tmp_path / "demo"
+    res = run_cli("demo", "--out", str(out), "--steps", "3", "--size", "64", "--no-progress", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert "meaningless" in res.stdout  # says plainly what a tiny random model gives
+    for method in ("iid", "step", "combined", "headrouter"):
+        assert_png(out / method / "edited.png", (64, 64))
+        assert_png(out / method / "overlay.png", (64, 64))
+        report = json.loads((out / method / "timings.json").read_text())
+        assert report["tiny_random_model"] and report["timings_s"]["total"] > 0
+    masks = sorted(p for p in os.listdir(out / "iid") if p.startswith("mask_"))
+    assert len(masks) == 2
+    for m in masks:
+        assert_png(out / "iid" / m, (64, 64))
+    assert_png(out / "headrouter" / "reconstruction.png", (64, 64))
+
+
+@pytest.mark.parametrize("method", ["iid", "headrouter"])
+def test_edit_writes_pngs(tmp_path, input_png, method):
+    out = tmp_path / method
+    text = (["--source", "a house on a hill", "--target", "a castle on a hill"] if method == "headrouter" else
+            ["--instruction", "make the sky red", "--instruction", "add a tree"])
+    res = run_cli("edit", "--image", input_png, *text, "--method", method, "--steps", "3", "--size", "64",
+                  "--out", str(out), "--no-progress", "--device", "cpu", "--sigma", "0.5")
+    assert res.returncode == 0, res.stderr
+    assert "meaningless" in res.stderr  # no --model: the embedded tiny model, said so
+    for name in ("edited.png", "source.png", "overlay.png"):
+        assert_png(out / name, (64, 64))
+    report = json.loads((out / "timings.json").read_text())
+    assert report["method"] == method and report["steps"] == 3 and len(report["mask_labels"]) >= 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["edit", "--image", "/no/such/file.png", "--instruction", "x"], "file not found"),
+    (["edit", "--image", "{input}"], "at least one --instruction"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--method", "magic"], "invalid choice"),
+    (["edit", "--image", "{input}", "--method", "headrouter", "--source", "a"], "--target"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--model", "/no/such/dir"], "directory not found"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--steps", "0"], "--steps"),
+    ([], "required"),
+])
+def test_bad_arguments_exit_2_with_a_message(input_png, args, message):
+    res = run_cli(*[a.replace("{input}", input_png) for a in args], timeout=60)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert message in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message only shows without CUDA")
+def test_bench_on_cpu_says_it_needs_a_gpu():
+    res = run_cli("bench", timeout=60)
+    assert res.returncode == 1 and "GPU" in res.stderr
+
+
+def test_edit_with_a_local_model_directory(tmp_path, input_png):
+    """--model DIR goes through the runner's strict loader; missing encoders are a clear exit-2 error."""
+    import json as _json
+
+    from iidkern.mmdit import FluxConfig, FluxTransformer, save_weights
+
+    cfg = FluxConfig.tiny(in_channels=32, out_channels=16, num_layers=2, num_single_layers=1)
+    (tmp_path / "model" / "transformer").mkdir(parents=True)
+    save_weights(FluxTransformer.random(cfg, seed=4), tmp_path / "model" / "transformer" / "model.safetensors")
+    (tmp_path / "model" / "transformer" / "config.json").write_text(_json.dumps(cfg.to_dict()))
+    common = ["edit", "--image", input_png, "--instruction", "add a tree", "--model", str(tmp_path / "model"),
+              "--steps", "2", "--size", "64", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "out")]
+    res = run_cli(*common)
+    assert res.returncode == 2 and "no text encoders" in res.stderr and "--allow-stand-ins" in res.stderr
+    res = run_cli(*common, "--allow-stand-ins")
+    assert res.returncode == 0, res.stderr
+    assert_png(tmp_path / "out" / "edited.png", (64, 64))
+    assert not _json.loads((tmp_path / "out" / "timings.json").read_text())["tiny_random_model"]
+    (tmp_path / "model" / "transformer" / "config.json").write_text(_json.dumps({**cfg.to_dict(), "num_layers": 3}))
+    res = run_cli(*common, "--allow-stand-ins")  # weights that do not fit the config: the strict loader's report
+    assert res.returncode == 2 and "missing keys" in res.stderr

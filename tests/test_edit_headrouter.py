@@ -1,0 +1,135 @@
+"""HeadRouter as policies: IARouter weights, the DTR block multiplier, the code form, the text
+residual and key regions, each against a dense computation written out here."""
+import pytest
+import torch
+
+from iidkern.edit.headrouter import (HeadRouterConfig, HeadRouterPolicy, KeyRegionPolicy, TextResidual,
+                                     dtr_weights)
+from iidkern.policy import AttentionSite, attend
+
+N_TEXT, N_IMG, H, D = 5, 12, 3, 8
+
+
+def qkv(seed, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, N_TEXT + N_IMG, H, D, generator=g) for _ in range(3))
+
+
+def site(step, block=0, kind="double"):
+    return AttentionSite(block=block, block_kind=kind, text=(0, N_TEXT), image=(N_TEXT, N_TEXT + N_IMG), step=step,
+                         num_steps=4, layer=block, num_layers=2)
+
+
+def dense_probs(q, k):
+    """Softmax attention ``[B, H, N, N]`` from bnhd q, k in float64."""
+    q, k = q.double().transpose(1, 2), k.double().transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / D ** 0.5, dim=-1)
+
+
+def dense_out(p, v):
+    return (p @ v.double().transpose(1, 2)).transpose(1, 2)  # [B, N, H, D]
+
+
+def formula_router_weights(out, gamma, delta):
+    """Per-head cosine of rows 0 and 1, then w_h = 1 + gamma * sigmoid(d_h - delta)."""
+    o0, o1 = out[0].transpose(0, 1).flatten(1), out[1].transpose(0, 1).flatten(1)  # [H, N*D]
+    s = (o0 * o1).sum(-1) / (o0.norm(dim=-1) * o1.norm(dim=-1))
+    d = (s.max() - s) / max((s.max() - s.min()).item(), 1e-6)
+    return 1 + gamma * torch.sigmoid(d - delta)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_router_weights_equal_the_formula(backend):
+    q, k, v = qkv(0)
+    policy = HeadRouterPolicy(HeadRouterConfig(dtr_image="off", gamma=0.3, delta=0.4))
+    out = attend(q, k, v, site(0), policy, backend=backend)
+    ref = dense_out(dense_probs(q, k), v)
+    w = formula_router_weights(ref, 0.3, 0.4)
+    assert torch.allclose(policy.last_router_weights[("double", 0)][0].double(), w, atol=1e-5)
+    expected = ref.clone()
+    expected[1] = ref[1] * w[None, :, None]
+    assert torch.allclose(out.double(), expected, atol=1e-4)
+    assert not torch.allclose(out[1].double(), ref[1], atol=1e-4)  # the weights did act (w > 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("heads", ["mean", "keep"])
+def test_dtr_multiplier_from_previous_step_equals_reference(backend, heads):
+    cfg = HeadRouterConfig(route=False, dtr_image="paper", dtr_heads=heads, alpha=5.0, upsilon=5.0)
+    policy = HeadRouterPolicy(cfg)
+    q0, k0, v0 = qkv(1)
+    first = attend(q0, k0, v0, site(0), policy, backend=backend)
+    assert torch.allclose(first.double(), dense_out(dense_probs(q0, k0), v0), atol=1e-4)  # step 0: probe only
+    q1, k1, v1 = qkv(2)
+    out = attend(q1, k1, v1, site(1), policy, backend=backend)
+
+    p0 = dense_probs(q0, k0)[1][:, N_TEXT:, :N_TEXT]  # edit row, image queries x text keys, [H, N_img, N_txt]
+    a_zp = p0.mean(0, keepdim=True) if heads == "mean" else p0
+    w = 5.0 * torch.sigmoid(5.0 * torch.softmax(a_zp, dim=-2))  # softmax over image tokens
+    p1 = dense_probs(q1, k1)
+    mult = torch.ones_like(p1)
+    mult[1, :, N_TEXT:, :N_TEXT] = w
+    expected = dense_out(p1 * mult, v1)  # post-softmax multiplier, normalizer unchanged
+    assert torch.allclose(out.double(), expected, atol=1e-4)
+    assert torch.allclose(out[0].double(), dense_out(p1, v1)[0], atol=1e-4)  # reconstruction row untouched
+    assert torch.allclose(dtr_weights(a_zp, 5.0, 5.0).double(), w, atol=1e-6)
+
+
+def test_code_form_weights_image_tokens_of_the_edit_row():
+    cfg = HeadRouterConfig(route=False, dtr_image="code", alpha=2.0, upsilon=5.0)
+    policy = HeadRouterPolicy(cfg)
+    q0, k0, v0 = qkv(3)
+    s0, s1 = site(0, kind="single"), site(1, kind="single")
+    attend(q0, k0, v0, s0, policy, backend="reference")
+    q1, k1, v1 = qkv(4)
+    out = attend(q1, k1, v1, s1, policy, backend="reference")
+    mass = dense_probs(q0, k0)[1][:, N_TEXT:, :N_TEXT].sum(-1).mean(0)  # text mass per image token, head mean
+    w = 2.0 * torch.sigmoid(5.0 * torch.softmax(mass, dim=0))
+    expected = dense_out(dense_probs(q1, k1), v1)
+    expected[1, N_TEXT:] *= w[:, None, None]
+    assert torch.allclose(out.double(), expected, atol=1e-4)
+    assert policy.request(site(1, kind="double")) is None  # code form: single blocks only by default
+
+
+def test_router_and_multiplier_together_on_several_pairs():
+    """Batch [recon, edit, recon, edit] (e.g. two images): each pair routed with its own weights."""
+    q, k, v = qkv(5, batch=4)
+    cfg = HeadRouterConfig(pairs=((0, 1), (2, 3)), dtr_image="off")
+    out = attend(q, k, v, site(0), HeadRouterPolicy(cfg), backend="reference")
+    ref = dense_out(dense_probs(q, k), v)
+    for a, b in ((0, 1), (2, 3)):
+        w = formula_router_weights(ref[[a, b]], 0.2, 0.5)
+        assert torch.allclose(out[b].double(), ref[b] * w[None, :, None], atol=1e-4)
+        assert torch.allclose(out[a].double(), ref[a], atol=1e-4)
+
+
+def test_text_residual():
+    g = torch.Generator().manual_seed(6)
+    text_in, text_out = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    res = TextResidual(keep=0.1, rows=(1,))
+    mixed = res(0, 3, text_in, text_out)
+    assert torch.equal(mixed[0], text_out[0])
+    assert torch.allclose(mixed[1], 0.1 * text_in[1] + 0.9 * text_out[1])
+    assert torch.equal(res(2, 3, text_in, text_out), text_out)  # the last double block is left alone
+    assert torch.allclose(TextResidual(0.25)(0, 3, text_in, text_out), 0.25 * text_in + 0.75 * text_out)
+
+
+def test_key_regions():
+    q, k, v = qkv(7)
+    policy = KeyRegionPolicy(tokens=[1, 3], row=1)
+    attend(q, k, v, site(0), policy, backend="reference")
+    attend(q, k, v, site(0, block=1), policy, backend="reference")
+    p = dense_probs(q, k)[1]  # [H, N, N]
+    maps = 2 * p[:, N_TEXT:, [1, 3]].sum(0).transpose(0, 1)  # summed over heads, two calls
+    assert torch.allclose(policy.maps.double(), maps, atol=1e-5)
+    lo, hi = maps.min(-1, keepdim=True).values, maps.max(-1, keepdim=True).values
+    assert torch.equal(policy.masks(0.2), (maps - lo) / (hi - lo) >= 0.2)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="dtr_image"):
+        HeadRouterConfig(dtr_image="both")
+    with pytest.raises(ValueError, match="pairs"):
+        HeadRouterConfig(pairs=((1, 1),))
+    with pytest.raises(ValueError, match="keep"):
+        TextResidual(keep=1.5)

@@ -1,0 +1,234 @@
+"""IID as policies: the allow table of the masked steps, branch isolation, the phase sequence,
+and region containment on a tiny model."""
+import pytest
+import torch
+
+from iidkern.edit.iid import BranchIsolationPolicy, IIDConfig, IIDMaskPolicy, IIDPolicy, default_map_step
+from iidkern.mmdit.flux import FluxConfig, FluxTransformer, image_ids
+from iidkern.policy import AttentionSite, attend
+from iidkern.specs import allowed_pairs
+
+
+def random_masks(n_instr, n_img, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n_instr, n_img, generator=g) < 0.35
+
+
+def dense_allow_table(n, text, image, instructions, masks, background, visible):
+    """The IID allow table (METHODS.md, IID step 5) written out token pair by token pair."""
+    def instr_of(tok):
+        for i, (a, b) in enumerate(instructions):
+            if text[0] + a <= tok < text[0] + b:
+                return i
+        return None
+
+    def in_image(tok):
+        return image[0] <= tok < image[1]
+
+    def is_visible(tok):
+        return any(a <= tok < b for a, b in visible)
+
+    allow = torch.zeros(n, n, dtype=torch.bool)
+    for qi in range(n):
+        for kj in range(n):
+            if is_visible(qi) or is_visible(kj):
+                allow[qi, kj] = True
+                continue
+            iq, ik = instr_of(qi), instr_of(kj)
+            if iq is not None:  # P_i sees P_i and every image token
+                allow[qi, kj] = (ik == iq) or in_image(kj)
+            elif in_image(qi):
+                regions = [i for i in range(len(instructions)) if masks[i, qi - image[0]]]
+                if in_image(kj):
+                    allow[qi, kj] = True
+                elif ik is not None:
+                    allow[qi, kj] = ik in regions or (not regions and background == "all")
+    return allow
+
+
+@pytest.mark.parametrize("background", ["none", "all"])
+@pytest.mark.parametrize("layout", ["text_first", "image_first", "kontext"])
+def test_mask_tags_equal_the_allow_table(background, layout):
+    n_text, n_img, n_src = 9, 16, 6
+    instructions = [(0, 2), (2, 5), (6, 8)]  # token 5 and 8: shared text outside every instruction
+    extra = ()
+    if layout == "text_first":
+        text, image = (0, n_text), (n_text, n_text + n_img)
+    elif layout == "image_first":
+        image, text = (0, n_img), (n_img, n_img + n_text)
+    else:
+        text, image = (0, n_text), (n_text, n_text + n_img)
+        extra = (("source", (n_text + n_img, n_text + n_img + n_src)),)
+    site = AttentionSite(block=0, block_kind="double", text=text, image=image, step=7, num_steps=10, extra=extra)
+    masks = random_masks(3, n_img, seed=11)
+    policy = IIDMaskPolicy(instructions, masks, IIDConfig(background=background), from_step=6)
+    assert policy.request(AttentionSite(**{**site.__dict__, "step": 5})) is None  # before the window
+    req = policy.request(site)
+    n = site.seq_len
+    got = allowed_pairs(req.tags.q_tags.view(1, -1), req.tags.k_tags.view(1, -1))[0]
+    shared = [(text[0] + 5, text[0] + 6), (text[0] + 8, text[0] + 9)]  # text outside every instruction
+    expected = dense_allow_table(n, text, image, instructions, masks, background, [r for _, r in extra] + shared)
+    assert torch.equal(got, expected)
+    again = policy.request(AttentionSite(**{**site.__dict__, "block": 3, "block_kind": "single", "step": 9}))
+    assert again.tags is req.tags  # one tag_mask reused by every block and step
+    hidden = IIDMaskPolicy(instructions, masks, IIDConfig(background=background, shared_text="hidden")).request(site)
+    got = allowed_pairs(hidden.tags.q_tags.view(1, -1), hidden.tags.k_tags.view(1, -1))[0]
+    expected = dense_allow_table(n, text, image, instructions, masks, background, [r for _, r in extra])
+    for a, b in shared:  # hidden shared text: seen by nobody (what it sees is of no consequence)
+        expected[:, a:b] = False
+        expected[a:b] = got[a:b]
+    assert torch.equal(got, expected)
+
+
+def test_isolation_rows_hide_other_instructions():
+    instructions = [(0, 2), (2, 4)]
+    site = AttentionSite(block=0, block_kind="double", text=(0, 5), image=(5, 13), step=0, num_steps=4)
+    policy = BranchIsolationPolicy(instructions, [0, 1, None])
+    tags = policy.request(site).tags
+    allow = allowed_pairs(tags.q_tags, tags.k_tags)  # [3, N, N]
+    assert allow[2].all()  # combined row: no restriction
+    assert not allow[0][:, 2:4].any() and allow[0][:, :2].all() and allow[0][:, 4:].all()
+    assert not allow[1][:, 0:2].any() and allow[1][:, 2:].all()
+
+
+def test_isolated_branch_equals_a_run_without_the_other_instruction():
+    """Row 0 of an isolated batch gives the same image output as a sequence that never held P_1."""
+    g = torch.Generator().manual_seed(3)
+    h, d = 2, 8
+    n_text, n_img = 6, 10
+    q, k, v = (torch.randn(1, n_text + n_img, h, d, generator=g) for _ in range(3))
+    instructions = [(0, 3), (3, 6)]
+    site = AttentionSite(block=0, block_kind="double", text=(0, n_text), image=(n_text, n_text + n_img), step=0,
+                         num_steps=2)
+    policy = BranchIsolationPolicy(instructions, [0, None])
+    out = attend(*(torch.cat([t, t]) for t in (q, k, v)), site, policy, backend="reference")
+    keep = torch.cat([torch.arange(0, 3), torch.arange(n_text, n_text + n_img)])
+    alone = attend(q[:, keep], k[:, keep], v[:, keep], site, None, backend="reference")
+    assert torch.allclose(out[0, n_text:], alone[0, 3:], atol=1e-5)
+    full = attend(q, k, v, site, None, backend="reference")
+    assert torch.allclose(out[1], full[0], atol=1e-5)
+    assert not torch.allclose(out[0, n_text:], full[0, n_text:], atol=1e-3)
+
+
+def test_iid_policy_phases():
+    """Isolation up to S, one capture at (S, penultimate layer), masked tags after S."""
+    g = torch.Generator().manual_seed(4)
+    grid, n_text = (4, 4), 6
+    n = n_text + 16
+    instructions = [(0, 3), (3, 6)]
+    policy = IIDPolicy(instructions, grid, IIDConfig(map_step=1, sigma=0.0), row_instruction=[0, 1, None])
+    q, k, v = (torch.randn(3, n, 2, 8, generator=g) for _ in range(3))
+
+    def site(step, layer):
+        return AttentionSite(block=layer, block_kind="joint", text=(0, n_text), image=(n_text, n), step=step,
+                             num_steps=4, layer=layer, num_layers=3)
+
+    for step in (0, 1):
+        for layer in range(3):
+            req = policy.request(site(step, layer))
+            assert req.tags.q_tags.shape == (3, n)  # isolation tags for the 3 branch rows
+            assert bool(req.probes) == (step == 1 and layer == 1)
+            attend(q, k, v, site(step, layer), policy, backend="reference")
+    assert policy.masks is not None and policy.masks.shape == (2, 16)
+    req = policy.request(site(2, 0))
+    assert req.tags.q_tags.shape == (n,) and not req.probes  # one shared tag set for the blended run
+    with pytest.raises(ValueError, match="text"):
+        IIDPolicy(instructions, grid, IIDConfig(map_step=0), row_instruction=[0, None]).request(
+            AttentionSite(block=0, block_kind="joint", text=(0, 2), image=(2, 18), step=0, num_steps=4, layer=1,
+                          num_layers=3))
+
+
+def test_iid_policy_without_capture_refuses_late_steps():
+    policy = IIDPolicy([(0, 2)], (2, 2), IIDConfig(map_step=0, map_layer=5))
+    site = AttentionSite(block=0, block_kind="joint", text=(0, 2), image=(2, 6), step=1, num_steps=3, layer=0,
+                         num_layers=2)
+    with pytest.raises(RuntimeError, match="no masks"):
+        policy.request(site)
+
+
+def test_default_map_step_scales_the_public_choice():
+    assert default_map_step(50) == 26  # the 27th step, 0-based
+    assert 0 <= default_map_step(4) < 4 and default_map_step(1) == 0
+
+
+def test_config_errors_name_the_argument():
+    with pytest.raises(ValueError, match="map_source"):
+        IIDConfig(map_source="pixels")
+    with pytest.raises(ValueError, match="threshold"):
+        IIDConfig(threshold="mean")
+    with pytest.raises(ValueError, match="background"):
+        IIDConfig(background="some")
+    with pytest.raises(ValueError, match="masks"):
+        IIDMaskPolicy([(0, 2), (2, 4)], torch.ones(3, 16, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- tiny model
+def tiny_flux_inputs(seed=0, grid=(4, 6)):
+    g = torch.Generator().manual_seed(seed)
+    cfg = FluxConfig.tiny(num_single_layers=0)  # one double block: influence can only travel through P_i
+    model = FluxTransformer.random(cfg, seed=seed)
+    n_img = grid[0] * grid[1]
+    x = torch.randn(1, n_img, cfg.in_channels, generator=g)
+    text = torch.randn(1, 8, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
+    return model, x, text, pooled, image_ids(*grid)
+
+
+def test_an_instruction_cannot_change_tokens_outside_its_region():
+    model, x, text, pooled, ids = tiny_flux_inputs()
+    instructions = [(0, 3), (3, 6)]  # tokens 6, 7: shared text
+    masks = torch.zeros(2, 24, dtype=torch.bool)
+    masks[0, :10] = True
+    masks[1, 8:18] = True  # overlaps region 0 on tokens 8, 9; tokens 18.. are background
+    policy = IIDMaskPolicy(instructions, masks)
+    perturbed = text.clone()
+    perturbed[:, 3:6] += torch.randn(1, 3, text.shape[-1], generator=torch.Generator().manual_seed(9))
+
+    def run(txt, pol):
+        return model(x, txt, pooled, 0.6, img_ids=ids, guidance=3.5, policy=pol, step=5, num_steps=8,
+                     backend="reference")
+
+    base, moved = run(text, policy), run(perturbed, policy)
+    only_region0 = torch.zeros(24, dtype=torch.bool)
+    only_region0[:8] = True
+    background = ~(masks[0] | masks[1])
+    assert torch.allclose(base[0, only_region0], moved[0, only_region0], atol=1e-6)
+    assert torch.allclose(base[0, background], moved[0, background], atol=1e-6)
+    assert not torch.allclose(base[0, masks[1]], moved[0, masks[1]], atol=1e-4)  # P_1 does act in M_1
+    free_base, free_moved = run(text, None), run(perturbed, None)
+    assert not torch.allclose(free_base[0, only_region0], free_moved[0, only_region0], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- image x image sources
+@pytest.mark.parametrize("source", ["image_colmean", "image_propagation"])
+def test_image_x_image_map_sources_equal_dense(source):
+    """OmniGen-style sources: per single-instruction branch row, a map from image x image attention."""
+    g = torch.Generator().manual_seed(8)
+    grid, n_text, h, d = (3, 4), 4, 2, 8
+    n_img = grid[0] * grid[1]
+    n = n_text + n_img
+    q, k, v = (torch.randn(3, n, h, d, generator=g) for _ in range(3))
+    signal = torch.rand(n_img, 2, generator=g) if source == "image_propagation" else None
+    cfg = IIDConfig(map_step=0, map_layer=0, map_source=source, sigma=0.0, propagation_signal=signal)
+    policy = IIDPolicy([(0, 2), (2, 4)], grid, cfg, row_instruction=[0, 1, None])
+    site = AttentionSite(block=0, block_kind="joint", text=(0, n_text), image=(n_text, n), step=0, num_steps=2,
+                         layer=0, num_layers=1)
+    attend(q, k, v, site, policy, backend="reference")
+    # Dense: the isolation tags hide P_1 from row 0 and P_0 from row 1.
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / d ** 0.5
+    hide = torch.zeros(3, n, dtype=torch.bool)
+    hide[0, 2:4], hide[1, 0:2] = True, True
+    probs = torch.softmax(scores.masked_fill(hide[:, None, None, :], float("-inf")), dim=-1)
+    img = slice(n_text, n)
+    if source == "image_colmean":
+        per_row = probs[:, :, img, img].mean(2)  # [B, H, N_img]: column mean over image queries
+    else:
+        per_row = (probs[:, :, img, img] @ signal.double()).mean(-1)  # [B, H, N_img]: A_h @ x, channel mean
+    expected = per_row[:2].permute(1, 2, 0)  # branch rows -> [H, N_img, N]
+    assert torch.allclose(policy.per_head_maps.double(), expected, atol=1e-5)
+    assert policy.masks.shape == (2, n_img)
+
+
+def test_image_sources_need_branch_rows():
+    with pytest.raises(ValueError, match="branch_rows"):
+        IIDPolicy([(0, 2), (2, 4)], (2, 2), IIDConfig(map_source="image_colmean"), row_instruction=[0, None])
