@@ -1,0 +1,438 @@
+"""Turn a benchmark run into ``RESULTS.md`` (tables, issue-5 targets) and a PNG plot.
+
+    python -m bench.render --json bench.json [--records bench_records.jsonl]
+        [--first-call first_call.jsonl] [--out bench/RESULTS.md] [--plot bench/attention_bench.png]
+        [--command "bash bench/gpu_run.sh"] [--tests-summary "..."] [--summary]
+
+Inputs: the pytest-benchmark JSON (``--benchmark-json``) and/or the line-per-case records
+(``BENCH_RECORDS``; they survive a run cut off by a time limit and also list skipped
+cases). Every number comes from each case's ``extra_info`` (see bench/test_attention_bench.py):
+``median_ms`` is the median of per-call CUDA-event times, ``graph_median_ms`` the same
+from CUDA-graph replays. Standard library only; the plot needs matplotlib and is skipped
+with a message without it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+SHAPE_ORDER = ["flux_256", "flux_512", "flux_1024", "flux_edit", "flux_2048", "sd3_1024", "flux_1024_b2"]
+FEATURE_ORDER = ["plain", "probe", "tags_0", "tags_50", "tags_75", "tags_iid", "head_weights", "block_mult",
+                 "pair_stats"]
+IMPL_ORDER = ["iidkern", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "sdpa_cudnn+torch", "naive"]
+REFERENCE_IMPL = "sdpa_cudnn"
+# Issue 5 targets.
+PLAIN_VS_CUDNN = 1.00
+PROBE_OVERHEAD = 1.10
+TAGS_ZERO_OVERHEAD = 1.05
+TAGS_EFFICIENCY = 0.80
+EXTRA_OVERHEAD = 1.03
+PROBE_MEMORY_SLACK_ROWS = 4  # "O(B*H*N)": allow this many fp32 [B, H, N] buffers beyond the probe outputs
+MIB = 2 ** 20
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class Results:
+    env: dict = field(default_factory=dict)
+    cases: Dict[str, dict] = field(default_factory=dict)  # id -> extra_info
+    skips: List[dict] = field(default_factory=list)  # records of kind skip / error
+    first_call: List[dict] = field(default_factory=list)  # first_call.jsonl lines
+
+    def find(self, shape: str, dtype: str, feature: str, impl: str) -> Optional[dict]:
+        for c in self.cases.values():
+            if (c["shape"], c["dtype"], c["feature"], c["impl"]) == (shape, dtype, feature, impl):
+                return c
+        return None
+
+
+def _read_jsonl(path: Path) -> List[dict]:
+    lines = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut off by a killed run
+    return lines
+
+
+def load_results(json_path: Optional[Path] = None, records_path: Optional[Path] = None,
+                 first_call_path: Optional[Path] = None) -> Results:
+    res = Results()
+    if records_path is not None and Path(records_path).exists():
+        for rec in _read_jsonl(Path(records_path)):
+            kind = rec.get("kind")
+            if kind == "environment":
+                res.env = {k: v for k, v in rec.items() if k != "kind"}
+            elif kind == "case":
+                res.cases[rec["id"]] = rec
+            elif kind in ("skip", "error"):
+                res.skips.append(rec)
+    data = {}
+    if json_path is not None and Path(json_path).exists():
+        try:
+            data = json.loads(Path(json_path).read_text())
+        except json.JSONDecodeError:  # empty or cut off: the session never finished
+            print(f"render: {json_path} is not valid JSON (run cut off?); using the records only")
+    if data:
+        env = data.get("machine_info", {}).get("iidkern_bench")
+        if env:
+            res.env = env
+        for bench in data.get("benchmarks", []):
+            info = dict(bench.get("extra_info", {}))
+            if "id" not in info:
+                continue
+            stats = bench.get("stats") or {}
+            if "median" in stats:
+                info["pytest_benchmark_median_ms"] = stats["median"] * 1e3
+            res.cases[info["id"]] = info
+    timed = set(res.cases)
+    res.skips = [s for s in res.skips if s.get("id") not in timed]
+    if first_call_path is not None and Path(first_call_path).exists():
+        res.first_call = _read_jsonl(Path(first_call_path))
+    return res
+
+
+# --------------------------------------------------------------------------- derived numbers
+def _order(value, order: Sequence[str]):
+    return (order.index(value), "") if value in order else (len(order), str(value))
+
+
+def group_keys(res: Results) -> List[tuple]:
+    keys = {(c["shape"], c["dtype"], c["feature"]) for c in res.cases.values()}
+    return sorted(keys, key=lambda k: (_order(k[0], SHAPE_ORDER), k[1], _order(k[2], FEATURE_ORDER)))
+
+
+def own_plain(res: Results, case: dict) -> Optional[dict]:
+    """The same implementation without the feature (``sdpa_cudnn+torch`` -> ``sdpa_cudnn``)."""
+    if case["feature"] == "plain" or case["impl"] == "naive":
+        return None
+    return res.find(case["shape"], case["dtype"], "plain", case["impl"].split("+")[0])
+
+
+def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
+    if not a or not b or a.get(key) is None or b.get(key) is None or not b[key]:
+        return None
+    return a[key] / b[key]
+
+
+def group_rows(res: Results, key: tuple) -> List[dict]:
+    """One row per implementation of a (shape, dtype, feature) group, with the ratios."""
+    shape, dtype, feature = key
+    cudnn = res.find(shape, dtype, "plain", REFERENCE_IMPL)
+    rows = []
+    for c in res.cases.values():
+        if (c["shape"], c["dtype"], c["feature"]) != key:
+            continue
+        plain = own_plain(res, c)
+        rows.append({
+            "impl": c["impl"],
+            "median_ms": c.get("median_ms"),
+            "graph_ms": c.get("graph_median_ms"),
+            "tflops": c.get("tflops"),
+            "vs_cudnn": _ratio(c, cudnn, "median_ms"),
+            "vs_cudnn_graph": _ratio(c, cudnn, "graph_median_ms"),
+            "vs_own_plain": _ratio(c, plain, "median_ms"),
+            "peak_mib": c["peak_mem_bytes"] / MIB if c.get("peak_mem_bytes") is not None else None,
+            "first_call_s": c.get("first_call_s"),
+            "check": _check_text(c),
+            "notes": _notes(c),
+        })
+    rows.sort(key=lambda r: _order(r["impl"], IMPL_ORDER))
+    return rows
+
+
+def _check_text(c: dict) -> str:
+    errors = c.get("check_errors")
+    if not errors:
+        return c.get("check_against", "—").split(" (")[0]
+    worst = max(errors.values())
+    return ("ok " if c.get("check_ok") else "**FAIL** ") + f"{worst:.1e}"
+
+
+def _notes(c: dict) -> str:
+    notes = []
+    if c["impl"] == "iidkern" and c.get("tile_sparsity") is not None:
+        shape = "x".join(str(t) for t in c.get("tile_shape", ()))
+        notes.append(f"tiles skipped {100 * c['tile_sparsity']:.1f}%" + (f" ({shape})" if shape else ""))
+    if c["impl"] == "flex" and c.get("flex_block_sparsity") is not None:
+        notes.append(f"blocks skipped {100 * c['flex_block_sparsity']:.1f}%")
+    if c["impl"].startswith("sdpa") and c.get("element_sparsity") is not None:
+        notes.append(f"dense mask, {100 * c['element_sparsity']:.1f}% of pairs masked")
+    if c.get("graph_error"):
+        notes.append("no graph: " + c["graph_error"][:80])
+    return "; ".join(notes)
+
+
+@dataclass
+class Target:
+    target: str
+    case: str
+    value: str
+    bound: str
+    verdict: str  # "met" | "missed" | "not measured" | "info"
+
+
+def _verdict(ok: Optional[bool]) -> str:
+    return "not measured" if ok is None else ("met" if ok else "missed")
+
+
+def targets(res: Results) -> List[Target]:
+    out: List[Target] = []
+    # 1. plain <= cuDNN
+    for shape, dtype, feature in group_keys(res):
+        if feature != "plain":
+            continue
+        mine, ref = res.find(shape, dtype, "plain", "iidkern"), res.find(shape, dtype, "plain", REFERENCE_IMPL)
+        r = _ratio(mine, ref, "median_ms")
+        rg = _ratio(mine, ref, "graph_median_ms")
+        value = "—" if r is None else f"{r:.2f}x cuDNN" + (f" (graph {rg:.2f}x)" if rg is not None else "")
+        out.append(Target("1 plain <= cuDNN", f"{shape} {dtype}", value, f"<= {PLAIN_VS_CUDNN:.2f}x",
+                          _verdict(None if r is None else r <= PLAIN_VS_CUDNN)))
+    features = {k[2] for k in group_keys(res)}
+    feature_shapes = sorted({(k[0], k[1]) for k in group_keys(res) if k[2] != "plain"},
+                            key=lambda sd: (_order(sd[0], SHAPE_ORDER), sd[1]))
+
+    def overhead(shape, dtype, feature):
+        mine = res.find(shape, dtype, feature, "iidkern")
+        return mine, _ratio(mine, res.find(shape, dtype, "plain", "iidkern"), "median_ms")
+
+    for shape, dtype in feature_shapes:
+        if "probe" in features and res.find(shape, dtype, "probe", "iidkern"):
+            _, r = overhead(shape, dtype, "probe")
+            out.append(Target("2 probes <= 1.10x plain", f"{shape} {dtype}", "—" if r is None else f"{r:.3f}x",
+                              f"<= {PROBE_OVERHEAD:.2f}x", _verdict(None if r is None else r <= PROBE_OVERHEAD)))
+    for shape, dtype in feature_shapes:
+        for feature in ("tags_0", "tags_50", "tags_75", "tags_iid"):
+            mine, r = overhead(shape, dtype, feature)
+            if mine is None:
+                continue
+            s = mine.get("tile_sparsity")
+            if feature == "tags_0":
+                out.append(Target("3 tags, 0% skipped: <= 1.05x plain", f"{shape} {dtype}",
+                                  "—" if r is None else f"{r:.3f}x", f"<= {TAGS_ZERO_OVERHEAD:.2f}x",
+                                  _verdict(None if r is None else r <= TAGS_ZERO_OVERHEAD)))
+                continue
+            eff = None if r is None or not s else (1.0 - r) / s
+            value = "—" if eff is None else f"{r:.3f}x plain at {100 * s:.1f}% skipped: {eff:.2f} of ideal saving"
+            verdict = _verdict(None if eff is None else eff >= TAGS_EFFICIENCY)
+            out.append(Target(f"3 tags {feature[5:]}: >= 0.8 of ideal saving", f"{shape} {dtype}", value,
+                              f">= {TAGS_EFFICIENCY:.2f}", verdict if feature == "tags_50" else "info: " + verdict))
+    for shape, dtype in feature_shapes:
+        for feature in ("head_weights", "block_mult", "pair_stats"):
+            mine, r = overhead(shape, dtype, feature)
+            if mine is None:
+                continue
+            out.append(Target(f"4 {feature} <= 1.03x plain", f"{shape} {dtype}", "—" if r is None else f"{r:.3f}x",
+                              f"<= {EXTRA_OVERHEAD:.2f}x", _verdict(None if r is None else r <= EXTRA_OVERHEAD)))
+    for shape, dtype in feature_shapes:
+        mine = res.find(shape, dtype, "probe", "iidkern")
+        plain = res.find(shape, dtype, "plain", "iidkern")
+        if mine is None:
+            continue
+        if plain is None or mine.get("peak_mem_bytes") is None or plain.get("peak_mem_bytes") is None:
+            out.append(Target("5 probe memory", f"{shape} {dtype}", "—", "—", "not measured"))
+            continue
+        extra = mine["peak_mem_bytes"] - plain["peak_mem_bytes"]
+        rows = PROBE_MEMORY_SLACK_ROWS * 4 * mine["batch"] * mine["heads"] * mine["n_q"]
+        bound = mine.get("probe_output_bytes", 0) + rows
+        naive = res.find(shape, dtype, "probe", "naive")
+        naive_txt = f"; naive +{naive['peak_mem_bytes'] / MIB:.0f} MiB" if naive and naive.get("peak_mem_bytes") else ""
+        out.append(Target("5 probe extra memory <= outputs + O(BHN)", f"{shape} {dtype}",
+                          f"{extra / MIB:+.1f} MiB over plain{naive_txt}", f"<= {bound / MIB:.1f} MiB",
+                          _verdict(extra <= bound)))
+    cold = next((f for f in res.first_call if f.get("label") == "cold"), None)
+    warm = next((f for f in res.first_call if f.get("label") == "warm"), None)
+    if cold and warm:
+        c, w = cold.get("total_first_s"), warm.get("total_first_s")
+        out.append(Target("6 compile cached across processes", "first calls (see table)",
+                          f"cold {c:.1f} s, warm {w:.1f} s", "warm < cold", _verdict(w < c)))
+    else:
+        out.append(Target("6 compile cached across processes", "—", "—", "warm < cold", "not measured"))
+    return out
+
+
+# --------------------------------------------------------------------------- markdown
+def _fmt(x: Optional[float], spec: str, suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return format(x, spec) + suffix
+
+
+def _cell(value) -> str:
+    """Table-safe text: no column separators or line breaks from error messages."""
+    return " ".join(str(value).replace("|", "/").split())
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+GROUP_HEADER = ("impl", "median ms", "graph ms", "TFLOP/s", "x cuDNN", "x cuDNN (graph)", "x own plain",
+                "peak MiB", "first call s", "check", "notes")
+
+
+def _group_table(res: Results, key: tuple) -> List[str]:
+    rows = [(r["impl"], _fmt(r["median_ms"], ".3f"), _fmt(r["graph_ms"], ".3f"), _fmt(r["tflops"], ".0f"),
+             _fmt(r["vs_cudnn"], ".2f"), _fmt(r["vs_cudnn_graph"], ".2f"), _fmt(r["vs_own_plain"], ".3f"),
+             _fmt(r["peak_mib"], ".1f"), _fmt(r["first_call_s"], ".2f"), r["check"], r["notes"])
+            for r in group_rows(res, key)]
+    return _table(GROUP_HEADER, rows)
+
+
+def _shape_text(c: dict) -> str:
+    return (f"B={c['batch']}, H={c['heads']}, {c['text']} text + {c['image']} image = {c['n_q']} tokens, "
+            f"D={c['head_dim']}")
+
+
+def render_markdown(res: Results, command: str = "bash bench/gpu_run.sh", tests_summary: str = "",
+                    plot_name: Optional[str] = None) -> str:
+    env = res.env
+    lines = ["# iidkern benchmark results", "",
+             f"- device: {env.get('gpu', '?')} ({env.get('sm_count', '?')} SMs, {env.get('gpu_memory_gib', '?')} GiB, "
+             f"L2 {env.get('l2_mib', '?')} MiB, driver {env.get('driver', '?')})",
+             f"- software: torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
+             f"CUDA {env.get('cuda', '?')}, cuDNN {env.get('cudnn', '?')}, Python {env.get('python', '?')}",
+             f"- date: {env.get('date_utc', '?')}",
+             f"- reproduce: `{command}`"]
+    if tests_summary:
+        lines.append(f"- GPU tests (`python -m pytest -m cuda tests`): {tests_summary}")
+    lines += ["", "Times are medians of per-call CUDA-event times with calls launched back to back "
+                  "(inputs rotated when they fit in L2); *graph* times replay the same calls from a CUDA graph "
+                  "(no Python launch overhead). TFLOP/s = 4·B·H·Nq·Nk·D / median time (dense-equivalent, "
+                  "also for masked cases). *x cuDNN*: time over SDPA cuDNN's plain time at the same shape and "
+                  "dtype; *x own plain*: over the same implementation without the feature. Peak MiB: growth of "
+                  "`max_memory_allocated` during one call, outputs included. *check*: largest relative error "
+                  "against an independent implementation (SDPA + PyTorch ops, or the naive path for maps).", ""]
+
+    lines += ["## Issue 5 targets", ""]
+    lines += _table(("target", "case", "measured", "bound", "verdict"),
+                    [(t.target, t.case, t.value, t.bound, f"**{t.verdict}**" if t.verdict == "missed" else t.verdict)
+                     for t in targets(res)])
+    lines.append("")
+
+    if plot_name:
+        lines += [f"![time vs sequence length]({plot_name})", ""]
+
+    lines += ["## Results by shape and feature", ""]
+    current_shape = None
+    for key in group_keys(res):
+        shape, dtype, feature = key
+        if shape != current_shape:
+            sample = next(c for c in res.cases.values() if c["shape"] == shape)
+            lines += [f"### {shape} ({_shape_text(sample)})", ""]
+            current_shape = shape
+        lines += [f"**{feature}**, {dtype}", ""] + _group_table(res, key) + [""]
+
+    if res.first_call:
+        lines += ["## First-call (compile) cost of iidkern in a fresh process", "",
+                  "Same cases in two fresh processes sharing one Triton cache directory: *cold* compiles, "
+                  "*warm* loads the cached kernels.", ""]
+        names = sorted({n for f in res.first_call for n in f.get("cases", {})})
+        rows = []
+        for n in names:
+            row = [n]
+            for label in ("cold", "warm"):
+                f = next((x for x in res.first_call if x.get("label") == label), {})
+                row.append(_fmt(f.get("cases", {}).get(n, {}).get("first_s"), ".2f"))
+            f = next((x for x in res.first_call if x.get("label") == "warm"), {})
+            row.append(_fmt(f.get("cases", {}).get(n, {}).get("second_ms"), ".3f"))
+            rows.append(row)
+        lines += _table(("case", "cold first call s", "warm first call s", "next call ms"), rows) + [""]
+
+    if res.skips:
+        lines += ["## Skipped or failed cases", ""]
+        lines += _table(("case", "kind", "reason"),
+                        [(s.get("id", "?"), s.get("kind", "?"), str(s.get("reason", ""))[:300])
+                         for s in res.skips]) + [""]
+    return "\n".join(lines) + "\n"
+
+
+def summary_text(res: Results) -> str:
+    """A short plain-text table for the end of the device log."""
+    lines = [f"{'target':42s} {'case':22s} {'verdict':13s} measured"]
+    for t in targets(res):
+        lines.append(f"{t.target[:42]:42s} {t.case[:22]:22s} {t.verdict[:13]:13s} {t.value}")
+    lines.append(f"{len(res.cases)} cases timed, {len(res.skips)} skipped/failed")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plot
+def write_plot(res: Results, path: Path, dtype: str = "bf16") -> str:
+    """Time and TFLOP/s vs sequence length for plain attention at the Flux-family shapes
+    (B=1, D=128), one line per implementation. Returns a message (written, or why not)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed"
+    series: Dict[str, List[tuple]] = {}
+    for c in res.cases.values():
+        if (c["feature"] == "plain" and c["dtype"] == dtype and c["batch"] == 1 and c["head_dim"] == 128
+                and c.get("median_ms")):
+            series.setdefault(c["impl"], []).append((c["n_q"], c["median_ms"], c.get("tflops")))
+    if not series:
+        return "plot skipped: no plain bf16 Flux-family cases in the results"
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for impl in sorted(series, key=lambda i: _order(i, IMPL_ORDER)):
+        pts = sorted(series[impl])
+        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax_f.plot([p[0] for p in pts], [p[2] or 0 for p in pts], marker="o", label=impl)
+    ax_t.set(xscale="log", yscale="log", xlabel="tokens (512 text + image)", ylabel="median ms",
+             title=f"plain attention, H=24, D=128, {dtype}")
+    ax_f.set(xscale="log", xlabel="tokens (512 text + image)", ylabel="TFLOP/s", title="throughput")
+    for ax in (ax_t, ax_f):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(res.env.get("gpu", ""))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot written to {path}"
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    ap.add_argument("--records", type=Path, help="BENCH_RECORDS line-per-case file")
+    ap.add_argument("--first-call", type=Path, help="first_call.jsonl from bench/first_call.py")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    ap.add_argument("--plot", type=Path, help="PNG path (the markdown links it by file name)")
+    ap.add_argument("--command", default="bash bench/gpu_run.sh")
+    ap.add_argument("--tests-summary", default="")
+    ap.add_argument("--summary", action="store_true", help="print the short targets table")
+    args = ap.parse_args(argv)
+    if args.json is None and args.records is None:
+        ap.error("give --json and/or --records")
+    res = load_results(args.json, args.records, args.first_call)
+    if not res.cases:
+        print("render: no timed cases found in the inputs")
+    plot_name = None
+    if args.plot is not None:
+        message = write_plot(res, args.plot)
+        print(message)
+        if message.startswith("plot written"):
+            plot_name = args.plot.name
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render_markdown(res, args.command, args.tests_summary, plot_name))
+    print(f"results written to {args.out}")
+    if args.summary:
+        print(summary_text(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""How the suite measures: CUDA events, warm-up, medians, CUDA graphs, peak memory.
+
+* ``event_times_ms``: calls launched back to back (no host synchronization between them,
+  so the GPU queue stays full and launch overhead hides behind the previous call), each
+  bracketed by a pair of CUDA events; the per-call times are the event differences.
+  Inputs rotate among several sets when one set fits in L2, so repeats do not measure
+  the cache.
+* ``graph_times_ms``: the same calls captured once in a CUDA graph (one call per input
+  set) and replayed: the kernel time without Python launch overhead, which dominates at
+  small shapes.
+* ``peak_memory_bytes``: growth of ``max_memory_allocated`` over one call (outputs included).
+* ``synced_clock``: the pytest-benchmark timer (synchronize, then the host clock).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def synced_clock() -> float:
+    """Host clock read after the GPU finished its queue (pytest-benchmark's round timer)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def num_input_sets(bytes_per_set: int, max_sets: int = 8) -> int:
+    """How many input sets to rotate so that consecutive calls miss in L2 (sets cover >= 3x L2)."""
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 * 2**20)
+    return max(1, min(max_sets, math.ceil(3 * l2 / max(1, bytes_per_set))))
+
+
+def summarize(times_ms: Sequence[float]) -> Dict[str, float]:
+    ts = sorted(times_ms)
+    n = len(ts)
+    return {
+        "median_ms": statistics.median(ts),
+        "min_ms": ts[0],
+        "p10_ms": ts[int(0.1 * (n - 1))],
+        "p90_ms": ts[int(0.9 * (n - 1))],
+        "reps": n,
+    }
+
+
+def event_times_ms(fn: Callable[[int], object], n_sets: int, reps: int, warmup: int) -> List[float]:
+    """Per-call device times of ``fn(i)`` (i = input set) launched back to back."""
+    for i in range(warmup):
+        fn(i % n_sets)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda.synchronize()
+    for i in range(reps):
+        starts[i].record()
+        fn(i % n_sets)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def graph_times_ms(fn: Callable[[int], object], n_sets: int, reps: int, warmup: int = 3) -> List[float]:
+    """Per-call device times from replays of a CUDA graph holding one call per input set.
+
+    Raises whatever capture raises (a host synchronization inside ``fn``, say); the caller
+    records the reason.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for i in range(2 * n_sets):
+            fn(i % n_sets)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        keep = [fn(i) for i in range(n_sets)]  # outputs stay alive in the graph's pool
+    try:
+        for _ in range(warmup):
+            graph.replay()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        torch.cuda.synchronize()
+        for i in range(reps):
+            starts[i].record()
+            graph.replay()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) / n_sets for s, e in zip(starts, ends)]
+    finally:
+        del keep, graph
+
+
+def peak_memory_bytes(fn: Callable[[int], object]) -> int:
+    """Device memory one call allocates at its peak, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn(0)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del result
+    return int(peak)
+
+
+def timed_first_call(fn: Callable[[], object]):
+    """(result, seconds) of a call, synchronized: the first call pays compilation/autotuning."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, time.perf_counter() - t0
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||a - e|| / ||e|| in float64; inf when shapes differ or anything is not finite."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        return math.inf
+    a, e = actual.double(), expected.double()
+    if not bool(torch.isfinite(a).all()):
+        return math.inf
+    denom = e.norm().item()
+    err = (a - e).norm().item()
+    return err / denom if denom > 0 else err
