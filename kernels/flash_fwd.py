@@ -36,12 +36,15 @@ def _load_rows(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr
 def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
                k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale,
                k_tags_base,
-               mult_base, stride_mq, stride_mk, mult_rows_hit, mult_rows_inside, mult_q0, mult_q1, mult_k0,
+               mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0,
                mult_k1, x_base, stride_xn,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
-               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_TAGS: tl.constexpr, HAS_MULT: tl.constexpr,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_TAGS: tl.constexpr, MULT_MODE: tl.constexpr,
                HAS_X: tl.constexpr, DOT_PRECISION: tl.constexpr, X_PRECISION: tl.constexpr,
                UPCAST_DOTS: tl.constexpr):
+    """One key tile of the online softmax. ``MULT_MODE``: 0 no multiplier; 1 test at run time
+    whether this tile meets the multiplier's sub-block (tag lists, ragged tail); 2 the caller
+    knows it does (a key-tile range split at the sub-block), so the load is unconditional."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < head_dim
     n_ok = offs_n < n_k
@@ -68,17 +71,20 @@ def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
     acc = acc * alpha[:, None]
     v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASKED, EVEN_D)
     p_out = p
-    if HAS_MULT:
-        # Post-softmax multiplier on one sub-block (1 outside it); the normalizer l_i keeps p.
-        # Only tiles that overlap the sub-block pay for the load.
+    # Post-softmax multiplier on one sub-block (1 outside it); the normalizer l_i keeps p.
+    if MULT_MODE == 2:
+        # No control flow around the load, so the loop's software pipeline prefetches it
+        # like K and V (a conditional load here is waited for in full on every tile).
+        mult = tl.load(mult_base + (offs_m - mult_q0)[:, None] * stride_mq + (offs_n - mult_k0)[None, :] * stride_mk,
+                       mask=((offs_m >= mult_q0) & (offs_m < mult_q1))[:, None]
+                       & ((offs_n >= mult_k0) & (offs_n < mult_k1))[None, :], other=1.0)
+        p_out = p * mult.to(tl.float32)
+    if MULT_MODE == 1:
         if mult_rows_hit & (start_n < mult_k1) & (start_n + BLOCK_N > mult_k0):
-            mult_ptrs = mult_base + (offs_m - mult_q0)[:, None] * stride_mq + (offs_n - mult_k0)[None, :] * stride_mk
-            if mult_rows_inside & (start_n >= mult_k0) & (start_n + BLOCK_N <= mult_k1):
-                mult = tl.load(mult_ptrs)  # tile wholly inside the sub-block: no mask, wide loads
-            else:
-                rows_in = (offs_m >= mult_q0) & (offs_m < mult_q1)
-                cols_in = (offs_n >= mult_k0) & (offs_n < mult_k1)
-                mult = tl.load(mult_ptrs, mask=rows_in[:, None] & cols_in[None, :], other=1.0)
+            rows_in = (offs_m >= mult_q0) & (offs_m < mult_q1)
+            cols_in = (offs_n >= mult_k0) & (offs_n < mult_k1)
+            mult = tl.load(mult_base + (offs_m - mult_q0)[:, None] * stride_mq + (offs_n - mult_k0)[None, :] * stride_mk,
+                           mask=rows_in[:, None] & cols_in[None, :], other=1.0)
             p_out = p * mult.to(tl.float32)
     if UPCAST_DOTS:
         # P keeps the rounding to the input dtype that the compiled kernel has.
@@ -90,6 +96,35 @@ def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
         x = tl.load(x_base + offs_n[:, None] * stride_xn + offs_c[None, :], mask=n_ok[:, None], other=0.0)
         acc_x = acc_x * alpha[:, None] + tl.dot(p, x, input_precision=X_PRECISION)
     return acc, acc_x, l_i, m_new
+
+
+@triton.jit
+def _attn_range(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, tile_begin, tile_end,
+                k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base,
+                mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1,
+                x_base, stride_xn,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+                MULT_MODE: tl.constexpr, HAS_X: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                X_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """Full (unmasked) key tiles ``tile_begin <= j < tile_end`` of an untagged row of tiles."""
+    if WARP_SPECIALIZE:
+        # Opt-in (kernel_options): Triton's automatic warp specialization splits loads and
+        # math into producer/consumer warps. In a constexpr branch so that Tritons without
+        # the keyword never see it.
+        for j in tl.range(tile_begin, tile_end, warp_specialize=True):
+            acc, acc_x, l_i, m_i = _attn_tile(
+                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
+                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, False,
+                MULT_MODE, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
+    else:
+        for j in range(tile_begin, tile_end):
+            acc, acc_x, l_i, m_i = _attn_tile(
+                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
+                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, False,
+                MULT_MODE, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
+    return acc, acc_x, l_i, m_i
 
 
 @triton.jit
@@ -112,6 +147,7 @@ def attn_fwd_kernel(
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: full tiles load without masks
     X_PRECISION: tl.constexpr,  # precision of the value-probe product (fp32 p against fp32 x)
     UPCAST_DOTS: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, fp32 operands are exact
+    WARP_SPECIALIZE: tl.constexpr = False,  # untagged loop only; see the loop below
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -141,7 +177,7 @@ def attn_fwd_kernel(
 
     # The multiplier's row range is known per program: tiles outside it skip its load.
     mult_rows_hit = (pid_m * BLOCK_M < mult_q1) & (pid_m * BLOCK_M + BLOCK_M > mult_q0)
-    mult_rows_inside = (pid_m * BLOCK_M >= mult_q0) & (pid_m * BLOCK_M + BLOCK_M <= mult_q1)
+    # Tag lists and the ragged last tile pass MULT_MODE=HAS_MULT: 1 (test each tile) or 0.
     if HAS_TAGS:
         q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
         list_row = (b64 * n_q_tiles + pid_m) * n_k_tiles
@@ -155,7 +191,7 @@ def attn_fwd_kernel(
             next_n = tl.load(PART_IDX + list_row + i + 1, mask=i + 1 < n_partial, other=0) * BLOCK_N
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_rows_inside, mult_q0,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
                 mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D, HAS_TAGS,
                 HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
         next_n = tl.load(FULL_IDX + list_row, mask=n_full > 0, other=0) * BLOCK_N
@@ -164,25 +200,45 @@ def attn_fwd_kernel(
             next_n = tl.load(FULL_IDX + list_row + i + 1, mask=i + 1 < n_full, other=0) * BLOCK_N
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_rows_inside, mult_q0,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
                 mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, HAS_TAGS,
                 HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
         visited = n_partial + n_full
     else:
         q_tags = offs_m  # unused placeholder
         n_whole = n_k // BLOCK_N
-        for j in range(0, n_whole):
-            acc, acc_x, l_i, m_i = _attn_tile(
-                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_rows_inside, mult_q0,
-                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, HAS_TAGS,
-                HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
+        if HAS_MULT:
+            # Split the key tiles at the multiplier's columns: the middle range loads M on
+            # every tile with no branch (pipelined); the outer ranges never touch it.
+            mult_lo = tl.where(mult_rows_hit, tl.minimum(mult_k0 // BLOCK_N, n_whole), 0)
+            mult_hi = tl.where(mult_rows_hit, tl.maximum(tl.minimum(tl.cdiv(mult_k1, BLOCK_N), n_whole), mult_lo), 0)
+            acc, acc_x, l_i, m_i = _attn_range(
+                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, 0, mult_lo, k_base, v_base, stride_kn, stride_vn,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
+                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, EVEN_D, 0, HAS_X,
+                DOT_PRECISION, X_PRECISION, UPCAST_DOTS, WARP_SPECIALIZE)
+            acc, acc_x, l_i, m_i = _attn_range(
+                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, mult_lo, mult_hi, k_base, v_base, stride_kn,
+                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, EVEN_D, 2, HAS_X,
+                DOT_PRECISION, X_PRECISION, UPCAST_DOTS, WARP_SPECIALIZE)
+            acc, acc_x, l_i, m_i = _attn_range(
+                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, mult_hi, n_whole, k_base, v_base, stride_kn,
+                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, EVEN_D, 0, HAS_X,
+                DOT_PRECISION, X_PRECISION, UPCAST_DOTS, WARP_SPECIALIZE)
+        else:
+            acc, acc_x, l_i, m_i = _attn_range(
+                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, 0, n_whole, k_base, v_base, stride_kn, stride_vn,
+                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
+                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, EVEN_D, 0, HAS_X,
+                DOT_PRECISION, X_PRECISION, UPCAST_DOTS, WARP_SPECIALIZE)
         visited = n_whole
         if n_k % BLOCK_N != 0:
             acc, acc_x, l_i, m_i = _attn_tile(
                 acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, n_whole * BLOCK_N, k_base, v_base, stride_kn,
                 stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
-                mult_rows_inside, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D,
+                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D,
                 HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
             visited += 1
 

@@ -4,6 +4,7 @@ Arguments arrive validated by ``iidkern.attention``; nothing here re-checks user
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Sequence
@@ -37,9 +38,37 @@ def _fp32_product_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or _INTERPRET else "tf32"
 
 
+# Host cost matters at small shapes (a Flux 256^2 call is ~30 us of GPU work), so the hot
+# path uses plain integer helpers (triton.cdiv / next_power_of_2 are constexpr-function
+# wrappers with per-call overhead in recent Tritons) and caches what does not change.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+_DUMMIES = {}
+
+
+def _dummies(device):
+    """One int32 and one fp32 placeholder per device for pointer arguments a launch ignores."""
+    key = (device.type, device.index)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = (torch.empty(1, dtype=torch.int32, device=device),
+                         torch.empty(1, dtype=torch.float32, device=device))
+    return _DUMMIES[key]
+
+
 def default_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile shape and launch options for the main kernel (overridable by ``kernel_options``)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    return dict(_default_config(head_dim, dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _default_config(head_dim: int, dtype: torch.dtype) -> dict:
+    block_d = max(16, _pow2_at_least(head_dim))
     if _INTERPRET:
         # The interpreter runs programs one by one: small tiles keep tests fast and make
         # modest sequence lengths span several tiles.
@@ -76,7 +105,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     # Tests pass poison=True: outputs start as NaN so an element the kernels never write shows.
     alloc = _poisoned if cfg.get("poison") else torch.empty
     block_m, block_n = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, _pow2_at_least(head_dim))
     launch_opts = {} if _INTERPRET else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     # fp32 inputs get fp32 products (not tf32), so the backend honours the dtype's precision.
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -87,10 +116,9 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     value_probes = [p for p in probes if isinstance(p, ValueProbe)]
     store_lse = need_lse or any(isinstance(p, Probe) for p in probes)
     lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if store_lse else None
-    n_q_tiles = triton.cdiv(n_q, block_m)
-    n_k_tiles = triton.cdiv(n_k, block_n)
-    dummy = torch.empty(1, dtype=torch.int32, device=device)
-    dummy_f = torch.empty(1, dtype=torch.float32, device=device)
+    n_q_tiles = _cdiv(n_q, block_m)
+    n_k_tiles = _cdiv(n_k, block_n)
+    dummy, dummy_f = _dummies(device)
 
     # ---- token tags -> per-query-tile lists of partial and full key tiles
     if tags is not None:
@@ -116,7 +144,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
 
     # ---- block multiplier
     if block_multiplier is not None:
-        mv = block_multiplier.values
+        mv = _aligned_rows(block_multiplier.values)
         if mv.dim() == 3:
             m_strides = (mv.stride(0), 0, mv.stride(1), mv.stride(2))
         else:
@@ -130,7 +158,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     x_pad = 16
     if value_probes:
         widths = [vp.x.shape[-1] for vp in value_probes]
-        x_pad = max(16, triton.next_power_of_2(sum(widths)))
+        x_pad = max(16, _pow2_at_least(sum(widths)))
         x_all = torch.zeros(batch, n_k, x_pad, dtype=torch.float32, device=device)
         col = 0
         for vp, w in zip(value_probes, widths):
@@ -154,7 +182,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         HAS_TAGS=tags is not None, HAS_HW=head_weights is not None, HAS_MULT=block_multiplier is not None,
         HAS_X=bool(value_probes), STORE_LSE=store_lse, COUNT_TILES=count_tiles, DOT_PRECISION=dot_precision,
         EVEN_D=head_dim == block_d, X_PRECISION=_fp32_product_precision(q.dtype),
-        UPCAST_DOTS=upcast_dots,
+        UPCAST_DOTS=upcast_dots, WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)),
         **launch_opts,
     )
 
@@ -177,6 +205,41 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     )
 
 
+def _aligned_rows(values: torch.Tensor) -> torch.Tensor:
+    """The multiplier with 16-byte aligned, unit-stride rows, copying only when needed.
+
+    Rows whose byte stride is not a multiple of 16 (e.g. SD3's 333 text tokens in fp32)
+    force scalar loads of every multiplier tile: at SD3 1024^2 that made the multiplier
+    cost +55% instead of +35% with bf16. A padded copy is a few microseconds; callers that
+    reuse a multiplier can pass it pre-padded (a narrow view of a wider tensor) to skip it.
+    """
+    per_row = 16 // values.element_size()
+    if values.stride(-1) == 1 and values.stride(-2) % per_row == 0:
+        return values
+    width = values.shape[-1]
+    padded = torch.empty(values.shape[:-1] + (_cdiv(width, per_row) * per_row,), dtype=values.dtype,
+                         device=values.device)[..., :width]
+    padded.copy_(values)
+    return padded
+
+
+def _probe_config(spread_and_reduced: bool, block_d: int, dtype: torch.dtype) -> dict:
+    """Probe-pass tiles (``PROBE_BLOCK_M`` etc. in ``kernel_options`` override them).
+
+    A probe has no PV product, so its tiles can differ from the main pass. An output tile
+    that is token x token with heads reduced reloads q and k once per head: large tiles
+    cut that traffic (it is the cost of a text x image head-mean map). Other probes have
+    few output tiles to spread over the SMs and keep smaller ones.
+    """
+    if _INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16, NUM_WARPS=1, NUM_STAGES=1)
+    if dtype == torch.float32 or block_d > 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, NUM_WARPS=4, NUM_STAGES=2)
+    if spread_and_reduced and block_d > 64:  # H100: 128x128 1.09x plain at Flux vs 1.11x for 64x64
+        return dict(BLOCK_M=128, BLOCK_N=128, NUM_WARPS=8, NUM_STAGES=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3)
+
+
 def _group_side(groups, batch, length, device):
     """(spread?, lo, hi, ids tensor, ids batch stride, number of output rows/cols)."""
     if groups.kind == "each":
@@ -193,18 +256,22 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
     k_spread, k_lo, k_hi, k_ids, k_ids_stride, gk = _group_side(p.keys, batch, n_k, device)
     keep = isinstance(p.heads, str) and p.heads == "keep"
     out_heads = heads if keep else 1
-    coef = head_coefficients(p.heads, batch, heads, torch.float32, device)
-    coef = torch.ones(batch, heads, device=device) if coef is None else coef.contiguous()
-    block_m, block_n = int(cfg.get("PROBE_BLOCK_M", cfg["BLOCK_M"])), int(cfg.get("PROBE_BLOCK_N", cfg["BLOCK_N"]))
-    block_m, block_n = min(block_m, 64), min(block_n, 64)  # no PV accumulator here: smaller tiles, more programs
+    # String head modes are one scalar for every head: no [B, H] tensor to build per call.
+    if isinstance(p.heads, str):
+        coef, coef_value = None, (1.0 / heads if p.heads == "mean" else 1.0)
+    else:
+        coef, coef_value = head_coefficients(p.heads, batch, heads, torch.float32, device).contiguous(), 1.0
+    pcfg = _probe_config(q_spread and k_spread and not keep, block_d, q.dtype)
+    pcfg.update({key[len("PROBE_"):]: val for key, val in cfg.items() if key.startswith("PROBE_")})
+    block_m, block_n = int(pcfg["BLOCK_M"]), int(pcfg["BLOCK_N"])
     if launch_opts:
-        launch_opts = dict(num_warps=int(cfg.get("PROBE_NUM_WARPS", 4)), num_stages=int(cfg.get("PROBE_NUM_STAGES", 3)))
+        launch_opts = dict(num_warps=int(pcfg["NUM_WARPS"]), num_stages=int(pcfg["NUM_STAGES"]))
     g_block = PROBE_GROUP_BLOCK
     rows = block_m if q_spread else g_block
     cols = block_n if k_spread else g_block
-    grid = (triton.cdiv(gq, rows), triton.cdiv(gk, cols), batch * out_heads)
+    grid = (_cdiv(gq, rows), _cdiv(gk, cols), batch * out_heads)
     result = alloc((batch, out_heads, gq, gk), dtype=torch.float32, device=device)
-    dummy = torch.empty(1, dtype=torch.int32, device=device)
+    dummy, dummy_f = _dummies(device)
     if tags is not None:
         q_tags, k_tags = tags.batched(batch)
         tag_args = (q_tags, k_tags, q_tags.stride(0), k_tags.stride(0))
@@ -216,9 +283,9 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
         heads, n_q, n_k, head_dim, qk_scale,
         *tag_args,
         q_ids if q_ids is not None else dummy, k_ids if k_ids is not None else dummy, q_ids_stride, k_ids_stride,
-        q_lo, q_hi, k_lo, k_hi, gq, gk, coef, out_heads,
+        q_lo, q_hi, k_lo, k_hi, gq, gk, coef if coef is not None else dummy_f, coef_value, out_heads,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, G_BLOCK=g_block, ROWS=rows, COLS=cols,
-        KEEP_HEADS=keep, Q_SPREAD=q_spread, K_SPREAD=k_spread, HAS_TAGS=tags is not None,
+        HAS_COEF=coef is not None, KEEP_HEADS=keep, Q_SPREAD=q_spread, K_SPREAD=k_spread, HAS_TAGS=tags is not None,
         DOT_PRECISION=dot_precision, ONEHOT_PRECISION=_fp32_product_precision(q.dtype),
         UPCAST_DOTS=_INTERPRET and q.dtype == torch.bfloat16, **launch_opts,
     )
@@ -246,7 +313,7 @@ def _pair_stats(out, pairs, layout, heads, n_q, head_dim, block_d) -> PairStats:
     # no host-to-device copy (which would synchronize the stream) on this hot path.
     pair_list = pairs.tolist()
     block_t = 16 if _INTERPRET else max(1, min(128, 8192 // block_d))
-    n_chunks = triton.cdiv(n_q, block_t)
+    n_chunks = _cdiv(n_q, block_t)
     partial = torch.empty((len(pair_list), heads, n_chunks, 3), dtype=torch.float32, device=out.device)
     for p, (b0, b1) in enumerate(pair_list):
         pair_stats_kernel[(n_chunks, heads)](

@@ -27,9 +27,11 @@ def probe_kernel(
     Q_GROUPS, K_GROUPS, stride_qgb, stride_kgb,
     q_lo, q_hi, k_lo, k_hi,
     n_q_out, n_k_out,
-    HEAD_COEF, out_heads,
+    HEAD_COEF, coef_value, out_heads,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, G_BLOCK: tl.constexpr,
-    ROWS: tl.constexpr, COLS: tl.constexpr, KEEP_HEADS: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr,
+    HAS_COEF: tl.constexpr,  # per-(batch, head) weights in HEAD_COEF; else every head gets coef_value
+    KEEP_HEADS: tl.constexpr,
     Q_SPREAD: tl.constexpr, K_SPREAD: tl.constexpr, HAS_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONEHOT_PRECISION: tl.constexpr,  # folding p into groups: "tf32" for half inputs, "ieee" for fp32
     UPCAST_DOTS: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, fp32 operands are exact
@@ -93,7 +95,10 @@ def probe_kernel(
         kt = item % n_kt
         qt = (item // n_kt) % n_qt
         h = h_begin + item // (n_kt * n_qt)
-        coef = tl.load(HEAD_COEF + b64 * num_heads + h)
+        if HAS_COEF:
+            coef = tl.load(HEAD_COEF + b64 * num_heads + h)
+        else:
+            coef = coef_value
         offs_m = q_begin + qt * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = k_begin + kt * BLOCK_N + tl.arange(0, BLOCK_N)
         if Q_SPREAD:

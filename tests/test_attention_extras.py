@@ -112,6 +112,22 @@ def test_block_multiplier(per_head, dtype):
     assert_close_rel(out, want, OUT_TOL[dtype])
 
 
+# Sub-block placements against 16x16 interpreter tiles (NQ=45, NK=70): at the first key,
+# tile-aligned inside, mid-tile over several tiles, into the ragged last tile, everything.
+@pytest.mark.parametrize("q0,nq,k0,nk", [(0, 7, 0, 5), (16, 29, 16, 32), (3, 40, 5, 40), (30, 15, 50, 20),
+                                         (0, 45, 0, 70)])
+@pytest.mark.parametrize("with_tags", [False, True])
+def test_block_multiplier_placements(q0, nq, k0, nk, with_tags):
+    g = torch.Generator().manual_seed(1000 + q0 + k0 + nk)
+    q, k, v = make_qkv(B, H, NQ, 70, D, layout="bhnd", generator=g)
+    tags = (random_tags(B, NQ, generator=g), random_tags(B, 70, generator=g)) if with_tags else None
+    mult = BlockMultiplier(torch.rand(B, nq, nk, generator=g) * 3, query_start=q0, key_start=k0)
+    out = iidkern.attention(q, k, v, tags=tags, block_multiplier=mult, backend="triton", kernel_options=OPTS)
+    want = attention_reference(q, k, v, layout="bhnd", scale=D ** -0.5, tags=tags, block_multiplier=mult,
+                               compute_dtype=torch.float64).out
+    assert_close_rel(out, want, OUT_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 def test_pair_stats_and_router_weights(layout):
     g = torch.Generator().manual_seed(37)
@@ -146,3 +162,32 @@ def test_everything_at_once_matches_reference():
     for got, want in zip(res.probes, ref.probes):
         assert_close_rel(got, want, PROBE_TOL[torch.float16])
     assert torch.allclose(res.pair_stats.dot, ref.pair_stats.dot, rtol=1e-2)
+
+
+def test_warp_specialize_option_same_result():
+    # The opt-in warp-specialized loop must compute the same thing (plain and multiplier paths).
+    g = torch.Generator().manual_seed(41)
+    q, k, v = make_qkv(B, H, NQ, NK, D, layout="bnhd", generator=g)
+    mult = BlockMultiplier(torch.rand(B, 20, 17, generator=g) * 3, query_start=10, key_start=4)
+    for kw in ({}, {"block_multiplier": mult}):
+        ws = iidkern.attention(q, k, v, layout="bnhd", backend="triton",
+                               kernel_options={**OPTS, "warp_specialize": True}, **kw)
+        want = attention_reference(q, k, v, layout="bnhd", scale=D ** -0.5, compute_dtype=torch.float64,
+                                   block_multiplier=kw.get("block_multiplier")).out
+        assert_close_rel(ws, want, OUT_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("view", ["transposed", "narrow-of-wider"])
+def test_block_multiplier_strided_values(view):
+    # Multipliers that are views (column-major, or a narrow slice of a padded buffer) give
+    # the same result as their contiguous copy.
+    g = torch.Generator().manual_seed(43)
+    q, k, v = make_qkv(B, H, NQ, NK, D, layout="bnhd", generator=g)
+    base = torch.rand(B, 19, 13, generator=g) * 3
+    vals = base.transpose(1, 2).contiguous().transpose(1, 2) if view == "transposed" else \
+        torch.zeros(B, 19, 16).index_copy_(2, torch.arange(13), base)[..., :13]
+    got = iidkern.attention(q, k, v, layout="bnhd", backend="triton", kernel_options=OPTS,
+                            block_multiplier=BlockMultiplier(vals, query_start=7, key_start=11))
+    want = iidkern.attention(q, k, v, layout="bnhd", backend="reference",
+                             block_multiplier=BlockMultiplier(base, query_start=7, key_start=11))
+    assert_close_rel(got, want, OUT_TOL[torch.float32])
