@@ -95,8 +95,10 @@ class TokenGroups:
         """Group ``i`` is the token range ``ranges[i]``; other tokens are not probed.
 
         Ranges may not overlap (a token has one group id); use several probes otherwise.
+        The ids are built and checked on the host (no device synchronization) and, with
+        ``device``, copied there asynchronously.
         """
-        ids = torch.full((int(length),), -1, dtype=torch.int32, device=device)
+        ids = torch.full((int(length),), -1, dtype=torch.int32)
         lo, hi = int(length), 0
         for i, (a, b) in enumerate(ranges):
             a, b = int(a), int(b)
@@ -106,6 +108,8 @@ class TokenGroups:
                 raise ValueError(f"TokenGroups.segments: range {i}={(a, b)} overlaps an earlier range")
             ids[a:b] = i
             lo, hi = min(lo, a), max(hi, b)
+        if device is not None:
+            ids = ids.to(device, non_blocking=True)
         return TokenGroups.ids(ids, num_groups=len(ranges), span=(lo, hi))
 
     # ---- helpers shared by the backends

@@ -244,7 +244,11 @@ def _group_side(groups, batch, length, device):
     """(spread?, lo, hi, ids tensor, ids batch stride, number of output rows/cols)."""
     if groups.kind == "each":
         return True, groups.start, groups.stop, None, 0, groups.count
-    ids = groups.group_ids.to(device=device, dtype=torch.int32)
+    ids = groups.group_ids
+    if ids.dtype != torch.int32 or ids.device != device:
+        # Host-built ids (TokenGroups.segments/single): an asynchronous copy, so a probe
+        # rebuilt by a policy on every call does not synchronize the stream.
+        ids = ids.to(dtype=torch.int32).to(device, non_blocking=True)
     stride = 0 if ids.dim() == 1 else ids.stride(0)
     return False, groups.start, groups.stop, ids, stride, groups.count
 
