@@ -144,7 +144,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
 
     # ---- block multiplier
     if block_multiplier is not None:
-        mv = _aligned_rows(block_multiplier.values)
+        mv = block_multiplier.values
         if mv.dim() == 3:
             m_strides = (mv.stride(0), 0, mv.stride(1), mv.stride(2))
         else:
@@ -203,24 +203,6 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         tiles_visited=tiles.view(batch, heads, n_q_tiles) if count_tiles else None,
         tile_shape=(block_m, block_n),
     )
-
-
-def _aligned_rows(values: torch.Tensor) -> torch.Tensor:
-    """The multiplier with 16-byte aligned, unit-stride rows, copying only when needed.
-
-    Rows whose byte stride is not a multiple of 16 (e.g. SD3's 333 text tokens in fp32)
-    force scalar loads of every multiplier tile: at SD3 1024^2 that made the multiplier
-    cost +55% instead of +35% with bf16. A padded copy is a few microseconds; callers that
-    reuse a multiplier can pass it pre-padded (a narrow view of a wider tensor) to skip it.
-    """
-    per_row = 16 // values.element_size()
-    if values.stride(-1) == 1 and values.stride(-2) % per_row == 0:
-        return values
-    width = values.shape[-1]
-    padded = torch.empty(values.shape[:-1] + (_cdiv(width, per_row) * per_row,), dtype=values.dtype,
-                         device=values.device)[..., :width]
-    padded.copy_(values)
-    return padded
 
 
 def _probe_config(spread_and_reduced: bool, block_d: int, dtype: torch.dtype) -> dict:
