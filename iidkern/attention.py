@@ -7,7 +7,6 @@ asked for; when LSE, probes, pair statistics or tile counts are asked for it ret
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch

@@ -13,7 +13,7 @@ answers ``None`` costs nothing: the call is the plain fused attention.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch

@@ -5,12 +5,10 @@ Arguments arrive validated by ``iidkern.attention``; nothing here re-checks user
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Optional, Sequence
 
 import torch
-import triton
 
 from iidkern.specs import AttentionResult, BlockMultiplier, PairStats, Probe, ValueProbe, reduce_heads, \
     head_coefficients, normalize_groups
