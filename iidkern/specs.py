@@ -146,13 +146,17 @@ def _check_heads(heads, where: str):
 
 
 # --------------------------------------------------------------------------- host-side reductions
+def uniform_head_coefficient(heads: str, num_heads: int) -> float:
+    """The weight every head gets under a named head mode (``"keep"`` keeps each head as is)."""
+    return 1.0 / num_heads if heads == "mean" else 1.0
+
+
 def head_coefficients(heads, batch: int, num_heads: int, dtype, device) -> Optional[torch.Tensor]:
     """Per-(batch, head) weights of a head reduction, ``[B, H]``; ``None`` for ``"keep"``."""
     if isinstance(heads, str):
         if heads == "keep":
             return None
-        value = 1.0 / num_heads if heads == "mean" else 1.0
-        return torch.full((batch, num_heads), value, dtype=dtype, device=device)
+        return torch.full((batch, num_heads), uniform_head_coefficient(heads, num_heads), dtype=dtype, device=device)
     w = heads.to(device=device, dtype=dtype)
     return w.expand(batch, num_heads) if w.dim() == 1 else w
 

@@ -11,12 +11,12 @@ from typing import Optional, Sequence
 import torch
 
 from iidkern.specs import AttentionResult, BlockMultiplier, PairStats, Probe, ValueProbe, reduce_heads, \
-    head_coefficients, normalize_groups
+    head_coefficients, normalize_groups, uniform_head_coefficient
 
 from .flash_fwd import LOG2E, attn_fwd_kernel
 from .pair_stats import pair_stats_kernel
 from .probe import probe_kernel
-from .tiles import TagMask
+from .tiles import TagMask, cdiv
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 PROBE_GROUP_BLOCK = 16  # group ids per output tile on a grouped probe side
@@ -39,10 +39,6 @@ def _fp32_product_precision(dtype: torch.dtype) -> str:
 # Host cost matters at small shapes (a Flux 256^2 call is ~30 us of GPU work), so the hot
 # path uses plain integer helpers (triton.cdiv / next_power_of_2 are constexpr-function
 # wrappers with per-call overhead in recent Tritons) and caches what does not change.
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pow2_at_least(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -114,8 +110,8 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     value_probes = [p for p in probes if isinstance(p, ValueProbe)]
     store_lse = need_lse or any(isinstance(p, Probe) for p in probes)
     lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if store_lse else None
-    n_q_tiles = _cdiv(n_q, block_m)
-    n_k_tiles = _cdiv(n_k, block_n)
+    n_q_tiles = cdiv(n_q, block_m)
+    n_k_tiles = cdiv(n_k, block_n)
     dummy, dummy_f = _dummies(device)
 
     # ---- token tags -> per-query-tile lists of partial and full key tiles
@@ -242,7 +238,7 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
     out_heads = heads if keep else 1
     # String head modes are one scalar for every head: no [B, H] tensor to build per call.
     if isinstance(p.heads, str):
-        coef, coef_value = None, (1.0 / heads if p.heads == "mean" else 1.0)
+        coef, coef_value = None, uniform_head_coefficient(p.heads, heads)
     else:
         coef, coef_value = head_coefficients(p.heads, batch, heads, torch.float32, device).contiguous(), 1.0
     pcfg = _probe_config(q_spread and k_spread and not keep, block_d, q.dtype)
@@ -253,7 +249,7 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
     g_block = PROBE_GROUP_BLOCK
     rows = block_m if q_spread else g_block
     cols = block_n if k_spread else g_block
-    grid = (_cdiv(gq, rows), _cdiv(gk, cols), batch * out_heads)
+    grid = (cdiv(gq, rows), cdiv(gk, cols), batch * out_heads)
     result = alloc((batch, out_heads, gq, gk), dtype=torch.float32, device=device)
     dummy, dummy_f = _dummies(device)
     if tags is not None:
@@ -297,7 +293,7 @@ def _pair_stats(out, pairs, layout, heads, n_q, head_dim, block_d) -> PairStats:
     # no host-to-device copy (which would synchronize the stream) on this hot path.
     pair_list = pairs.tolist()
     block_t = 16 if _INTERPRET else max(1, min(128, 8192 // block_d))
-    n_chunks = _cdiv(n_q, block_t)
+    n_chunks = cdiv(n_q, block_t)
     partial = torch.empty((len(pair_list), heads, n_chunks, 3), dtype=torch.float32, device=out.device)
     for p, (b0, b1) in enumerate(pair_list):
         pair_stats_kernel[(n_chunks, heads)](

@@ -41,11 +41,16 @@ def _tile_bits(tags: torch.Tensor, block: int, n_tiles: int, nbits: int):
     return padded_or.any(2), padded_and.all(2)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers (tile counts)."""
+    return -(-a // b)
+
+
 def classify_tiles(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int):
     """``(skip, full)`` bool tensors of shape ``[B, Mt, Nt]``."""
     nbits = 64 if torch.int64 in (q_tags.dtype, k_tags.dtype) else 32
-    mt = -(-q_tags.shape[1] // block_m)
-    nt = -(-k_tags.shape[1] // block_n)
+    mt = cdiv(q_tags.shape[1], block_m)
+    nt = cdiv(k_tags.shape[1], block_n)
     q_or, q_and = _tile_bits(q_tags, block_m, mt, nbits)
     k_or, k_and = _tile_bits(k_tags, block_n, nt, nbits)
     # A key tile with padding must mask the padding: make its AND empty so it is never full.
@@ -102,6 +107,6 @@ class TagMask:
 
     def sparsity(self, block_m: int, block_n: int, batch: int = 1) -> float:
         """Fraction of (query tile, key tile) pairs skipped."""
-        nt = -(-self.k_tags.shape[-1] // block_n)
+        nt = cdiv(self.k_tags.shape[-1], block_n)
         counts = self.tile_counts(block_m, block_n, batch)
         return 1.0 - counts.float().mean().item() / nt
