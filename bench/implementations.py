@@ -139,14 +139,21 @@ def _iidkern(w: Workload) -> Impl:
     return Impl("iidkern", call, extract, graphable=True)
 
 
-def _sdpa_impl(name: str, w: Workload) -> Impl:
-    backend = SDPA_BACKENDS[name]
+def _sdpa_plain_or_masked(w: Workload, backend: Optional[SDPBackend], name: str) -> Optional[Impl]:
+    """SDPA alone covers plain attention and tag features (as a dense boolean mask)."""
     if w.feature == "plain":
         return Impl(name, lambda q, k, v: _sdpa(q, k, v, backend), _out_only)
     if w.feature in TAG_FEATURES:
         mask = w.dense_mask()
         return Impl(name, lambda q, k, v: _sdpa(q, k, v, backend, mask), _out_only)
-    raise Unsupported(f"{name} has no {w.feature} (see sdpa_cudnn+torch / naive)")
+    return None
+
+
+def _sdpa_impl(name: str, w: Workload) -> Impl:
+    impl = _sdpa_plain_or_masked(w, SDPA_BACKENDS[name], name)
+    if impl is None:
+        raise Unsupported(f"{name} has no {w.feature} (see sdpa_cudnn+torch / naive)")
+    return impl
 
 
 def _composed(w: Workload, backend: Optional[SDPBackend], name: str) -> Impl:
@@ -164,12 +171,10 @@ def _composed(w: Workload, backend: Optional[SDPBackend], name: str) -> Impl:
             out = _sdpa(q, k, v, backend)
             return out, _pair_stats_torch(out, pairs)
         return Impl(name, call, lambda r: {"out": r[0], **r[1]})
-    if w.feature == "plain":
-        return Impl(name, lambda q, k, v: _sdpa(q, k, v, backend), _out_only)
-    if w.feature in TAG_FEATURES:
-        mask = w.dense_mask()
-        return Impl(name, lambda q, k, v: _sdpa(q, k, v, backend, mask), _out_only)
-    raise Unsupported(f"{name} has no {w.feature}")
+    impl = _sdpa_plain_or_masked(w, backend, name)
+    if impl is None:
+        raise Unsupported(f"{name} has no {w.feature}")
+    return impl
 
 
 def _flex(w: Workload) -> Impl:

@@ -127,6 +127,14 @@ def _check_image(image: torch.Tensor, factor: int):
         raise ValueError(f"image height and width must be multiples of {2 * factor}, got {tuple(image.shape[2:])}")
 
 
+def _encode_source(model: EditModel, image: torch.Tensor, num_steps: int):
+    """Source latents ``[1, C, h, w]``, the token grid (2x2 patches) and the step schedule."""
+    latents = model.codec.encode(image.to(model.device))
+    h, w = latents.shape[2:]
+    grid = (h // 2, w // 2)
+    return latents, grid, flux_sigmas(num_steps, image_seq_len=grid[0] * grid[1])
+
+
 def _denoise(model: EditModel, prompt: PromptEmbeddings, x: torch.Tensor, sigmas: torch.Tensor, source_kwargs,
              policy=None, progress=True, desc="sampling") -> torch.Tensor:
     den = FluxDenoiser(model.transformer, prompt, guidance=model.guidance, policy=policy, backend=model.backend,
@@ -149,11 +157,8 @@ def iid_edit(model: EditModel, image: torch.Tensor, instructions: Sequence[str],
     device = model.device
     clock = _Clock(device)
     with clock.phase("encode"):
-        src = model.codec.encode(image.to(device))
-        c, h, w = src.shape[1:]
-        grid = (h // 2, w // 2)
-        sigmas = flux_sigmas(num_steps, image_seq_len=grid[0] * grid[1])
-        noise = initial_noise((1, c, h, w), seed=seed, device=device)
+        src, grid, sigmas = _encode_source(model, image, num_steps)
+        noise = initial_noise(tuple(src.shape), seed=seed, device=device)
         text, ranges = model.text.encode_segments(instructions)
         text = text.to(device)
     result = EditResult(method, image, src, image.cpu(), grid, mask_labels=list(instructions))
@@ -229,10 +234,7 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
     device = model.device
     clock = _Clock(device)
     with clock.phase("encode"):
-        y0 = model.codec.encode(image.to(device))
-        c, h, w = y0.shape[1:]
-        grid = (h // 2, w // 2)
-        sigmas = flux_sigmas(num_steps, image_seq_len=grid[0] * grid[1])
+        y0, grid, sigmas = _encode_source(model, image, num_steps)
         length = max(model.text.num_tokens(source_prompt), model.text.num_tokens(target_prompt))
         src_emb = model.text.encode(source_prompt, length).to(device)
         tgt_emb = model.text.encode(target_prompt, length).to(device)
