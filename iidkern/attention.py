@@ -234,8 +234,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             ``TRITON_INTERPRET=1``), ``"reference"`` (dense float32 PyTorch).
         count_tiles: Triton backend only: also return how many key tiles each query tile
             visited (``tiles_visited``), to verify tile skipping.
-        kernel_options: Triton tile options (``BLOCK_M``, ``BLOCK_N``, ``num_warps``,
-            ``num_stages``), as in FlexAttention.
+        kernel_options: Triton options, as in FlexAttention; defaults come per head dim and
+            dtype from ``iidkern.kernels.launch.default_config``. Main pass: ``BLOCK_M``,
+            ``BLOCK_N``, ``num_warps``, ``num_stages``, ``maxnreg`` (register cap per
+            thread; ``None`` lifts the D<=64 default). Probe pass: ``PROBE_BLOCK_M``,
+            ``PROBE_BLOCK_N``, ``PROBE_NUM_WARPS``, ``PROBE_NUM_STAGES``. Strategy switches
+            (results are the same either way): ``fuse_key_groups`` (a probe with <= 32
+            key groups rides in the main pass; default True), ``kg_split`` /
+            ``mult_split`` (the key groups / the multiplier get their own key-tile range
+            instead of a per-tile test), ``kg_half_dot`` (key-group sums as two fp16
+            products instead of tf32), ``warp_specialize`` (Triton's automatic warp
+            specialization). ``poison=True`` fills outputs with NaN first (tests).
 
     Returns:
         The output (same shape and layout as ``q``), or an :class:`AttentionResult` when

@@ -123,7 +123,19 @@ class TokenGroups:
         return ids.expand(batch, length) if ids.dim() == 1 else ids
 
     def group_sizes(self, batch: int, length: int, device) -> torch.Tensor:
-        """Number of tokens per group, ``[B, G]`` float32."""
+        """Number of tokens per group, ``[B, G]`` float32.
+
+        Computed once per (batch, length, device) and kept on this object: a probe that is
+        built once and reused (the usual case in a policy) normalizes without extra kernels.
+        Like the object itself, ``group_ids`` must not change in place afterwards.
+        """
+        key = (batch, length, str(device))
+        cache = self.__dict__.setdefault("_sizes_cache", {})
+        if key not in cache:
+            cache[key] = self._count_group_sizes(batch, length, device)
+        return cache[key]
+
+    def _count_group_sizes(self, batch: int, length: int, device) -> torch.Tensor:
         if self.kind == "each":
             return torch.ones(batch, self.count, device=device)
         ids = self.dense_ids(batch, length, device).long()
@@ -163,6 +175,9 @@ def head_coefficients(heads, batch: int, num_heads: int, dtype, device) -> Optio
 
 def reduce_heads(per_head: torch.Tensor, heads) -> torch.Tensor:
     """Apply a head reduction to a ``[B, H, ...]`` tensor (a reduced head dim stays, as 1)."""
+    if isinstance(heads, str) and heads != "keep":
+        # One reduction kernel, no [B, H] weight tensor to build (this runs on every probe call).
+        return per_head.mean(1, keepdim=True) if heads == "mean" else per_head.sum(1, keepdim=True)
     coef = head_coefficients(heads, per_head.shape[0], per_head.shape[1], per_head.dtype, per_head.device)
     if coef is None:
         return per_head

@@ -1,5 +1,5 @@
 """Fused flash-attention forward with token-tag masks, head weights, a post-softmax block
-multiplier and a value probe, after the Triton tutorial's fused attention.
+multiplier, a value probe and a key-group probe, after the Triton tutorial's fused attention.
 
 Program-id mapping: ``program_id(0)`` = query tile, ``program_id(1)`` = batch * heads.
 Each program streams key tiles with the online softmax in the log2 domain (the scale is
@@ -8,8 +8,14 @@ folded into ``qk_scale = scale * log2(e)`` so the inner loop uses ``exp2``).
 Key tiles come in two kinds:
 * *masked* tiles apply an elementwise mask (key bounds, and tags when given);
 * *unmasked* tiles skip it. Without tags every tile but a ragged last one is unmasked;
-  with tags the host passes, per query tile, a list of partial tiles and a list of full
-  tiles (see ``tiles.py``); tiles on neither list are never loaded.
+  with tags the host passes, per query tile, a list of partial tiles, a contiguous run of
+  full tiles and a list of the other full tiles (see ``tiles.py``); tiles on none of them
+  are never loaded.
+
+Side accumulators ride along the same online softmax: a value probe (``A @ x`` for a small
+per-key signal) and one *key-group probe* (per query row, the probability mass on each of a
+few key groups, e.g. IID's image x instruction map), the latter only over the key tiles of
+its key span; both see the softmax probabilities before any multiplier.
 
 Rows that see no allowed key keep ``m = -inf``; the ``m_safe`` guard keeps ``exp2`` from
 producing NaN, and the epilogue writes zeros and ``lse = -inf`` for them.
@@ -33,18 +39,51 @@ def _load_rows(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr
 
 
 @triton.jit
-def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
+def _key_group_update(acc_g, m_g, p, m_new, m_safe, offs_n, kg_base, kg_k0, kg_k1,
+                      G_PAD: tl.constexpr, X_PRECISION: tl.constexpr, KG_HALF_DOT: tl.constexpr,
+                      UPCAST_DOTS: tl.constexpr):
+    """Fold this tile's probabilities into the per-row key-group sums of a fused probe.
+
+    ``acc_g`` is kept relative to ``m_g``, the running max at its last update, so tiles
+    that do not touch the groups never rescale it (one correction in the epilogue).
+    ``m_g = -inf`` means nothing was added yet; ``exp2(-inf) = 0`` then clears the
+    (zero) sums without a NaN, as ``m_safe`` is always finite."""
+    ids = tl.load(kg_base + offs_n, mask=(offs_n >= kg_k0) & (offs_n < kg_k1), other=-1)
+    hit = ids[:, None] == tl.arange(0, G_PAD)[None, :]
+    if KG_HALF_DOT:
+        # p (<= 1, relative to the running max) as the sum of two fp16 numbers, hi + lo: two
+        # fp16 products keep ~21 of fp32's 24 mantissa bits (one would keep 11, tf32 11), and
+        # fp16 operands come from registers like P @ V (a tf32 one goes through shared memory).
+        p_hi = p.to(tl.float16)
+        p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
+        if UPCAST_DOTS:
+            one_hot = hit.to(tl.float32)
+            g_sum = tl.dot(p_hi.to(tl.float32), one_hot, input_precision="ieee")
+            g_sum += tl.dot(p_lo.to(tl.float32), one_hot, input_precision="ieee")
+        else:
+            one_hot = hit.to(tl.float16)
+            g_sum = tl.dot(p_hi, one_hot)
+            g_sum = tl.dot(p_lo, one_hot, g_sum)
+    else:
+        g_sum = tl.dot(p, hit.to(tl.float32), input_precision=X_PRECISION)
+    acc_g = acc_g * tl.math.exp2(m_g - m_safe)[:, None] + g_sum
+    return acc_g, m_new
+
+
+@triton.jit
+def _attn_tile(acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n,
                k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale,
                k_tags_base,
                mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0,
-               mult_k1, x_base, stride_xn,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
+               mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr, G_PAD: tl.constexpr,
                MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_TAGS: tl.constexpr, MULT_MODE: tl.constexpr,
-               HAS_X: tl.constexpr, DOT_PRECISION: tl.constexpr, X_PRECISION: tl.constexpr,
-               UPCAST_DOTS: tl.constexpr):
+               HAS_X: tl.constexpr, KG_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, X_PRECISION: tl.constexpr,
+               KG_HALF_DOT: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """One key tile of the online softmax. ``MULT_MODE``: 0 no multiplier; 1 test at run time
     whether this tile meets the multiplier's sub-block (tag lists, ragged tail); 2 the caller
-    knows it does (a key-tile range split at the sub-block), so the load is unconditional."""
+    knows it does (a key-tile range split at the sub-block), so the load is unconditional.
+    ``KG_MODE`` does the same for the key range of a fused key-group probe."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < head_dim
     n_ok = offs_n < n_k
@@ -95,36 +134,47 @@ def _attn_tile(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n,
         offs_c = tl.arange(0, X_PAD)
         x = tl.load(x_base + offs_n[:, None] * stride_xn + offs_c[None, :], mask=n_ok[:, None], other=0.0)
         acc_x = acc_x * alpha[:, None] + tl.dot(p, x, input_precision=X_PRECISION)
-    return acc, acc_x, l_i, m_new
+    # Key-group probe: the softmax probabilities (before any multiplier), as the value probe.
+    if KG_MODE == 2:
+        acc_g, m_g = _key_group_update(acc_g, m_g, p, m_new, m_safe, offs_n, kg_base, kg_k0, kg_k1, G_PAD,
+                                       X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+    if KG_MODE == 1:
+        if kg_rows_hit & (start_n < kg_k1) & (start_n + BLOCK_N > kg_k0):
+            acc_g, m_g = _key_group_update(acc_g, m_g, p, m_new, m_safe, offs_n, kg_base, kg_k0, kg_k1, G_PAD,
+                                           X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+    return acc, acc_x, acc_g, l_i, m_new, m_g
 
 
 @triton.jit
-def _attn_range(acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, tile_begin, tile_end,
+def _attn_range(acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, tile_begin, tile_end,
                 k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base,
                 mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1,
-                x_base, stride_xn,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr, EVEN_D: tl.constexpr,
-                MULT_MODE: tl.constexpr, HAS_X: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                X_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                EVEN_D: tl.constexpr, MULT_MODE: tl.constexpr, HAS_X: tl.constexpr, KG_MODE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, X_PRECISION: tl.constexpr, KG_HALF_DOT: tl.constexpr,
+                UPCAST_DOTS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """Full (unmasked) key tiles ``tile_begin <= j < tile_end`` of an untagged row of tiles."""
     if WARP_SPECIALIZE:
         # Opt-in (kernel_options): Triton's automatic warp specialization splits loads and
         # math into producer/consumer warps. In a constexpr branch so that Tritons without
         # the keyword never see it.
         for j in tl.range(tile_begin, tile_end, warp_specialize=True):
-            acc, acc_x, l_i, m_i = _attn_tile(
-                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
-                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, False,
-                MULT_MODE, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base,
+                stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
+                mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
+                kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, False, EVEN_D, False, MULT_MODE, HAS_X, KG_MODE,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
     else:
         for j in range(tile_begin, tile_end):
-            acc, acc_x, l_i, m_i = _attn_tile(
-                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
-                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, False,
-                MULT_MODE, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
-    return acc, acc_x, l_i, m_i
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base,
+                stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
+                mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
+                kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, False, EVEN_D, False, MULT_MODE, HAS_X, KG_MODE,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+    return acc, acc_x, acc_g, l_i, m_i, m_g
 
 
 @triton.jit
@@ -136,17 +186,23 @@ def attn_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     num_heads, n_q, n_k, head_dim, qk_scale,
     Q_TAGS, K_TAGS, stride_qtb, stride_ktb,
-    PART_CNT, PART_IDX, FULL_CNT, FULL_IDX, n_q_tiles, n_k_tiles,
+    PART_CNT, PART_IDX, FULL_CNT, FULL_IDX, RUN_START, RUN_STOP, n_q_tiles, n_k_tiles,
     HW, stride_hwb, stride_hwh, stride_hwn,
     MULT, stride_mb, stride_mh, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0, mult_k1,
     X, stride_xb, stride_xn, XO,
+    KG_IDS, stride_kgb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, KGO,
     TILES,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
+    G_PAD: tl.constexpr,  # key-group columns of a fused probe, padded to a power of two >= 16
     HAS_TAGS: tl.constexpr, HAS_HW: tl.constexpr, HAS_MULT: tl.constexpr, HAS_X: tl.constexpr,
+    HAS_KG: tl.constexpr,  # a probe with grouped keys rides in this pass (see launch.py)
     STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: full tiles load without masks
-    X_PRECISION: tl.constexpr,  # precision of the value-probe product (fp32 p against fp32 x)
+    X_PRECISION: tl.constexpr,  # precision of fp32-probability products (value probe, key groups)
     UPCAST_DOTS: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, fp32 operands are exact
+    KG_HALF_DOT: tl.constexpr = False,  # key-group sums as two fp16 products (hi + lo), half inputs
+    KG_SPLIT: tl.constexpr = True,  # key groups may own the branch-free middle key range (below)
+    MULT_SPLIT: tl.constexpr = True,  # the multiplier may own it (it comes first)
     WARP_SPECIALIZE: tl.constexpr = False,  # untagged loop only; see the loop below
 ):
     pid_m = tl.program_id(0)
@@ -168,16 +224,21 @@ def attn_fwd_kernel(
     v_base = V + b64 * stride_vb + h64 * stride_vh
     mult_base = MULT + b64 * stride_mb + h64 * stride_mh
     x_base = X + b64 * stride_xb
+    kg_base = KG_IDS + b64 * stride_kgb
     k_tags_base = K_TAGS + b64 * stride_ktb
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_x = tl.zeros([BLOCK_M, X_PAD], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    m_g = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    # The multiplier's row range is known per program: tiles outside it skip its load.
+    # The multiplier's and the key-group probe's row ranges are known per program: tiles
+    # outside them skip their loads.
     mult_rows_hit = (pid_m * BLOCK_M < mult_q1) & (pid_m * BLOCK_M + BLOCK_M > mult_q0)
-    # Tag lists and the ragged last tile pass MULT_MODE=HAS_MULT: 1 (test each tile) or 0.
+    kg_rows_hit = (pid_m * BLOCK_M < kg_q1) & (pid_m * BLOCK_M + BLOCK_M > kg_q0)
+    # Tag lists and the ragged last tile test each tile at run time (mode 1) for both.
     if HAS_TAGS:
         q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
         list_row = (b64 * n_q_tiles + pid_m) * n_k_tiles
@@ -189,57 +250,90 @@ def attn_fwd_kernel(
         for i in range(0, n_partial):
             start_n = next_n
             next_n = tl.load(PART_IDX + list_row + i + 1, mask=i + 1 < n_partial, other=0) * BLOCK_N
-            acc, acc_x, l_i, m_i = _attn_tile(
-                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
-                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D, HAS_TAGS,
-                HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
+                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                BLOCK_N, BLOCK_D, X_PAD, G_PAD, True, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
         next_n = tl.load(FULL_IDX + list_row, mask=n_full > 0, other=0) * BLOCK_N
         for i in range(0, n_full):
             start_n = next_n
             next_n = tl.load(FULL_IDX + list_row + i + 1, mask=i + 1 < n_full, other=0) * BLOCK_N
-            acc, acc_x, l_i, m_i = _attn_tile(
-                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
-                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, False, EVEN_D, HAS_TAGS,
-                HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
-        visited = n_partial + n_full
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
+                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                BLOCK_N, BLOCK_D, X_PAD, G_PAD, False, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+        # The contiguous run of full tiles: a plain range, pipelined like untagged attention.
+        run_start = tl.load(RUN_START + b64 * n_q_tiles + pid_m)
+        run_stop = tl.load(RUN_STOP + b64 * n_q_tiles + pid_m)
+        acc, acc_x, acc_g, l_i, m_i, m_g = _attn_range(
+            acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, run_start, run_stop, k_base, v_base,
+            stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
+            mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
+            kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D, HAS_MULT, HAS_X, HAS_KG,
+            DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, WARP_SPECIALIZE)
+        visited = n_partial + n_full + run_stop - run_start
     else:
         q_tags = offs_m  # unused placeholder
         n_whole = n_k // BLOCK_N
-        if HAS_MULT:
-            # Split the key tiles at the multiplier's columns: the middle range loads M on
-            # every tile with no branch (pipelined); the outer ranges never touch it.
-            mult_lo = tl.where(mult_rows_hit, tl.minimum(mult_k0 // BLOCK_N, n_whole), 0)
-            mult_hi = tl.where(mult_rows_hit, tl.maximum(tl.minimum(tl.cdiv(mult_k1, BLOCK_N), n_whole), mult_lo), 0)
-            acc, acc_x, l_i, m_i = _attn_range(
-                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, 0, mult_lo, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
-                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, EVEN_D, 0, HAS_X,
-                DOT_PRECISION, X_PRECISION, UPCAST_DOTS, WARP_SPECIALIZE)
-            acc, acc_x, l_i, m_i = _attn_range(
-                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, mult_lo, mult_hi, k_base, v_base, stride_kn,
-                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
-                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, EVEN_D, 2, HAS_X,
-                DOT_PRECISION, X_PRECISION, UPCAST_DOTS, WARP_SPECIALIZE)
-            acc, acc_x, l_i, m_i = _attn_range(
-                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, mult_hi, n_whole, k_base, v_base, stride_kn,
-                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
-                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, EVEN_D, 0, HAS_X,
-                DOT_PRECISION, X_PRECISION, UPCAST_DOTS, WARP_SPECIALIZE)
+        # Whole key tiles run in up to three ranges [0, lo), [lo, hi), [hi, n_whole): the
+        # middle one covers the columns of the multiplier (if any), else those of the key
+        # groups, and does their loads with no branch around them, so the loop's software
+        # pipeline prefetches them like K and V (a load under a run-time `if` is waited
+        # for in full on every tile). The outer ranges never touch them. The split pays
+        # off at D=128 and costs at D=64 (H100, NOTES.md): the host picks it per config.
+        # Which extra owns the split (constexpr arithmetic on the flags); an extra that does
+        # not is tested per tile (mode 1) in every range, the owner is branch-free (mode 2).
+        SPLIT_MULT = HAS_MULT * MULT_SPLIT
+        SPLIT_KG = HAS_KG * KG_SPLIT * (1 - SPLIT_MULT)
+        OUT_MULT = HAS_MULT * (1 - SPLIT_MULT)
+        OUT_KG = HAS_KG * (1 - SPLIT_KG)
+        MID_MULT = 2 * SPLIT_MULT + OUT_MULT
+        MID_KG = 2 * SPLIT_KG + OUT_KG
+        if SPLIT_MULT == 1:
+            split_hit = mult_rows_hit
+            split_k0 = mult_k0
+            split_k1 = mult_k1
         else:
-            acc, acc_x, l_i, m_i = _attn_range(
-                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, 0, n_whole, k_base, v_base, stride_kn, stride_vn,
-                n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0,
-                mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, EVEN_D, 0, HAS_X,
-                DOT_PRECISION, X_PRECISION, UPCAST_DOTS, WARP_SPECIALIZE)
+            split_hit = kg_rows_hit
+            split_k0 = kg_k0
+            split_k1 = kg_k1
+        if SPLIT_MULT + SPLIT_KG > 0:
+            lo = tl.where(split_hit, tl.minimum(split_k0 // BLOCK_N, n_whole), 0)
+            hi = tl.where(split_hit, tl.maximum(tl.minimum(tl.cdiv(split_k1, BLOCK_N), n_whole), lo), 0)
+        else:
+            lo = n_whole
+            hi = n_whole
+        acc, acc_x, acc_g, l_i, m_i, m_g = _attn_range(
+            acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, 0, lo, k_base, v_base, stride_kn,
+            stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+            mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+            BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D, OUT_MULT, HAS_X, OUT_KG,
+            DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, WARP_SPECIALIZE)
+        if SPLIT_MULT + SPLIT_KG > 0:
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_range(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, lo, hi, k_base, v_base, stride_kn,
+                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D, MID_MULT, HAS_X, MID_KG,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, WARP_SPECIALIZE)
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_range(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, hi, n_whole, k_base, v_base, stride_kn,
+                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D, OUT_MULT, HAS_X, OUT_KG,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, WARP_SPECIALIZE)
         visited = n_whole
         if n_k % BLOCK_N != 0:
-            acc, acc_x, l_i, m_i = _attn_tile(
-                acc, acc_x, l_i, m_i, q, q_tags, offs_m, offs_d, n_whole * BLOCK_N, k_base, v_base, stride_kn,
-                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
-                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, BLOCK_N, BLOCK_D, X_PAD, True, EVEN_D,
-                HAS_TAGS, HAS_MULT, HAS_X, DOT_PRECISION, X_PRECISION, UPCAST_DOTS)
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, n_whole * BLOCK_N, k_base, v_base,
+                stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
+                mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
+                kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, True, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
             visited += 1
 
     # Epilogue: normalize (rows with no allowed key have l = 0 and acc = 0 -> output 0).
@@ -258,5 +352,15 @@ def attn_fwd_kernel(
     if HAS_X:
         offs_c = tl.arange(0, X_PAD)
         tl.store(XO + row[:, None] * X_PAD + offs_c[None, :], acc_x * inv_l[:, None], mask=m_ok[:, None])
+    if HAS_KG:
+        # acc_g is relative to m_g (its last update): bring it to the final max, normalize.
+        # Rows that never met a group (m_g = -inf, possibly m_i = -inf too) hold zeros:
+        # subtracting 0 there gives exp2(-inf) = 0 instead of NaN.
+        g_scale = tl.math.exp2(m_g - tl.where(m_g == float("-inf"), 0.0, m_i)) * inv_l
+        offs_g = tl.arange(0, G_PAD)
+        g_row = (b64 * num_heads + h64) * (kg_q1 - kg_q0) + (offs_m - kg_q0)
+        g_rows_ok = (offs_m >= kg_q0) & (offs_m < kg_q1)
+        tl.store(KGO + g_row[:, None] * n_groups + offs_g[None, :], acc_g * g_scale[:, None],
+                 mask=g_rows_ok[:, None] & (offs_g < n_groups)[None, :])
     if COUNT_TILES:
         tl.store(TILES + pid_bh * n_q_tiles + pid_m, visited)

@@ -13,14 +13,20 @@ import torch
 from iidkern.specs import AttentionResult, BlockMultiplier, PairStats, Probe, ValueProbe, reduce_heads, \
     head_coefficients, normalize_groups, uniform_head_coefficient
 
+from .fast_launch import Launcher
 from .flash_fwd import LOG2E, attn_fwd_kernel
 from .pair_stats import pair_stats_kernel
 from .probe import probe_kernel
 from .tiles import TagMask, cdiv
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Launches go through cached compiled kernels (see fast_launch.py): ~100 us less host time each.
+_ATTN = Launcher(attn_fwd_kernel)
+_PROBE = Launcher(probe_kernel)
+_PAIR_STATS = Launcher(pair_stats_kernel)
 PROBE_GROUP_BLOCK = 16  # group ids per output tile on a grouped probe side
 MAX_VALUE_CHANNELS = 64  # all value probes of one call share one padded side channel
+MAX_FUSED_KEY_GROUPS = 32  # a grouped-key probe with at most this many groups rides in the main pass
 
 
 def _poisoned(shape, dtype, device):
@@ -70,7 +76,11 @@ def _default_config(head_dim: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if block_d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # H100 sweep: beats 128x64 at SD3
+        # H100 sweep: 64x64 beats 128x64 at SD3. Its speed comes from 3 programs per SM
+        # (150 registers a thread); tags or key groups push a program past the 168 that
+        # allow 3, so the register cap keeps them there (NOTES.md). A multiplier gets no
+        # cap (see triton_attention) and is tested per tile: its split range costs more here.
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=168, mult_split=False)
     if block_d <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -101,6 +111,13 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     block_m, block_n = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     block_d = max(16, _pow2_at_least(head_dim))
     launch_opts = {} if _INTERPRET else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # The register cap of the D=64 config keeps 3 programs per SM with tags or key groups;
+    # a multiplier's M tiles need the registers (H100: 1.40x with the cap, 1.31x without).
+    maxnreg = cfg.get("maxnreg")
+    if block_multiplier is not None and "maxnreg" not in (kernel_options or {}):
+        maxnreg = None
+    if maxnreg and not _INTERPRET:
+        launch_opts["maxnreg"] = int(maxnreg)
     # fp32 inputs get fp32 products (not tf32), so the backend honours the dtype's precision.
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     qk_scale = scale * LOG2E
@@ -108,7 +125,9 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
 
     out = alloc(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout
     value_probes = [p for p in probes if isinstance(p, ValueProbe)]
-    store_lse = need_lse or any(isinstance(p, Probe) for p in probes)
+    fused = _fused_probe_index(probes, cfg)
+    # The second-pass probes need the row LSE; a fused probe does not.
+    store_lse = need_lse or any(isinstance(p, Probe) and i != fused for i, p in enumerate(probes))
     lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if store_lse else None
     n_q_tiles = cdiv(n_q, block_m)
     n_k_tiles = cdiv(n_k, block_n)
@@ -119,9 +138,10 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         q_tags, k_tags = tags.batched(batch)
         lists = tags.tile_lists(block_m, block_n, batch)
         tag_args = (q_tags, k_tags, q_tags.stride(0), k_tags.stride(0),
-                    lists.partial_count, lists.partial_index, lists.full_count, lists.full_index)
+                    lists.partial_count, lists.partial_index, lists.full_count, lists.full_index,
+                    lists.run_start, lists.run_stop)
     else:
-        tag_args = (dummy, dummy, 0, 0, dummy, dummy, dummy, dummy)
+        tag_args = (dummy, dummy, 0, 0, dummy, dummy, dummy, dummy, dummy, dummy)
 
     # ---- head weights, broadcast to [B, H, Nq] through zero strides (no copy)
     if head_weights is not None:
@@ -163,27 +183,45 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     else:
         x_args = (dummy_f, 0, 0, dummy_f)
 
+    # ---- one probe with few key groups (IID's image x instruction map) rides in this pass:
+    # per (batch, head, probed query) the sums over each key group, kgo [B, H, rows, G]
+    g_pad = 16
+    if fused is not None:
+        fp = probes[fused]
+        _, kg_k0, kg_k1, kg_ids, kg_stride, n_groups = _group_side(fp.keys, batch, n_k, device)
+        kg_q0, kg_q1 = fp.queries.start, fp.queries.stop
+        g_pad = max(16, _pow2_at_least(n_groups))
+        kgo = alloc((batch, heads, kg_q1 - kg_q0, n_groups), dtype=torch.float32, device=device)
+        kg_args = (kg_ids, kg_stride, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo)
+    else:
+        kg_args = (dummy, 0, 0, 0, 0, 0, 1, dummy_f)
+
     tiles = torch.full((batch * heads * n_q_tiles,), -1, dtype=torch.int32, device=device) if count_tiles else dummy
 
     grid = (n_q_tiles, batch * heads)
-    attn_fwd_kernel[grid](
+    _ATTN[grid](
         q, k, v, out, lse if lse is not None else dummy_f,
         *_strides_bhn(q, layout), *_strides_bhn(k, layout), *_strides_bhn(v, layout), *_strides_bhn(out, layout),
         heads, n_q, n_k, head_dim, qk_scale,
         *tag_args, n_q_tiles, n_k_tiles,
-        *hw_args, *mult_args, *x_args, tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, X_PAD=x_pad,
+        *hw_args, *mult_args, *x_args, *kg_args, tiles,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, X_PAD=x_pad, G_PAD=g_pad,
         HAS_TAGS=tags is not None, HAS_HW=head_weights is not None, HAS_MULT=block_multiplier is not None,
-        HAS_X=bool(value_probes), STORE_LSE=store_lse, COUNT_TILES=count_tiles, DOT_PRECISION=dot_precision,
+        HAS_X=bool(value_probes), HAS_KG=fused is not None, STORE_LSE=store_lse, COUNT_TILES=count_tiles, DOT_PRECISION=dot_precision,
         EVEN_D=head_dim == block_d, X_PRECISION=_fp32_product_precision(q.dtype),
-        UPCAST_DOTS=upcast_dots, WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)),
+        UPCAST_DOTS=upcast_dots, KG_HALF_DOT=bool(cfg.get("kg_half_dot", True)) and q.dtype != torch.float32,
+        KG_SPLIT=bool(cfg.get("kg_split", True)), MULT_SPLIT=bool(cfg.get("mult_split", True)),
+        WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)),
         **launch_opts,
     )
 
     results = []
     col = 0
-    for p in probes:
-        if isinstance(p, Probe):
+    for i, p in enumerate(probes):
+        if i == fused:
+            folded = _fold_query_groups(kgo, p.queries, kg_q0, n_q)
+            results.append(normalize_groups(reduce_heads(folded, p.heads), p.queries, p.keys, p.normalize, n_q, n_k))
+        elif isinstance(p, Probe):
             results.append(_run_probe(p, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_dim, qk_scale,
                                       block_d, dot_precision, cfg, launch_opts, alloc))
         else:
@@ -257,7 +295,7 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
         tag_args = (q_tags, k_tags, q_tags.stride(0), k_tags.stride(0))
     else:
         tag_args = (dummy, dummy, 0, 0)
-    probe_kernel[grid](
+    _PROBE[grid](
         q, k, lse, result,
         *_strides_bhn(q, layout), *_strides_bhn(k, layout),
         heads, n_q, n_k, head_dim, qk_scale,
@@ -272,20 +310,35 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
     return normalize_groups(result, p.queries, p.keys, p.normalize, n_q, n_k)
 
 
+def _fused_probe_index(probes: Sequence, cfg: dict) -> Optional[int]:
+    """The probe that rides in the main pass: the first one whose keys are grouped into at
+    most ``MAX_FUSED_KEY_GROUPS`` groups (its result is a few columns per query row, so it
+    accumulates beside the output). ``kernel_options={"fuse_key_groups": False}`` runs it
+    in the probe pass instead."""
+    if not cfg.get("fuse_key_groups", True):
+        return None
+    for i, p in enumerate(probes):
+        if isinstance(p, Probe) and p.keys.kind == "ids" and p.keys.count <= MAX_FUSED_KEY_GROUPS:
+            return i
+    return None
+
+
+def _fold_query_groups(per_query: torch.Tensor, groups, row0: int, n_q: int) -> torch.Tensor:
+    """``[B, H, rows, C]`` per-query results for queries ``row0 ...`` -> ``[B, H, Gq, C]``."""
+    batch, heads, rows, channels = per_query.shape
+    if groups.kind == "each":
+        return per_query[:, :, groups.start - row0:groups.stop - row0]
+    ids = groups.dense_ids(batch, n_q, per_query.device)[:, row0:row0 + rows].long()
+    slot = torch.where(ids >= 0, ids, groups.count)  # unprobed rows land in a dropped extra slot
+    folded = per_query.new_zeros(batch, heads, groups.count + 1, channels)
+    folded.scatter_add_(2, slot[:, None, :, None].expand(batch, heads, rows, channels), per_query)
+    return folded[:, :, :groups.count]
+
+
 def _finish_value_probe(vp: ValueProbe, per_query: torch.Tensor, n_q: int) -> torch.Tensor:
     """Fold the per-query, per-head ``A_h @ x`` rows into query groups and reduce heads."""
-    batch, heads, _, channels = per_query.shape
-    groups = vp.queries
-    if groups.kind == "each":
-        folded = per_query[:, :, groups.start:groups.stop]
-    else:
-        ids = groups.dense_ids(batch, n_q, per_query.device).long()
-        slot = torch.where(ids >= 0, ids, groups.count)  # unprobed rows land in a dropped extra slot
-        folded = per_query.new_zeros(batch, heads, groups.count + 1, channels)
-        folded.scatter_add_(2, slot[:, None, :, None].expand(batch, heads, n_q, channels), per_query)
-        folded = folded[:, :, :groups.count]
-    folded = reduce_heads(folded, vp.heads)
-    return normalize_groups(folded, groups, None, vp.normalize, n_q, 0)
+    folded = reduce_heads(_fold_query_groups(per_query, vp.queries, 0, n_q), vp.heads)
+    return normalize_groups(folded, vp.queries, None, vp.normalize, n_q, 0)
 
 
 def _pair_stats(out, pairs, layout, heads, n_q, head_dim, block_d) -> PairStats:
@@ -296,7 +349,7 @@ def _pair_stats(out, pairs, layout, heads, n_q, head_dim, block_d) -> PairStats:
     n_chunks = cdiv(n_q, block_t)
     partial = torch.empty((len(pair_list), heads, n_chunks, 3), dtype=torch.float32, device=out.device)
     for p, (b0, b1) in enumerate(pair_list):
-        pair_stats_kernel[(n_chunks, heads)](
+        _PAIR_STATS[(n_chunks, heads)](
             out, partial[p], b0, b1, *_strides_bhn(out, layout), heads, n_q, head_dim, n_chunks,
             BLOCK_T=block_t, BLOCK_D=block_d,
         )

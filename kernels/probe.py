@@ -1,6 +1,7 @@
 """Probe pass: exact grouped sums of attention probabilities, never holding Nq x Nk.
 
-Runs after the main pass, which stored the row log-sum-exp. For the probed sub-block only,
+Runs after the main pass, which stored the row log-sum-exp. (One probe with few key
+groups per call is folded into the main pass instead; see ``launch._fused_probe_index``.) For the probed sub-block only,
 it recomputes the scores and the exact probabilities ``p = exp2(s * qk_scale - lse2)``
 (tag mask applied), and reduces them into the output groups.
 

@@ -13,6 +13,9 @@ Rules (exact, per tile pair):
           a sufficient condition, so a few all-allowed tiles may run as partial, which
           is slower but still exact). A key tile that runs past ``Nk`` is never full;
 * partial otherwise.
+
+Full tiles are further split into the longest contiguous run (looped over as a plain
+range, so the kernel pipelines it like untagged attention) and a list of the others.
 """
 from __future__ import annotations
 
@@ -24,10 +27,26 @@ import torch
 
 @dataclass
 class TileLists:
+    """Per query tile: partial tiles (masked), the longest contiguous run of full tiles
+    ``[run_start, run_stop)`` (a plain pipelined loop, like untagged attention), and the
+    other full tiles (a list)."""
+
     partial_count: torch.Tensor  # [B, Mt] int32
     partial_index: torch.Tensor  # [B, Mt, Nt] int32, the first partial_count entries are used
-    full_count: torch.Tensor  # [B, Mt] int32
+    full_count: torch.Tensor  # [B, Mt] int32, full tiles outside the run
     full_index: torch.Tensor  # [B, Mt, Nt] int32
+    run_start: torch.Tensor  # [B, Mt] int32
+    run_stop: torch.Tensor  # [B, Mt] int32 (== run_start: no run)
+
+
+def longest_run(sel: torch.Tensor):
+    """``(start, stop)`` of the longest run of True along the last dim (first one on ties)."""
+    idx = torch.arange(sel.shape[-1], device=sel.device)
+    last_false = torch.cummax(torch.where(sel, -1, idx), dim=-1).values  # latest False at or before j
+    run_len = idx - last_false  # length of the True run ending at j (0 on a False)
+    best = run_len.max(-1)
+    stop = torch.where(best.values > 0, best.indices + 1, 0)
+    return (stop - best.values).to(torch.int32), stop.to(torch.int32)
 
 
 def _tile_bits(tags: torch.Tensor, block: int, n_tiles: int, nbits: int):
@@ -76,9 +95,15 @@ def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, b
         order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
         return sel.sum(-1, dtype=torch.int32).contiguous(), order.contiguous()
 
+    # A list-driven loop reads each tile index before it can address K and V; the bulk of
+    # the full tiles (all image tiles, for IID) form one contiguous run that runs as a
+    # plain range instead.
+    run_start, run_stop = longest_run(full)
+    idx = torch.arange(full.shape[-1], device=full.device)
+    in_run = (idx >= run_start[..., None]) & (idx < run_stop[..., None])
     pc, pi = as_list(partial)
-    fc, fi = as_list(full)
-    return TileLists(pc, pi, fc, fi)
+    fc, fi = as_list(full & ~in_run)
+    return TileLists(pc, pi, fc, fi, run_start.contiguous(), run_stop.contiguous())
 
 
 @dataclass
@@ -103,7 +128,7 @@ class TagMask:
     def tile_counts(self, block_m: int, block_n: int, batch: int = 1) -> torch.Tensor:
         """Number of key tiles each query tile must visit, ``[B, Mt]`` (for tests and stats)."""
         lists = self.tile_lists(block_m, block_n, batch)
-        return lists.partial_count + lists.full_count
+        return lists.partial_count + lists.full_count + (lists.run_stop - lists.run_start)
 
     def sparsity(self, block_m: int, block_n: int, batch: int = 1) -> float:
         """Fraction of (query tile, key tile) pairs skipped."""

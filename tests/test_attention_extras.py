@@ -116,13 +116,15 @@ def test_block_multiplier(per_head, dtype):
 # tile-aligned inside, mid-tile over several tiles, into the ragged last tile, everything.
 @pytest.mark.parametrize("q0,nq,k0,nk", [(0, 7, 0, 5), (16, 29, 16, 32), (3, 40, 5, 40), (30, 15, 50, 20),
                                          (0, 45, 0, 70)])
-@pytest.mark.parametrize("with_tags", [False, True])
-def test_block_multiplier_placements(q0, nq, k0, nk, with_tags):
+@pytest.mark.parametrize("with_tags,mult_split", [(False, True), (False, False), (True, True)])
+def test_block_multiplier_placements(q0, nq, k0, nk, with_tags, mult_split):
+    # mult_split: the key range split at the sub-block (branch-free M loads) or a per-tile test.
     g = torch.Generator().manual_seed(1000 + q0 + k0 + nk)
     q, k, v = make_qkv(B, H, NQ, 70, D, layout="bhnd", generator=g)
     tags = (random_tags(B, NQ, generator=g), random_tags(B, 70, generator=g)) if with_tags else None
     mult = BlockMultiplier(torch.rand(B, nq, nk, generator=g) * 3, query_start=q0, key_start=k0)
-    out = iidkern.attention(q, k, v, tags=tags, block_multiplier=mult, backend="triton", kernel_options=OPTS)
+    out = iidkern.attention(q, k, v, tags=tags, block_multiplier=mult, backend="triton",
+                            kernel_options={**OPTS, "mult_split": mult_split})
     want = attention_reference(q, k, v, layout="bhnd", scale=D ** -0.5, tags=tags, block_multiplier=mult,
                                compute_dtype=torch.float64).out
     assert_close_rel(out, want, OUT_TOL[torch.float32])
@@ -191,3 +193,12 @@ def test_block_multiplier_strided_values(view):
     want = iidkern.attention(q, k, v, layout="bnhd", backend="reference",
                              block_multiplier=BlockMultiplier(base, query_start=7, key_start=11))
     assert_close_rel(got, want, OUT_TOL[torch.float32])
+
+
+def test_group_sizes_are_counted_once_per_groups_object():
+    ids = torch.tensor([[0, 0, 1, -1, 1, 1], [1, -1, -1, 0, 0, 0]], dtype=torch.int32)
+    groups = TG.ids(ids, 2)
+    sizes = groups.group_sizes(2, 6, "cpu")
+    assert sizes.tolist() == [[2.0, 3.0], [3.0, 1.0]]
+    assert groups.group_sizes(2, 6, "cpu") is sizes  # reused, no recount
+    assert TG.each(2, 5).group_sizes(1, 6, "cpu").tolist() == [[1.0, 1.0, 1.0]]

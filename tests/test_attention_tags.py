@@ -156,3 +156,33 @@ def test_instruction_tags_allow_table():
                         regions = {0, 1}
                     want = aj in regions
                 assert bool(allow[i, j]) == want, (background, i, j)
+
+
+def test_longest_run_of_full_tiles():
+    from iidkern.kernels.tiles import longest_run
+    sel = torch.tensor([[[0, 1, 1, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1],
+                         [1, 1, 0, 1, 1, 0, 0, 1]]], dtype=torch.bool)
+    start, stop = longest_run(sel)
+    assert start.tolist() == [[4, 0, 0, 0]] and stop.tolist() == [[7, 0, 8, 2]]  # ties: the first run
+
+
+def test_tile_lists_partition_the_visited_tiles():
+    # partial list, full list and the contiguous full run are disjoint, cover every tile
+    # that is not skipped, and the run holds only full tiles.
+    from iidkern.kernels.tiles import classify_tiles
+    g = torch.Generator().manual_seed(26)
+    qt, kt = random_tags(2, 90, generator=g, density=0.7), random_tags(2, 75, generator=g, density=0.7)
+    qt[:, :40], kt[:, 10:60] = 1, 1  # a long band of full tiles next to mixed ones
+    mask = iidkern.tag_mask(qt, kt)
+    lists = mask.tile_lists(16, 16, 2)
+    skip, full = classify_tiles(qt, kt, 16, 16)
+    mt, nt = skip.shape[1:]
+    for b in range(2):
+        for i in range(mt):
+            part = set(lists.partial_index[b, i, :lists.partial_count[b, i]].tolist())
+            rest = set(lists.full_index[b, i, :lists.full_count[b, i]].tolist())
+            run = set(range(lists.run_start[b, i].item(), lists.run_stop[b, i].item()))
+            assert not (part & rest) and not (part & run) and not (rest & run)
+            assert part | rest | run == {j for j in range(nt) if not skip[b, i, j]}
+            assert all(full[b, i, j] for j in run | rest) and not any(full[b, i, j] for j in part)
+    assert (lists.run_stop - lists.run_start).max() >= 2

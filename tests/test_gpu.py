@@ -89,6 +89,36 @@ def test_flux_shape_probes_and_extras():
         assert_close_rel(got, want, GPU_PROBE_TOL, what=f"probe {i}")
 
 
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 128)])
+@pytest.mark.parametrize("extra", ["none", "multiplier", "tags"])
+def test_fused_key_group_probe_at_size(monkeypatch, dtype, d, extra):
+    """IID's image x instruction map rides in the main pass (compiled tiles, all three
+    key-range modes: branch-free split, per-tile test beside a multiplier, tag lists)."""
+    from iidkern.kernels import launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the probe pass ran")
+    monkeypatch.setattr(launch, "_run_probe", refuse)
+    b, h, nt, ni = 2, 8, 333, 1500
+    n = nt + ni
+    q, k, v = qkv(b, h, n, n, d, dtype, "bnhd", seed=9)
+    instr = torch.full((b, n), -1, dtype=torch.int32, device="cuda")
+    instr[:, 7:100], instr[:, 100:250], instr[:, 250:333] = 0, 1, 2
+    instr[1, 120:140] = -1
+    probe = Probe(TG.each(nt, n), TG.ids(instr, 3, span=(7, 333)), heads="keep", normalize="keys")
+    kw = {}
+    if extra == "multiplier":
+        kw["block_multiplier"] = BlockMultiplier(torch.rand(b, ni, nt, device="cuda") * 2, query_start=nt, key_start=0)
+    if extra == "tags":
+        kw["tags"] = iidkern.instruction_tags(n, image=(nt, n), instructions=[(7, 100), (100, 250), (250, 333)],
+                                              region_masks=torch.rand(b, 3, ni, device="cuda") > 0.5,
+                                              always_visible=[(0, 7)], device="cuda")
+    res = iidkern.attention(q, k, v, layout="bnhd", probes=[probe], kernel_options={"poison": True}, **kw)
+    ref = attention_reference(q, k, v, layout="bnhd", probes=[probe], compute_dtype=torch.float64, **kw)
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype] if dtype != torch.float32 else 1e-4)
+    assert_close_rel(res.probes[0], ref.probes[0], GPU_PROBE_TOL, what="fused probe")
+
+
 def test_pair_stats_large():
     q, k, v = qkv(2, 24, 1000, 1000, 128, torch.bfloat16, "bnhd", seed=5)
     res = iidkern.attention(q, k, v, layout="bnhd", pair_stats=[(0, 1)])
@@ -116,3 +146,37 @@ def test_cuda_extension_matches_torch_tile_classification():
         skip, full = cuda_ext.classify_tiles(qt, kt, bm, bn)
         ref_skip, ref_full = classify_tiles(qt, kt, bm, bn)
         assert torch.equal(skip, ref_skip) and torch.equal(full, ref_full)
+
+
+def test_fast_launch_matches_triton_launch_path(monkeypatch):
+    """The cached compiled-kernel launch (kernels/fast_launch.py) gives bit-identical results
+    to Triton's own launch path, also when a later call's tensors are not 16-byte aligned
+    (a different specialization, which must not reuse the aligned kernel)."""
+    from iidkern.kernels import launch
+    b, h, n, d = 1, 4, 700, 128
+    buf = torch.randn(3 * b * n * h * d + 8, device="cuda", dtype=torch.bfloat16)
+    size = b * n * h * d
+
+    def views(offset):
+        return [buf[offset + i * size: offset + (i + 1) * size].view(b, n, h, d) for i in range(3)]
+    instr = torch.full((n,), -1, dtype=torch.int32, device="cuda")
+    instr[:50], instr[50:90] = 0, 1
+    kw = dict(layout="bnhd", probes=[Probe(TG.each(100, n), TG.ids(instr, 2, span=(0, 90)), heads="keep"),
+                                     Probe(TG.each(0, 100), TG.each(100, n), heads="mean")],
+              pair_stats=None, return_lse=True)
+    for offset in (0, 1):  # aligned, then 2-byte offset views with the same shapes and strides
+        q, k, v = views(offset)
+        assert (q.data_ptr() % 16 == 0) == (offset == 0)
+        fast = [iidkern.attention(q, k, v, **kw) for _ in range(2)]  # 2nd call takes the cached kernel
+        for wrapped in (launch._ATTN, launch._PROBE):
+            monkeypatch.setattr(wrapped, "enabled", False)
+        slow = iidkern.attention(q, k, v, **kw)
+        for wrapped in (launch._ATTN, launch._PROBE):
+            monkeypatch.setattr(wrapped, "enabled", True)
+        for got in fast:
+            assert torch.equal(got.out, slow.out) and torch.equal(got.lse, slow.lse)
+            for a, c in zip(got.probes, slow.probes):
+                assert torch.equal(a, c)
+        ref = attention_reference(q, k, v, layout="bnhd", probes=kw["probes"], compute_dtype=torch.float64)
+        assert_close_rel(fast[1].out, ref.out, OUT_TOL[torch.bfloat16])
+    assert launch._ATTN._cache, "the fast path was never taken"

@@ -1,0 +1,168 @@
+"""The grouped-key probe that rides in the main pass (IID's image x instruction map).
+
+A probe whose keys are grouped into few groups is accumulated beside the output in the
+flash pass instead of a second pass. These tests pin that path: it is taken (the probe
+pass is never launched), and it matches the float64 oracle for every query-side kind,
+head reduction, normalization, key span placement (inside one tile, across tiles, through
+the ragged last tile), with tags, a block multiplier and value probes beside it.
+"""
+import pytest
+import torch
+
+import iidkern
+from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
+from iidkern.kernels import launch
+from iidkern.reference import attention_reference
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_tags
+
+OPTS = {"poison": True}
+
+
+@pytest.fixture
+def no_probe_pass(monkeypatch):
+    """Fail if the second (probe) pass runs: the probe must have been fused."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the probe pass ran; the grouped-key probe should ride in the main pass")
+    monkeypatch.setattr(launch, "_run_probe", refuse)
+
+
+def _key_groups(nk, span, n_groups, g, batched=False, b=1):
+    lo, hi = span
+    shape = (b, nk) if batched else (nk,)
+    ids = torch.full(shape, -1, dtype=torch.int32)
+    ids[..., lo:hi] = torch.randint(-1, n_groups, shape[:-1] + (hi - lo,), generator=g, dtype=torch.int32)
+    ids[..., lo] = n_groups - 1  # the top group id occurs (count = n_groups) and the span is tight
+    ids[..., hi - 1] = 0
+    return TG.ids(ids, n_groups, span=(lo, hi))
+
+
+def _query_groups(kind, nq, g, b):
+    if kind == "each":
+        return TG.each(3, nq - 2)
+    if kind == "single":
+        return TG.single(4, nq - 1, nq)
+    ids = torch.randint(-1, 5, (b, nq), generator=g, dtype=torch.int32)
+    return TG.ids(ids, 5)
+
+
+@pytest.mark.parametrize("query_kind", ["each", "single", "ids"])
+@pytest.mark.parametrize("heads", ["keep", "mean", "sum", "weights"])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_fused_probe_matches_reference(no_probe_pass, query_kind, heads, layout):
+    g = torch.Generator().manual_seed(61)
+    b, h, nq, nk, d = 2, 3, 53, 61, 32  # several 16-token tiles and a ragged last tile
+    q, k, v = make_qkv(b, h, nq, nk, d, layout=layout, generator=g)
+    head_mode = torch.rand(b, h, generator=g) if heads == "weights" else heads
+    probe = Probe(_query_groups(query_kind, nq, g, b), _key_groups(nk, (5, 40), 4, g),
+                  heads=head_mode, normalize="keys")
+    res = iidkern.attention(q, k, v, layout=layout, probes=[probe], backend="triton", kernel_options=OPTS)
+    ref = attention_reference(q, k, v, layout=layout, probes=[probe])
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
+    assert res.probes[0].shape == ref.probes[0].shape
+    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("span", [(0, 7), (17, 30), (40, 61), (0, 61), (60, 61)])
+@pytest.mark.parametrize("n_groups", [1, 3, 17, 32])
+def test_fused_probe_key_spans_and_group_counts(no_probe_pass, span, n_groups):
+    # Spans inside one tile, across tiles, through the ragged tail, everything, one key;
+    # group counts that pad to 16 and to 32 columns.
+    g = torch.Generator().manual_seed(62)
+    q, k, v = make_qkv(1, 2, 37, 61, 16, generator=g)
+    probe = Probe(TG.each(0, 37), _key_groups(61, span, n_groups, g, batched=True), heads="keep")
+    res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options=OPTS)
+    ref = attention_reference(q, k, v, probes=[probe])
+    assert res.probes[0].shape == (1, 2, 37, n_groups)
+    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_tags", [False, True])
+@pytest.mark.parametrize("with_mult", [False, "split", "per-tile"])
+def test_fused_probe_with_other_extras(no_probe_pass, dtype, with_tags, with_mult):
+    # Tags (list-driven loop, rows with no allowed key), a multiplier (which then owns the
+    # key-range split, so the key groups are tested per tile), a value probe alongside.
+    g = torch.Generator().manual_seed(63)
+    b, h, nq, nk, d = 2, 2, 45, 50, 32
+    q, k, v = make_qkv(b, h, nq, nk, d, dtype=dtype, layout="bnhd", generator=g)
+    tags = (random_tags(b, nq, generator=g), random_tags(b, nk, generator=g)) if with_tags else None
+    mult = BlockMultiplier(torch.rand(b, 20, 18, generator=g) * 2, 10, 12) if with_mult else None
+    probes = [ValueProbe(torch.randn(b, nk, 3, generator=g), TG.each(0, nq), heads="mean"),
+              Probe(TG.each(2, nq), _key_groups(nk, (6, 35), 3, g, batched=True, b=b), heads="keep")]
+    # "per-tile": the multiplier is tested per tile and the key groups own the key-range split.
+    opts = {**OPTS, "mult_split": with_mult != "per-tile", "kg_split": True}
+    res = iidkern.attention(q, k, v, layout="bnhd", tags=tags, block_multiplier=mult, probes=probes,
+                            backend="triton", kernel_options=opts)
+    ref = attention_reference(q, k, v, layout="bnhd", tags=tags, block_multiplier=mult, probes=probes)
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    for i, (got, want) in enumerate(zip(res.probes, ref.probes)):
+        assert_close_rel(got, want, PROBE_TOL[dtype], what=f"probe {i}")
+
+
+def test_rows_without_allowed_keys_give_zero_rows(no_probe_pass):
+    # Query 0 shares no tag bit with any key: its softmax row is empty, its probe row is 0.
+    g = torch.Generator().manual_seed(64)
+    q, k, v = make_qkv(1, 2, 20, 24, 16, generator=g)
+    q_tags = torch.ones(20, dtype=torch.int32)
+    q_tags[0] = 2
+    k_tags = torch.ones(24, dtype=torch.int32)
+    probe = Probe(TG.each(0, 20), _key_groups(24, (0, 24), 3, g), heads="keep")
+    res = iidkern.attention(q, k, v, tags=(q_tags, k_tags), probes=[probe], backend="triton", kernel_options=OPTS)
+    ref = attention_reference(q, k, v, tags=(q_tags, k_tags), probes=[probe])
+    assert torch.equal(res.probes[0][:, :, 0], torch.zeros(1, 2, 3))
+    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.float32])
+
+
+def test_only_the_first_eligible_probe_is_fused_and_the_rest_run_as_before():
+    # Two grouped-key probes and one with too many groups: the first is fused, the others
+    # take the probe pass (which needs the LSE the main pass then stores).
+    g = torch.Generator().manual_seed(65)
+    q, k, v = make_qkv(1, 2, 40, 44, 16, generator=g)
+    many = launch.MAX_FUSED_KEY_GROUPS + 1
+    probes = [Probe(TG.each(0, 40), TG.each(0, 44), heads="mean"),
+              Probe(TG.each(0, 40), _key_groups(44, (0, 44), many, g), heads="keep"),
+              Probe(TG.each(5, 40), _key_groups(44, (3, 30), 2, g), heads="sum"),
+              Probe(TG.each(0, 10), _key_groups(44, (10, 20), 3, g), heads="mean")]
+    calls = []
+    real = launch._run_probe
+    orig_index = launch._fused_probe_index
+
+    def counting(p, *args, **kwargs):
+        calls.append(p)
+        return real(p, *args, **kwargs)
+
+    launch._run_probe = counting
+    try:
+        assert orig_index(probes, {}) == 2
+        res = iidkern.attention(q, k, v, probes=probes, backend="triton", kernel_options=OPTS)
+    finally:
+        launch._run_probe = real
+    assert [id(p) for p in calls] == [id(probes[0]), id(probes[1]), id(probes[3])]
+    ref = attention_reference(q, k, v, probes=probes)
+    for i, (got, want) in enumerate(zip(res.probes, ref.probes)):
+        assert_close_rel(got, want, PROBE_TOL[torch.float32], what=f"probe {i}")
+
+
+def test_fusion_can_be_turned_off_with_the_same_result():
+    g = torch.Generator().manual_seed(66)
+    q, k, v = make_qkv(2, 2, 33, 35, 16, generator=g)
+    probe = Probe(TG.each(1, 33), _key_groups(35, (2, 20), 3, g), heads="mean", normalize="keys")
+    fused = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options=OPTS).probes[0]
+    second = iidkern.attention(q, k, v, probes=[probe], backend="triton",
+                               kernel_options={**OPTS, "fuse_key_groups": False}).probes[0]
+    assert_close_rel(fused, second, 1e-5)
+
+
+@pytest.mark.parametrize("options", [{"kg_half_dot": False, "kg_split": True}, {"kg_half_dot": False, "kg_split": False},
+                                     {"kg_half_dot": True, "kg_split": True}, {"kg_half_dot": True, "kg_split": False}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_probe_kernel_variants(no_probe_pass, options, dtype):
+    # fp16 or fp32/tf32 products for the group sums, and the key-range split or a per-tile
+    # test, compute the same map (the defaults depend on the head dim: pin each one here).
+    g = torch.Generator().manual_seed(67)
+    q, k, v = make_qkv(2, 2, 41, 57, 32, dtype=dtype, generator=g)
+    probe = Probe(TG.each(0, 41), _key_groups(57, (9, 40), 3, g), heads="keep", normalize="keys")
+    res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options={**OPTS, **options})
+    ref = attention_reference(q, k, v, probes=[probe])
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[dtype])
