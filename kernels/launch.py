@@ -221,7 +221,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         if i == fused:
             folded = _fold_query_groups(kgo, p.queries, kg_q0, n_q)
             results.append(normalize_groups(reduce_heads(folded, p.heads), p.queries, p.keys, p.normalize, n_q, n_k))
-            del folded, kgo  # free the raw sums (unless they are the result) before the probe pass allocates
+            del folded, kgo, kg_args  # free the raw sums (unless they are the result) before the probe pass
         elif isinstance(p, Probe):
             results.append(_run_probe(p, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_dim, qk_scale,
                                       block_d, dot_precision, cfg, launch_opts, alloc))
