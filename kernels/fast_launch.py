@@ -2,8 +2,8 @@
 
 ``JITFunction.run`` does a lot per launch: it binds every argument, rebuilds the
 specialization list, turns the compile options into a cache-key string, checks global
-values. On the H100 host that is ~100 us per launch (triton 3.6), more than a whole
-attention call at 256^2 or 512^2 images, so small shapes were host-bound.
+values. On the H100 host that was ~45 us per launch (triton 3.6), more than the GPU time
+of a whole attention call at 256^2 images, so small shapes were host-bound.
 
 This launcher goes through ``JITFunction.run`` once per *key* (which compiles the kernel,
 or loads it from Triton's caches, and launches it) and keeps the ``CompiledKernel`` it
@@ -65,8 +65,8 @@ class Launcher:
         except AttributeError:  # a tensor where a value was expected, or the reverse: no shortcut
             self.kernel[grid](*args, **kwargs)
             return
-        compiled = self._cache.get(key)
-        if compiled is None:
+        entry = self._cache.get(key)
+        if entry is None:
             # First launch with this key: Triton's own path compiles (or loads) and launches.
             compiled = self.kernel[grid](*args, **kwargs)
             if not _can_launch(compiled):
@@ -74,9 +74,11 @@ class Launcher:
                 return
             if len(self._cache) >= _MAX_ENTRIES:
                 self._cache.clear()
-            self._cache[key] = compiled
+            # The constexpr values are part of the key, so their argument tuple is kept with it.
+            constexprs = tuple(kwargs[name] if name in kwargs else default for name, default in self._constexprs)
+            self._cache[key] = (compiled, constexprs)
             return
-        constexprs = tuple(kwargs[name] if name in kwargs else default for name, default in self._constexprs)
+        compiled, constexprs = entry
         compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs)  # a compiled kernel wants all 3 grid dims
 
 

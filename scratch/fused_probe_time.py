@@ -13,28 +13,7 @@ import triton
 import iidkern
 from iidkern import Probe, TokenGroups as TG
 from iidkern.kernels import launch
-
-
-def graph_ms(fn, reps=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 10)
-    return sorted(times)[len(times) // 2]
+from graph_timing import graph_ms  # scratch/graph_timing.py (a script's folder is on sys.path)
 
 
 def eager_ms(fn, reps=200):
@@ -92,7 +71,7 @@ for name, h, nt, ni, d in SHAPES:
     for case, kw in cases:
         fn = lambda: iidkern.attention(q, k, v, layout="bnhd", **kw)
         try:
-            g = graph_ms(fn)
+            g = graph_ms(fn, reps=50)
         except Exception as e:  # noqa: BLE001
             print(f"{name:9s} {case:22s} failed: {type(e).__name__}: {str(e)[:100]}")
             continue

