@@ -114,6 +114,42 @@ def test_fused_key_group_probe_at_size(no_probe_pass, dtype, d, extra):
     assert_close_rel(res.probes[0], ref.probes[0], GPU_PROBE_TOL, what="fused probe")
 
 
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float16, 64), (torch.bfloat16, 128)])
+@pytest.mark.parametrize("n_img", [4096, 4083])
+def test_key_group_probe_in_image_first_layout(dtype, d, n_img):
+    """SD3's [image; text] order: the instruction keys come last. 333 + 4096 tokens leave a
+    ragged last key tile holding text keys (the probe then takes the probe pass, see
+    launch.fusable_key_span); 333 + 4083 = 4416 tokens end on a whole tile (fused)."""
+    b, h, nt = 1, 4, 333
+    n = n_img + nt
+    q, k, v = qkv(b, h, n, n, d, dtype, "bhnd", seed=10)
+    instr = torch.full((n,), -1, dtype=torch.int32, device="cuda")
+    instr[n_img:n_img + 111], instr[n_img + 111:n_img + 222], instr[n_img + 222:] = 0, 1, 2
+    probes = [Probe(TG.each(0, n_img), TG.ids(instr, 3, span=(n_img, n)), heads="keep", normalize="keys"),
+              Probe(TG.each(n_img, n), TG.each(0, n_img), heads="mean")]
+    res = iidkern.attention(q, k, v, probes=probes, kernel_options={"poison": True})
+    ref = attention_reference(q, k, v, probes=probes, compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    for i, (got, want) in enumerate(zip(res.probes, ref.probes)):
+        assert_close_rel(got, want, GPU_PROBE_TOL, what=f"probe {i}")
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.bfloat16, 128)])
+def test_value_probe_with_a_ragged_last_key_tile(dtype, d):
+    """The value probe's accumulator is also updated in the ragged last key tile (which runs
+    outside the key-tile loops): 4429 tokens, image first, signal on the text keys."""
+    b, h, nt, ni = 1, 4, 333, 4096
+    n = ni + nt
+    q, k, v = qkv(b, h, n, n, d, dtype, "bhnd", seed=11)
+    x = torch.zeros(b, n, 3, device="cuda")
+    x[:, ni:] = torch.rand(b, nt, 3, device="cuda")
+    probes = [ValueProbe(x, TG.each(0, ni), heads="keep")]
+    res = iidkern.attention(q, k, v, probes=probes, kernel_options={"poison": True})
+    ref = attention_reference(q, k, v, probes=probes, compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_close_rel(res.probes[0], ref.probes[0], GPU_PROBE_TOL, what="value probe")
+
+
 def test_pair_stats_large():
     q, k, v = qkv(2, 24, 1000, 1000, 128, torch.bfloat16, "bnhd", seed=5)
     res = iidkern.attention(q, k, v, layout="bnhd", pair_stats=[(0, 1)])
