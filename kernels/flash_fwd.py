@@ -327,7 +327,19 @@ def attn_fwd_kernel(
                 BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D, OUT_MULT, HAS_X, OUT_KG,
                 DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, WARP_SPECIALIZE)
         visited = n_whole
-        if n_k % BLOCK_N != 0:
+        if HAS_X + HAS_KG > 0:
+            # The side accumulators ([BLOCK_M, 16] sums) update the ragged last tile in a
+            # one-tile loop: outside a loop, triton 3.6 moved them through the wide wgmma
+            # layout of the scores there (not so in the loops; NOTES.md 25).
+            for j in range(n_whole, tl.cdiv(n_k, BLOCK_N)):
+                acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+                    acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base,
+                    stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
+                    mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
+                    kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, True, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
+                    DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+            visited = tl.cdiv(n_k, BLOCK_N)
+        elif n_k % BLOCK_N != 0:
             acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
                 acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, n_whole * BLOCK_N, k_base, v_base,
                 stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,

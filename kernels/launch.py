@@ -329,11 +329,14 @@ def _fused_probe_index(probes: Sequence, cfg: dict, n_k: int, block_n: int, tagg
 def fusable_key_span(span_stop: int, n_k: int, block_n: int, tagged: bool) -> bool:
     """Whether key groups ending at ``span_stop`` may be summed in the main pass.
 
-    Not when an untagged call's ragged last key tile holds group keys: that tile runs
+    Not when an untagged call's ragged last key tile holds group keys: that tile ran
     outside the key-tile loops, and there the compiled key-group update went wrong on the
     H100 with triton 3.6 (illegal address or NaN sums at SD3's [image; text] layout, whose
-    text keys end in that tile; `scratch/debug_kg.py` reproduces it). Such probes take the
-    probe pass. With tags every tile, the ragged one too, runs inside the list loops.
+    text keys end in that tile; NOTES.md 25). The kernel now runs that tile in a one-tile
+    loop when side accumulators are present, which removes the suspect layout conversions
+    from the compiled IR, but that is not yet confirmed on a GPU: until
+    `scratch/debug_kg.py ... force` passes there, such probes take the probe pass. With
+    tags every tile, the ragged one too, runs inside the list loops.
     """
     return tagged or n_k % block_n == 0 or span_stop <= (n_k // block_n) * block_n
 

@@ -67,5 +67,19 @@ for tags, mult, kg, split in combos:
         except Exception as e:  # noqa: BLE001
             fails += 1
             print("FAIL", label, type(e).__name__, str(e).splitlines()[:12])
+# The value probe (HAS_X) beside the others, at both head-dim configs (its ragged last tile
+# runs in a one-tile loop, NOTES.md 25).
+for d, bm, bn, w, extra in [(128, 128, 64, 8, {}), (64, 64, 64, 4, {}), (128, 128, 64, 8, dict(HAS_KG=True)),
+                            (64, 64, 64, 4, dict(HAS_KG=True, KG_HALF_DOT=True)), (128, 128, 64, 8, dict(HAS_TAGS=True))]:
+    cfg = dict(base, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HAS_TAGS=False, HAS_HW=False, HAS_MULT=False, HAS_X=True,
+               HAS_KG=False)
+    cfg.update(extra)
+    label = f"x D={d} {extra}"
+    try:
+        compile_kernel(flash.attn_fwd_kernel, {**half, **ints}, cfg, num_warps=w)
+        print("ok  ", label)
+    except Exception as e:  # noqa: BLE001
+        fails += 1
+        print("FAIL", label, type(e).__name__, str(e).splitlines()[:12])
 print("failures:", fails)
 sys.exit(1 if fails else 0)

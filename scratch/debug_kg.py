@@ -11,7 +11,9 @@ Run one configuration per process (an illegal access poisons the CUDA context):
 probe takes the probe pass. Prints NaN counts and the largest error against float32.
 Inspecting the compiled IR (triton 3.6, `ttgir`) showed the tail's update converting
 the [BLOCK_M, 16] sums between the 16-wide and the 64-wide wgmma layouts, which the
-loops do not do: the suspect.
+loops do not do: the suspect. The kernel now runs that tile in a one-tile loop when side
+accumulators are present (no such conversions left in the IR); if this prints no NaN and
+a small error with ``force``, ``launch.fusable_key_span`` can go.
 """
 import sys
 
