@@ -140,7 +140,8 @@ def _iidkern(w: Workload) -> Impl:
         return named
 
     def checked_call(q, k, v):
-        return iidkern.attention(q, k, v, **kwargs, kernel_options={"poison": True})
+        options = {**(kwargs.get("kernel_options") or {}), "poison": True}
+        return iidkern.attention(q, k, v, **{**kwargs, "kernel_options": options})
 
     # Every iidkern call is capturable: pair lists stay on the host (no device sync).
     return Impl("iidkern", call, extract, graphable=True, checked_call=checked_call)

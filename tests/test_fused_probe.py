@@ -76,11 +76,14 @@ def test_fused_probe_key_spans_and_group_counts(monkeypatch, span, n_groups):
     # (launch.fusable_key_span); the result is the same.
     g = torch.Generator().manual_seed(62)
     q, k, v = make_qkv(1, 2, 37, 61, 16, generator=g)
+    block_n = launch.default_config(16, torch.float32)["BLOCK_N"]
+    whole_tiles_end = 61 // block_n * block_n
+    assert whole_tiles_end == 48  # the spans above are placed for 16-key tiles
     probe = Probe(TG.each(0, 37), _key_groups(61, span, n_groups, g, batched=True), heads="keep")
     calls = _counting_probe_pass(monkeypatch)
     res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options=OPTS)
     ref = attention_reference(q, k, v, probes=[probe])
-    assert len(calls) == (1 if span[1] > 48 else 0)
+    assert len(calls) == (1 if span[1] > whole_tiles_end else 0)
     assert res.probes[0].shape == (1, 2, 37, n_groups)
     assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.float32])
 
@@ -99,14 +102,17 @@ def test_key_spans_in_the_ragged_tail_are_fused_with_tags(no_probe_pass, span):
 
 
 @pytest.mark.parametrize("span", [(40, 61), (60, 61)])
-def test_kernel_tail_tile_key_group_logic_when_forced(no_probe_pass, monkeypatch, span):
+@pytest.mark.parametrize("n_groups", [1, 3, 17, 32])
+@pytest.mark.parametrize("batched", [False, True])
+def test_kernel_tail_tile_key_group_logic_when_forced(no_probe_pass, monkeypatch, span, n_groups, batched):
     # The kernel's own update of key groups in the ragged tail tile (not used by default,
     # see launch.fusable_key_span) is right in the interpreter; forcing it keeps that code
     # tested for when the compiled issue is fixed.
     monkeypatch.setattr(launch, "fusable_key_span", lambda *args: True)
     g = torch.Generator().manual_seed(69)
-    q, k, v = make_qkv(1, 2, 37, 61, 16, generator=g)
-    probe = Probe(TG.each(0, 37), _key_groups(61, span, 3, g), heads="keep", normalize="keys")
+    q, k, v = make_qkv(2, 2, 37, 61, 16, generator=g)
+    probe = Probe(TG.each(0, 37), _key_groups(61, span, n_groups, g, batched=batched, b=2), heads="keep",
+                  normalize="keys")
     res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options=OPTS)
     ref = attention_reference(q, k, v, probes=[probe])
     assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.float32])
@@ -114,7 +120,8 @@ def test_kernel_tail_tile_key_group_logic_when_forced(no_probe_pass, monkeypatch
 
 @pytest.mark.parametrize("n_k,span_stop,tagged,fusable", [
     (61, 48, False, True), (61, 49, False, False), (61, 61, False, False), (61, 61, True, True),
-    (64, 64, False, True), (4429, 4416, False, True), (4429, 4429, False, False)])
+    (64, 64, False, True), (4429, 4416, False, True), (4429, 4429, False, False),
+    (10, 10, False, False), (10, 0, False, True), (10, 10, True, True)])
 def test_fusable_key_span(n_k, span_stop, tagged, fusable):
     assert launch.fusable_key_span(span_stop, n_k, 16 if n_k < 100 else 64, tagged) is fusable
 
