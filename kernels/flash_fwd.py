@@ -153,8 +153,9 @@ def _attn_range(acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, til
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr, G_PAD: tl.constexpr,
                 EVEN_D: tl.constexpr, MULT_MODE: tl.constexpr, HAS_X: tl.constexpr, KG_MODE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, X_PRECISION: tl.constexpr, KG_HALF_DOT: tl.constexpr,
-                UPCAST_DOTS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """Full (unmasked) key tiles ``tile_begin <= j < tile_end`` of an untagged row of tiles."""
+                UPCAST_DOTS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MASKED: tl.constexpr = False):
+    """Key tiles ``tile_begin <= j < tile_end`` of an untagged row of tiles: full tiles
+    (unmasked), or with ``MASKED`` the ragged last one."""
     if WARP_SPECIALIZE:
         # Opt-in (kernel_options): Triton's automatic warp specialization splits loads and
         # math into producer/consumer warps. In a constexpr branch so that Tritons without
@@ -164,7 +165,7 @@ def _attn_range(acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, til
                 acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base,
                 stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
                 mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
-                kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, False, EVEN_D, False, MULT_MODE, HAS_X, KG_MODE,
+                kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, MASKED, EVEN_D, False, MULT_MODE, HAS_X, KG_MODE,
                 DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
     else:
         for j in range(tile_begin, tile_end):
@@ -172,7 +173,7 @@ def _attn_range(acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, til
                 acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base,
                 stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
                 mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
-                kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, False, EVEN_D, False, MULT_MODE, HAS_X, KG_MODE,
+                kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, MASKED, EVEN_D, False, MULT_MODE, HAS_X, KG_MODE,
                 DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
     return acc, acc_x, acc_g, l_i, m_i, m_g
 
@@ -331,13 +332,12 @@ def attn_fwd_kernel(
             # The side accumulators ([BLOCK_M, 16] sums) update the ragged last tile in a
             # one-tile loop: outside a loop, triton 3.6 moved them through the wide wgmma
             # layout of the scores there (not so in the loops; NOTES.md 25).
-            for j in range(n_whole, tl.cdiv(n_k, BLOCK_N)):
-                acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
-                    acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, j * BLOCK_N, k_base, v_base,
-                    stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
-                    mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
-                    kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, True, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
-                    DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_range(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, n_whole, tl.cdiv(n_k, BLOCK_N), k_base,
+                v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
+                mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
+                kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D, HAS_MULT, HAS_X, HAS_KG,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, False, True)
             visited = tl.cdiv(n_k, BLOCK_N)
         elif n_k % BLOCK_N != 0:
             acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
