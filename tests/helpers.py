@@ -1,6 +1,8 @@
 """Test helpers: random inputs in either layout, tolerances per dtype, error metrics."""
 import torch
 
+from iidkern.policy import AttentionPolicy
+
 # Relative-norm tolerances ||out - ref|| / ||ref|| for the attention output, per input dtype
 # (bf16/fp16 round P to the input dtype before P @ V, as every flash kernel does).
 OUT_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -42,3 +44,14 @@ def random_tags(b, n, nbits=4, density=0.4, generator=None, dtype=torch.int64):
     bits = torch.rand(b, n, nbits, generator=generator) < density
     weights = torch.tensor([1 << i for i in range(nbits)], dtype=torch.int64)
     return (bits.long() * weights).sum(-1).to(dtype)
+
+
+class RecordSites(AttentionPolicy):
+    """A policy that asks for nothing and remembers every attention site it is shown."""
+
+    def __init__(self):
+        self.sites = []
+
+    def request(self, site):
+        self.sites.append(site)
+        return None

@@ -26,7 +26,7 @@ from iidkern.integrations.diffusers import FluxIidkernProcessor, IidkernHandle, 
 from iidkern.policy import AttentionPolicy, AttentionRequest, CapturePolicy  # noqa: E402
 from iidkern.specs import BlockMultiplier, Probe, TokenGroups, instruction_tags  # noqa: E402
 
-from helpers import assert_close_rel, rel_err  # noqa: E402
+from helpers import RecordSites, assert_close_rel, rel_err  # noqa: E402
 
 TOL = 1e-5  # fp32 relative-norm tolerance of a whole forward pass
 PROBE_TOL = 1e-5
@@ -222,15 +222,6 @@ def with_key_mask(allowed: Optional[torch.Tensor], key_mask: Optional[torch.Tens
 
 
 # --------------------------------------------------------------------------- policies used by the tests
-class RecordSites(AttentionPolicy):
-    def __init__(self):
-        self.sites = []
-
-    def request(self, site):
-        self.sites.append(site)
-        return None
-
-
 class AtLayer(AttentionPolicy):
     """Asks ``make(site)`` at one layer only; records every site it sees."""
 

@@ -7,18 +7,7 @@ from iidkern.mmdit.testing import flux_inputs, sd3_inputs
 from iidkern.policy import AttentionPolicy, AttentionRequest, CapturePolicy
 from iidkern.specs import Probe, TokenGroups
 
-from helpers import assert_close_rel
-
-
-class Recorder(AttentionPolicy):
-    """Asks for nothing; remembers every site."""
-
-    def __init__(self):
-        self.sites = []
-
-    def request(self, site):
-        self.sites.append(site)
-        return None
+from helpers import RecordSites, assert_close_rel
 
 
 def _flux_call(model, policy=None, backend="reference", num_source=None, **kw):
@@ -33,7 +22,7 @@ def _flux_call(model, policy=None, backend="reference", num_source=None, **kw):
 
 def test_flux_sites_cover_every_call():
     model = FluxTransformer.random(FluxConfig.tiny(num_layers=2, num_single_layers=3))
-    rec = Recorder()
+    rec = RecordSites()
     _flux_call(model, rec, num_source=6, step=4, num_steps=28)
     kinds = [(s.block_kind, s.block, s.layer) for s in rec.sites]
     assert kinds == [("double", 0, 0), ("double", 1, 1), ("single", 0, 2), ("single", 1, 3), ("single", 2, 4)]
@@ -44,7 +33,7 @@ def test_flux_sites_cover_every_call():
 
 def test_sd3_sites_include_dual_attention():
     model = SD3Transformer.random(SD3Config.tiny(num_layers=3, dual_attention_layers=(0,), qk_norm="rms_norm"))
-    rec = Recorder()
+    rec = RecordSites()
     latents, text, pooled, t = sd3_inputs(model.config, rows=3, cols=5, num_text=4)
     with torch.no_grad():
         model(latents, text, pooled, t, policy=rec, step=0, num_steps=2, backend="reference")
@@ -55,7 +44,7 @@ def test_sd3_sites_include_dual_attention():
 
 def test_a_silent_policy_changes_nothing():
     model = FluxTransformer.random(FluxConfig.tiny(), seed=3)
-    assert torch.equal(_flux_call(model, Recorder()), _flux_call(model))
+    assert torch.equal(_flux_call(model, RecordSites()), _flux_call(model))
 
 
 def test_probes_come_back_at_the_chosen_site():
@@ -120,7 +109,7 @@ def test_sdpa_baseline_matches_and_refuses_policies():
     model = FluxTransformer.random(FluxConfig.tiny(), seed=7)
     assert_close_rel(_flux_call(model, backend="sdpa"), _flux_call(model), 1e-5, "sdpa baseline")
     with pytest.raises(ValueError, match="cannot serve a policy"):
-        _flux_call(model, Recorder(), backend="sdpa")
+        _flux_call(model, RecordSites(), backend="sdpa")
     with pytest.raises(ValueError, match="backend must be one of"):
         _flux_call(model, backend="flash")
 
