@@ -240,8 +240,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             thread; ``None`` lifts the D<=64 default). Probe pass: ``PROBE_BLOCK_M``,
             ``PROBE_BLOCK_N``, ``PROBE_NUM_WARPS``, ``PROBE_NUM_STAGES``. Strategy switches
             (results are the same either way): ``fuse_key_groups`` (a probe with <= 32
-            key groups rides in the main pass; default True, except when its keys reach
-            an untagged call's ragged last key tile, see ``launch.fusable_key_span``), ``kg_split`` /
+            key groups rides in the main pass; default True), ``kg_split`` /
             ``mult_split`` (the key groups / the multiplier get their own key-tile range
             instead of a per-tile test), ``kg_half_dot`` (key-group sums as two fp16
             products instead of tf32), ``warp_specialize`` (Triton's automatic warp

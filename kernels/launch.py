@@ -80,7 +80,10 @@ def _default_config(head_dim: int, dtype: torch.dtype) -> dict:
         # (150 registers a thread); tags or key groups push a program past the 168 that
         # allow 3, so the register cap keeps them there (NOTES.md). A multiplier gets no
         # cap (see triton_attention) and is tested per tile: its split range costs more here.
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=168, mult_split=False)
+        # Key groups are tested per tile too: under the cap the split ranges cost 1.12x at
+        # SD3, the per-tile test 1.05x (NOTES.md 27).
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=168, mult_split=False,
+                    kg_split=False)
     if block_d <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -125,7 +128,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
 
     out = alloc(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout
     value_probes = [p for p in probes if isinstance(p, ValueProbe)]
-    fused = _fused_probe_index(probes, cfg, n_k, block_n, tags is not None)
+    fused = _fused_probe_index(probes, cfg)
     # The second-pass probes need the row LSE; a fused probe does not.
     store_lse = need_lse or any(isinstance(p, Probe) and i != fused for i, p in enumerate(probes))
     lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if store_lse else None
@@ -311,34 +314,17 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
     return normalize_groups(result, p.queries, p.keys, p.normalize, n_q, n_k)
 
 
-def _fused_probe_index(probes: Sequence, cfg: dict, n_k: int, block_n: int, tagged: bool) -> Optional[int]:
+def _fused_probe_index(probes: Sequence, cfg: dict) -> Optional[int]:
     """The probe that rides in the main pass: the first one whose keys are grouped into at
     most ``MAX_FUSED_KEY_GROUPS`` groups (its result is a few columns per query row, so it
-    accumulates beside the output) and whose key span the kernel may fuse (see
-    ``fusable_key_span``). ``kernel_options={"fuse_key_groups": False}`` runs it in the
-    probe pass instead."""
+    accumulates beside the output). ``kernel_options={"fuse_key_groups": False}`` runs it
+    in the probe pass instead."""
     if not cfg.get("fuse_key_groups", True):
         return None
     for i, p in enumerate(probes):
-        if isinstance(p, Probe) and p.keys.kind == "ids" and p.keys.count <= MAX_FUSED_KEY_GROUPS \
-                and fusable_key_span(p.keys.stop, n_k, block_n, tagged):
+        if isinstance(p, Probe) and p.keys.kind == "ids" and p.keys.count <= MAX_FUSED_KEY_GROUPS:
             return i
     return None
-
-
-def fusable_key_span(span_stop: int, n_k: int, block_n: int, tagged: bool) -> bool:
-    """Whether key groups ending at ``span_stop`` may be summed in the main pass.
-
-    Not when an untagged call's ragged last key tile holds group keys: that tile ran
-    outside the key-tile loops, and there the compiled key-group update went wrong on the
-    H100 with triton 3.6 (illegal address or NaN sums at SD3's [image; text] layout, whose
-    text keys end in that tile; NOTES.md 25). The kernel now runs that tile in a one-tile
-    loop when side accumulators are present, which removes the suspect layout conversions
-    from the compiled IR, but that is not yet confirmed on a GPU: until
-    `scratch/debug_kg.py ... force` passes there, such probes take the probe pass. With
-    tags every tile, the ragged one too, runs inside the list loops.
-    """
-    return tagged or n_k % block_n == 0 or span_stop <= (n_k // block_n) * block_n
 
 
 def _fold_query_groups(per_query: torch.Tensor, groups, row0: int, n_q: int) -> torch.Tensor:

@@ -55,42 +55,30 @@ def test_fused_probe_matches_reference(no_probe_pass, query_kind, heads, layout)
     assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.float32])
 
 
-def _counting_probe_pass(monkeypatch):
-    """Record the probes that take the second (probe) pass."""
-    calls = []
-    real = launch._run_probe
-
-    def counting(p, *args, **kwargs):
-        calls.append(p)
-        return real(p, *args, **kwargs)
-    monkeypatch.setattr(launch, "_run_probe", counting)
-    return calls
-
-
 @pytest.mark.parametrize("span", [(0, 7), (17, 30), (0, 48), (40, 61), (0, 61), (60, 61)])
 @pytest.mark.parametrize("n_groups", [1, 3, 17, 32])
-def test_fused_probe_key_spans_and_group_counts(monkeypatch, span, n_groups):
-    # Spans inside one tile, across tiles, up to the ragged tail, through it, everything,
-    # one key; group counts that pad to 16 and to 32 columns. Untagged spans that reach
-    # the ragged last tile (keys 48..60 with 16-key tiles) take the probe pass instead
-    # (launch.fusable_key_span); the result is the same.
+@pytest.mark.parametrize("batched", [False, True])
+def test_fused_probe_key_spans_and_group_counts(no_probe_pass, span, n_groups, batched):
+    # Spans inside one tile, across tiles, up to the ragged last tile (keys 48..60 with
+    # 16-key tiles), through it, everything, one key in it; group counts that pad to 16
+    # and to 32 columns; one id row for the batch or one per batch item. All ride in the
+    # main pass: the ragged tile runs in a one-tile loop of its own (NOTES.md 25).
     g = torch.Generator().manual_seed(62)
-    q, k, v = make_qkv(1, 2, 37, 61, 16, generator=g)
+    q, k, v = make_qkv(2, 2, 37, 61, 16, generator=g)
     block_n = launch.default_config(16, torch.float32)["BLOCK_N"]
-    whole_tiles_end = 61 // block_n * block_n
-    assert whole_tiles_end == 48  # the spans above are placed for 16-key tiles
-    probe = Probe(TG.each(0, 37), _key_groups(61, span, n_groups, g, batched=True), heads="keep")
-    calls = _counting_probe_pass(monkeypatch)
+    assert 61 // block_n * block_n == 48  # the spans above are placed for 16-key tiles
+    probe = Probe(TG.each(0, 37), _key_groups(61, span, n_groups, g, batched=batched, b=2), heads="keep",
+                  normalize="keys")
     res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options=OPTS)
     ref = attention_reference(q, k, v, probes=[probe])
-    assert len(calls) == (1 if span[1] > whole_tiles_end else 0)
-    assert res.probes[0].shape == (1, 2, 37, n_groups)
+    assert res.probes[0].shape == (2, 2, 37, n_groups)
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
     assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("span", [(40, 61), (0, 61), (60, 61)])
 def test_key_spans_in_the_ragged_tail_are_fused_with_tags(no_probe_pass, span):
-    # With tags the ragged last tile runs inside the tile-list loops, so it may be fused.
+    # With tags the ragged last tile runs inside the tile-list loops instead.
     g = torch.Generator().manual_seed(68)
     q, k, v = make_qkv(1, 2, 37, 61, 16, generator=g)
     tags = (random_tags(1, 37, generator=g), random_tags(1, 61, generator=g))
@@ -99,31 +87,6 @@ def test_key_spans_in_the_ragged_tail_are_fused_with_tags(no_probe_pass, span):
     ref = attention_reference(q, k, v, tags=tags, probes=[probe])
     assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
     assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.float32])
-
-
-@pytest.mark.parametrize("span", [(40, 61), (60, 61)])
-@pytest.mark.parametrize("n_groups", [1, 3, 17, 32])
-@pytest.mark.parametrize("batched", [False, True])
-def test_kernel_tail_tile_key_group_logic_when_forced(no_probe_pass, monkeypatch, span, n_groups, batched):
-    # The kernel's own update of key groups in the ragged tail tile (not used by default,
-    # see launch.fusable_key_span) is right in the interpreter; forcing it keeps that code
-    # tested for when the compiled issue is fixed.
-    monkeypatch.setattr(launch, "fusable_key_span", lambda *args: True)
-    g = torch.Generator().manual_seed(69)
-    q, k, v = make_qkv(2, 2, 37, 61, 16, generator=g)
-    probe = Probe(TG.each(0, 37), _key_groups(61, span, n_groups, g, batched=batched, b=2), heads="keep",
-                  normalize="keys")
-    res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options=OPTS)
-    ref = attention_reference(q, k, v, probes=[probe])
-    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.float32])
-
-
-@pytest.mark.parametrize("n_k,span_stop,tagged,fusable", [
-    (61, 48, False, True), (61, 49, False, False), (61, 61, False, False), (61, 61, True, True),
-    (64, 64, False, True), (4429, 4416, False, True), (4429, 4429, False, False),
-    (10, 10, False, False), (10, 0, False, True), (10, 10, True, True)])
-def test_fusable_key_span(n_k, span_stop, tagged, fusable):
-    assert launch.fusable_key_span(span_stop, n_k, 16 if n_k < 100 else 64, tagged) is fusable
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -183,7 +146,7 @@ def test_only_the_first_eligible_probe_is_fused_and_the_rest_run_as_before():
 
     launch._run_probe = counting
     try:
-        assert orig_index(probes, {}, 44, 16, False) == 2
+        assert orig_index(probes, {}) == 2
         res = iidkern.attention(q, k, v, probes=probes, backend="triton", kernel_options=OPTS)
     finally:
         launch._run_probe = real
