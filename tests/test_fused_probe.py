@@ -58,18 +58,20 @@ def test_fused_probe_matches_reference(no_probe_pass, query_kind, heads, layout)
 @pytest.mark.parametrize("span", [(0, 7), (17, 30), (0, 48), (40, 61), (0, 61), (60, 61)])
 @pytest.mark.parametrize("n_groups", [1, 3, 17, 32])
 @pytest.mark.parametrize("batched", [False, True])
-def test_fused_probe_key_spans_and_group_counts(no_probe_pass, span, n_groups, batched):
+@pytest.mark.parametrize("kg_split", [True, False])
+def test_fused_probe_key_spans_and_group_counts(no_probe_pass, span, n_groups, batched, kg_split):
     # Spans inside one tile, across tiles, up to the ragged last tile (keys 48..60 with
     # 16-key tiles), through it, everything, one key in it; group counts that pad to 16
-    # and to 32 columns; one id row for the batch or one per batch item. All ride in the
-    # main pass: the ragged tile runs in a one-tile loop of its own (NOTES.md 25).
+    # and to 32 columns; one id row for the batch or one per batch item; the groups' own
+    # key-tile range (the D=128 default) or a per-tile test (D=64). All ride in the main
+    # pass: the ragged tile runs in a one-tile loop of its own (NOTES.md 25).
     g = torch.Generator().manual_seed(62)
     q, k, v = make_qkv(2, 2, 37, 61, 16, generator=g)
     block_n = launch.default_config(16, torch.float32)["BLOCK_N"]
     assert 61 // block_n * block_n == 48  # the spans above are placed for 16-key tiles
     probe = Probe(TG.each(0, 37), _key_groups(61, span, n_groups, g, batched=batched, b=2), heads="keep",
                   normalize="keys")
-    res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options=OPTS)
+    res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options={**OPTS, "kg_split": kg_split})
     ref = attention_reference(q, k, v, probes=[probe])
     assert res.probes[0].shape == (2, 2, 37, n_groups)
     assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
