@@ -1,0 +1,40 @@
+"""Scratch helper (GPU): interleaved A/B timing for the NOTES.md experiments.
+
+Each round times every variant once (median of CUDA-event times over back-to-back calls)
+and divides by the baseline of the same round, so clock drift between rounds hits all
+variants alike; the report is the median ratio over rounds with its spread.
+"""
+import statistics
+from typing import Callable, Dict
+
+import torch
+
+
+def median_ms(fn: Callable[[], object], reps: int = 100, warmup: int = 5) -> float:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    for i in range(reps):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def interleaved_ratios(variants: Dict[str, Callable[[], object]], baseline: str, rounds: int = 7,
+                       label: str = "") -> Dict[str, list]:
+    """Per variant, its time over the baseline's in each round; prints a line per round and a summary."""
+    for _ in range(3):
+        median_ms(variants[baseline])  # clocks up first
+    ratios = {name: [] for name in variants}
+    for r in range(rounds):
+        times = {name: median_ms(fn) for name, fn in variants.items()}
+        for name in variants:
+            ratios[name].append(times[name] / times[baseline])
+        print(f"{label} round {r}: " + " ".join(f"{name}={t:.4f}" for name, t in times.items()), flush=True)
+    for name, rs in ratios.items():
+        print(f"{label:9s} {name:46s} {statistics.median(rs):.3f}x {baseline} (min {min(rs):.3f}, max {max(rs):.3f})")
+    return ratios
