@@ -23,6 +23,7 @@ FEATURE_IMPLS = {
 }
 MODEL_SHAPES = ("flux_1024", "sd3_1024", "flux_edit")
 SWEEP_SHAPES = ("flux_256", "flux_512", "flux_2048")
+SD3_SWEEP_SHAPES = ("sd3_256", "sd3_512", "sd3_2048")  # issue 5 target 1 at D=64 too
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ def all_cases(quick: bool = False) -> List[Case]:
             add(shape, "plain", PLAIN_IMPLS)
         add("flux_1024", "plain", PLAIN_IMPLS, dtype="fp16")
         add("sd3_1024", "plain", ("iidkern", "sdpa_cudnn"), dtype="fp16")
+        for shape in SD3_SWEEP_SHAPES:
+            add(shape, "plain", ("iidkern", "sdpa_cudnn", "sdpa_flash", "flex"))
+        for shape in SWEEP_SHAPES + SD3_SWEEP_SHAPES:  # both half dtypes at every size
+            add(shape, "plain", ("iidkern", "sdpa_cudnn"), dtype="fp16")
     for shape in model_shapes:
         for feature in (("tags_50",) if quick else tag_features):
             add(shape, feature, ("flex",))

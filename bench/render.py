@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-SHAPE_ORDER = ["flux_256", "flux_512", "flux_1024", "flux_edit", "flux_2048", "sd3_1024", "flux_1024_b2"]
+SHAPE_ORDER = ["flux_256", "flux_512", "flux_1024", "flux_edit", "flux_2048", "sd3_256", "sd3_512", "sd3_1024",
+               "sd3_2048", "flux_1024_b2"]
 FEATURE_ORDER = ["plain", "probe", "tags_0", "tags_50", "tags_75", "tags_iid", "head_weights", "block_mult",
                  "pair_stats"]
 IMPL_ORDER = ["iidkern", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "sdpa_cudnn+torch", "naive"]

@@ -53,6 +53,11 @@ def _flux(name: str, image: int, batch: int = 1) -> Shape:
     return Shape(name, batch, heads=24, text=512, image=image, head_dim=128, text_first=True)
 
 
+def _sd3(name: str, image: int) -> Shape:
+    # SD3's joint attention: 24 heads of 64, image tokens first, 333 text tokens (77 CLIP + 256 T5) last.
+    return Shape(name, 1, heads=24, text=333, image=image, head_dim=64, text_first=False)
+
+
 # Flux at 1024^2 has a 64x64 latent grid after 2x2 patching: 4096 image tokens; the other
 # resolutions scale that by the pixel count. Flux edit doubles the image tokens (source +
 # target latents in one sequence).
@@ -62,7 +67,10 @@ SHAPES: Dict[str, Shape] = {s.name: s for s in (
     _flux("flux_1024", 4096),
     _flux("flux_edit", 8192),
     _flux("flux_2048", 16384),
-    Shape("sd3_1024", 1, heads=24, text=333, image=4096, head_dim=64, text_first=False),
+    _sd3("sd3_256", 256),
+    _sd3("sd3_512", 1024),
+    _sd3("sd3_1024", 4096),
+    _sd3("sd3_2048", 16384),
     _flux("flux_1024_b2", 4096, batch=2),  # two branches (HeadRouter: reconstruction + edit)
 )}
 
