@@ -80,8 +80,8 @@ def _default_config(head_dim: int, dtype: torch.dtype) -> dict:
         # (150 registers a thread); tags or key groups push a program past the 168 that
         # allow 3, so the register cap keeps them there (NOTES.md). A multiplier gets no
         # cap (see triton_attention) and is tested per tile: its split range costs more here.
-        # Key groups are tested per tile too: under the cap the split ranges cost 1.12x at
-        # SD3, the per-tile test 1.05x (NOTES.md 27).
+        # Key groups are tested per tile too: under the cap their split range cost 1.23x plain
+        # at SD3 against 1.15x for the per-tile test (H100, interleaved A/B, NOTES.md 27).
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=168, mult_split=False,
                     kg_split=False)
     if block_d <= 128:
