@@ -28,3 +28,18 @@ def no_probe_pass(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the probe pass ran; the grouped-key probe should ride in the main pass")
     monkeypatch.setattr(launch, "_run_probe", refuse)
+
+
+@pytest.fixture
+def probe_pass_calls(monkeypatch):
+    """The probes that take the second (probe) pass, in call order; the pass still runs."""
+    from iidkern.kernels import launch
+
+    calls = []
+    real = launch._run_probe
+
+    def recording(p, *args, **kwargs):
+        calls.append(p)
+        return real(p, *args, **kwargs)
+    monkeypatch.setattr(launch, "_run_probe", recording)
+    return calls

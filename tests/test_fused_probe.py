@@ -128,7 +128,7 @@ def test_rows_without_allowed_keys_give_zero_rows(no_probe_pass):
     assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.float32])
 
 
-def test_only_the_first_eligible_probe_is_fused_and_the_rest_run_as_before():
+def test_only_the_first_eligible_probe_is_fused_and_the_rest_run_as_before(probe_pass_calls):
     # Two grouped-key probes and one with too many groups: the first is fused, the others
     # take the probe pass (which needs the LSE the main pass then stores).
     g = torch.Generator().manual_seed(65)
@@ -138,21 +138,9 @@ def test_only_the_first_eligible_probe_is_fused_and_the_rest_run_as_before():
               Probe(TG.each(0, 40), _key_groups(44, (0, 44), many, g), heads="keep"),
               Probe(TG.each(5, 40), _key_groups(44, (3, 30), 2, g), heads="sum"),
               Probe(TG.each(0, 10), _key_groups(44, (10, 20), 3, g), heads="mean")]
-    calls = []
-    real = launch._run_probe
-    orig_index = launch._fused_probe_index
-
-    def counting(p, *args, **kwargs):
-        calls.append(p)
-        return real(p, *args, **kwargs)
-
-    launch._run_probe = counting
-    try:
-        assert orig_index(probes, {}) == 2
-        res = iidkern.attention(q, k, v, probes=probes, backend="triton", kernel_options=OPTS)
-    finally:
-        launch._run_probe = real
-    assert [id(p) for p in calls] == [id(probes[0]), id(probes[1]), id(probes[3])]
+    assert launch._fused_probe_index(probes, {}) == 2
+    res = iidkern.attention(q, k, v, probes=probes, backend="triton", kernel_options=OPTS)
+    assert [id(p) for p in probe_pass_calls] == [id(probes[0]), id(probes[1]), id(probes[3])]
     ref = attention_reference(q, k, v, probes=probes)
     for i, (got, want) in enumerate(zip(res.probes, ref.probes)):
         assert_close_rel(got, want, PROBE_TOL[torch.float32], what=f"probe {i}")
