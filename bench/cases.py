@@ -59,6 +59,10 @@ def all_cases(quick: bool = False) -> List[Case]:
         for feature in ("probe", "head_weights", "block_mult", *tag_features):
             add(shape, feature, FEATURE_IMPLS[feature])
     add("flux_1024_b2", "plain", ("iidkern", "sdpa_cudnn"))
+    # The Triton kernel's own plain time where the Hopper kernel serves plain calls (D=128):
+    # probes, tags and the multiplier run on the Triton kernel and are compared with it.
+    for shape in [s for s in model_shapes if SHAPES[s].head_dim == 128] + ["flux_1024_b2"]:
+        add(shape, "plain", ("iidkern_triton",))
     add("flux_1024_b2", "pair_stats", ("iidkern", "sdpa_cudnn+torch"))
     if not quick:
         for shape in SWEEP_SHAPES:

@@ -1,6 +1,9 @@
 """The implementations the suite times, each as one callable ``call(q, k, v)`` over a workload.
 
-* ``iidkern``: the fused engine, every extra in the one call.
+* ``iidkern``: the fused engine, every extra in the one call (on an H100 at D=128, plain
+  calls and head weights / pair statistics run the Hopper Gluon kernel).
+* ``iidkern_triton``: the same call pinned to the Triton kernel (``kernel_options={"hopper":
+  False}``): the plain time of the kernel that serves probes, tags and the multiplier.
 * ``sdpa_cudnn`` / ``sdpa_flash`` / ``sdpa_efficient``: ``F.scaled_dot_product_attention``
   pinned to one backend (tag features pass the dense bool mask, as a user without a tag
   kernel would). ``sdpa_cudnn+torch``: cuDNN plus the extra done by PyTorch ops after it.
@@ -31,7 +34,7 @@ SDPA_BACKENDS = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-IMPLEMENTATIONS = ("iidkern", *SDPA_BACKENDS, "sdpa_cudnn+torch", "flex", "naive")
+IMPLEMENTATIONS = ("iidkern", "iidkern_triton", *SDPA_BACKENDS, "sdpa_cudnn+torch", "flex", "naive")
 NAIVE_BYTES_PER_SCORE = 14  # bf16 scores + fp32 probs + fp32 softmax temp + bf16 probs for P@V
 
 
@@ -123,8 +126,10 @@ def flex_block_mask(w: Workload):
 
 
 # --------------------------------------------------------------------------- builders
-def _iidkern(w: Workload) -> Impl:
+def _iidkern(w: Workload, name: str = "iidkern", options: Optional[dict] = None) -> Impl:
     kwargs = w.iidkern_kwargs()
+    if options:
+        kwargs["kernel_options"] = {**(kwargs.get("kernel_options") or {}), **options}
 
     def call(q, k, v):
         return iidkern.attention(q, k, v, **kwargs)
@@ -144,7 +149,7 @@ def _iidkern(w: Workload) -> Impl:
         return iidkern.attention(q, k, v, **{**kwargs, "kernel_options": options})
 
     # Every iidkern call is capturable: pair lists stay on the host (no device sync).
-    return Impl("iidkern", call, extract, graphable=True, checked_call=checked_call)
+    return Impl(name, call, extract, graphable=True, checked_call=checked_call)
 
 
 def _sdpa_plain_or_masked(w: Workload, backend: Optional[SDPBackend], name: str) -> Optional[Impl]:
@@ -225,6 +230,8 @@ def _naive(w: Workload) -> Impl:
 def make_impl(name: str, w: Workload) -> Impl:
     if name == "iidkern":
         return _iidkern(w)
+    if name == "iidkern_triton":  # the Triton kernel where the Hopper one would serve (D=128 plain)
+        return _iidkern(w, name, {"hopper": False})
     if name in SDPA_BACKENDS:
         return _sdpa_impl(name, w)
     if name == "sdpa_cudnn+torch":
@@ -249,7 +256,7 @@ def first_call_or_unsupported(impl: Impl, q, k, v):
 
     Errors of iidkern itself propagate: they are failures, not skips.
     """
-    if impl.name == "iidkern":
+    if impl.name.startswith("iidkern"):
         return (impl.checked_call or impl.call)(q, k, v)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -244,7 +244,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             ``mult_split`` (the key groups / the multiplier get their own key-tile range
             instead of a per-tile test), ``kg_half_dot`` (key-group sums as two fp16
             products instead of tf32), ``warp_specialize`` (Triton's automatic warp
-            specialization). ``poison=True`` fills outputs with NaN first (tests).
+            specialization), ``hopper`` (default True: on an H100-class GPU (sm_90), fp16/bf16
+            calls at head_dim 128 with no tags, probes, multiplier or tile counts run the
+            warp-specialized Gluon kernel of ``iidkern/kernels/hopper_fwd.py``; naming a
+            main-pass option above also selects the Triton kernel). ``poison=True`` fills
+            outputs with NaN first (tests).
 
     Returns:
         The output (same shape and layout as ``q``), or an :class:`AttentionResult` when

@@ -10,7 +10,8 @@ or loads it from Triton's caches, and launches it) and keeps the ``CompiledKerne
 returns; later launches with the same key call that compiled kernel directly. The key is
 finer than Triton's own specialization, so it never picks a kernel compiled for other
 argument properties: the device, the exact values of every non-tensor argument (sizes, strides,
-scalars), each tensor's dtype and 16-byte alignment, the constexprs and launch options.
+scalars), each tensor's dtype and 16-byte alignment, each TMA descriptor's dtype, alignment,
+shape, strides, block and layout (the Hopper kernel), the constexprs and launch options.
 A diffusion run uses a handful of shapes, so the cache stays small (it is bounded anyway).
 
 The interpreter, and Tritons whose ``CompiledKernel`` cannot be launched on its own, take
@@ -56,12 +57,16 @@ class Launcher:
             # Pointer parameters always receive tensors (placeholders when unused), so the
             # positions of tensors and of plain values are fixed per kernel.
             tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-            others = [i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)]
+            descriptors = [i for i, a in enumerate(args) if _is_descriptor(a)]
+            others = [i for i, a in enumerate(args) if not isinstance(a, torch.Tensor) and i not in descriptors]
+            self._descriptor_pos = descriptors
             self._tensor_pos = operator.itemgetter(*tensors) if len(tensors) > 1 else (lambda a: (a[tensors[0]],))
             self._other_pos = operator.itemgetter(*others) if len(others) > 1 else (lambda a: tuple(a[i] for i in others))
+            self._first_tensor = tensors[0]  # the device comes from it
         try:
-            key = (args[0].get_device(), tuple(kwargs.items()), self._other_pos(args),
-                   tuple([(t.dtype, t.data_ptr() & 15 == 0) for t in self._tensor_pos(args)]))
+            key = (args[self._first_tensor].get_device(), tuple(kwargs.items()), self._other_pos(args),
+                   tuple([(t.dtype, t.data_ptr() & 15 == 0) for t in self._tensor_pos(args)]),
+                   tuple([_descriptor_key(args[i]) for i in self._descriptor_pos]))
         except AttributeError:  # a tensor where a value was expected, or the reverse: no shortcut
             self.kernel[grid](*args, **kwargs)
             return
@@ -80,6 +85,18 @@ class Launcher:
             return
         compiled, constexprs = entry
         compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs)  # a compiled kernel wants all 3 grid dims
+
+
+def _is_descriptor(a) -> bool:
+    """A host-side TMA descriptor (``TensorDescriptor`` of Triton or Gluon)."""
+    return hasattr(a, "block_shape") and isinstance(getattr(a, "base", None), torch.Tensor)
+
+
+def _descriptor_key(d):
+    # The compiled kernel is specialized on the block shape, layout and dtype; the shape and
+    # strides are launch values, keyed exactly like the other non-tensor arguments.
+    return (d.base.dtype, d.base.data_ptr() & 15 == 0, tuple(d.shape), tuple(d.strides), tuple(d.block_shape),
+            getattr(d, "layout", None), getattr(d, "padding", None))
 
 
 def _can_launch(compiled) -> bool:

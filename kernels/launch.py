@@ -13,6 +13,7 @@ import torch
 from iidkern.specs import AttentionResult, BlockMultiplier, PairStats, Probe, ValueProbe, reduce_heads, \
     head_coefficients, normalize_groups, uniform_head_coefficient
 
+from . import hopper_fwd
 from .fast_launch import Launcher
 from .flash_fwd import LOG2E, attn_fwd_kernel
 from .pair_stats import pair_stats_kernel
@@ -27,6 +28,8 @@ _PAIR_STATS = Launcher(pair_stats_kernel)
 PROBE_GROUP_BLOCK = 16  # group ids per output tile on a grouped probe side
 MAX_VALUE_CHANNELS = 64  # all value probes of one call share one padded side channel
 MAX_FUSED_KEY_GROUPS = 32  # a grouped-key probe with at most this many groups rides in the main pass
+# kernel_options that configure the Triton kernel's main pass: naming one selects that kernel.
+MAIN_PASS_OPTIONS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "warp_specialize"})
 
 
 def _poisoned(shape, dtype, device):
@@ -127,6 +130,11 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     upcast_dots = _INTERPRET and q.dtype == torch.bfloat16
 
     out = alloc(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout
+    if _hopper_serves(q, k, v, layout, tags, probes, block_multiplier, count_tiles, kernel_options):
+        lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if need_lse else None
+        hopper_fwd.hopper_attention(q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse)
+        stats = _pair_stats(out, pair_stats, layout, heads, n_q, head_dim, block_d) if pair_stats is not None else None
+        return AttentionResult(out=out, lse=lse, pair_stats=stats)
     value_probes = [p for p in probes if isinstance(p, ValueProbe)]
     fused = _fused_probe_index(probes, cfg)
     # The second-pass probes need the row LSE; a fused probe does not.
@@ -239,6 +247,19 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         tiles_visited=tiles.view(batch, heads, n_q_tiles) if count_tiles else None,
         tile_shape=(block_m, block_n),
     )
+
+
+def _hopper_serves(q, k, v, layout, tags, probes, block_multiplier, count_tiles, kernel_options) -> bool:
+    """The Hopper kernel (hopper_fwd.py) takes calls whose extras it has (head weights, LSE, and
+    pair statistics, which read the output afterwards); tags, probes, a multiplier and tile
+    counts live in the Triton kernel, and so do calls that configure its main pass or set
+    ``hopper=False``."""
+    options = kernel_options or {}
+    if not options.get("hopper", True) or MAIN_PASS_OPTIONS.intersection(options):
+        return False
+    if tags is not None or probes or block_multiplier is not None or count_tiles or _INTERPRET:
+        return False
+    return hopper_fwd.usable(q, k, v, layout)
 
 
 def _probe_config(spread_and_reduced: bool, block_d: int, dtype: torch.dtype) -> dict:

@@ -1,0 +1,285 @@
+"""Attention forward for Hopper (sm_90) in Gluon: the fast path of calls without tile-level extras.
+
+Why a second kernel: Triton's compiler serializes each ``tl.dot`` with a ``wgmma.wait 0``, so
+on an H100 the tensor cores idle while softmax runs, and the Triton kernel stays 1.15-1.3x
+behind cuDNN at head_dim 128 (bench/NOTES.md 26, 30). Gluon (``triton.experimental.gluon``)
+exposes what FlashAttention-3 is built from, and this kernel follows FA3's schedule:
+
+* one **loader warp** streams K/V tiles by TMA into an ``NBUF``-slot ring (mbarriers
+  ``kv_ready``/``kv_empty``);
+* two **consumer warpgroups**, each owning ``BLOCK_M`` = 64 query rows, take turns on the
+  tensor cores (**ping-pong**: mbarrier ``turn`` pair): while one runs its softmax, the other's
+  GEMMs run;
+* within a turn a consumer issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` back to back as
+  async wgmmas (**intra-warpgroup overlap**) and computes softmax_j while ``PV_{j-1}`` is in
+  flight; P stays in registers as the A operand.
+
+Program-id mapping: axis 0 = a pair of query tiles (2 x BLOCK_M rows), axis 1 = (batch, head),
+so programs that run together share one head's K/V in L2.
+
+Scope: fp16/bf16, head_dim 128, any Nq/Nk (ragged last tiles: TMA zero-fills rows past the
+end, the last key tile is masked, stores are masked), both layouts and any 16-byte aligned
+strides (4-D TMA descriptors over the [B, H, N, D] view), optional head weights and LSE.
+Gluon does not run under TRITON_INTERPRET: CPU CI compiles this kernel for sm_90
+(tests/test_hopper_fwd.py); correctness is tested on the GPU against the reference.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .fast_launch import Launcher
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load.
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    AVAILABLE = hasattr(gl, "warp_specialize")
+except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
+    AVAILABLE = False
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (128,)
+BLOCK_M = 64  # query rows per consumer warpgroup (one wgmma M)
+BLOCK_N = 128  # keys per tile
+NUM_BUFFERS = 3  # K/V ring slots: 2 x 32 KB each at D=128, 224 KB shared memory in all
+CONSUMER_REGS = 240  # registers per thread in the consumer warpgroups (setmaxnreg)
+LOADER_REGS = 24
+
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
+                batch, head, q_start, n_k_tiles,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr):
+        """One warp: both query tiles once, then K/V tiles into the ring as slots free up."""
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        _tma_load(q_desc, [batch, head, q_start, 0], q_bar, q_smem.index(0).reshape([1, 1, BLOCK_M, HEAD_DIM]))
+        _tma_load(q_desc, [batch, head, q_start + BLOCK_M, 0], q_bar,
+                  q_smem.index(1).reshape([1, 1, BLOCK_M, HEAD_DIM]))
+        for j in range(n_k_tiles):
+            slot = j % NBUF
+            # A fresh barrier counts as having completed the phase before phase 0, so the
+            # first pass over the ring does not wait.
+            mbarrier.wait(kv_empty.index(slot), ((j // NBUF) & 1) ^ 1)
+            mbarrier.expect(kv_ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            _tma_load(k_desc, [batch, head, j * BLOCK_N, 0], kv_ready.index(slot),
+                      k_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
+            _tma_load(v_desc, [batch, head, j * BLOCK_N, 0], kv_ready.index(slot),
+                      v_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
+
+    @gluon.jit
+    def _masked_keys(s, key_start, n_k, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Scores of keys past the end (zero-filled by TMA) become -inf."""
+        cols = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        return gl.where((cols < n_k)[None, :], s, -float("inf"))
+
+    @gluon.jit
+    def _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, j, n_k, qk_scale,
+              WG: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Key tile j (j >= 1): issue S_j and PV_{j-1}, hand the tensor cores over, softmax_j."""
+        slot = j % NBUF
+        prev = (j - 1) % NBUF
+        mbarrier.wait(kv_ready.index(slot), (j // NBUF) & 1)
+        mbarrier.wait(turn_bar.index(WG), (j & 1) ^ WG ^ 1)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        s_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(prev), acc, is_async=True)
+        mbarrier.arrive(turn_bar.index(1 - WG))
+        s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+        if MASK:
+            s = _masked_keys(s, j * BLOCK_N, n_k, BLOCK_N, s_layout)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+        mbarrier.arrive(kv_empty.index(prev))  # K_{j-1} and V_{j-1} are consumed
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        return p, m_new, l_i, acc
+
+    @gluon.jit
+    def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
+                  o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                  batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
+                  HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr):
+        """One warpgroup: BLOCK_M query rows against every key tile, online softmax in exp2."""
+        nw: gl.constexpr = gl.num_warps()
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        q = q_smem.index(WG)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        mbarrier.wait(q_bar, 0)
+
+        # Key tile 0: S_0 alone (there is no P yet); warpgroup 1 starts one turn behind.
+        mbarrier.wait(kv_ready.index(0), 0)
+        mbarrier.wait(turn_bar.index(WG), 0, pred=WG == 1)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(turn_bar.index(1 - WG))
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        s = _masked_keys(s, 0, n_k, BLOCK_N, s_layout)
+        m_i = gl.max(s, 1) * qk_scale
+        p = gl.exp2(s * qk_scale - m_i[:, None])
+        l_i = gl.sum(p, 1)
+
+        # Whole key tiles, then the last one with the key mask (a ragged tail or not: it is
+        # one tile, and this keeps the loop body free of the mask).
+        for j in range(1, n_k_tiles - 1):
+            p, m_i, l_i, acc = _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, j, n_k,
+                                     qk_scale, WG, False, BLOCK_M, BLOCK_N, NBUF, s_layout, o_layout, p_layout)
+        if n_k_tiles > 1:
+            p, m_i, l_i, acc = _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc,
+                                     n_k_tiles - 1, n_k, qk_scale, WG, True, BLOCK_M, BLOCK_N, NBUF,
+                                     s_layout, o_layout, p_layout)
+        last = (n_k_tiles - 1) % NBUF
+        o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+        mbarrier.arrive(kv_empty.index(last))
+
+        rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        row_ok = rows < n_q
+        inv_l = 1.0 / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        if HAS_HW:  # per-(batch, head, query) weight on the output, broadcast through zero strides
+            inv_l = inv_l * gl.load(hw_ptr + batch * hw_sb + head * hw_sh + rows * hw_sn, mask=row_ok, other=0.0).to(gl.float32)
+        out = acc * inv_l[:, None]
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_base = o_ptr + batch.to(gl.int64) * o_sb + head.to(gl.int64) * o_sh
+        gl.store(o_base + rows.to(gl.int64)[:, None] * o_sn + cols[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        if STORE_LSE:  # natural-log LSE of the scaled scores: (m + log2 l) * ln 2
+            lse_rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
+            gl.store(lse_ptr + (batch * n_heads + head).to(gl.int64) * n_q + lse_rows, lse, mask=lse_rows < n_q)
+
+    @gluon.jit
+    def attn_fwd_hopper(q_desc, k_desc, v_desc, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                        n_heads, n_q, n_k, qk_scale,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        NBUF: gl.constexpr, HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+        q_start = gl.program_id(0) * (2 * BLOCK_M)
+        bh = gl.program_id(1)
+        batch = bh // n_heads
+        head = bh % n_heads
+        n_k_tiles = gl.cdiv(n_k, BLOCK_N)
+        dtype: gl.constexpr = q_desc.dtype
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, HEAD_DIM], kv_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        turn_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(NBUF):
+            mbarrier.init(kv_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups release a slot
+        for i in gl.static_range(2):
+            mbarrier.init(turn_bar.index(i), count=1)
+        # The two consumers differ only in WG (which query tile, which turn barrier to wait on).
+        gl.warp_specialize([
+            (_consumer, (0, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
+                         o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                         batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE)),  # default partition: 4 warps
+            (_consumer, (1, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
+                         o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                         batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
+                       batch, head, q_start, n_k_tiles, BLOCK_M, BLOCK_N, HEAD_DIM, NBUF)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+if AVAILABLE:
+    # Cached compiled kernels: Triton's own launch path costs ~45 us of host time per call.
+    _ATTN_HOPPER = Launcher(attn_fwd_hopper)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(dtype: torch.dtype, block: tuple):
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.float16 if dtype == torch.float16 else gl.bfloat16)
+
+
+def _bhnd_shape_strides(t: torch.Tensor, layout: str):
+    """[B, H, N, D] sizes and strides of ``t`` read in ``layout`` (no view is made: host time)."""
+    if layout == "bhnd":
+        return list(t.shape), list(t.stride())
+    (b, n, h, d), (sb, sn, sh, sd) = t.shape, t.stride()
+    return [b, h, n, d], [sb, sh, sn, sd]
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and 16-byte multiples as strides (dims of size 1 aside)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and \
+        all((s * size) % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> bool:
+    """Whether this kernel can serve a call on these tensors (the caller checks the extras)."""
+    if not (AVAILABLE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if q.shape[-1] not in HEAD_DIMS or not _is_sm90(q.device.index if q.device.index is not None else 0):
+        return False
+    return _tma_ready(q) and _tma_ready(k) and _tma_ready(v)
+
+
+if AVAILABLE:
+    class _CheckedDescriptor(TensorDescriptor):
+        """A TensorDescriptor without its per-call asserts (~5 us each on the host): usable()
+        has checked the alignment, and the sizes come from validated tensors."""
+
+        def __post_init__(self):
+            pass
+
+
+def _descriptor(t: torch.Tensor, layout: str, block_rows: int):
+    shape, strides = _bhnd_shape_strides(t, layout)
+    # A dim of size 1 is never stepped; give it a legal stride whatever the tensor says.
+    strides = [st if n > 1 else shape[-1] for st, n in zip(strides, shape)]
+    block = (1, 1, block_rows, shape[-1])
+    return _CheckedDescriptor(t, shape, strides, list(block), _smem_layout(t.dtype, block))
+
+
+def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, lse=None) -> None:
+    """Write softmax(scale * q k^T) v into ``out`` (same layout as ``q``); ``lse`` [B, H, Nq] if given.
+
+    Inputs as validated by ``iidkern.attention`` and accepted by :func:`usable`.
+    """
+    (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
+    n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
+    o_strides = _bhnd_shape_strides(out, layout)[1]
+    if head_weights is not None:
+        hw = head_weights
+        hw_strides = {1: lambda: (0, hw.stride(0), 0), 2: lambda: (hw.stride(0), hw.stride(1), 0),
+                      3: lambda: tuple(hw.stride())}[hw.dim()]()
+    else:
+        hw, hw_strides = out, (0, 0, 0)
+    grid = (-(-n_q // (2 * BLOCK_M)), batch * heads)
+    _ATTN_HOPPER[grid](
+        _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
+        out, o_strides[0], o_strides[1], o_strides[2], lse if lse is not None else out, hw, *hw_strides,
+        heads, n_q, n_k, scale * LOG2E,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, NBUF=NUM_BUFFERS,
+        HAS_HW=head_weights is not None, STORE_LSE=lse is not None,
+        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
+    )

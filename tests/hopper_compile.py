@@ -1,0 +1,46 @@
+"""Compile the Hopper Gluon kernel for sm_90 without a GPU and print what its PTX holds (JSON).
+
+Run as a script by tests/test_hopper_fwd.py in a process with ``TRITON_INTERPRET=0``: in
+an interpreting process Triton's library functions (``gl.max``, ...) are interpreter
+objects that the Gluon compiler cannot use.
+"""
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from iidkern.kernels import hopper_fwd
+
+
+def compile_variant(dtype: str, has_hw: bool, store_lse: bool, head_dim: int = 128) -> dict:
+    gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+
+    def desc(rows):
+        block = [1, 1, rows, head_dim]
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+        return f"tensordesc<{dtype}[{','.join(map(str, block))}],{layout!r}>"
+    signature = {"q_desc": desc(hopper_fwd.BLOCK_M), "k_desc": desc(hopper_fwd.BLOCK_N),
+                 "v_desc": desc(hopper_fwd.BLOCK_N), "o_ptr": f"*{dtype}", "o_sb": "i32", "o_sh": "i32",
+                 "o_sn": "i32", "lse_ptr": "*fp32", "hw_ptr": "*fp32", "hw_sb": "i32", "hw_sh": "i32",
+                 "hw_sn": "i32", "n_heads": "i32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32"}
+    constexprs = dict(BLOCK_M=hopper_fwd.BLOCK_M, BLOCK_N=hopper_fwd.BLOCK_N, HEAD_DIM=head_dim,
+                      NBUF=hopper_fwd.NUM_BUFFERS, HAS_HW=has_hw, STORE_LSE=store_lse,
+                      CONSUMER_REGS=hopper_fwd.CONSUMER_REGS, LOADER_REGS=hopper_fwd.LOADER_REGS)
+    signature.update({name: "constexpr" for name in constexprs})
+    src = GluonASTSource(hopper_fwd.attn_fwd_hopper, signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    return {"shared": compiled.metadata.shared,
+            "wgmma_wait_1": ptx.count("wgmma.wait_group.sync.aligned 1"),
+            "setmaxnreg": ptx.count("setmaxnreg"),
+            "tma_4d": ptx.count("cp.async.bulk.tensor.4d"),
+            "global_loads": ptx.count("ld.global")}
+
+
+if __name__ == "__main__":
+    variants = [(dt, hw, hw) for dt in ("bf16", "fp16") for hw in (False, True)]
+    print(json.dumps({f"{dt}-{hw}-{lse}": compile_variant(dt, hw, lse) for dt, hw, lse in variants}))
+    sys.stdout.flush()
