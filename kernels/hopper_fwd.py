@@ -26,10 +26,22 @@ Gluon does not run under TRITON_INTERPRET: CPU CI compiles this kernel for sm_90
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
+import triton
 
 from .fast_launch import Launcher
+
+# Gluon is experimental and its API moves between releases: the kernel is written for 3.6
+# (run on the H100) and compiled by CPU CI on its newer Triton; older ones keep the Triton kernel.
+MIN_TRITON = (3, 6)
+
+
+def triton_supports_gluon_kernel(version: str) -> bool:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return bool(match) and (int(match.group(1)), int(match.group(2))) >= MIN_TRITON
+
 
 try:
     from triton.experimental import gluon
@@ -38,7 +50,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     # triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load.
     _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-    AVAILABLE = hasattr(gl, "warp_specialize")
+    AVAILABLE = hasattr(gl, "warp_specialize") and triton_supports_gluon_kernel(triton.__version__)
 except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
     AVAILABLE = False
 

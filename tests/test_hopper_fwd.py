@@ -67,6 +67,14 @@ def test_tma_ready_wants_aligned_base_and_strides():
     assert not hopper_fwd.usable(*(torch.randn(1, 2, 64, 128, dtype=torch.bfloat16) for _ in range(3)), "bhnd")
 
 
+def test_only_tritons_with_the_gluon_api_it_was_written_for_enable_it():
+    assert hopper_fwd.triton_supports_gluon_kernel("3.6.0")
+    assert hopper_fwd.triton_supports_gluon_kernel("3.10.0+git1234")
+    assert not hopper_fwd.triton_supports_gluon_kernel("3.5.1")
+    assert not hopper_fwd.triton_supports_gluon_kernel("2.3.0")
+    assert not hopper_fwd.triton_supports_gluon_kernel("unknown")
+
+
 # --------------------------------------------------------------------------- routing (CPU)
 @pytest.fixture
 def hopper_pretend(monkeypatch):
