@@ -272,24 +272,21 @@ def _descriptor(t: torch.Tensor, layout: str, block_rows: int):
     return _CheckedDescriptor(t, shape, strides, list(block), _smem_layout(t.dtype, block))
 
 
-def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, lse=None) -> None:
+def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, head_weight_strides=(0, 0, 0),
+                     lse=None) -> None:
     """Write softmax(scale * q k^T) v into ``out`` (same layout as ``q``); ``lse`` [B, H, Nq] if given.
 
-    Inputs as validated by ``iidkern.attention`` and accepted by :func:`usable`.
+    Inputs as validated by ``iidkern.attention`` and accepted by :func:`usable`; the head
+    weights come with their (batch, head, query) broadcast strides.
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
     n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
     o_strides = _bhnd_shape_strides(out, layout)[1]
-    if head_weights is not None:
-        hw = head_weights
-        hw_strides = {1: lambda: (0, hw.stride(0), 0), 2: lambda: (hw.stride(0), hw.stride(1), 0),
-                      3: lambda: tuple(hw.stride())}[hw.dim()]()
-    else:
-        hw, hw_strides = out, (0, 0, 0)
+    hw = head_weights if head_weights is not None else out  # a placeholder pointer when absent
     grid = (-(-n_q // (2 * BLOCK_M)), batch * heads)
     _ATTN_HOPPER[grid](
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
-        out, o_strides[0], o_strides[1], o_strides[2], lse if lse is not None else out, hw, *hw_strides,
+        out, o_strides[0], o_strides[1], o_strides[2], lse if lse is not None else out, hw, *head_weight_strides,
         heads, n_q, n_k, scale * LOG2E,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, NBUF=NUM_BUFFERS,
         HAS_HW=head_weights is not None, STORE_LSE=lse is not None,

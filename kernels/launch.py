@@ -116,6 +116,15 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     alloc = _poisoned if cfg.get("poison") else torch.empty
     block_m, block_n = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     block_d = max(16, _pow2_at_least(head_dim))
+    out = alloc(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout
+    # Before any Triton-kernel setup: the Hopper path needs none of it (host time per call).
+    if _hopper_serves(q, k, v, layout, tags, probes, block_multiplier, count_tiles, kernel_options):
+        lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if need_lse else None
+        hopper_fwd.hopper_attention(
+            q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse,
+            head_weight_strides=_head_weight_strides(head_weights) if head_weights is not None else (0, 0, 0))
+        stats = _pair_stats(out, pair_stats, layout, heads, n_q, head_dim, block_d) if pair_stats is not None else None
+        return AttentionResult(out=out, lse=lse, pair_stats=stats)
     launch_opts = {} if _INTERPRET else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     # The register cap of the D=64 config keeps 3 programs per SM with tags or key groups;
     # a multiplier's M tiles need the registers (H100: 1.40x with the cap, 1.31x without).
@@ -129,12 +138,6 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     qk_scale = scale * LOG2E
     upcast_dots = _INTERPRET and q.dtype == torch.bfloat16
 
-    out = alloc(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout
-    if _hopper_serves(q, k, v, layout, tags, probes, block_multiplier, count_tiles, kernel_options):
-        lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if need_lse else None
-        hopper_fwd.hopper_attention(q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse)
-        stats = _pair_stats(out, pair_stats, layout, heads, n_q, head_dim, block_d) if pair_stats is not None else None
-        return AttentionResult(out=out, lse=lse, pair_stats=stats)
     value_probes = [p for p in probes if isinstance(p, ValueProbe)]
     fused = _fused_probe_index(probes, cfg)
     # The second-pass probes need the row LSE; a fused probe does not.
@@ -156,14 +159,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
 
     # ---- head weights, broadcast to [B, H, Nq] through zero strides (no copy)
     if head_weights is not None:
-        hw = head_weights
-        if hw.dim() == 1:
-            hw_strides = (0, hw.stride(0), 0)
-        elif hw.dim() == 2:
-            hw_strides = (hw.stride(0), hw.stride(1), 0)
-        else:
-            hw_strides = hw.stride()
-        hw_args = (hw, *hw_strides)
+        hw_args = (head_weights, *_head_weight_strides(head_weights))
     else:
         hw_args = (dummy_f, 0, 0, 0)
 
@@ -247,6 +243,16 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         tiles_visited=tiles.view(batch, heads, n_q_tiles) if count_tiles else None,
         tile_shape=(block_m, block_n),
     )
+
+
+def _head_weight_strides(hw: torch.Tensor) -> tuple:
+    """(batch, head, query) strides that broadcast ``[H]``, ``[B, H]`` or ``[B, H, Nq]`` head
+    weights to ``[B, H, Nq]`` (zero strides, no copy)."""
+    if hw.dim() == 1:
+        return 0, hw.stride(0), 0
+    if hw.dim() == 2:
+        return hw.stride(0), hw.stride(1), 0
+    return tuple(hw.stride())
 
 
 def _hopper_serves(q, k, v, layout, tags, probes, block_multiplier, count_tiles, kernel_options) -> bool:

@@ -20,27 +20,11 @@ for dt in (torch.bfloat16,):
         print(f"{name}: host {1e6 * (t1 - t0) / n:.1f} us/call, with GPU {1e6 * (t2 - t0) / n:.1f} us/call")
 
 # GPU time without the host: CUDA-graph replay of 20 calls, per call (median of 30 replays)
-import statistics
+from graph_timing import graph_ms  # scratch/graph_timing.py
 from bench.workloads import SHAPES, random_qkv
 for name in ("flux_256", "flux_512", "flux_1024"):
     q, k, v = random_qkv(SHAPES[name], torch.bfloat16, torch.device("cuda"), seed=0)
-    row = []
-    for label, fn in (("cudnn", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)),
-                      ("hopper", lambda: iidkern.attention(q, k, v)),
-                      ("triton", lambda: iidkern.attention(q, k, v, kernel_options={"hopper": False}))):
-        fn(); torch.cuda.synchronize()
-        s = torch.cuda.Stream()
-        with torch.cuda.stream(s):
-            fn()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=s):
-                for _ in range(20):
-                    fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(30):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(); g.replay(); b.record(); torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b) / 20)
-        row.append(f"{label} {1000 * statistics.median(ts):.1f} us")
-    print(name, "graph:", ", ".join(row))
+    fns = (("cudnn", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)),
+           ("hopper", lambda: iidkern.attention(q, k, v)),
+           ("triton", lambda: iidkern.attention(q, k, v, kernel_options={"hopper": False})))
+    print(name, "graph:", ", ".join(f"{label} {1000 * graph_ms(fn, calls=20, reps=30):.1f} us" for label, fn in fns))

@@ -16,7 +16,7 @@ import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG
 from iidkern.kernels import hopper_fwd, launch
 from iidkern.reference import attention_reference
-from helpers import OUT_TOL, assert_close_rel, assert_lse_equal
+from helpers import OUT_TOL, assert_close_rel, assert_lse_equal, make_qkv
 
 needs_gluon = pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
 
@@ -105,6 +105,22 @@ def test_tile_level_extras_and_triton_options_keep_the_triton_kernel(hopper_pret
     assert not _serves(q, **kw)
 
 
+@pytest.mark.parametrize("hw_shape, strides", [("h", (0, 1, 0)), ("bh", (3, 1, 0)), ("bhn", (3 * 40, 40, 1))])
+def test_routed_calls_get_head_weights_with_broadcast_strides(monkeypatch, hw_shape, strides):
+    """The Hopper kernel reads head weights through the (batch, head, query) strides the
+    Triton kernel uses; this checks the hand-over (the kernel itself runs on the GPU tests)."""
+    monkeypatch.setattr(launch, "_hopper_serves", lambda *args: True)
+    seen = {}
+    monkeypatch.setattr(hopper_fwd, "hopper_attention", lambda *args, **kwargs: seen.update(kwargs))
+    b, h, n = 2, 3, 40
+    q = torch.randn(b, h, n, 128)
+    hw = {"h": torch.rand(h), "bh": torch.rand(b, h), "bhn": torch.rand(b, h, n)}[hw_shape]
+    iidkern.attention(q, q, q, head_weights=hw, backend="triton")
+    assert seen["head_weights"] is hw and seen["head_weight_strides"] == strides
+    iidkern.attention(q, q, q, backend="triton")
+    assert seen["head_weights"] is None and seen["head_weight_strides"] == (0, 0, 0)
+
+
 def test_interpreter_never_routes_to_gluon():
     q = torch.randn(1, 2, 64, 128)
     assert launch._INTERPRET or not q.is_cuda
@@ -125,13 +141,9 @@ def hopper_calls(monkeypatch):
     return calls
 
 
-def _qkv(b, h, nq, nk, dtype, layout, seed, d=128):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def one(n):
-        shape = (b, h, n, d) if layout == "bhnd" else (b, n, h, d)
-        return torch.randn(shape, generator=g, device="cuda", dtype=torch.float32).to(dtype)
-    return one(nq), one(nk), one(nk)
+def _qkv(b, h, nq, nk, dtype, layout, seed):
+    """Fresh random [D=128] q, k, v on the GPU (helpers.make_qkv, seeded)."""
+    return make_qkv(b, h, nq, nk, 128, dtype, layout, device="cuda", generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.cuda
