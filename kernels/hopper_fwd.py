@@ -1,4 +1,4 @@
-"""Attention forward for Hopper (sm_90) in Gluon: the fast path of calls without tile-level extras.
+"""Attention forward for Hopper (sm_90) in Gluon: the fast path of calls without tags, value probes or a multiplier.
 
 Why a second kernel: Triton's compiler serializes each ``tl.dot`` with a ``wgmma.wait 0``, so
 on an H100 the tensor cores idle while softmax runs, and the Triton kernel stays 1.15-1.3x
@@ -19,7 +19,9 @@ so programs that run together share one head's K/V in L2.
 
 Scope: fp16/bf16, head_dim 128, any Nq/Nk (ragged last tiles: TMA zero-fills rows past the
 end, the last key tile is masked, stores are masked), both layouts and any 16-byte aligned
-strides (4-D TMA descriptors over the [B, H, N, D] view), optional head weights and LSE.
+strides (4-D TMA descriptors over the [B, H, N, D] view), optional head weights and LSE, and
+optionally a fused key-group probe (IID's image x instruction map: per query row, the
+probability mass on each of up to 32 key groups; see ``_key_group_update``).
 Gluon does not run under TRITON_INTERPRET: CPU CI compiles this kernel for sm_90
 (tests/test_hopper_fwd.py); correctness is tested on the GPU against the reference.
 """
@@ -46,6 +48,7 @@ def triton_supports_gluon_kernel(version: str) -> bool:
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     # triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load.
@@ -92,9 +95,42 @@ if AVAILABLE:
         return gl.where((cols < n_k)[None, :], s, -float("inf"))
 
     @gluon.jit
-    def _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, j, n_k, qk_scale,
+    def _key_group_update(acc_g, m_g, p, m_new, key_start, kg_base, kg_k0, kg_k1,
+                          BLOCK_N: gl.constexpr, G_PAD: gl.constexpr, g_layout: gl.constexpr):
+        """Fold this key tile's probabilities into the per-row sums of each key group.
+
+        The sums are ``P @ onehot(group id)``: a [BLOCK_N, G_PAD] one-hot built in registers
+        and an mma.sync (``mma_v2``, both operands in registers): a wgmma would want the one-hot
+        in shared memory, and the K/V ring leaves none. P enters as fp16 (one rounding of
+        2^-11 per term; P @ V rounds it to the input dtype too): the sums' relative error is
+        ~3e-5, where the Triton kernel's hi + lo split costs twice the products and registers
+        this kernel does not have. ``acc_g`` stays relative to ``m_g``, the running max at its
+        last update, so key tiles outside the groups' span never rescale it (the epilogue
+        brings it to the final max); ``m_g = -inf`` (nothing added yet) scales the zeros by 0.
+        """
+        nw: gl.constexpr = gl.num_warps()
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=g_layout, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=g_layout, k_width=2)
+        # One coalesced load of the tile's ids (a thread per key), then spread to the operand
+        # layout, where every thread holds 32 keys (32 scalar loads a thread if loaded there).
+        id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [nw], [0])
+        keys = key_start + gl.arange(0, BLOCK_N, layout=id_layout)
+        ids = gl.load(kg_base + keys, mask=(keys >= kg_k0) & (keys < kg_k1), other=-1)
+        ids = gl.convert_layout(ids, gl.SliceLayout(1, b_layout))
+        groups = gl.arange(0, G_PAD, layout=gl.SliceLayout(0, b_layout))
+        one_hot = (ids[:, None] == groups[None, :]).to(gl.float16)
+        g_sum = gl.zeros([p.shape[0], G_PAD], gl.float32, layout=g_layout)
+        g_sum = mma_v2(gl.convert_layout(p.to(gl.float16), a_layout), one_hot, g_sum)
+        rescale = gl.exp2(m_g - m_new)
+        acc_g = acc_g * gl.convert_layout(rescale, gl.SliceLayout(1, g_layout))[:, None] + g_sum
+        return acc_g, m_new
+
+    @gluon.jit
+    def _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_k, qk_scale,
+              kg_base, kg_rows_hit, kg_k0, kg_k1,
               WG: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr,
-              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+              HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, g_layout: gl.constexpr):
         """Key tile j (j >= 1): issue S_j and PV_{j-1}, hand the tensor cores over, softmax_j."""
         slot = j % NBUF
         prev = (j - 1) % NBUF
@@ -111,17 +147,22 @@ if AVAILABLE:
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, 1)
+        if HAS_KG:  # while PV_{j-1} is in flight; only tiles in the groups' key span
+            if kg_rows_hit & (j * BLOCK_N < kg_k1) & (j * BLOCK_N + BLOCK_N > kg_k0):
+                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_new, j * BLOCK_N, kg_base, kg_k0, kg_k1,
+                                               BLOCK_N, G_PAD, g_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
         mbarrier.arrive(kv_empty.index(prev))  # K_{j-1} and V_{j-1} are consumed
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        return p, m_new, l_i, acc
+        return p, m_new, l_i, acc, acc_g, m_g
 
     @gluon.jit
     def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                   o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                  kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                   batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
-                  HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr):
+                  HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr, HAS_KG: gl.constexpr, G_PAD: gl.constexpr):
         """One warpgroup: BLOCK_M query rows against every key tile, online softmax in exp2."""
         nw: gl.constexpr = gl.num_warps()
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
@@ -129,8 +170,16 @@ if AVAILABLE:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        # Key-group sums (a fused probe): mma.sync accumulators, one warp per 16 rows like S.
+        g_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[nw, 1],
+                                                           instr_shape=[16, 8])
         q = q_smem.index(WG)
+        row0 = q_start + WG * BLOCK_M
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        acc_g = gl.zeros([BLOCK_M, G_PAD], gl.float32, layout=g_layout)
+        m_g = gl.full([BLOCK_M], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        kg_base = kg_ptr + batch.to(gl.int64) * kg_sb
+        kg_rows_hit = (row0 < kg_q1) & (row0 + BLOCK_M > kg_q0)
         mbarrier.wait(q_bar, 0)
 
         # Key tile 0: S_0 alone (there is no P yet); warpgroup 1 starts one turn behind.
@@ -144,22 +193,28 @@ if AVAILABLE:
         m_i = gl.max(s, 1) * qk_scale
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, 1)
+        if HAS_KG:
+            if kg_rows_hit & (kg_k0 < BLOCK_N) & (kg_k1 > 0):
+                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_i, 0, kg_base, kg_k0, kg_k1, BLOCK_N, G_PAD, g_layout)
 
         # Whole key tiles, then the last one with the key mask (a ragged tail or not: it is
         # one tile, and this keeps the loop body free of the mask).
         for j in range(1, n_k_tiles - 1):
-            p, m_i, l_i, acc = _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, j, n_k,
-                                     qk_scale, WG, False, BLOCK_M, BLOCK_N, NBUF, s_layout, o_layout, p_layout)
+            p, m_i, l_i, acc, acc_g, m_g = _turn(
+                q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_k, qk_scale,
+                kg_base, kg_rows_hit, kg_k0, kg_k1, WG, False, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD,
+                s_layout, o_layout, p_layout, g_layout)
         if n_k_tiles > 1:
-            p, m_i, l_i, acc = _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc,
-                                     n_k_tiles - 1, n_k, qk_scale, WG, True, BLOCK_M, BLOCK_N, NBUF,
-                                     s_layout, o_layout, p_layout)
+            p, m_i, l_i, acc, acc_g, m_g = _turn(
+                q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, n_k_tiles - 1, n_k,
+                qk_scale, kg_base, kg_rows_hit, kg_k0, kg_k1, WG, True, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD,
+                s_layout, o_layout, p_layout, g_layout)
         last = (n_k_tiles - 1) % NBUF
         o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
         mbarrier.arrive(kv_empty.index(last))
 
-        rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         row_ok = rows < n_q
         inv_l = 1.0 / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         if HAS_HW:  # per-(batch, head, query) weight on the output, broadcast through zero strides
@@ -170,15 +225,26 @@ if AVAILABLE:
         gl.store(o_base + rows.to(gl.int64)[:, None] * o_sn + cols[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
         if STORE_LSE:  # natural-log LSE of the scaled scores: (m + log2 l) * ln 2
-            lse_rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            lse_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
             lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
             gl.store(lse_ptr + (batch * n_heads + head).to(gl.int64) * n_q + lse_rows, lse, mask=lse_rows < n_q)
+        if HAS_KG:  # kgo [B, H, kg_q1 - kg_q0, n_groups]: the sums at the final max, normalized
+            g_scale = gl.exp2(m_g - gl.where(m_g == -float("inf"), 0.0, m_i)) / l_i
+            g_scale = gl.convert_layout(g_scale, gl.SliceLayout(1, g_layout))
+            g_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, g_layout))
+            g_cols = gl.arange(0, G_PAD, layout=gl.SliceLayout(0, g_layout))
+            g_row = (batch * n_heads + head).to(gl.int64) * (kg_q1 - kg_q0) + (g_rows - kg_q0)
+            g_ok = (g_rows >= kg_q0) & (g_rows < kg_q1)
+            gl.store(kgo_ptr + g_row[:, None] * n_groups + g_cols[None, :], acc_g * g_scale[:, None],
+                     mask=g_ok[:, None] & (g_cols < n_groups)[None, :])
 
     @gluon.jit
     def attn_fwd_hopper(q_desc, k_desc, v_desc, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                        kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                         n_heads, n_q, n_k, qk_scale,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         NBUF: gl.constexpr, HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr,
+                        HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
         q_start = gl.program_id(0) * (2 * BLOCK_M)
         bh = gl.program_id(1)
@@ -205,12 +271,14 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                          batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE)),  # default partition: 4 warps
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD)),  # default partition: 4 warps
             (_consumer, (1, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                          batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE)),
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
                        batch, head, q_start, n_k_tiles, BLOCK_M, BLOCK_N, HEAD_DIM, NBUF)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -273,22 +341,33 @@ def _descriptor(t: torch.Tensor, layout: str, block_rows: int):
 
 
 def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, head_weight_strides=(0, 0, 0),
-                     lse=None) -> None:
+                     lse=None, key_groups=None) -> None:
     """Write softmax(scale * q k^T) v into ``out`` (same layout as ``q``); ``lse`` [B, H, Nq] if given.
 
     Inputs as validated by ``iidkern.attention`` and accepted by :func:`usable`; the head
-    weights come with their (batch, head, query) broadcast strides.
+    weights come with their (batch, head, query) broadcast strides. ``key_groups`` (a fused
+    key-group probe) is ``(ids, ids_batch_stride, q0, q1, k0, k1, n_groups, sums)``: int32
+    group ids per key (``-1`` = none, read in ``[k0, k1)``), and ``sums`` [B, H, q1 - q0,
+    n_groups] fp32 receives each probed query row's probability mass per group
+    (``n_groups`` up to ``launch.MAX_FUSED_KEY_GROUPS``, 32).
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
     n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
     o_strides = _bhnd_shape_strides(out, layout)[1]
     hw = head_weights if head_weights is not None else out  # a placeholder pointer when absent
+    has_kg = key_groups is not None
+    if not has_kg:  # placeholders: a pointer for the ids and one for the sums
+        key_groups = (out, 0, 0, 0, 0, 0, 1, out)
+        g_pad = 8
+    else:
+        g_pad = max(8, 1 << max(0, int(key_groups[6]) - 1).bit_length())  # an mma.sync N is 8 or more
     grid = (-(-n_q // (2 * BLOCK_M)), batch * heads)
     _ATTN_HOPPER[grid](
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
         out, o_strides[0], o_strides[1], o_strides[2], lse if lse is not None else out, hw, *head_weight_strides,
-        heads, n_q, n_k, scale * LOG2E,
+        *key_groups, heads, n_q, n_k, scale * LOG2E,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, NBUF=NUM_BUFFERS,
-        HAS_HW=head_weights is not None, STORE_LSE=lse is not None,
+        HAS_HW=head_weights is not None, STORE_LSE=lse is not None, HAS_KG=has_kg,
+        G_PAD=g_pad,
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
     )

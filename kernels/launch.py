@@ -117,14 +117,71 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     block_m, block_n = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     block_d = max(16, _pow2_at_least(head_dim))
     out = alloc(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout
-    # Before any Triton-kernel setup: the Hopper path needs none of it (host time per call).
+    # fp32 inputs get fp32 products (not tf32), so the backend honours the dtype's precision.
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale = scale * LOG2E
+    fused = _fused_probe_index(probes, cfg)
+    # The probe-pass probes need the row LSE; a fused probe does not.
+    store_lse = need_lse or any(isinstance(p, Probe) and i != fused for i, p in enumerate(probes))
+    lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if store_lse else None
+    # One probe with few key groups (IID's image x instruction map) rides in the main pass:
+    # per (batch, head, probed query) the sums over each key group, [B, H, rows, G].
+    key_groups = _key_group_args(probes[fused], batch, heads, n_k, device, alloc) if fused is not None else None
+
     if _hopper_serves(q, k, v, layout, tags, probes, block_multiplier, count_tiles, kernel_options):
-        lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if need_lse else None
+        # The Hopper kernel needs none of the Triton kernel's launch setup (host time per call).
         hopper_fwd.hopper_attention(
-            q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse,
+            q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse, key_groups=key_groups,
             head_weight_strides=_head_weight_strides(head_weights) if head_weights is not None else (0, 0, 0))
-        stats = _pair_stats(out, pair_stats, layout, heads, n_q, head_dim, block_d) if pair_stats is not None else None
-        return AttentionResult(out=out, lse=lse, pair_stats=stats)
+        tiles = x_out = None
+        tile_shape = None
+    else:
+        tiles, x_out = _triton_main_pass(
+            q, k, v, out, lse, layout, tags, head_weights, probes, block_multiplier, key_groups, count_tiles,
+            cfg, kernel_options, batch, heads, n_q, n_k, head_dim, block_d, qk_scale, dot_precision, alloc)
+        tile_shape = (block_m, block_n)
+
+    results = []
+    col = 0
+    for i, p in enumerate(probes):
+        if i == fused:
+            kgo, kg_q0 = key_groups[7], key_groups[2]
+            del key_groups  # free the raw sums (unless they are the result) before the probe pass
+            folded = _fold_query_groups(kgo, p.queries, kg_q0, n_q)
+            del kgo
+            results.append(normalize_groups(reduce_heads(folded, p.heads), p.queries, p.keys, p.normalize, n_q, n_k))
+            del folded
+        elif isinstance(p, Probe):
+            results.append(_run_probe(p, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_dim, qk_scale,
+                                      block_d, dot_precision, cfg, alloc))
+        else:
+            w = p.x.shape[-1]
+            results.append(_finish_value_probe(p, x_out[..., col:col + w], n_q))
+            col += w
+
+    stats = _pair_stats(out, pair_stats, layout, heads, n_q, head_dim, block_d) if pair_stats is not None else None
+    return AttentionResult(
+        out=out, lse=lse if need_lse else None, probes=tuple(results), pair_stats=stats,
+        tiles_visited=tiles.view(batch, heads, cdiv(n_q, block_m)) if count_tiles else None,
+        tile_shape=tile_shape,
+    )
+
+
+def _key_group_args(probe: Probe, batch: int, heads: int, n_k: int, device, alloc) -> tuple:
+    """``(ids, ids batch stride, q0, q1, k0, k1, n_groups, sums)`` of a fused key-group probe;
+    ``sums`` [B, H, q1 - q0, n_groups] fp32 is written by the main pass."""
+    _, k0, k1, ids, ids_stride, n_groups = _group_side(probe.keys, batch, n_k, device)
+    q0, q1 = probe.queries.start, probe.queries.stop
+    sums = alloc((batch, heads, q1 - q0, n_groups), dtype=torch.float32, device=device)
+    return ids, ids_stride, q0, q1, k0, k1, n_groups, sums
+
+
+def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, block_multiplier, key_groups,
+                      count_tiles, cfg, kernel_options, batch, heads, n_q, n_k, head_dim, block_d, qk_scale,
+                      dot_precision, alloc):
+    """Launch the Triton kernel (flash_fwd.py); returns (tile counts, value-probe rows), each or None."""
+    device = q.device
+    block_m, block_n = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     launch_opts = {} if _INTERPRET else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     # The register cap of the D=64 config keeps 3 programs per SM with tags or key groups;
     # a multiplier's M tiles need the registers (H100: 1.40x with the cap, 1.31x without).
@@ -133,16 +190,8 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         maxnreg = None
     if maxnreg and not _INTERPRET:
         launch_opts["maxnreg"] = int(maxnreg)
-    # fp32 inputs get fp32 products (not tf32), so the backend honours the dtype's precision.
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    qk_scale = scale * LOG2E
     upcast_dots = _INTERPRET and q.dtype == torch.bfloat16
-
     value_probes = [p for p in probes if isinstance(p, ValueProbe)]
-    fused = _fused_probe_index(probes, cfg)
-    # The second-pass probes need the row LSE; a fused probe does not.
-    store_lse = need_lse or any(isinstance(p, Probe) and i != fused for i, p in enumerate(probes))
-    lse = alloc((batch, heads, n_q), dtype=torch.float32, device=device) if store_lse else None
     n_q_tiles = cdiv(n_q, block_m)
     n_k_tiles = cdiv(n_k, block_n)
     dummy, dummy_f = _dummies(device)
@@ -177,6 +226,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
 
     # ---- value probes share one padded side channel: x_all [B, Nk, X_PAD]
     x_pad = 16
+    x_out = None
     if value_probes:
         widths = [vp.x.shape[-1] for vp in value_probes]
         x_pad = max(16, _pow2_at_least(sum(widths)))
@@ -190,18 +240,9 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     else:
         x_args = (dummy_f, 0, 0, dummy_f)
 
-    # ---- one probe with few key groups (IID's image x instruction map) rides in this pass:
-    # per (batch, head, probed query) the sums over each key group, kgo [B, H, rows, G]
-    g_pad = 16
-    if fused is not None:
-        fp = probes[fused]
-        _, kg_k0, kg_k1, kg_ids, kg_stride, n_groups = _group_side(fp.keys, batch, n_k, device)
-        kg_q0, kg_q1 = fp.queries.start, fp.queries.stop
-        g_pad = max(16, _pow2_at_least(n_groups))
-        kgo = alloc((batch, heads, kg_q1 - kg_q0, n_groups), dtype=torch.float32, device=device)
-        kg_args = (kg_ids, kg_stride, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo)
-    else:
-        kg_args = (dummy, 0, 0, 0, 0, 0, 1, dummy_f)
+    # ---- the fused key-group probe (see triton_attention)
+    g_pad = 16 if key_groups is None else max(16, _pow2_at_least(key_groups[6]))
+    kg_args = key_groups if key_groups is not None else (dummy, 0, 0, 0, 0, 0, 1, dummy_f)
 
     tiles = torch.full((batch * heads * n_q_tiles,), -1, dtype=torch.int32, device=device) if count_tiles else dummy
 
@@ -214,35 +255,15 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         *hw_args, *mult_args, *x_args, *kg_args, tiles,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, X_PAD=x_pad, G_PAD=g_pad,
         HAS_TAGS=tags is not None, HAS_HW=head_weights is not None, HAS_MULT=block_multiplier is not None,
-        HAS_X=bool(value_probes), HAS_KG=fused is not None, STORE_LSE=store_lse, COUNT_TILES=count_tiles, DOT_PRECISION=dot_precision,
+        HAS_X=bool(value_probes), HAS_KG=key_groups is not None, STORE_LSE=lse is not None,
+        COUNT_TILES=count_tiles, DOT_PRECISION=dot_precision,
         EVEN_D=head_dim == block_d, X_PRECISION=_fp32_product_precision(q.dtype),
         UPCAST_DOTS=upcast_dots, KG_HALF_DOT=bool(cfg.get("kg_half_dot", True)) and q.dtype != torch.float32,
         KG_SPLIT=bool(cfg.get("kg_split", True)), MULT_SPLIT=bool(cfg.get("mult_split", True)),
         WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)),
         **launch_opts,
     )
-
-    results = []
-    col = 0
-    for i, p in enumerate(probes):
-        if i == fused:
-            folded = _fold_query_groups(kgo, p.queries, kg_q0, n_q)
-            results.append(normalize_groups(reduce_heads(folded, p.heads), p.queries, p.keys, p.normalize, n_q, n_k))
-            del folded, kgo, kg_args  # free the raw sums (unless they are the result) before the probe pass
-        elif isinstance(p, Probe):
-            results.append(_run_probe(p, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_dim, qk_scale,
-                                      block_d, dot_precision, cfg, launch_opts, alloc))
-        else:
-            w = p.x.shape[-1]
-            results.append(_finish_value_probe(p, x_out[..., col:col + w], n_q))
-            col += w
-
-    stats = _pair_stats(out, pair_stats, layout, heads, n_q, head_dim, block_d) if pair_stats is not None else None
-    return AttentionResult(
-        out=out, lse=lse if need_lse else None, probes=tuple(results), pair_stats=stats,
-        tiles_visited=tiles.view(batch, heads, n_q_tiles) if count_tiles else None,
-        tile_shape=(block_m, block_n),
-    )
+    return (tiles if count_tiles else None), x_out
 
 
 def _head_weight_strides(hw: torch.Tensor) -> tuple:
@@ -256,14 +277,16 @@ def _head_weight_strides(hw: torch.Tensor) -> tuple:
 
 
 def _hopper_serves(q, k, v, layout, tags, probes, block_multiplier, count_tiles, kernel_options) -> bool:
-    """The Hopper kernel (hopper_fwd.py) takes calls whose extras it has (head weights, LSE, and
-    pair statistics, which read the output afterwards); tags, probes, a multiplier and tile
-    counts live in the Triton kernel, and so do calls that configure its main pass or set
-    ``hopper=False``."""
+    """The Hopper kernel (hopper_fwd.py) takes calls whose extras it has: head weights, LSE,
+    a fused key-group probe, and what runs after the main pass (probe-pass probes, pair
+    statistics). Tags, value probes, a multiplier and tile counts live in the Triton kernel,
+    and so do calls that configure its main pass or set ``hopper=False``."""
     options = kernel_options or {}
     if not options.get("hopper", True) or MAIN_PASS_OPTIONS.intersection(options):
         return False
-    if tags is not None or probes or block_multiplier is not None or count_tiles or _INTERPRET:
+    if tags is not None or block_multiplier is not None or count_tiles or _INTERPRET:
+        return False
+    if any(not isinstance(p, Probe) for p in probes):  # value probes accumulate A @ x in the main pass
         return False
     return hopper_fwd.usable(q, k, v, layout)
 
@@ -294,12 +317,14 @@ def _group_side(groups, batch, length, device):
         # Host-built ids (TokenGroups.segments/single): an asynchronous copy, so a probe
         # rebuilt by a policy on every call does not synchronize the stream.
         ids = ids.to(dtype=torch.int32).to(device, non_blocking=True)
+    if ids.stride(-1) != 1:  # the kernels step through a row's ids one element at a time
+        ids = ids.contiguous()
     stride = 0 if ids.dim() == 1 else ids.stride(0)
     return False, groups.start, groups.stop, ids, stride, groups.count
 
 
 def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_dim, qk_scale, block_d,
-               dot_precision, cfg, launch_opts, alloc):
+               dot_precision, cfg, alloc):
     device = q.device
     q_spread, q_lo, q_hi, q_ids, q_ids_stride, gq = _group_side(p.queries, batch, n_q, device)
     k_spread, k_lo, k_hi, k_ids, k_ids_stride, gk = _group_side(p.keys, batch, n_k, device)
@@ -313,8 +338,7 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
     pcfg = _probe_config(q_spread and k_spread and not keep, block_d, q.dtype)
     pcfg.update({key[len("PROBE_"):]: val for key, val in cfg.items() if key.startswith("PROBE_")})
     block_m, block_n = int(pcfg["BLOCK_M"]), int(pcfg["BLOCK_N"])
-    if launch_opts:
-        launch_opts = dict(num_warps=int(pcfg["NUM_WARPS"]), num_stages=int(pcfg["NUM_STAGES"]))
+    launch_opts = {} if _INTERPRET else dict(num_warps=int(pcfg["NUM_WARPS"]), num_stages=int(pcfg["NUM_STAGES"]))
     g_block = PROBE_GROUP_BLOCK
     rows = block_m if q_spread else g_block
     cols = block_n if k_spread else g_block

@@ -5,7 +5,11 @@ an interpreting process Triton's library functions (``gl.max``, ...) are interpr
 objects that the Gluon compiler cannot use.
 """
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -15,7 +19,21 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from iidkern.kernels import hopper_fwd
 
 
-def compile_variant(dtype: str, has_hw: bool, store_lse: bool, head_dim: int = 128) -> dict:
+def spill_instructions(cubin: bytes) -> int:
+    """Local-memory loads and stores in the SASS (ptxas spills), or -1 without Triton's cuobjdump."""
+    import triton.backends.nvidia as nvidia
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return len(re.findall(r"\b(?:LDL|STL)\b", sass))
+
+
+def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, head_dim: int = 128) -> dict:
+    """One specialization; ``g_pad`` > 0 adds a fused key-group probe with that many columns."""
     gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
     def desc(rows):
@@ -25,9 +43,12 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, head_dim: int = 1
     signature = {"q_desc": desc(hopper_fwd.BLOCK_M), "k_desc": desc(hopper_fwd.BLOCK_N),
                  "v_desc": desc(hopper_fwd.BLOCK_N), "o_ptr": f"*{dtype}", "o_sb": "i32", "o_sh": "i32",
                  "o_sn": "i32", "lse_ptr": "*fp32", "hw_ptr": "*fp32", "hw_sb": "i32", "hw_sh": "i32",
-                 "hw_sn": "i32", "n_heads": "i32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32"}
+                 "hw_sn": "i32", "kg_ptr": "*i32", "kg_sb": "i32", "kg_q0": "i32", "kg_q1": "i32", "kg_k0": "i32",
+                 "kg_k1": "i32", "n_groups": "i32", "kgo_ptr": "*fp32",
+                 "n_heads": "i32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32"}
     constexprs = dict(BLOCK_M=hopper_fwd.BLOCK_M, BLOCK_N=hopper_fwd.BLOCK_N, HEAD_DIM=head_dim,
                       NBUF=hopper_fwd.NUM_BUFFERS, HAS_HW=has_hw, STORE_LSE=store_lse,
+                      HAS_KG=g_pad > 0, G_PAD=max(g_pad, 8),
                       CONSUMER_REGS=hopper_fwd.CONSUMER_REGS, LOADER_REGS=hopper_fwd.LOADER_REGS)
     signature.update({name: "constexpr" for name in constexprs})
     src = GluonASTSource(hopper_fwd.attn_fwd_hopper, signature, constexprs=constexprs)
@@ -37,10 +58,15 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, head_dim: int = 1
             "wgmma_wait_1": ptx.count("wgmma.wait_group.sync.aligned 1"),
             "setmaxnreg": ptx.count("setmaxnreg"),
             "tma_4d": ptx.count("cp.async.bulk.tensor.4d"),
-            "global_loads": ptx.count("ld.global")}
+            "global_loads": ptx.count("ld.global"),
+            "mma_sync": ptx.count("mma.sync.aligned"),
+            "spills": spill_instructions(compiled.asm["cubin"])}
 
 
 if __name__ == "__main__":
     variants = [(dt, hw, hw) for dt in ("bf16", "fp16") for hw in (False, True)]
-    print(json.dumps({f"{dt}-{hw}-{lse}": compile_variant(dt, hw, lse) for dt, hw, lse in variants}))
+    results = {f"{dt}-{hw}-{lse}": compile_variant(dt, hw, lse) for dt, hw, lse in variants}
+    # A fused key-group probe, as IID asks for it (3 instructions: 8 columns) and at the most groups.
+    results.update({f"{dt}-kg{g}": compile_variant(dt, False, True, g) for dt in ("bf16", "fp16") for g in (8, 32)})
+    print(json.dumps(results))
     sys.stdout.flush()

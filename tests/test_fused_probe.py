@@ -169,3 +169,21 @@ def test_fused_probe_kernel_variants(no_probe_pass, options, dtype):
     ref = attention_reference(q, k, v, probes=[probe])
     assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
     assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[dtype])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_group_ids_read_through_a_strided_view(batched):
+    """Group ids that are a strided int32 view (every other token of a wider tensor) are read
+    as the view shows them, in the main pass and in the probe pass."""
+    g = torch.Generator().manual_seed(71)
+    b, h, n, d = 2, 2, 40, 16
+    q, k, v = make_qkv(b, h, n, n, d, generator=g)
+    wide = torch.randint(-1, 3, (b, 2 * n) if batched else (2 * n,), generator=g, dtype=torch.int32)
+    ids = wide[..., ::2]
+    assert ids.stride(-1) == 2
+    fused = Probe(TG.each(0, n), TG.ids(ids, 3), heads="mean")
+    pass_probe = Probe(TG.ids(ids, 3), TG.each(0, n), heads="keep")
+    res = iidkern.attention(q, k, v, probes=[fused, pass_probe], backend="triton", kernel_options=OPTS)
+    ref = attention_reference(q, k, v, probes=[fused, pass_probe])
+    for got, want in zip(res.probes, ref.probes):
+        assert_close_rel(got, want, PROBE_TOL[torch.float32])

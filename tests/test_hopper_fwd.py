@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import iidkern
-from iidkern import BlockMultiplier, Probe, TokenGroups as TG
+from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.kernels import hopper_fwd, launch
 from iidkern.reference import attention_reference
-from helpers import OUT_TOL, assert_close_rel, assert_lse_equal, make_qkv
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv
 
 needs_gluon = pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
 
@@ -52,6 +52,22 @@ def test_kernel_compiles_for_sm90_with_the_fa3_schedule(compiled_variants, dtype
     assert info["tma_4d"] > 0
     assert info["shared"] <= 227 * 1024
     assert (info["global_loads"] > 0) == extras  # the head weights are the only global loads
+    assert info["mma_sync"] == 0
+    assert info["spills"] < 64  # ptxas spills a few values outside the loop on some Tritons (-1: no cuobjdump)
+
+
+@needs_gluon
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("g_pad", [8, 32])
+def test_key_group_probe_compiles_into_the_same_schedule(compiled_variants, dtype, g_pad):
+    """The fused key-group sums: mma.sync products beside the wgmma schedule, no spills, and
+    little shared memory beyond the plain kernel's (the K/V ring leaves 2.7 KB: the ids pass
+    through 512 bytes of it on their way into the one-hot operand)."""
+    info, plain = compiled_variants[f"{dtype}-kg{g_pad}"], compiled_variants[f"{dtype}-True-True"]
+    assert info["wgmma_wait_1"] > 0 and info["setmaxnreg"] > 0 and info["tma_4d"] > 0
+    # per update and warp: 8 k-steps of 16 keys x g_pad / 8 column blocks
+    assert info["mma_sync"] > 0 and info["mma_sync"] % (8 * g_pad // 8) == 0
+    assert info["shared"] <= min(plain["shared"] + 1024, 227 * 1024)
 
 
 # --------------------------------------------------------------------------- TMA eligibility (CPU)
@@ -89,17 +105,27 @@ def _serves(q, **kw):
     return launch._hopper_serves(q, q, q, "bhnd", **args)
 
 
-def test_plain_calls_are_routed_to_the_hopper_kernel(hopper_pretend):
+def _value_probe():
+    return ValueProbe(torch.randn(1, 64, 2), TG.each(0, 64))
+
+
+def _map_probe():
+    return Probe(TG.each(0, 64), TG.each(0, 10), heads="mean")
+
+
+def test_plain_calls_and_probes_are_routed_to_the_hopper_kernel(hopper_pretend):
     q = torch.randn(1, 2, 64, 128)
     assert _serves(q)
     assert _serves(q, kernel_options={"poison": True, "PROBE_BLOCK_M": 32})
+    # Probes: a key-group one rides in the Hopper main pass, the others in the probe pass after it.
+    assert _serves(q, probes=(_map_probe(), Probe(TG.each(0, 64), TG.ids(torch.tensor([0, 1, -1]), 2))))
 
 
-@pytest.mark.parametrize("extra", ["tags", "probes", "block_multiplier", "count_tiles", "hopper=False",
+@pytest.mark.parametrize("extra", ["tags", "value_probe", "block_multiplier", "count_tiles", "hopper=False",
                                    "BLOCK_M", "num_warps", "maxnreg", "warp_specialize"])
 def test_tile_level_extras_and_triton_options_keep_the_triton_kernel(hopper_pretend, extra):
     q = torch.randn(1, 2, 64, 128)
-    kw = {"tags": dict(tags=object()), "probes": dict(probes=(object(),)),
+    kw = {"tags": dict(tags=object()), "value_probe": dict(probes=(_map_probe(), _value_probe())),
           "block_multiplier": dict(block_multiplier=object()), "count_tiles": dict(count_tiles=True),
           "hopper=False": dict(kernel_options={"hopper": False})}.get(extra, dict(kernel_options={extra: 64}))
     assert not _serves(q, **kw)
@@ -119,6 +145,56 @@ def test_routed_calls_get_head_weights_with_broadcast_strides(monkeypatch, hw_sh
     assert seen["head_weights"] is hw and seen["head_weight_strides"] == strides
     iidkern.attention(q, q, q, backend="triton")
     assert seen["head_weights"] is None and seen["head_weight_strides"] == (0, 0, 0)
+
+
+def _hopper_contract(q, k, v, out, *, layout, scale, head_weights, head_weight_strides, lse, key_groups):
+    """What hopper_attention promises, in float64 torch: out, LSE and the key-group sums."""
+    qh, kh, vh = (t if layout == "bhnd" else t.transpose(1, 2) for t in (q, k, v))
+    scores = scale * qh.double() @ kh.double().transpose(-1, -2)
+    probs = scores.softmax(-1)
+    o = probs @ vh.double()
+    if head_weights is not None:
+        b, h, n = o.shape[:3]
+        o = o * head_weights.as_strided((b, h, n), head_weight_strides).double()[..., None]
+    out.copy_(o if layout == "bhnd" else o.transpose(1, 2))
+    if lse is not None:
+        lse.copy_(scores.logsumexp(-1))
+    if key_groups is not None:
+        ids, ids_batch_stride, q0, q1, k0, k1, n_groups, sums = key_groups
+        b, n_k = probs.shape[0], probs.shape[-1]
+        keys = torch.arange(n_k)
+        dense = ids.flatten().as_strided((b, n_k), (ids_batch_stride, 1)).long()
+        dense = torch.where((keys >= k0) & (keys < k1), dense, -1)
+        one_hot = (dense[..., None] == torch.arange(n_groups)).double()  # [B, Nk, G]
+        sums.copy_(probs[:, :, q0:q1] @ one_hot[:, None])
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("batched_ids", [False, True])
+def test_probes_around_the_hopper_kernel_use_its_lse_and_key_group_sums(monkeypatch, layout, batched_ids):
+    """The host side of the Hopper path with probes: the key-group probe's sums are handed
+    to the kernel and folded into the result, and probe-pass probes read the kernel's LSE.
+    The kernel is replaced by its contract in float64 (the kernel runs in the GPU tests)."""
+    monkeypatch.setattr(launch, "_hopper_serves", lambda *args: True)
+    monkeypatch.setattr(hopper_fwd, "hopper_attention", _hopper_contract)
+    g = torch.Generator().manual_seed(5)
+    b, h, n_txt, n_img = 2, 3, 13, 40
+    n = n_txt + n_img
+    q, k, v = make_qkv(b, h, n, n, 128, layout=layout, generator=g)
+    ids = torch.randint(-1, 3, (b, n_txt) if batched_ids else (n_txt,), generator=g, dtype=torch.int32)
+    ids[..., 0] = 2
+    key_ids = torch.nn.functional.pad(ids, (0, n_img), value=-1)
+    iid = Probe(TG.each(n_txt, n), TG.ids(key_ids, 3), heads="keep", normalize="keys")
+    text_image = Probe(TG.each(n_txt, n), TG.each(0, n_txt), heads="mean")
+    grouped_queries = Probe(TG.ids(torch.randint(-1, 4, (b, n), generator=g), 4), TG.ids(key_ids, 3), heads="sum")
+    probes = [iid, text_image, grouped_queries]
+    res = iidkern.attention(q, k, v, layout=layout, probes=probes, backend="triton", return_lse=True,
+                            kernel_options={"poison": True})
+    ref = attention_reference(q, k, v, layout=layout, probes=probes, compute_dtype=torch.float64)
+    assert_lse_equal(res.lse, ref.lse)
+    for got, want in zip(res.probes, ref.probes):
+        assert got.shape == want.shape
+        assert_close_rel(got, want, PROBE_TOL[torch.float32])
 
 
 def test_interpreter_never_routes_to_gluon():
@@ -215,7 +291,7 @@ def test_extras_of_the_triton_kernel_and_the_switch_keep_it(hopper_calls):
     plain = iidkern.attention(q, k, v)
     assert hopper_calls == ["bhnd"]
     triton_out = iidkern.attention(q, k, v, kernel_options={"hopper": False})
-    iidkern.attention(q, k, v, probes=[Probe(TG.each(0, 100), TG.each(100, n), heads="mean")])
+    iidkern.attention(q, k, v, probes=[ValueProbe(torch.randn(b, n, 2, device="cuda"), TG.each(0, n))])
     iidkern.attention(q, k, v, block_multiplier=BlockMultiplier(torch.rand(b, 50, 60, device="cuda"), 0, 100))
     iidkern.attention(q, k, v, kernel_options={"BLOCK_M": 64})
     assert hopper_calls == ["bhnd"]
@@ -249,3 +325,92 @@ def test_repeat_calls_take_the_cached_launch_with_fresh_descriptors(hopper_calls
     assert len(slow) == (1 if fast_launch.Launcher(kernel).enabled else 3)
     for out, ref in zip(outs, refs):
         assert_close_rel(out, ref, OUT_TOL[torch.float16])
+
+
+def _text_image(n_txt, n_img, text_first):
+    """(text range, image range) of a joint sequence: Flux puts text first, SD3 last."""
+    n = n_txt + n_img
+    return ((0, n_txt), (n_txt, n)) if text_first else ((n_img, n), (0, n_img))
+
+
+def _instruction_ids(b, n, txt, n_groups, batched, seed):
+    """Random instruction ids over the text keys (-1 elsewhere and on some text tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, n) if batched else (n,)
+    ids = torch.full(shape, -1, dtype=torch.int32)
+    ids[..., txt[0]:txt[1]] = torch.randint(-1, n_groups, shape[:-1] + (txt[1] - txt[0],), generator=g,
+                                             dtype=torch.int32)
+    ids[..., txt[0]] = n_groups - 1  # the top id occurs
+    return ids.cuda()
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("b, h, n_txt, n_img, text_first, n_groups, batched", [
+    (1, 3, 77, 700, True, 3, False),  # Flux-like: instructions inside the first key tile
+    (2, 2, 333, 1111, False, 5, True),  # SD3-like: text last, into the ragged last key tile
+    (1, 2, 500, 300, True, 17, False),  # groups across key tiles, 32 sum columns
+    (2, 1, 128, 128, False, 32, True),  # text = the last whole key tile, the most groups
+    (1, 1, 3, 1, True, 1, False),  # one key tile, one image query
+])
+def test_key_group_probe_rides_in_the_hopper_main_pass(hopper_calls, no_probe_pass, dtype, layout, b, h, n_txt,
+                                                       n_img, text_first, n_groups, batched):
+    """IID's image x instruction map in the Hopper kernel: no probe pass, float64 oracle."""
+    n = n_txt + n_img
+    q, k, v = _qkv(b, h, n, n, dtype, layout, seed=n + n_groups)
+    txt, img = _text_image(n_txt, n_img, text_first)
+    ids = _instruction_ids(b, n, txt, n_groups, batched, seed=n_groups)
+    probe = Probe(TG.each(*img), TG.ids(ids, n_groups, span=txt), heads="keep", normalize="keys")
+    res = iidkern.attention(q, k, v, layout=layout, probes=[probe], kernel_options={"poison": True})
+    assert hopper_calls == [layout]
+    ref = attention_reference(q, k, v, layout=layout, probes=[probe], compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert res.probes[0].shape == ref.probes[0].shape == (b, h, n_img, n_groups)
+    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[dtype], what="key-group probe")
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("query_kind", ["each", "ids"])
+@pytest.mark.parametrize("heads", ["mean", "sum", "weights"])
+def test_key_group_probe_query_groups_and_head_reductions(hopper_calls, no_probe_pass, query_kind, heads):
+    b, h, n = 2, 4, 999
+    q, k, v = _qkv(b, h, n, n, torch.bfloat16, "bnhd", seed=31)
+    ids = _instruction_ids(b, n, (0, 200), 4, True, seed=32)
+    g = torch.Generator().manual_seed(33)
+    queries = TG.each(150, 990) if query_kind == "each" else \
+        TG.ids(torch.randint(-1, 6, (b, n), generator=g, dtype=torch.int32).cuda(), 6)
+    head_mode = torch.rand(b, h, generator=g).cuda() if heads == "weights" else heads
+    probe = Probe(queries, TG.ids(ids, 4), heads=head_mode, normalize=None)
+    hw = torch.rand(h, generator=g).cuda() + 0.5  # head weights beside the probe
+    res = iidkern.attention(q, k, v, layout="bnhd", probes=[probe], head_weights=hw, kernel_options={"poison": True})
+    assert hopper_calls == ["bnhd"]
+    ref = attention_reference(q, k, v, layout="bnhd", probes=[probe], head_weights=hw, compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.bfloat16])
+    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.bfloat16], what="key-group probe")
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("text_first", [True, False])
+def test_iid_and_text_image_probes_around_the_hopper_kernel(hopper_calls, probe_pass_calls, text_first):
+    """The bench's probe workload: the key-group probe in the Hopper main pass, the text x
+    image head-mean map in the probe pass reading the Hopper kernel's LSE."""
+    b, h, n_txt, n_img = 1, 3, 154, 1024
+    n = n_txt + n_img
+    q, k, v = _qkv(b, h, n, n, torch.float16, "bnhd", seed=41)
+    txt, img = _text_image(n_txt, n_img, text_first)
+    segments = [(txt[0], txt[0] + 50), (txt[0] + 50, txt[0] + 100), (txt[0] + 100, txt[1])]
+    iid = Probe(TG.each(*img), TG.segments(segments, n, device="cuda"), heads="keep", normalize="keys")
+    text_image = Probe(TG.each(*txt), TG.each(*img), heads="mean")
+    res = iidkern.attention(q, k, v, layout="bnhd", probes=[iid, text_image], return_lse=True,
+                            kernel_options={"poison": True})
+    assert hopper_calls == ["bnhd"] and len(probe_pass_calls) == 1 and probe_pass_calls[0] is text_image
+    ref = attention_reference(q, k, v, layout="bnhd", probes=[iid, text_image], compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.float16])
+    assert_lse_equal(res.lse, ref.lse, tol=1e-3)
+    for got, want in zip(res.probes, ref.probes):
+        assert got.shape == want.shape
+        assert_close_rel(got, want, PROBE_TOL[torch.float16], what="probe")
