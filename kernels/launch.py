@@ -28,8 +28,10 @@ _PAIR_STATS = Launcher(pair_stats_kernel)
 PROBE_GROUP_BLOCK = 16  # group ids per output tile on a grouped probe side
 MAX_VALUE_CHANNELS = 64  # all value probes of one call share one padded side channel
 MAX_FUSED_KEY_GROUPS = 32  # a grouped-key probe with at most this many groups rides in the main pass
-# kernel_options that configure the Triton kernel's main pass: naming one selects that kernel.
-MAIN_PASS_OPTIONS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "warp_specialize"})
+# kernel_options that configure the Triton kernel's main pass: naming one selects that kernel
+# (the Hopper kernel has none of them, and would silently ignore them).
+MAIN_PASS_OPTIONS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "warp_specialize",
+                               "kg_split", "mult_split", "kg_half_dot"})
 
 
 def _poisoned(shape, dtype, device):

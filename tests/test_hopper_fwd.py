@@ -60,9 +60,10 @@ def test_kernel_compiles_for_sm90_with_the_fa3_schedule(compiled_variants, dtype
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("g_pad", [8, 32])
 def test_key_group_probe_compiles_into_the_same_schedule(compiled_variants, dtype, g_pad):
-    """The fused key-group sums: mma.sync products beside the wgmma schedule, no spills, and
-    little shared memory beyond the plain kernel's (the K/V ring leaves 2.7 KB: the ids pass
-    through 512 bytes of it on their way into the one-hot operand)."""
+    """The fused key-group sums: mma.sync products beside the wgmma schedule, and little
+    shared memory beyond the plain kernel's (the K/V ring leaves 2.7 KB: the ids pass through
+    512 bytes of it on their way into the one-hot operand). Spills are not asserted: ptxas
+    spills 8 instructions' worth on triton 3.6 (the H100's, timed) and 174-427 on 3.9."""
     info, plain = compiled_variants[f"{dtype}-kg{g_pad}"], compiled_variants[f"{dtype}-True-True"]
     assert info["wgmma_wait_1"] > 0 and info["setmaxnreg"] > 0 and info["tma_4d"] > 0
     # per update and warp: 8 k-steps of 16 keys x g_pad / 8 column blocks
@@ -122,7 +123,7 @@ def test_plain_calls_and_probes_are_routed_to_the_hopper_kernel(hopper_pretend):
 
 
 @pytest.mark.parametrize("extra", ["tags", "value_probe", "block_multiplier", "count_tiles", "hopper=False",
-                                   "BLOCK_M", "num_warps", "maxnreg", "warp_specialize"])
+                                   "BLOCK_M", "num_warps", "maxnreg", "warp_specialize", "kg_split", "kg_half_dot"])
 def test_tile_level_extras_and_triton_options_keep_the_triton_kernel(hopper_pretend, extra):
     q = torch.randn(1, 2, 64, 128)
     kw = {"tags": dict(tags=object()), "value_probe": dict(probes=(_map_probe(), _value_probe())),
