@@ -34,6 +34,7 @@ import torch
 import triton
 
 from .fast_launch import Launcher
+from .tiles import cdiv, pow2_at_least
 
 # Gluon is experimental and its API moves between releases: the kernel is written for 3.6
 # (run on the H100) and compiled by CPU CI on its newer Triton; older ones keep the Triton kernel.
@@ -346,10 +347,9 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
 
     Inputs as validated by ``iidkern.attention`` and accepted by :func:`usable`; the head
     weights come with their (batch, head, query) broadcast strides. ``key_groups`` (a fused
-    key-group probe) is ``(ids, ids_batch_stride, q0, q1, k0, k1, n_groups, sums)``: int32
-    group ids per key (``-1`` = none, read in ``[k0, k1)``), and ``sums`` [B, H, q1 - q0,
-    n_groups] fp32 receives each probed query row's probability mass per group
-    (``n_groups`` up to ``launch.MAX_FUSED_KEY_GROUPS``, 32).
+    key-group probe) is a ``launch.KeyGroupArgs``: int32 group ids per key (``-1`` = none,
+    read in ``[k0, k1)``), and ``sums`` [B, H, q1 - q0, n_groups] fp32 receives each probed
+    query row's probability mass per group (``n_groups`` up to ``launch.MAX_FUSED_KEY_GROUPS``, 32).
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
     n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
@@ -360,8 +360,8 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
         key_groups = (out, 0, 0, 0, 0, 0, 1, out)
         g_pad = 8
     else:
-        g_pad = max(8, 1 << max(0, int(key_groups[6]) - 1).bit_length())  # an mma.sync N is 8 or more
-    grid = (-(-n_q // (2 * BLOCK_M)), batch * heads)
+        g_pad = max(8, pow2_at_least(key_groups.n_groups))  # an mma.sync N is 8 or more
+    grid = (cdiv(n_q, 2 * BLOCK_M), batch * heads)
     _ATTN_HOPPER[grid](
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
         out, o_strides[0], o_strides[1], o_strides[2], lse if lse is not None else out, hw, *head_weight_strides,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from .fast_launch import Launcher
 from .flash_fwd import LOG2E, attn_fwd_kernel
 from .pair_stats import pair_stats_kernel
 from .probe import probe_kernel
-from .tiles import TagMask, cdiv
+from .tiles import TagMask, cdiv, pow2_at_least
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Launches go through cached compiled kernels (see fast_launch.py): ~45 us less host time each (H100 host).
@@ -48,12 +48,7 @@ def _fp32_product_precision(dtype: torch.dtype) -> str:
 
 
 # Host cost matters at small shapes (a Flux 256^2 call is ~30 us of GPU work), so the hot
-# path uses plain integer helpers (triton.cdiv / next_power_of_2 are constexpr-function
-# wrappers with per-call overhead in recent Tritons) and caches what does not change.
-def _pow2_at_least(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
+# path uses plain integer helpers (tiles.cdiv / pow2_at_least) and caches what does not change.
 _DUMMIES = {}
 
 
@@ -73,7 +68,7 @@ def default_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _default_config(head_dim: int, dtype: torch.dtype) -> dict:
-    block_d = max(16, _pow2_at_least(head_dim))
+    block_d = max(16, pow2_at_least(head_dim))
     if _INTERPRET:
         # The interpreter runs programs one by one: small tiles keep tests fast and make
         # modest sequence lengths span several tiles.
@@ -117,7 +112,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     # Tests pass poison=True: outputs start as NaN so an element the kernels never write shows.
     alloc = _poisoned if cfg.get("poison") else torch.empty
     block_m, block_n = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
-    block_d = max(16, _pow2_at_least(head_dim))
+    block_d = max(16, pow2_at_least(head_dim))
     out = alloc(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout
     # fp32 inputs get fp32 products (not tf32), so the backend honours the dtype's precision.
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -147,7 +142,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     col = 0
     for i, p in enumerate(probes):
         if i == fused:
-            kgo, kg_q0 = key_groups[7], key_groups[2]
+            kgo, kg_q0 = key_groups.sums, key_groups.q0
             del key_groups  # free the raw sums (unless they are the result) before the probe pass
             folded = _fold_query_groups(kgo, p.queries, kg_q0, n_q)
             del kgo
@@ -169,13 +164,24 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     )
 
 
-def _key_group_args(probe: Probe, batch: int, heads: int, n_k: int, device, alloc) -> tuple:
-    """``(ids, ids batch stride, q0, q1, k0, k1, n_groups, sums)`` of a fused key-group probe;
-    ``sums`` [B, H, q1 - q0, n_groups] fp32 is written by the main pass."""
+class KeyGroupArgs(NamedTuple):
+    """The kernel arguments of a fused key-group probe, in both kernels' parameter order."""
+
+    ids: torch.Tensor  # int32 group id per key ([N] or [B, N], unit token stride), -1 = none
+    ids_batch_stride: int
+    q0: int  # probed query rows [q0, q1)
+    q1: int
+    k0: int  # ids are read in [k0, k1)
+    k1: int
+    n_groups: int
+    sums: torch.Tensor  # [B, H, q1 - q0, n_groups] fp32, written by the main pass
+
+
+def _key_group_args(probe: Probe, batch: int, heads: int, n_k: int, device, alloc) -> KeyGroupArgs:
     _, k0, k1, ids, ids_stride, n_groups = _group_side(probe.keys, batch, n_k, device)
     q0, q1 = probe.queries.start, probe.queries.stop
     sums = alloc((batch, heads, q1 - q0, n_groups), dtype=torch.float32, device=device)
-    return ids, ids_stride, q0, q1, k0, k1, n_groups, sums
+    return KeyGroupArgs(ids, ids_stride, q0, q1, k0, k1, n_groups, sums)
 
 
 def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, block_multiplier, key_groups,
@@ -231,7 +237,7 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
     x_out = None
     if value_probes:
         widths = [vp.x.shape[-1] for vp in value_probes]
-        x_pad = max(16, _pow2_at_least(sum(widths)))
+        x_pad = max(16, pow2_at_least(sum(widths)))
         x_all = torch.zeros(batch, n_k, x_pad, dtype=torch.float32, device=device)
         col = 0
         for vp, w in zip(value_probes, widths):
@@ -243,7 +249,7 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
         x_args = (dummy_f, 0, 0, dummy_f)
 
     # ---- the fused key-group probe (see triton_attention)
-    g_pad = 16 if key_groups is None else max(16, _pow2_at_least(key_groups[6]))
+    g_pad = 16 if key_groups is None else max(16, pow2_at_least(key_groups.n_groups))
     kg_args = key_groups if key_groups is not None else (dummy, 0, 0, 0, 0, 0, 1, dummy_f)
 
     tiles = torch.full((batch * heads * n_q_tiles,), -1, dtype=torch.int32, device=device) if count_tiles else dummy

@@ -60,9 +60,16 @@ def _tile_bits(tags: torch.Tensor, block: int, n_tiles: int, nbits: int):
     return padded_or.any(2), padded_and.all(2)
 
 
+# Host integer helpers for the launch paths: triton.cdiv / next_power_of_2 are constexpr-function
+# wrappers with per-call overhead in recent Tritons, and a Flux 256^2 call is ~30 us of GPU work.
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of host integers (tile counts)."""
     return -(-a // b)
+
+
+def pow2_at_least(x: int) -> int:
+    """The smallest power of two >= ``x`` (1 for ``x <= 1``): padded tile widths."""
+    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 def classify_tiles(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int):

@@ -10,6 +10,19 @@ OUT_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 PROBE_TOL = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-4}
 
 
+def random_key_groups(nk, span, n_groups, generator, batched=False, b=1, device="cpu"):
+    """``TokenGroups.ids`` with random group ids in ``span`` (some tokens there -1, none
+    outside): the top id occurs (count = n_groups) and the span is tight."""
+    from iidkern import TokenGroups
+    lo, hi = span
+    shape = (b, nk) if batched else (nk,)
+    ids = torch.full(shape, -1, dtype=torch.int32)
+    ids[..., lo:hi] = torch.randint(-1, n_groups, shape[:-1] + (hi - lo,), generator=generator, dtype=torch.int32)
+    ids[..., lo] = n_groups - 1
+    ids[..., hi - 1] = 0
+    return TokenGroups.ids(ids.to(device), n_groups, span=(lo, hi))
+
+
 def make_qkv(b, h, nq, nk, d, dtype=torch.float32, layout="bhnd", device="cpu", generator=None):
     """Fresh random q, k, v (never zeros) in the given layout."""
     def one(n):

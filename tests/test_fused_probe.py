@@ -14,19 +14,9 @@ import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.kernels import launch
 from iidkern.reference import attention_reference
-from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_tags
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_key_groups, random_tags
 
 OPTS = {"poison": True}
-
-
-def _key_groups(nk, span, n_groups, g, batched=False, b=1):
-    lo, hi = span
-    shape = (b, nk) if batched else (nk,)
-    ids = torch.full(shape, -1, dtype=torch.int32)
-    ids[..., lo:hi] = torch.randint(-1, n_groups, shape[:-1] + (hi - lo,), generator=g, dtype=torch.int32)
-    ids[..., lo] = n_groups - 1  # the top group id occurs (count = n_groups) and the span is tight
-    ids[..., hi - 1] = 0
-    return TG.ids(ids, n_groups, span=(lo, hi))
 
 
 def _query_groups(kind, nq, g, b):
@@ -46,7 +36,7 @@ def test_fused_probe_matches_reference(no_probe_pass, query_kind, heads, layout)
     b, h, nq, nk, d = 2, 3, 53, 61, 32  # several 16-token tiles and a ragged last tile
     q, k, v = make_qkv(b, h, nq, nk, d, layout=layout, generator=g)
     head_mode = torch.rand(b, h, generator=g) if heads == "weights" else heads
-    probe = Probe(_query_groups(query_kind, nq, g, b), _key_groups(nk, (5, 40), 4, g),
+    probe = Probe(_query_groups(query_kind, nq, g, b), random_key_groups(nk, (5, 40), 4, g),
                   heads=head_mode, normalize="keys")
     res = iidkern.attention(q, k, v, layout=layout, probes=[probe], backend="triton", kernel_options=OPTS)
     ref = attention_reference(q, k, v, layout=layout, probes=[probe])
@@ -69,7 +59,7 @@ def test_fused_probe_key_spans_and_group_counts(no_probe_pass, span, n_groups, b
     q, k, v = make_qkv(2, 2, 37, 61, 16, generator=g)
     block_n = launch.default_config(16, torch.float32)["BLOCK_N"]
     assert 61 // block_n * block_n == 48  # the spans above are placed for 16-key tiles
-    probe = Probe(TG.each(0, 37), _key_groups(61, span, n_groups, g, batched=batched, b=2), heads="keep",
+    probe = Probe(TG.each(0, 37), random_key_groups(61, span, n_groups, g, batched=batched, b=2), heads="keep",
                   normalize="keys")
     res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options={**OPTS, "kg_split": kg_split})
     ref = attention_reference(q, k, v, probes=[probe])
@@ -84,7 +74,7 @@ def test_key_spans_in_the_ragged_tail_are_fused_with_tags(no_probe_pass, span):
     g = torch.Generator().manual_seed(68)
     q, k, v = make_qkv(1, 2, 37, 61, 16, generator=g)
     tags = (random_tags(1, 37, generator=g), random_tags(1, 61, generator=g))
-    probe = Probe(TG.each(0, 37), _key_groups(61, span, 3, g), heads="keep", normalize="keys")
+    probe = Probe(TG.each(0, 37), random_key_groups(61, span, 3, g), heads="keep", normalize="keys")
     res = iidkern.attention(q, k, v, tags=tags, probes=[probe], backend="triton", kernel_options=OPTS)
     ref = attention_reference(q, k, v, tags=tags, probes=[probe])
     assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
@@ -103,7 +93,7 @@ def test_fused_probe_with_other_extras(no_probe_pass, dtype, with_tags, with_mul
     tags = (random_tags(b, nq, generator=g), random_tags(b, nk, generator=g)) if with_tags else None
     mult = BlockMultiplier(torch.rand(b, 20, 18, generator=g) * 2, 10, 12) if with_mult else None
     probes = [ValueProbe(torch.randn(b, nk, 3, generator=g), TG.each(0, nq), heads="mean"),
-              Probe(TG.each(2, nq), _key_groups(nk, (6, 35), 3, g, batched=True, b=b), heads="keep")]
+              Probe(TG.each(2, nq), random_key_groups(nk, (6, 35), 3, g, batched=True, b=b), heads="keep")]
     # "per-tile": the multiplier is tested per tile and the key groups own the key-range split.
     opts = {**OPTS, "mult_split": with_mult != "per-tile", "kg_split": True}
     res = iidkern.attention(q, k, v, layout="bnhd", tags=tags, block_multiplier=mult, probes=probes,
@@ -121,7 +111,7 @@ def test_rows_without_allowed_keys_give_zero_rows(no_probe_pass):
     q_tags = torch.ones(20, dtype=torch.int32)
     q_tags[0] = 2
     k_tags = torch.ones(24, dtype=torch.int32)
-    probe = Probe(TG.each(0, 20), _key_groups(24, (0, 24), 3, g), heads="keep")
+    probe = Probe(TG.each(0, 20), random_key_groups(24, (0, 24), 3, g), heads="keep")
     res = iidkern.attention(q, k, v, tags=(q_tags, k_tags), probes=[probe], backend="triton", kernel_options=OPTS)
     ref = attention_reference(q, k, v, tags=(q_tags, k_tags), probes=[probe])
     assert torch.equal(res.probes[0][:, :, 0], torch.zeros(1, 2, 3))
@@ -135,9 +125,9 @@ def test_only_the_first_eligible_probe_is_fused_and_the_rest_run_as_before(probe
     q, k, v = make_qkv(1, 2, 40, 44, 16, generator=g)
     many = launch.MAX_FUSED_KEY_GROUPS + 1
     probes = [Probe(TG.each(0, 40), TG.each(0, 44), heads="mean"),
-              Probe(TG.each(0, 40), _key_groups(44, (0, 44), many, g), heads="keep"),
-              Probe(TG.each(5, 40), _key_groups(44, (3, 30), 2, g), heads="sum"),
-              Probe(TG.each(0, 10), _key_groups(44, (10, 20), 3, g), heads="mean")]
+              Probe(TG.each(0, 40), random_key_groups(44, (0, 44), many, g), heads="keep"),
+              Probe(TG.each(5, 40), random_key_groups(44, (3, 30), 2, g), heads="sum"),
+              Probe(TG.each(0, 10), random_key_groups(44, (10, 20), 3, g), heads="mean")]
     assert launch._fused_probe_index(probes, {}) == 2
     res = iidkern.attention(q, k, v, probes=probes, backend="triton", kernel_options=OPTS)
     assert [id(p) for p in probe_pass_calls] == [id(probes[0]), id(probes[1]), id(probes[3])]
@@ -149,7 +139,7 @@ def test_only_the_first_eligible_probe_is_fused_and_the_rest_run_as_before(probe
 def test_fusion_can_be_turned_off_with_the_same_result():
     g = torch.Generator().manual_seed(66)
     q, k, v = make_qkv(2, 2, 33, 35, 16, generator=g)
-    probe = Probe(TG.each(1, 33), _key_groups(35, (2, 20), 3, g), heads="mean", normalize="keys")
+    probe = Probe(TG.each(1, 33), random_key_groups(35, (2, 20), 3, g), heads="mean", normalize="keys")
     fused = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options=OPTS).probes[0]
     second = iidkern.attention(q, k, v, probes=[probe], backend="triton",
                                kernel_options={**OPTS, "fuse_key_groups": False}).probes[0]
@@ -164,7 +154,7 @@ def test_fused_probe_kernel_variants(no_probe_pass, options, dtype):
     # test, compute the same map (the defaults depend on the head dim: pin each one here).
     g = torch.Generator().manual_seed(67)
     q, k, v = make_qkv(2, 2, 41, 57, 32, dtype=dtype, generator=g)
-    probe = Probe(TG.each(0, 41), _key_groups(57, (9, 40), 3, g), heads="keep", normalize="keys")
+    probe = Probe(TG.each(0, 41), random_key_groups(57, (9, 40), 3, g), heads="keep", normalize="keys")
     res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options={**OPTS, **options})
     ref = attention_reference(q, k, v, probes=[probe])
     assert_close_rel(res.out, ref.out, OUT_TOL[dtype])

@@ -16,7 +16,7 @@ import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.kernels import hopper_fwd, launch
 from iidkern.reference import attention_reference
-from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups
 
 needs_gluon = pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
 
@@ -182,12 +182,10 @@ def test_probes_around_the_hopper_kernel_use_its_lse_and_key_group_sums(monkeypa
     b, h, n_txt, n_img = 2, 3, 13, 40
     n = n_txt + n_img
     q, k, v = make_qkv(b, h, n, n, 128, layout=layout, generator=g)
-    ids = torch.randint(-1, 3, (b, n_txt) if batched_ids else (n_txt,), generator=g, dtype=torch.int32)
-    ids[..., 0] = 2
-    key_ids = torch.nn.functional.pad(ids, (0, n_img), value=-1)
-    iid = Probe(TG.each(n_txt, n), TG.ids(key_ids, 3), heads="keep", normalize="keys")
+    instructions = random_key_groups(n, (0, n_txt), 3, g, batched_ids, b)
+    iid = Probe(TG.each(n_txt, n), instructions, heads="keep", normalize="keys")
     text_image = Probe(TG.each(n_txt, n), TG.each(0, n_txt), heads="mean")
-    grouped_queries = Probe(TG.ids(torch.randint(-1, 4, (b, n), generator=g), 4), TG.ids(key_ids, 3), heads="sum")
+    grouped_queries = Probe(TG.ids(torch.randint(-1, 4, (b, n), generator=g), 4), instructions, heads="sum")
     probes = [iid, text_image, grouped_queries]
     res = iidkern.attention(q, k, v, layout=layout, probes=probes, backend="triton", return_lse=True,
                             kernel_options={"poison": True})
@@ -334,17 +332,6 @@ def _text_image(n_txt, n_img, text_first):
     return ((0, n_txt), (n_txt, n)) if text_first else ((n_img, n), (0, n_img))
 
 
-def _instruction_ids(b, n, txt, n_groups, batched, seed):
-    """Random instruction ids over the text keys (-1 elsewhere and on some text tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (b, n) if batched else (n,)
-    ids = torch.full(shape, -1, dtype=torch.int32)
-    ids[..., txt[0]:txt[1]] = torch.randint(-1, n_groups, shape[:-1] + (txt[1] - txt[0],), generator=g,
-                                             dtype=torch.int32)
-    ids[..., txt[0]] = n_groups - 1  # the top id occurs
-    return ids.cuda()
-
-
 @pytest.mark.cuda
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -362,8 +349,8 @@ def test_key_group_probe_rides_in_the_hopper_main_pass(hopper_calls, no_probe_pa
     n = n_txt + n_img
     q, k, v = _qkv(b, h, n, n, dtype, layout, seed=n + n_groups)
     txt, img = _text_image(n_txt, n_img, text_first)
-    ids = _instruction_ids(b, n, txt, n_groups, batched, seed=n_groups)
-    probe = Probe(TG.each(*img), TG.ids(ids, n_groups, span=txt), heads="keep", normalize="keys")
+    keys = random_key_groups(n, txt, n_groups, torch.Generator().manual_seed(n_groups), batched, b, device="cuda")
+    probe = Probe(TG.each(*img), keys, heads="keep", normalize="keys")
     res = iidkern.attention(q, k, v, layout=layout, probes=[probe], kernel_options={"poison": True})
     assert hopper_calls == [layout]
     ref = attention_reference(q, k, v, layout=layout, probes=[probe], compute_dtype=torch.float64)
@@ -379,12 +366,12 @@ def test_key_group_probe_rides_in_the_hopper_main_pass(hopper_calls, no_probe_pa
 def test_key_group_probe_query_groups_and_head_reductions(hopper_calls, no_probe_pass, query_kind, heads):
     b, h, n = 2, 4, 999
     q, k, v = _qkv(b, h, n, n, torch.bfloat16, "bnhd", seed=31)
-    ids = _instruction_ids(b, n, (0, 200), 4, True, seed=32)
+    instructions = random_key_groups(n, (0, 200), 4, torch.Generator().manual_seed(32), True, b, device="cuda")
     g = torch.Generator().manual_seed(33)
     queries = TG.each(150, 990) if query_kind == "each" else \
         TG.ids(torch.randint(-1, 6, (b, n), generator=g, dtype=torch.int32).cuda(), 6)
     head_mode = torch.rand(b, h, generator=g).cuda() if heads == "weights" else heads
-    probe = Probe(queries, TG.ids(ids, 4), heads=head_mode, normalize=None)
+    probe = Probe(queries, instructions, heads=head_mode, normalize=None)
     hw = torch.rand(h, generator=g).cuda() + 0.5  # head weights beside the probe
     res = iidkern.attention(q, k, v, layout="bnhd", probes=[probe], head_weights=hw, kernel_options={"poison": True})
     assert hopper_calls == ["bnhd"]
