@@ -60,12 +60,13 @@ def all_cases(quick: bool = False) -> List[Case]:
             add(shape, feature, FEATURE_IMPLS[feature])
     add("flux_1024_b2", "plain", ("iidkern", "sdpa_cudnn"))
     # The Triton kernel's own plain time where the Hopper kernel serves plain calls (D=128):
-    # tags and the multiplier run on the Triton kernel and are compared with it. Its probe
-    # time is kept beside the Hopper kernel's, for the record.
+    # tags run on the Triton kernel and are compared with it. Its probe and multiplier times
+    # are kept beside the Hopper kernel's, for the record.
     for shape in [s for s in model_shapes if SHAPES[s].head_dim == 128] + ["flux_1024_b2"]:
         add(shape, "plain", ("iidkern_triton",))
     for shape in [s for s in model_shapes if SHAPES[s].head_dim == 128]:
         add(shape, "probe", ("iidkern_triton",))
+        add(shape, "block_mult", ("iidkern_triton",))
     add("flux_1024_b2", "pair_stats", ("iidkern", "sdpa_cudnn+torch"))
     if not quick:
         for shape in SWEEP_SHAPES:

@@ -119,8 +119,9 @@ def own_plain(res: Results, case: dict) -> Optional[dict]:
 
 # Features the Hopper kernel does not have: they run on the Triton kernel, and "plain" for
 # them means that kernel's plain time (iidkern_triton) where the suite timed it. (Probes run
-# on the Hopper kernel: the key-group probe in its main pass, the map in the probe pass after.)
-TRITON_KERNEL_FEATURES = ("block_mult", *(f for f in FEATURE_ORDER if f.startswith("tags")))
+# on the Hopper kernel: the key-group probe in its main pass, the map in the probe pass after;
+# the block multiplier in its main pass.)
+TRITON_KERNEL_FEATURES = tuple(f for f in FEATURE_ORDER if f.startswith("tags"))
 
 
 def same_kernel_plain(res: Results, shape: str, dtype: str, feature: str) -> Optional[dict]:

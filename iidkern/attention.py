@@ -245,9 +245,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             instead of a per-tile test), ``kg_half_dot`` (key-group sums as two fp16
             products instead of tf32), ``warp_specialize`` (Triton's automatic warp
             specialization), ``hopper`` (default True: on an H100-class GPU (sm_90), fp16/bf16
-            calls at head_dim 128 with no tags, value probes, multiplier or tile counts run
-            the warp-specialized Gluon kernel of ``iidkern/kernels/hopper_fwd.py``, which
-            also accumulates the fused key-group probe; naming a main-pass option above,
+            calls at head_dim 128 with no tags, value probes or tile counts run the
+            warp-specialized Gluon kernel of ``iidkern/kernels/hopper_fwd.py``, which also
+            accumulates the fused key-group probe and applies a block multiplier; naming a main-pass option above,
             ``kg_split``, ``mult_split`` or ``kg_half_dot`` also selects the Triton kernel). ``poison=True`` fills
             outputs with NaN first (tests).
 

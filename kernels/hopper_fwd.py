@@ -21,7 +21,8 @@ Scope: fp16/bf16, head_dim 128, any Nq/Nk (ragged last tiles: TMA zero-fills row
 end, the last key tile is masked, stores are masked), both layouts and any 16-byte aligned
 strides (4-D TMA descriptors over the [B, H, N, D] view), optional head weights and LSE, and
 optionally a fused key-group probe (IID's image x instruction map: per query row, the
-probability mass on each of up to 32 key groups; see ``_key_group_update``).
+probability mass on each of up to 32 key groups; see ``_key_group_update``) and a block
+multiplier (HeadRouter's post-softmax weights on one sub-block; see ``_multiplier_tile``).
 Gluon does not run under TRITON_INTERPRET: CPU CI compiles this kernel for sm_90
 (tests/test_hopper_fwd.py); correctness is tested on the GPU against the reference.
 """
@@ -96,6 +97,29 @@ if AVAILABLE:
         return gl.where((cols < n_k)[None, :], s, -float("inf"))
 
     @gluon.jit
+    def _tile_in_span(rows_hit, key_start, k0, k1, BLOCK_N: gl.constexpr):
+        """Whether a key tile meets the key range [k0, k1) of an extra whose query rows this
+        warpgroup holds (``rows_hit``): tiles outside it skip the extra's work."""
+        return rows_hit & (key_start < k1) & (key_start + BLOCK_N > k0)
+
+    @gluon.jit
+    def _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, key_start,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """The block multiplier M on this key tile (1 outside the sub-block), fp32 in the score
+        layout: P times it is what P @ V gets; the normalizer and the probes take P unweighted.
+
+        M is read straight into the accumulator layout (a thread's two adjacent columns per
+        8-column step: whole 32-byte sectors per warp, vector loads when the launch finds the
+        pointer and strides 16-aligned); staging it through shared memory for a coalesced load
+        would need 32 KB that the K/V ring leaves no room for.
+        """
+        rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        cols = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        inside = ((rows >= m_q0) & (rows < m_q1))[:, None] & ((cols >= m_k0) & (cols < m_k1))[None, :]
+        m = gl.load(m_base + (rows - m_q0)[:, None] * m_sq + (cols - m_k0)[None, :] * m_sk, mask=inside, other=1.0)
+        return m.to(gl.float32)
+
+    @gluon.jit
     def _key_group_update(acc_g, m_g, p, m_new, key_start, kg_base, kg_k0, kg_k1,
                           BLOCK_N: gl.constexpr, G_PAD: gl.constexpr, g_layout: gl.constexpr):
         """Fold this key tile's probabilities into the per-row sums of each key group.
@@ -129,8 +153,9 @@ if AVAILABLE:
     @gluon.jit
     def _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_k, qk_scale,
               kg_base, kg_rows_hit, kg_k0, kg_k1,
+              m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
               WG: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr,
-              HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
+              HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, g_layout: gl.constexpr):
         """Key tile j (j >= 1): issue S_j and PV_{j-1}, hand the tensor cores over, softmax_j."""
         slot = j % NBUF
@@ -149,10 +174,21 @@ if AVAILABLE:
         p = gl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, 1)
         if HAS_KG:  # while PV_{j-1} is in flight; only tiles in the groups' key span
-            if kg_rows_hit & (j * BLOCK_N < kg_k1) & (j * BLOCK_N + BLOCK_N > kg_k0):
+            if _tile_in_span(kg_rows_hit, j * BLOCK_N, kg_k0, kg_k1, BLOCK_N):
                 acc_g, m_g = _key_group_update(acc_g, m_g, p, m_new, j * BLOCK_N, kg_base, kg_k0, kg_k1,
                                                BLOCK_N, G_PAD, g_layout)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+        if HAS_MULT:
+            # M's tile loads while PV_{j-1} finishes, and weights P after its sums (l, probes):
+            # multiplying before the wait cost more spills and was no faster (NOTES.md 33).
+            if _tile_in_span(m_rows_hit, j * BLOCK_N, m_k0, m_k1, BLOCK_N):
+                m = _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, j * BLOCK_N,
+                                     BLOCK_M, BLOCK_N, s_layout)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+                p = p * m
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
         mbarrier.arrive(kv_empty.index(prev))  # K_{j-1} and V_{j-1} are consumed
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         return p, m_new, l_i, acc, acc_g, m_g
@@ -161,9 +197,11 @@ if AVAILABLE:
     def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                   o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                   kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                  m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                   batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
-                  HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr, HAS_KG: gl.constexpr, G_PAD: gl.constexpr):
+                  HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr, HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
+                  HAS_MULT: gl.constexpr):
         """One warpgroup: BLOCK_M query rows against every key tile, online softmax in exp2."""
         nw: gl.constexpr = gl.num_warps()
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
@@ -181,6 +219,8 @@ if AVAILABLE:
         m_g = gl.full([BLOCK_M], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
         kg_base = kg_ptr + batch.to(gl.int64) * kg_sb
         kg_rows_hit = (row0 < kg_q1) & (row0 + BLOCK_M > kg_q0)
+        m_base = m_ptr + batch.to(gl.int64) * m_sb + head.to(gl.int64) * m_sh
+        m_rows_hit = (row0 < m_q1) & (row0 + BLOCK_M > m_q0)
         mbarrier.wait(q_bar, 0)
 
         # Key tile 0: S_0 alone (there is no P yet); warpgroup 1 starts one turn behind.
@@ -195,21 +235,25 @@ if AVAILABLE:
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, 1)
         if HAS_KG:
-            if kg_rows_hit & (kg_k0 < BLOCK_N) & (kg_k1 > 0):
+            if _tile_in_span(kg_rows_hit, 0, kg_k0, kg_k1, BLOCK_N):
                 acc_g, m_g = _key_group_update(acc_g, m_g, p, m_i, 0, kg_base, kg_k0, kg_k1, BLOCK_N, G_PAD, g_layout)
+        if HAS_MULT:
+            if _tile_in_span(m_rows_hit, 0, m_k0, m_k1, BLOCK_N):
+                p = p * _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, 0, BLOCK_M, BLOCK_N,
+                                         s_layout)
 
         # Whole key tiles, then the last one with the key mask (a ragged tail or not: it is
         # one tile, and this keeps the loop body free of the mask).
         for j in range(1, n_k_tiles - 1):
             p, m_i, l_i, acc, acc_g, m_g = _turn(
                 q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_k, qk_scale,
-                kg_base, kg_rows_hit, kg_k0, kg_k1, WG, False, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD,
-                s_layout, o_layout, p_layout, g_layout)
+                kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+                WG, False, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD, HAS_MULT, s_layout, o_layout, p_layout, g_layout)
         if n_k_tiles > 1:
             p, m_i, l_i, acc, acc_g, m_g = _turn(
                 q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, n_k_tiles - 1, n_k,
-                qk_scale, kg_base, kg_rows_hit, kg_k0, kg_k1, WG, True, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD,
-                s_layout, o_layout, p_layout, g_layout)
+                qk_scale, kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit,
+                row0, WG, True, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD, HAS_MULT, s_layout, o_layout, p_layout, g_layout)
         last = (n_k_tiles - 1) % NBUF
         o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
@@ -242,10 +286,11 @@ if AVAILABLE:
     @gluon.jit
     def attn_fwd_hopper(q_desc, k_desc, v_desc, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                        m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                         n_heads, n_q, n_k, qk_scale,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         NBUF: gl.constexpr, HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr,
-                        HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
+                        HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
         q_start = gl.program_id(0) * (2 * BLOCK_M)
         bh = gl.program_id(1)
@@ -273,13 +318,16 @@ if AVAILABLE:
             (_consumer, (0, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                          kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                         m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                          batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD)),  # default partition: 4 warps
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD,
+                         HAS_MULT)),  # default partition: 4 warps
             (_consumer, (1, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                          kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                         m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                          batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD)),
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
                        batch, head, q_start, n_k_tiles, BLOCK_M, BLOCK_N, HEAD_DIM, NBUF)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -342,7 +390,7 @@ def _descriptor(t: torch.Tensor, layout: str, block_rows: int):
 
 
 def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, head_weight_strides=(0, 0, 0),
-                     lse=None, key_groups=None) -> None:
+                     lse=None, key_groups=None, multiplier=None) -> None:
     """Write softmax(scale * q k^T) v into ``out`` (same layout as ``q``); ``lse`` [B, H, Nq] if given.
 
     Inputs as validated by ``iidkern.attention`` and accepted by :func:`usable`; the head
@@ -350,6 +398,8 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     key-group probe) is a ``launch.KeyGroupArgs``: int32 group ids per key (``-1`` = none,
     read in ``[k0, k1)``), and ``sums`` [B, H, q1 - q0, n_groups] fp32 receives each probed
     query row's probability mass per group (``n_groups`` up to ``launch.MAX_FUSED_KEY_GROUPS``, 32).
+    ``multiplier`` (a block multiplier) is a ``launch.MultiplierArgs``: the values with their
+    (batch, head, query, key) strides and the sub-block's query and key ranges.
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
     n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
@@ -361,13 +411,16 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
         g_pad = 8
     else:
         g_pad = max(8, pow2_at_least(key_groups.n_groups))  # an mma.sync N is 8 or more
+    has_mult = multiplier is not None
+    if not has_mult:  # a placeholder pointer and an empty sub-block
+        multiplier = (hw, 0, 0, 0, 0, 0, 0, 0, 0)
     grid = (cdiv(n_q, 2 * BLOCK_M), batch * heads)
     _ATTN_HOPPER[grid](
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
         out, o_strides[0], o_strides[1], o_strides[2], lse if lse is not None else out, hw, *head_weight_strides,
-        *key_groups, heads, n_q, n_k, scale * LOG2E,
+        *key_groups, *multiplier, heads, n_q, n_k, scale * LOG2E,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, NBUF=NUM_BUFFERS,
         HAS_HW=head_weights is not None, STORE_LSE=lse is not None, HAS_KG=has_kg,
-        G_PAD=g_pad,
+        G_PAD=g_pad, HAS_MULT=has_mult,
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
     )

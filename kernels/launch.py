@@ -125,11 +125,12 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     # per (batch, head, probed query) the sums over each key group, [B, H, rows, G].
     key_groups = _key_group_args(probes[fused], batch, heads, n_k, device, alloc) if fused is not None else None
 
-    if _hopper_serves(q, k, v, layout, tags, probes, block_multiplier, count_tiles, kernel_options):
+    if _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options):
         # The Hopper kernel needs none of the Triton kernel's launch setup (host time per call).
         hopper_fwd.hopper_attention(
             q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse, key_groups=key_groups,
-            head_weight_strides=_head_weight_strides(head_weights) if head_weights is not None else (0, 0, 0))
+            head_weight_strides=_head_weight_strides(head_weights) if head_weights is not None else (0, 0, 0),
+            multiplier=multiplier_args(block_multiplier) if block_multiplier is not None else None)
         tiles = x_out = None
         tile_shape = None
     else:
@@ -177,6 +178,27 @@ class KeyGroupArgs(NamedTuple):
     sums: torch.Tensor  # [B, H, q1 - q0, n_groups] fp32, written by the main pass
 
 
+class MultiplierArgs(NamedTuple):
+    """The kernel arguments of a block multiplier, in both kernels' parameter order."""
+
+    values: torch.Tensor  # [B, Mq, Mk] or [B, H, Mq, Mk], any float dtype and strides
+    stride_b: int
+    stride_h: int  # 0 when the heads share one block
+    stride_q: int
+    stride_k: int
+    q0: int  # the sub-block [q0, q1) x [k0, k1)
+    q1: int
+    k0: int
+    k1: int
+
+
+def multiplier_args(m: BlockMultiplier) -> MultiplierArgs:
+    mv = m.values
+    sb, sh, sq, sk = (mv.stride(0), 0, mv.stride(1), mv.stride(2)) if mv.dim() == 3 else mv.stride()
+    q0, k0 = m.query_start, m.key_start
+    return MultiplierArgs(mv, sb, sh, sq, sk, q0, q0 + mv.shape[-2], k0, k0 + mv.shape[-1])
+
+
 def _key_group_args(probe: Probe, batch: int, heads: int, n_k: int, device, alloc) -> KeyGroupArgs:
     _, k0, k1, ids, ids_stride, n_groups = _group_side(probe.keys, batch, n_k, device)
     q0, q1 = probe.queries.start, probe.queries.stop
@@ -220,17 +242,8 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
     else:
         hw_args = (dummy_f, 0, 0, 0)
 
-    # ---- block multiplier
-    if block_multiplier is not None:
-        mv = block_multiplier.values
-        if mv.dim() == 3:
-            m_strides = (mv.stride(0), 0, mv.stride(1), mv.stride(2))
-        else:
-            m_strides = mv.stride()
-        q0, k0 = block_multiplier.query_start, block_multiplier.key_start
-        mult_args = (mv, *m_strides, q0, q0 + mv.shape[-2], k0, k0 + mv.shape[-1])
-    else:
-        mult_args = (dummy_f, 0, 0, 0, 0, 0, 0, 0, 0)
+    mult_args = multiplier_args(block_multiplier) if block_multiplier is not None else \
+        (dummy_f, 0, 0, 0, 0, 0, 0, 0, 0)
 
     # ---- value probes share one padded side channel: x_all [B, Nk, X_PAD]
     x_pad = 16
@@ -284,15 +297,15 @@ def _head_weight_strides(hw: torch.Tensor) -> tuple:
     return tuple(hw.stride())
 
 
-def _hopper_serves(q, k, v, layout, tags, probes, block_multiplier, count_tiles, kernel_options) -> bool:
+def _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options) -> bool:
     """The Hopper kernel (hopper_fwd.py) takes calls whose extras it has: head weights, LSE,
-    a fused key-group probe, and what runs after the main pass (probe-pass probes, pair
-    statistics). Tags, value probes, a multiplier and tile counts live in the Triton kernel,
-    and so do calls that configure its main pass or set ``hopper=False``."""
+    a fused key-group probe, a block multiplier, and what runs after the main pass
+    (probe-pass probes, pair statistics). Tags, value probes and tile counts live in the
+    Triton kernel, and so do calls that configure its main pass or set ``hopper=False``."""
     options = kernel_options or {}
     if not options.get("hopper", True) or MAIN_PASS_OPTIONS.intersection(options):
         return False
-    if tags is not None or block_multiplier is not None or count_tiles or _INTERPRET:
+    if tags is not None or count_tiles or _INTERPRET:
         return False
     if any(not isinstance(p, Probe) for p in probes):  # value probes accumulate A @ x in the main pass
         return False

@@ -32,8 +32,10 @@ def spill_instructions(cubin: bytes) -> int:
     return len(re.findall(r"\b(?:LDL|STL)\b", sass))
 
 
-def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, head_dim: int = 128) -> dict:
-    """One specialization; ``g_pad`` > 0 adds a fused key-group probe with that many columns."""
+def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, has_mult: bool = False,
+                    head_dim: int = 128) -> dict:
+    """One specialization; ``g_pad`` > 0 adds a fused key-group probe with that many columns,
+    ``has_mult`` a block multiplier (fp32 values)."""
     gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
     def desc(rows):
@@ -45,13 +47,21 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, h
                  "o_sn": "i32", "lse_ptr": "*fp32", "hw_ptr": "*fp32", "hw_sb": "i32", "hw_sh": "i32",
                  "hw_sn": "i32", "kg_ptr": "*i32", "kg_sb": "i32", "kg_q0": "i32", "kg_q1": "i32", "kg_k0": "i32",
                  "kg_k1": "i32", "n_groups": "i32", "kgo_ptr": "*fp32",
+                 "m_ptr": "*fp32", "m_sb": "i32", "m_sh": "i32", "m_sq": "i32", "m_sk": "i32", "m_q0": "i32",
+                 "m_q1": "i32", "m_k0": "i32", "m_k1": "i32",
                  "n_heads": "i32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32"}
     constexprs = dict(BLOCK_M=hopper_fwd.BLOCK_M, BLOCK_N=hopper_fwd.BLOCK_N, HEAD_DIM=head_dim,
                       NBUF=hopper_fwd.NUM_BUFFERS, HAS_HW=has_hw, STORE_LSE=store_lse,
-                      HAS_KG=g_pad > 0, G_PAD=max(g_pad, 8),
+                      HAS_KG=g_pad > 0, G_PAD=max(g_pad, 8), HAS_MULT=has_mult,
                       CONSUMER_REGS=hopper_fwd.CONSUMER_REGS, LOADER_REGS=hopper_fwd.LOADER_REGS)
+    # As a launch of Flux's multiplier specializes them: a unit key stride is a constant; the
+    # pointer, strides and sub-block bounds are 16-aligned (what lets its loads be vectorized).
+    constexprs["m_sk"] = 1
+    names = hopper_fwd.attn_fwd_hopper.arg_names
+    aligned = ("m_ptr", "m_sb", "m_sh", "m_sq", "m_q0", "m_q1", "m_k0", "m_k1")
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     signature.update({name: "constexpr" for name in constexprs})
-    src = GluonASTSource(hopper_fwd.attn_fwd_hopper, signature, constexprs=constexprs)
+    src = GluonASTSource(hopper_fwd.attn_fwd_hopper, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]
     return {"shared": compiled.metadata.shared,
@@ -59,6 +69,7 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, h
             "setmaxnreg": ptx.count("setmaxnreg"),
             "tma_4d": ptx.count("cp.async.bulk.tensor.4d"),
             "global_loads": ptx.count("ld.global"),
+            "global_loads_vector": ptx.count("ld.global.v"),
             "mma_sync": ptx.count("mma.sync.aligned"),
             "spills": spill_instructions(compiled.asm["cubin"])}
 
@@ -68,5 +79,8 @@ if __name__ == "__main__":
     results = {f"{dt}-{hw}-{lse}": compile_variant(dt, hw, lse) for dt, hw, lse in variants}
     # A fused key-group probe, as IID asks for it (3 instructions: 8 columns) and at the most groups.
     results.update({f"{dt}-kg{g}": compile_variant(dt, False, True, g) for dt in ("bf16", "fp16") for g in (8, 32)})
+    # HeadRouter's block multiplier, alone and beside IID's key-group probe.
+    results.update({f"{dt}-mult": compile_variant(dt, False, False, has_mult=True) for dt in ("bf16", "fp16")})
+    results.update({f"{dt}-mult-kg8": compile_variant(dt, True, True, 8, True) for dt in ("bf16", "fp16")})
     print(json.dumps(results))
     sys.stdout.flush()

@@ -63,12 +63,30 @@ def test_key_group_probe_compiles_into_the_same_schedule(compiled_variants, dtyp
     """The fused key-group sums: mma.sync products beside the wgmma schedule, and little
     shared memory beyond the plain kernel's (the K/V ring leaves 2.7 KB: the ids pass through
     512 bytes of it on their way into the one-hot operand). Spills are not asserted: ptxas
-    spills 8 instructions' worth on triton 3.6 (the H100's, timed) and 174-427 on 3.9."""
+    spills 8 (8 groups) to 158 (32 groups) instructions' worth on triton 3.6 (the H100's,
+    timed) and 174-427 on 3.9."""
     info, plain = compiled_variants[f"{dtype}-kg{g_pad}"], compiled_variants[f"{dtype}-True-True"]
     assert info["wgmma_wait_1"] > 0 and info["setmaxnreg"] > 0 and info["tma_4d"] > 0
     # per update and warp: 8 k-steps of 16 keys x g_pad / 8 column blocks
     assert info["mma_sync"] > 0 and info["mma_sync"] % (8 * g_pad // 8) == 0
     assert info["shared"] <= min(plain["shared"] + 1024, 227 * 1024)
+
+
+@needs_gluon
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_block_multiplier_compiles_into_the_same_schedule(compiled_variants, dtype):
+    """HeadRouter's block multiplier: M read straight into the score layout, vectorized (two
+    adjacent columns a thread) when the launch finds its pointer and strides 16-aligned, as
+    Flux's 512 text tokens make them; no shared memory of its own (the ring leaves none).
+    Spills are not asserted: 4 instructions on triton 3.6, 25 on 3.9 (with key groups too,
+    129 / 353)."""
+    info, plain = compiled_variants[f"{dtype}-mult"], compiled_variants[f"{dtype}-False-False"]
+    both = compiled_variants[f"{dtype}-mult-kg8"]
+    for variant in (info, both):
+        assert variant["wgmma_wait_1"] > 0 and variant["setmaxnreg"] > 0 and variant["tma_4d"] > 0
+    assert info["global_loads"] > 0 and info["global_loads_vector"] == info["global_loads"]
+    assert info["shared"] <= plain["shared"] + 64 and info["mma_sync"] == 0
+    assert both["mma_sync"] > 0 and both["global_loads"] > info["global_loads"]
 
 
 # --------------------------------------------------------------------------- TMA eligibility (CPU)
@@ -101,7 +119,7 @@ def hopper_pretend(monkeypatch):
 
 
 def _serves(q, **kw):
-    args = dict(tags=None, probes=(), block_multiplier=None, count_tiles=False, kernel_options=None)
+    args = dict(tags=None, probes=(), count_tiles=False, kernel_options=None)
     args.update(kw)
     return launch._hopper_serves(q, q, q, "bhnd", **args)
 
@@ -122,12 +140,23 @@ def test_plain_calls_and_probes_are_routed_to_the_hopper_kernel(hopper_pretend):
     assert _serves(q, probes=(_map_probe(), Probe(TG.each(0, 64), TG.ids(torch.tensor([0, 1, -1]), 2))))
 
 
-@pytest.mark.parametrize("extra", ["tags", "value_probe", "block_multiplier", "count_tiles", "hopper=False",
-                                   "BLOCK_M", "num_warps", "maxnreg", "warp_specialize", "kg_split", "kg_half_dot"])
+def test_block_multiplier_calls_are_routed_to_the_hopper_kernel(hopper_pretend, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(hopper_fwd, "hopper_attention", lambda *args, **kwargs: seen.update(kwargs))
+    q = torch.randn(1, 2, 64, 128)
+    mult = BlockMultiplier(torch.rand(1, 8, 4), query_start=3, key_start=5)
+    iidkern.attention(q, q, q, block_multiplier=mult, backend="triton")
+    # values, (batch, head, query, key) strides (heads share the block), [q0, q1) x [k0, k1)
+    assert seen["multiplier"].values is mult.values
+    assert tuple(seen["multiplier"][1:]) == (32, 0, 4, 1, 3, 11, 5, 9)
+
+
+@pytest.mark.parametrize("extra", ["tags", "value_probe", "count_tiles", "hopper=False", "BLOCK_M", "num_warps",
+                                   "maxnreg", "warp_specialize", "kg_split", "mult_split", "kg_half_dot"])
 def test_tile_level_extras_and_triton_options_keep_the_triton_kernel(hopper_pretend, extra):
     q = torch.randn(1, 2, 64, 128)
     kw = {"tags": dict(tags=object()), "value_probe": dict(probes=(_map_probe(), _value_probe())),
-          "block_multiplier": dict(block_multiplier=object()), "count_tiles": dict(count_tiles=True),
+          "count_tiles": dict(count_tiles=True),
           "hopper=False": dict(kernel_options={"hopper": False})}.get(extra, dict(kernel_options={extra: 64}))
     assert not _serves(q, **kw)
 
@@ -148,12 +177,19 @@ def test_routed_calls_get_head_weights_with_broadcast_strides(monkeypatch, hw_sh
     assert seen["head_weights"] is None and seen["head_weight_strides"] == (0, 0, 0)
 
 
-def _hopper_contract(q, k, v, out, *, layout, scale, head_weights, head_weight_strides, lse, key_groups):
+def _hopper_contract(q, k, v, out, *, layout, scale, head_weights, head_weight_strides, lse, key_groups,
+                     multiplier):
     """What hopper_attention promises, in float64 torch: out, LSE and the key-group sums."""
     qh, kh, vh = (t if layout == "bhnd" else t.transpose(1, 2) for t in (q, k, v))
     scores = scale * qh.double() @ kh.double().transpose(-1, -2)
     probs = scores.softmax(-1)
-    o = probs @ vh.double()
+    weighted = probs.clone()
+    if multiplier is not None:  # read through the strides and ranges it was handed
+        values, sb, sh, sq, sk, q0, q1, k0, k1 = multiplier
+        b, h = probs.shape[:2]
+        m = values.as_strided((b, h, q1 - q0, k1 - k0), (sb, sh, sq, sk)).double()
+        weighted[:, :, q0:q1, k0:k1] *= m
+    o = weighted @ vh.double()
     if head_weights is not None:
         b, h, n = o.shape[:3]
         o = o * head_weights.as_strided((b, h, n), head_weight_strides).double()[..., None]
@@ -196,10 +232,38 @@ def test_probes_around_the_hopper_kernel_use_its_lse_and_key_group_sums(monkeypa
         assert_close_rel(got, want, PROBE_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_block_multiplier_is_handed_to_the_hopper_kernel(monkeypatch, layout, per_head):
+    """A block multiplier routed to the Hopper kernel arrives with strides that read the
+    user's values (a transposed view here, shared by heads or per head) and the sub-block's
+    ranges; the probes beside it see the unweighted probabilities. The kernel is replaced by
+    its float64 contract (it runs in the GPU tests)."""
+    monkeypatch.setattr(launch, "_hopper_serves", lambda *args: True)
+    monkeypatch.setattr(hopper_fwd, "hopper_attention", _hopper_contract)
+    g = torch.Generator().manual_seed(11)
+    b, h, n, q0, k0, mq, mk = 2, 3, 37, 11, 4, 20, 9
+    q, k, v = make_qkv(b, h, n, n, 128, layout=layout, generator=g)
+    values = (0.5 + torch.rand((b, h, mk, mq) if per_head else (b, mk, mq), generator=g)).transpose(-1, -2)
+    mult = BlockMultiplier(values, query_start=q0, key_start=k0)
+    probes = [Probe(TG.each(0, n), TG.each(k0, k0 + mk), heads="mean"),
+              Probe(TG.each(q0, q0 + mq), TG.segments([(0, 3), (k0, k0 + 5)], n), heads="keep")]
+    res = iidkern.attention(q, k, v, layout=layout, block_multiplier=mult, probes=probes, backend="triton",
+                            kernel_options={"poison": True})
+    ref = attention_reference(q, k, v, layout=layout, block_multiplier=mult, probes=probes,
+                              compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
+    for got, want in zip(res.probes, ref.probes):
+        assert_close_rel(got, want, PROBE_TOL[torch.float32], "probe")
+    # The multiplier changed the output (else the test could not tell it was dropped).
+    plain = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64)
+    assert (ref.out - plain.out).abs().max() > 1e-3
+
+
 def test_interpreter_never_routes_to_gluon():
     q = torch.randn(1, 2, 64, 128)
     assert launch._INTERPRET or not q.is_cuda
-    assert not launch._hopper_serves(q, q, q, "bhnd", None, (), None, False, None)
+    assert not launch._hopper_serves(q, q, q, "bhnd", None, (), False, None)
 
 
 # --------------------------------------------------------------------------- results (H100)
@@ -291,7 +355,6 @@ def test_extras_of_the_triton_kernel_and_the_switch_keep_it(hopper_calls):
     assert hopper_calls == ["bhnd"]
     triton_out = iidkern.attention(q, k, v, kernel_options={"hopper": False})
     iidkern.attention(q, k, v, probes=[ValueProbe(torch.randn(b, n, 2, device="cuda"), TG.each(0, n))])
-    iidkern.attention(q, k, v, block_multiplier=BlockMultiplier(torch.rand(b, 50, 60, device="cuda"), 0, 100))
     iidkern.attention(q, k, v, kernel_options={"BLOCK_M": 64})
     assert hopper_calls == ["bhnd"]
     assert_close_rel(plain, triton_out, OUT_TOL[torch.bfloat16])
@@ -402,3 +465,58 @@ def test_iid_and_text_image_probes_around_the_hopper_kernel(hopper_calls, probe_
     for got, want in zip(res.probes, ref.probes):
         assert got.shape == want.shape
         assert_close_rel(got, want, PROBE_TOL[torch.float16], what="probe")
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("b, h, n, q0, mq, k0, mk, per_head, m_dtype", [
+    (1, 3, 777, 77, 700, 0, 77, False, torch.float32),  # Flux-like: image queries x text keys in key tile 0
+    (2, 2, 1444, 0, 1111, 1111, 333, True, torch.float32),  # SD3-like: text last, into the ragged last tile
+    (1, 2, 800, 13, 501, 130, 517, False, torch.bfloat16),  # odd ranges across key tiles: scalar loads
+    (1, 2, 4608, 512, 4096, 0, 512, False, torch.float32),  # Flux 1024^2: aligned, vectorized loads
+    (1, 1, 5, 0, 5, 0, 5, True, torch.float16),  # one key tile holds everything
+])
+def test_block_multiplier_in_the_hopper_kernel(hopper_calls, dtype, layout, b, h, n, q0, mq, k0, mk, per_head,
+                                               m_dtype):
+    """HeadRouter's post-softmax block multiplier: P @ V weighted on the sub-block, the
+    normalizer (LSE) not, against the float64 oracle; values in any float dtype."""
+    q, k, v = _qkv(b, h, n, n, dtype, layout, seed=n + mk)
+    g = torch.Generator().manual_seed(mq)
+    values = (2 * torch.rand((b, h, mq, mk) if per_head else (b, mq, mk), generator=g)).to("cuda", m_dtype)
+    mult = BlockMultiplier(values, query_start=q0, key_start=k0)
+    res = iidkern.attention(q, k, v, layout=layout, block_multiplier=mult, return_lse=True,
+                            kernel_options={"poison": True})
+    assert hopper_calls == [layout]
+    ref = attention_reference(q, k, v, layout=layout, block_multiplier=mult, compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_lse_equal(res.lse, ref.lse, tol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("text_first", [True, False])
+def test_block_multiplier_beside_key_groups_head_weights_and_a_map(hopper_calls, probe_pass_calls, text_first):
+    """IID's probes and HeadRouter's weights in one call: the multiplier (a strided view)
+    weights the output only, the fused key-group sums and the probe-pass map see the
+    unweighted probabilities, the head weights scale the weighted output."""
+    b, h, n_txt, n_img = 2, 3, 77, 900
+    n = n_txt + n_img
+    q, k, v = _qkv(b, h, n, n, torch.bfloat16, "bnhd", seed=31)
+    txt, img = _text_image(n_txt, n_img, text_first)
+    g = torch.Generator().manual_seed(3)
+    values = (2 * torch.rand(b, n_txt, n_img, generator=g)).cuda().transpose(1, 2)  # [B, image, text] view
+    mult = BlockMultiplier(values, query_start=img[0], key_start=txt[0])
+    keys = random_key_groups(n, txt, 3, g, True, b, device="cuda")
+    probes = [Probe(TG.each(*img), keys, heads="keep", normalize="keys"),
+              Probe(TG.each(*img), TG.each(*txt), heads="mean")]
+    hw = 1 + 0.2 * torch.rand(b, h, device="cuda")
+    res = iidkern.attention(q, k, v, layout="bnhd", block_multiplier=mult, probes=probes, head_weights=hw,
+                            kernel_options={"poison": True})
+    assert hopper_calls == ["bnhd"] and len(probe_pass_calls) == 1  # the map; the key groups ride along
+    ref = attention_reference(q, k, v, layout="bnhd", block_multiplier=mult, probes=probes, head_weights=hw,
+                              compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.bfloat16])
+    for got, want in zip(res.probes, ref.probes):
+        assert_close_rel(got, want, PROBE_TOL[torch.bfloat16], what="probe")
