@@ -247,9 +247,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             specialization), ``hopper`` (default True: on an H100-class GPU (sm_90), fp16/bf16
             calls at head_dim 128 with no tags, value probes or tile counts run the
             warp-specialized Gluon kernel of ``iidkern/kernels/hopper_fwd.py``, which also
-            accumulates the fused key-group probe and applies a block multiplier; naming a main-pass option above,
-            ``kg_split``, ``mult_split`` or ``kg_half_dot`` also selects the Triton kernel). ``poison=True`` fills
-            outputs with NaN first (tests).
+            accumulates the fused key-group probe and applies a block multiplier; naming a
+            main-pass option above, ``kg_split``, ``mult_split`` or ``kg_half_dot`` also
+            selects the Triton kernel). ``poison=True`` fills outputs with NaN first (tests).
 
     Returns:
         The output (same shape and layout as ``q``), or an :class:`AttentionResult` when

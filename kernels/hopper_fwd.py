@@ -1,4 +1,4 @@
-"""Attention forward for Hopper (sm_90) in Gluon: the fast path of calls without tags, value probes or a multiplier.
+"""Attention forward for Hopper (sm_90) in Gluon: the fast path of calls without tags or value probes.
 
 Why a second kernel: Triton's compiler serializes each ``tl.dot`` with a ``wgmma.wait 0``, so
 on an H100 the tensor cores idle while softmax runs, and the Triton kernel stays 1.15-1.3x
@@ -110,8 +110,8 @@ if AVAILABLE:
 
         M is read straight into the accumulator layout (a thread's two adjacent columns per
         8-column step: whole 32-byte sectors per warp, vector loads when the launch finds the
-        pointer and strides 16-aligned); staging it through shared memory for a coalesced load
-        would need 32 KB that the K/V ring leaves no room for.
+        pointer, strides and sub-block bounds 16-aligned); staging it through shared memory
+        for a coalesced load would need 32 KB that the K/V ring leaves no room for.
         """
         rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         cols = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -180,6 +180,7 @@ if AVAILABLE:
         if HAS_MULT:
             # M's tile loads while PV_{j-1} finishes, and weights P after its sums (l, probes):
             # multiplying before the wait cost more spills and was no faster (NOTES.md 33).
+            # M lives only on the multiplied tiles, so each branch has its own wait.
             if _tile_in_span(m_rows_hit, j * BLOCK_N, m_k0, m_k1, BLOCK_N):
                 m = _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, j * BLOCK_N,
                                      BLOCK_M, BLOCK_N, s_layout)
@@ -392,6 +393,7 @@ def _descriptor(t: torch.Tensor, layout: str, block_rows: int):
 def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, head_weight_strides=(0, 0, 0),
                      lse=None, key_groups=None, multiplier=None) -> None:
     """Write softmax(scale * q k^T) v into ``out`` (same layout as ``q``); ``lse`` [B, H, Nq] if given.
+    With a block multiplier M the output is (P * M) v, P the unweighted probabilities.
 
     Inputs as validated by ``iidkern.attention`` and accepted by :func:`usable`; the head
     weights come with their (batch, head, query) broadcast strides. ``key_groups`` (a fused
@@ -412,8 +414,8 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     else:
         g_pad = max(8, pow2_at_least(key_groups.n_groups))  # an mma.sync N is 8 or more
     has_mult = multiplier is not None
-    if not has_mult:  # a placeholder pointer and an empty sub-block
-        multiplier = (hw, 0, 0, 0, 0, 0, 0, 0, 0)
+    if not has_mult:  # a placeholder pointer (the output, as for the key groups) and an empty sub-block
+        multiplier = (out, 0, 0, 0, 0, 0, 0, 0, 0)
     grid = (cdiv(n_q, 2 * BLOCK_M), batch * heads)
     _ATTN_HOPPER[grid](
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),

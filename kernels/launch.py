@@ -193,6 +193,8 @@ class MultiplierArgs(NamedTuple):
 
 
 def multiplier_args(m: BlockMultiplier) -> MultiplierArgs:
+    """The values with (batch, head, query, key) strides, a zero head stride when the heads
+    share them, and the sub-block's ranges: no copy, any strides."""
     mv = m.values
     sb, sh, sq, sk = (mv.stride(0), 0, mv.stride(1), mv.stride(2)) if mv.dim() == 3 else mv.stride()
     q0, k0 = m.query_start, m.key_start

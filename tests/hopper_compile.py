@@ -81,6 +81,7 @@ if __name__ == "__main__":
     results.update({f"{dt}-kg{g}": compile_variant(dt, False, True, g) for dt in ("bf16", "fp16") for g in (8, 32)})
     # HeadRouter's block multiplier, alone and beside IID's key-group probe.
     results.update({f"{dt}-mult": compile_variant(dt, False, False, has_mult=True) for dt in ("bf16", "fp16")})
-    results.update({f"{dt}-mult-kg8": compile_variant(dt, True, True, 8, True) for dt in ("bf16", "fp16")})
+    results.update({f"{dt}-mult-kg8": compile_variant(dt, has_hw=True, store_lse=True, g_pad=8, has_mult=True)
+                    for dt in ("bf16", "fp16")})
     print(json.dumps(results))
     sys.stdout.flush()

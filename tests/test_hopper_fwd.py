@@ -16,7 +16,7 @@ import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.kernels import hopper_fwd, launch
 from iidkern.reference import attention_reference
-from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups, rel_err
 
 needs_gluon = pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
 
@@ -237,8 +237,8 @@ def test_probes_around_the_hopper_kernel_use_its_lse_and_key_group_sums(monkeypa
 def test_block_multiplier_is_handed_to_the_hopper_kernel(monkeypatch, layout, per_head):
     """A block multiplier routed to the Hopper kernel arrives with strides that read the
     user's values (a transposed view here, shared by heads or per head) and the sub-block's
-    ranges; the probes beside it see the unweighted probabilities. The kernel is replaced by
-    its float64 contract (it runs in the GPU tests)."""
+    ranges. The kernel is replaced by its float64 contract, whose probes see the unweighted
+    probabilities by construction; the GPU tests check the kernel itself."""
     monkeypatch.setattr(launch, "_hopper_serves", lambda *args: True)
     monkeypatch.setattr(hopper_fwd, "hopper_attention", _hopper_contract)
     g = torch.Generator().manual_seed(11)
@@ -475,7 +475,7 @@ def test_iid_and_text_image_probes_around_the_hopper_kernel(hopper_calls, probe_
     (1, 3, 777, 77, 700, 0, 77, False, torch.float32),  # Flux-like: image queries x text keys in key tile 0
     (2, 2, 1444, 0, 1111, 1111, 333, True, torch.float32),  # SD3-like: text last, into the ragged last tile
     (1, 2, 800, 13, 501, 130, 517, False, torch.bfloat16),  # odd ranges across key tiles: scalar loads
-    (1, 2, 4608, 512, 4096, 0, 512, False, torch.float32),  # Flux 1024^2: aligned, vectorized loads
+    (1, 2, 4608, 512, 4096, 0, 512, False, torch.float32),  # Flux 1024^2: aligned (vector-load specialization)
     (1, 1, 5, 0, 5, 0, 5, True, torch.float16),  # one key tile holds everything
 ])
 def test_block_multiplier_in_the_hopper_kernel(hopper_calls, dtype, layout, b, h, n, q0, mq, k0, mk, per_head,
@@ -492,6 +492,10 @@ def test_block_multiplier_in_the_hopper_kernel(hopper_calls, dtype, layout, b, h
     ref = attention_reference(q, k, v, layout=layout, block_multiplier=mult, compute_dtype=torch.float64)
     assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
     assert_lse_equal(res.lse, ref.lse, tol=1e-3)
+    # The multiplier moves the output far beyond the tolerance (0.17-0.47 relative here), so
+    # a kernel that dropped it could not pass.
+    plain = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64)
+    assert rel_err(plain.out, ref.out) > 5 * OUT_TOL[dtype]
 
 
 @pytest.mark.cuda
