@@ -14,7 +14,8 @@ class _NoLaunch:
         return lambda *a, **k: None
 
 
-for name in ("attn_fwd_kernel", "probe_kernel", "pair_stats_kernel"):
+# The launch.py launchers (the kernels are reached through them since NOTES.md 18).
+for name in ("_ATTN", "_PROBE", "_PAIR_STATS"):
     setattr(L, name, _NoLaunch())
 
 h, nt, ni, d = 24, 333, 4096, 64
