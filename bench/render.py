@@ -24,7 +24,8 @@ SHAPE_ORDER = ["flux_256", "flux_512", "flux_1024", "flux_edit", "flux_2048", "s
                "sd3_2048", "flux_1024_b2"]
 FEATURE_ORDER = ["plain", "probe", "tags_0", "tags_50", "tags_75", "tags_iid", "head_weights", "block_mult",
                  "pair_stats"]
-IMPL_ORDER = ["iidkern", "iidkern_triton", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "sdpa_cudnn+torch", "naive"]
+IMPL_ORDER = ["iidkern", "iidkern_triton", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "sdpa_cudnn+torch",
+              "naive"]
 REFERENCE_IMPL = "sdpa_cudnn"
 # Issue 5 targets.
 PLAIN_VS_CUDNN = 1.00
@@ -228,7 +229,8 @@ def targets(res: Results) -> List[Target]:
         text = "—" if r is None else f"{r:.3f}x" + (f" (graph {rg:.3f}x)" if rg is not None else "")
         fastest = res.find(shape, dtype, "plain", "iidkern")
         if r is not None and plain is not fastest:
-            text += f" of the Triton kernel's plain; {_fmt(_ratio(mine, fastest, 'median_ms'), '.3f')}x the Hopper plain"
+            vs_hopper = _fmt(_ratio(mine, fastest, "median_ms"), ".3f")
+            text += f" of the Triton kernel's plain; {vs_hopper}x the Hopper plain"
         return text
 
     for shape, dtype in feature_shapes:

@@ -35,6 +35,7 @@ import torch
 import triton
 
 from .fast_launch import Launcher
+from .kernel_args import KeyGroupArgs, MultiplierArgs
 from .tiles import cdiv, pow2_at_least
 
 # Gluon is experimental and its API moves between releases: the kernel is written for 3.6
@@ -397,10 +398,10 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
 
     Inputs as validated by ``iidkern.attention`` and accepted by :func:`usable`; the head
     weights come with their (batch, head, query) broadcast strides. ``key_groups`` (a fused
-    key-group probe) is a ``launch.KeyGroupArgs``: int32 group ids per key (``-1`` = none,
+    key-group probe) is a ``kernel_args.KeyGroupArgs``: int32 group ids per key (``-1`` = none,
     read in ``[k0, k1)``), and ``sums`` [B, H, q1 - q0, n_groups] fp32 receives each probed
     query row's probability mass per group (``n_groups`` up to ``launch.MAX_FUSED_KEY_GROUPS``, 32).
-    ``multiplier`` (a block multiplier) is a ``launch.MultiplierArgs``: the values with their
+    ``multiplier`` (a block multiplier) is a ``kernel_args.MultiplierArgs``: the values with their
     (batch, head, query, key) strides and the sub-block's query and key ranges.
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
@@ -408,14 +409,14 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     o_strides = _bhnd_shape_strides(out, layout)[1]
     hw = head_weights if head_weights is not None else out  # a placeholder pointer when absent
     has_kg = key_groups is not None
-    if not has_kg:  # placeholders: a pointer for the ids and one for the sums
-        key_groups = (out, 0, 0, 0, 0, 0, 1, out)
+    if not has_kg:
+        key_groups = KeyGroupArgs.absent(out, out)
         g_pad = 8
     else:
         g_pad = max(8, pow2_at_least(key_groups.n_groups))  # an mma.sync N is 8 or more
     has_mult = multiplier is not None
-    if not has_mult:  # a placeholder pointer (the output, as for the key groups) and an empty sub-block
-        multiplier = (out, 0, 0, 0, 0, 0, 0, 0, 0)
+    if not has_mult:
+        multiplier = MultiplierArgs.absent(out)
     grid = (cdiv(n_q, 2 * BLOCK_M), batch * heads)
     _ATTN_HOPPER[grid](
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ from iidkern.specs import AttentionResult, BlockMultiplier, PairStats, Probe, Va
 from . import hopper_fwd
 from .fast_launch import Launcher
 from .flash_fwd import LOG2E, attn_fwd_kernel
+from .kernel_args import KeyGroupArgs, MultiplierArgs
 from .pair_stats import pair_stats_kernel
 from .probe import probe_kernel
 from .tiles import TagMask, cdiv, pow2_at_least
@@ -130,7 +131,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         hopper_fwd.hopper_attention(
             q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse, key_groups=key_groups,
             head_weight_strides=_head_weight_strides(head_weights) if head_weights is not None else (0, 0, 0),
-            multiplier=multiplier_args(block_multiplier) if block_multiplier is not None else None)
+            multiplier=MultiplierArgs.of(block_multiplier) if block_multiplier is not None else None)
         tiles = x_out = None
         tile_shape = None
     else:
@@ -163,42 +164,6 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         tiles_visited=tiles.view(batch, heads, cdiv(n_q, block_m)) if count_tiles else None,
         tile_shape=tile_shape,
     )
-
-
-class KeyGroupArgs(NamedTuple):
-    """The kernel arguments of a fused key-group probe, in both kernels' parameter order."""
-
-    ids: torch.Tensor  # int32 group id per key ([N] or [B, N], unit token stride), -1 = none
-    ids_batch_stride: int
-    q0: int  # probed query rows [q0, q1)
-    q1: int
-    k0: int  # ids are read in [k0, k1)
-    k1: int
-    n_groups: int
-    sums: torch.Tensor  # [B, H, q1 - q0, n_groups] fp32, written by the main pass
-
-
-class MultiplierArgs(NamedTuple):
-    """The kernel arguments of a block multiplier, in both kernels' parameter order."""
-
-    values: torch.Tensor  # [B, Mq, Mk] or [B, H, Mq, Mk], any float dtype and strides
-    stride_b: int
-    stride_h: int  # 0 when the heads share one block
-    stride_q: int
-    stride_k: int
-    q0: int  # the sub-block [q0, q1) x [k0, k1)
-    q1: int
-    k0: int
-    k1: int
-
-
-def multiplier_args(m: BlockMultiplier) -> MultiplierArgs:
-    """The values with (batch, head, query, key) strides, a zero head stride when the heads
-    share them, and the sub-block's ranges: no copy, any strides."""
-    mv = m.values
-    sb, sh, sq, sk = (mv.stride(0), 0, mv.stride(1), mv.stride(2)) if mv.dim() == 3 else mv.stride()
-    q0, k0 = m.query_start, m.key_start
-    return MultiplierArgs(mv, sb, sh, sq, sk, q0, q0 + mv.shape[-2], k0, k0 + mv.shape[-1])
 
 
 def _key_group_args(probe: Probe, batch: int, heads: int, n_k: int, device, alloc) -> KeyGroupArgs:
@@ -244,8 +209,7 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
     else:
         hw_args = (dummy_f, 0, 0, 0)
 
-    mult_args = multiplier_args(block_multiplier) if block_multiplier is not None else \
-        (dummy_f, 0, 0, 0, 0, 0, 0, 0, 0)
+    mult_args = MultiplierArgs.of(block_multiplier) if block_multiplier is not None else MultiplierArgs.absent(dummy_f)
 
     # ---- value probes share one padded side channel: x_all [B, Nk, X_PAD]
     x_pad = 16
@@ -265,7 +229,7 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
 
     # ---- the fused key-group probe (see triton_attention)
     g_pad = 16 if key_groups is None else max(16, pow2_at_least(key_groups.n_groups))
-    kg_args = key_groups if key_groups is not None else (dummy, 0, 0, 0, 0, 0, 1, dummy_f)
+    kg_args = key_groups if key_groups is not None else KeyGroupArgs.absent(dummy, dummy_f)
 
     tiles = torch.full((batch * heads * n_q_tiles,), -1, dtype=torch.int32, device=device) if count_tiles else dummy
 

@@ -15,6 +15,7 @@ import torch
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.kernels import hopper_fwd, launch
+from iidkern.kernels.kernel_args import MultiplierArgs
 from iidkern.reference import attention_reference
 from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups, rel_err
 
@@ -159,6 +160,43 @@ def test_tile_level_extras_and_triton_options_keep_the_triton_kernel(hopper_pret
           "count_tiles": dict(count_tiles=True),
           "hopper=False": dict(kernel_options={"hopper": False})}.get(extra, dict(kernel_options={extra: 64}))
     assert not _serves(q, **kw)
+
+
+@needs_gluon
+@pytest.mark.parametrize("extras", [False, True])
+def test_launch_arguments_line_up_with_the_kernel_parameters(monkeypatch, extras):
+    """hopper_attention's launch, placeholders for absent extras included, fills exactly the
+    kernel's run-time parameters, in order, and sets each constexpr (the launch itself, and
+    the results, are tested on the GPU)."""
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs)
+    monkeypatch.setattr(hopper_fwd, "_ATTN_HOPPER", Recorder())
+    b, h, n = 2, 3, 200
+    q = torch.randn(b, h, n, 128, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    kw = {}
+    if extras:
+        values = torch.rand(b, 150, 40)
+        kw = dict(head_weights=torch.rand(h), head_weight_strides=(0, 1, 0), lse=torch.empty(b, h, n),
+                  key_groups=launch._key_group_args(Probe(TG.each(40, n), TG.segments([(0, 9), (9, 40)], n)),
+                                                    b, h, n, q.device, torch.empty),
+                  multiplier=MultiplierArgs.of(BlockMultiplier(values, query_start=50, key_start=0)))
+    hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, **kw)
+    params = hopper_fwd.attn_fwd_hopper.params
+    runtime = [p.name for p in params if not p.is_constexpr]
+    assert len(seen["args"]) == len(runtime)
+    assert set(seen["kwargs"]) == {p.name for p in params if p.is_constexpr} | {"num_warps"}
+    arg = dict(zip(runtime, seen["args"]))
+    assert (arg["n_heads"], arg["n_q"], arg["n_k"]) == (h, n, n)
+    assert [seen["kwargs"][f] for f in ("HAS_HW", "STORE_LSE", "HAS_KG", "HAS_MULT")] == [extras] * 4
+    if extras:
+        assert arg["m_ptr"] is values and (arg["m_q0"], arg["m_q1"], arg["m_k0"], arg["m_k1"]) == (50, 200, 0, 40)
+        assert (arg["kg_q0"], arg["kg_q1"], arg["kg_k0"], arg["kg_k1"], arg["n_groups"]) == (40, n, 0, 40, 2)
+    else:  # empty ranges: the kernel's span tests reject every tile
+        assert arg["m_q1"] == arg["m_q0"] == 0 and arg["kg_q1"] == arg["kg_q0"] == 0
 
 
 @pytest.mark.parametrize("hw_shape, strides", [("h", (0, 1, 0)), ("bh", (3, 1, 0)), ("bhn", (3 * 40, 40, 1))])
