@@ -7,6 +7,7 @@ asked for; when LSE, probes, pair statistics or tile counts are asked for it ret
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,6 +22,13 @@ MAX_HEAD_DIM = 256
 BACKENDS = ("auto", "triton", "reference")
 
 Tags = Union[Tuple[torch.Tensor, torch.Tensor], TagMask]
+
+# Plain calls (no extras) replay the launch of the first call with their signature
+# (kernels/replay.py): ~50 us less host time per call. IIDKERN_REPLAY=0 turns it off (comparisons).
+_REPLAY = os.environ.get("IIDKERN_REPLAY", "1") != "0"
+_REPLAYS = {}  # plain-call signature -> kernels.LaunchReplay
+_MAX_REPLAYS = 256  # signatures kept before the cache restarts (a run uses a handful)
+_REPLAYED_OPTIONS = frozenset({"poison", "hopper"})  # boolean kernel_options a replayed call may carry
 
 
 def tag_mask(q_tags: torch.Tensor, k_tags: torch.Tensor) -> TagMask:
@@ -47,6 +55,26 @@ def _shape_of(t: torch.Tensor, layout: str):
         return tuple(t.shape)
     b, n, h, d = t.shape
     return b, h, n, d
+
+
+def _plain_signature(q, k, v, layout, scale, backend, kernel_options):
+    """Everything the checks, routing and launch of a plain call read, or None (no replay).
+
+    Two calls with one signature pass the same checks and launch the same compiled kernel
+    with the same arguments but the data pointers."""
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        return None  # subclasses (and non-tensors) take the checked path
+    options = None
+    if kernel_options is not None:
+        if type(kernel_options) is not dict or not _REPLAYED_OPTIONS.issuperset(kernel_options) or \
+                any(type(value) is not bool for value in kernel_options.values()):
+            return None
+        options = tuple(sorted(kernel_options.items()))
+    return (layout, type(scale), scale, backend, options,
+            q.device, k.device, v.device, q.dtype, k.dtype, v.dtype,
+            q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
+            q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15,  # Triton specializes on 16-byte alignment
+            q is k, q is v, k is v)
 
 
 def _validate_qkv(q, k, v, layout):
@@ -255,6 +283,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
         The output (same shape and layout as ``q``), or an :class:`AttentionResult` when
         ``return_lse``, ``probes``, ``pair_stats`` or ``count_tiles`` is set.
     """
+    signature = None
+    if _REPLAY and tags is None and head_weights is None and block_multiplier is None and pair_stats is None \
+            and not return_lse and not count_tiles and type(probes) in (tuple, list) and not probes:
+        signature = _plain_signature(q, k, v, layout, scale, backend, kernel_options)
+        replay = _REPLAYS.get(signature) if signature is not None else None
+        if replay is not None:
+            return replay(q, k, v)  # this signature passed the checks below on its first call
+
     if layout not in ("bhnd", "bnhd"):
         raise ValueError(f"layout must be 'bhnd' or 'bnhd', got {layout!r}")
     if backend not in BACKENDS:
@@ -293,8 +329,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
         if device.type != "cuda" and not kernels.INTERPRETING:
             raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
                              "before importing iidkern, or use backend='reference'")
-        res = kernels.triton_attention(q, k, v, layout=layout, scale=float(scale), tags=mask,
-                                       head_weights=head_weights, probes=probes, block_multiplier=block_multiplier,
-                                       pair_stats=pairs, need_lse=return_lse, count_tiles=count_tiles,
-                                       kernel_options=kernel_options)
+        if signature is None:
+            res = kernels.triton_attention(q, k, v, layout=layout, scale=float(scale), tags=mask,
+                                           head_weights=head_weights, probes=probes,
+                                           block_multiplier=block_multiplier, pair_stats=pairs, need_lse=return_lse,
+                                           count_tiles=count_tiles, kernel_options=kernel_options)
+        else:
+            return _plain_and_recorded(kernels, signature, q, k, v, layout, float(scale), kernel_options)
     return res if extras else res.out
+
+
+def _plain_and_recorded(kernels, signature, q, k, v, layout, scale, kernel_options) -> torch.Tensor:
+    """A plain call's first run with its signature: launched as usual, its launch kept for replay."""
+    with kernels.recording() as launches:
+        out = kernels.triton_attention(q, k, v, layout=layout, scale=scale, tags=None, head_weights=None, probes=(),
+                                       block_multiplier=None, pair_stats=None, need_lse=False, count_tiles=False,
+                                       kernel_options=kernel_options).out
+    replay = kernels.LaunchReplay.of(launches, q, k, v, out, kernels.placeholders(),
+                                     kernels.output_allocator(kernel_options), layout)
+    if replay is not None:
+        if len(_REPLAYS) >= _MAX_REPLAYS:
+            _REPLAYS.clear()
+        _REPLAYS[signature] = replay
+    return out

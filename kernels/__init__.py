@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-from .launch import triton_attention  # noqa: E402
+from .fast_launch import recording  # noqa: E402
+from .launch import output_allocator, placeholders, triton_attention  # noqa: E402
+from .replay import LaunchReplay  # noqa: E402
 
-__all__ = ["triton_attention", "INTERPRETING"]
+__all__ = ["triton_attention", "INTERPRETING", "recording", "LaunchReplay", "placeholders", "output_allocator"]

@@ -16,17 +16,34 @@ A diffusion run uses a handful of shapes, so the cache stays small (it is bounde
 
 The interpreter, and Tritons whose ``CompiledKernel`` cannot be launched on its own, take
 the normal path; ``IIDKERN_FAST_LAUNCH=0`` forces it (for comparisons).
+
+Inside ``with recording() as launches:`` every launch is also noted (launcher, grid, args,
+kwargs), on this thread only: ``replay.LaunchReplay`` builds on that.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
+import threading
 
 import torch
 
 _DISABLED = os.environ.get("IIDKERN_FAST_LAUNCH", "1") == "0" or \
     os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _MAX_ENTRIES = 4096  # distinct (shape, options) keys kept per kernel before the cache restarts
+_THREAD = threading.local()  # .launches: the list a recording() on this thread appends to
+
+
+@contextlib.contextmanager
+def recording():
+    """Note every launch made on this thread inside the block, as (launcher, grid, args, kwargs)."""
+    outer = getattr(_THREAD, "launches", None)
+    _THREAD.launches = launches = []
+    try:
+        yield launches
+    finally:
+        _THREAD.launches = outer
 
 
 class Launcher:
@@ -50,6 +67,9 @@ class Launcher:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
+        launches = getattr(_THREAD, "launches", None)
+        if launches is not None:
+            launches.append((self, grid, args, kwargs))
         if not self.enabled:
             self.kernel[grid](*args, **kwargs)
             return
@@ -64,9 +84,7 @@ class Launcher:
             self._other_pos = operator.itemgetter(*others) if len(others) > 1 else (lambda a: tuple(a[i] for i in others))
             self._first_tensor = tensors[0]  # the device comes from it
         try:
-            key = (args[self._first_tensor].get_device(), tuple(kwargs.items()), self._other_pos(args),
-                   tuple([(t.dtype, t.data_ptr() & 15 == 0) for t in self._tensor_pos(args)]),
-                   tuple([_descriptor_key(args[i]) for i in self._descriptor_pos]))
+            key = self._key(args, kwargs)
         except AttributeError:  # a tensor where a value was expected, or the reverse: no shortcut
             self.kernel[grid](*args, **kwargs)
             return
@@ -85,6 +103,27 @@ class Launcher:
             return
         compiled, constexprs = entry
         compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs)  # a compiled kernel wants all 3 grid dims
+
+    def _key(self, args, kwargs):
+        return (args[self._first_tensor].get_device(), tuple(kwargs.items()), self._other_pos(args),
+                tuple([(t.dtype, t.data_ptr() & 15 == 0) for t in self._tensor_pos(args)]),
+                tuple([_descriptor_key(args[i]) for i in self._descriptor_pos]))
+
+    def compiled_runner(self, grid, args, kwargs):
+        """``run(*args)`` launching the compiled kernel this launcher holds for these arguments
+        (same key as :meth:`launch`), or None when it holds none: disabled, or never launched
+        with this key. The caller promises later ``args`` differ only in what the key ignores."""
+        if not self.enabled or self._tensor_pos is None:
+            return None
+        try:
+            entry = self._cache.get(self._key(args, kwargs))
+        except AttributeError:
+            return None
+        if entry is None:
+            return None
+        compiled, constexprs = entry
+        launch = compiled[grid + (1,) * (3 - len(grid))]
+        return lambda *run_args: launch(*run_args, *constexprs)
 
 
 def _is_descriptor(a) -> bool:

@@ -53,6 +53,16 @@ def _fp32_product_precision(dtype: torch.dtype) -> str:
 _DUMMIES = {}
 
 
+def placeholders() -> tuple:
+    """Every placeholder tensor made so far; they live as long as the process."""
+    return tuple(t for pair in _DUMMIES.values() for t in pair)
+
+
+def output_allocator(kernel_options: Optional[dict]):
+    """How a call allocates its outputs: ``torch.empty``, or NaN-filled with ``poison=True`` (tests)."""
+    return _poisoned if (kernel_options or {}).get("poison") else torch.empty
+
+
 def _dummies(device):
     """One int32 and one fp32 placeholder per device for pointer arguments a launch ignores."""
     key = (device.type, device.index)
@@ -111,7 +121,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     cfg = default_config(head_dim, q.dtype)
     cfg.update(kernel_options or {})
     # Tests pass poison=True: outputs start as NaN so an element the kernels never write shows.
-    alloc = _poisoned if cfg.get("poison") else torch.empty
+    alloc = output_allocator(cfg)
     block_m, block_n = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     block_d = max(16, pow2_at_least(head_dim))
     out = alloc(q.shape, dtype=q.dtype, device=device)  # contiguous, in the caller's layout

@@ -1,5 +1,7 @@
 """Shared fixtures. On a CPU-only machine the Triton kernels run under the interpreter
 (``iidkern.kernels`` sets TRITON_INTERPRET=1 before they are decorated)."""
+import importlib
+
 import pytest
 import torch
 
@@ -13,6 +15,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def fresh_replays():
+    """No plain-call launch recorded by one test is replayed in another: each test's first
+    call of a signature takes the checked path (kernels/replay.py), which spies may watch."""
+    replays = importlib.import_module("iidkern.attention")._REPLAYS
+    replays.clear()
+    yield
+    replays.clear()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import torch
 
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
-from iidkern.kernels import hopper_fwd, launch
+from iidkern.kernels import hopper_fwd, launch, replay
 from iidkern.kernels.kernel_args import MultiplierArgs
 from iidkern.reference import attention_reference
 from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups, rel_err
@@ -307,14 +307,22 @@ def test_interpreter_never_routes_to_gluon():
 # --------------------------------------------------------------------------- results (H100)
 @pytest.fixture
 def hopper_calls(monkeypatch):
-    """Counts the calls that run the Hopper kernel."""
+    """The layouts of the calls that run the Hopper kernel: through hopper_attention, or as
+    a replay of a plain call's recorded Hopper launch (kernels/replay.py)."""
     calls = []
     original = hopper_fwd.hopper_attention
+    original_replay = replay.LaunchReplay.__call__
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("layout"))
         return original(*args, **kwargs)
+
+    def replay_spy(self, *args):
+        if self.launcher is hopper_fwd._ATTN_HOPPER:
+            calls.append(self.layout)
+        return original_replay(self, *args)
     monkeypatch.setattr(hopper_fwd, "hopper_attention", spy)
+    monkeypatch.setattr(replay.LaunchReplay, "__call__", replay_spy)
     return calls
 
 
@@ -401,8 +409,9 @@ def test_extras_of_the_triton_kernel_and_the_switch_keep_it(hopper_calls):
 @pytest.mark.cuda
 @needs_hopper
 def test_repeat_calls_take_the_cached_launch_with_fresh_descriptors(hopper_calls, monkeypatch):
-    """The second call of a shape skips Triton's launch path (fast_launch.Launcher); its TMA
-    descriptors must still point at the new tensors."""
+    """The second call of a shape skips Triton's launch path (fast_launch.Launcher), and, a
+    plain call, replays the first call's launch (kernels/replay.py); its TMA descriptors must
+    still point at the new tensors."""
     from iidkern.kernels import fast_launch
     slow = []
     launcher = hopper_fwd._ATTN_HOPPER
