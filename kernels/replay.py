@@ -88,8 +88,8 @@ class LaunchReplay:
                 slots.append((position, slot, None))
             elif _is_descriptor(a):
                 slot = _slot_of(a.base, tensors)
-                if slot == _NO_SLOT:
-                    return None
+                if slot == _NO_SLOT or not hasattr(a, "__dict__"):
+                    return None  # over a tensor of this call only, or a descriptor _rebased cannot copy
                 slots.append((position, slot, a))
             else:
                 continue

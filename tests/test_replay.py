@@ -254,6 +254,20 @@ def test_records_that_cannot_be_replayed_exactly_give_none():
     assert make([(launcher, (1, 2), (q, k, v, out, stray, 7), {})]) is None  # a tensor of this call only
     assert make([one], torch.empty(30, 16, 2).transpose(0, 2)) is None  # an output that is not contiguous
 
+    class SlotsDescriptor:  # a descriptor class without a __dict__ to copy
+        __slots__ = ("base", "block_shape")
+
+        def __init__(self, base):
+            self.base, self.block_shape = base, [16, 16]
+    assert replay._is_descriptor(SlotsDescriptor(q))
+    assert make([(launcher, (1, 2), (SlotsDescriptor(q), k, v, out), {})]) is None
+
+    class Descriptor:
+        def __init__(self, base):
+            self.base, self.block_shape = base, [16, 16]
+    assert make([(launcher, (1, 2), (Descriptor(q), k, v, out), {})]) is not None
+    assert make([(launcher, (1, 2), (Descriptor(stray), k, v, out), {})]) is None  # over a tensor of this call only
+
 
 def test_recording_notes_this_threads_launches_only():
     launcher = fast_launch.Launcher(_StandInKernel())
