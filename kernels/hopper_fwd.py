@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Optional
 
 import torch
 import triton
@@ -58,8 +57,6 @@ try:
     # triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load.
     _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
     AVAILABLE = hasattr(gl, "warp_specialize") and triton_supports_gluon_kernel(triton.__version__)
-    # A shared buffer viewed with another dtype: ``_reinterpret`` on 3.6, ``reinterpret`` later.
-    _PUBLIC_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
     AVAILABLE = False
 
@@ -76,60 +73,23 @@ if AVAILABLE:
 
     @gluon.jit
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
-                batch, head, q_start, n_k_tiles, n_first,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
-                KEY_SPLIT: gl.constexpr):
-        """One warp: the query tiles once, then K/V tiles into the ring as slots free up.
-
-        Load i is key tile i; with KEY_SPLIT (one query tile, warpgroup 0 on key tiles
-        [0, n_first), warpgroup 1 on the rest) the loads alternate between the two halves."""
-        if KEY_SPLIT:
-            mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-            _tma_load(q_desc, [batch, head, q_start, 0], q_bar, q_smem.index(0).reshape([1, 1, BLOCK_M, HEAD_DIM]))
-        else:
-            mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-            _tma_load(q_desc, [batch, head, q_start, 0], q_bar, q_smem.index(0).reshape([1, 1, BLOCK_M, HEAD_DIM]))
-            _tma_load(q_desc, [batch, head, q_start + BLOCK_M, 0], q_bar,
-                      q_smem.index(1).reshape([1, 1, BLOCK_M, HEAD_DIM]))
-        for i in range(n_k_tiles):
-            slot = i % NBUF
-            if KEY_SPLIT:
-                tile = i // 2 + (i % 2) * n_first
-            else:
-                tile = i
+                batch, head, q_start, n_k_tiles,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr):
+        """One warp: both query tiles once, then K/V tiles into the ring as slots free up."""
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        _tma_load(q_desc, [batch, head, q_start, 0], q_bar, q_smem.index(0).reshape([1, 1, BLOCK_M, HEAD_DIM]))
+        _tma_load(q_desc, [batch, head, q_start + BLOCK_M, 0], q_bar,
+                  q_smem.index(1).reshape([1, 1, BLOCK_M, HEAD_DIM]))
+        for j in range(n_k_tiles):
+            slot = j % NBUF
             # A fresh barrier counts as having completed the phase before phase 0, so the
             # first pass over the ring does not wait.
-            mbarrier.wait(kv_empty.index(slot), ((i // NBUF) & 1) ^ 1)
+            mbarrier.wait(kv_empty.index(slot), ((j // NBUF) & 1) ^ 1)
             mbarrier.expect(kv_ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            _tma_load(k_desc, [batch, head, tile * BLOCK_N, 0], kv_ready.index(slot),
+            _tma_load(k_desc, [batch, head, j * BLOCK_N, 0], kv_ready.index(slot),
                       k_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
-            _tma_load(v_desc, [batch, head, tile * BLOCK_N, 0], kv_ready.index(slot),
+            _tma_load(v_desc, [batch, head, j * BLOCK_N, 0], kv_ready.index(slot),
                       v_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
-
-    @gluon.jit
-    def _as_fp32_rows(slot, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """A K slot (BLOCK_N x HEAD_DIM half values, 32 KB) seen as BLOCK_M x HEAD_DIM fp32."""
-        layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-        if _PUBLIC_REINTERPRET:
-            return slot.reinterpret(gl.float32, [BLOCK_M, HEAD_DIM], layout)
-        else:
-            return slot._reinterpret(gl.float32, [BLOCK_M, HEAD_DIM], layout)
-
-    @gluon.jit
-    def _load_index(j, WG: gl.constexpr, KEY_SPLIT: gl.constexpr):
-        """The loader's index (ring position) of this warpgroup's j-th key tile."""
-        if KEY_SPLIT:
-            return 2 * j + WG
-        else:
-            return j
-
-    @gluon.jit
-    def _key_start(j, n_first, WG: gl.constexpr, BLOCK_N: gl.constexpr, KEY_SPLIT: gl.constexpr):
-        """The first key of this warpgroup's j-th key tile."""
-        if KEY_SPLIT:
-            return (WG * n_first + j) * BLOCK_N
-        else:
-            return j * BLOCK_N
 
     @gluon.jit
     def _masked_keys(s, key_start, n_k, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
@@ -192,19 +152,16 @@ if AVAILABLE:
         return acc_g, m_new
 
     @gluon.jit
-    def _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_first, n_k,
-              qk_scale, kg_base, kg_rows_hit, kg_k0, kg_k1,
+    def _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_k, qk_scale,
+              kg_base, kg_rows_hit, kg_k0, kg_k1,
               m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
               WG: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr,
-              HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr, KEY_SPLIT: gl.constexpr,
+              HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, g_layout: gl.constexpr):
-        """This warpgroup's key tile j (j >= 1): issue S_j and PV_{j-1}, hand the tensor cores
-        over, softmax_j."""
-        i = _load_index(j, WG, KEY_SPLIT)
-        slot = i % NBUF
-        prev = _load_index(j - 1, WG, KEY_SPLIT) % NBUF
-        key_start = _key_start(j, n_first, WG, BLOCK_N, KEY_SPLIT)
-        mbarrier.wait(kv_ready.index(slot), (i // NBUF) & 1)
+        """Key tile j (j >= 1): issue S_j and PV_{j-1}, hand the tensor cores over, softmax_j."""
+        slot = j % NBUF
+        prev = (j - 1) % NBUF
+        mbarrier.wait(kv_ready.index(slot), (j // NBUF) & 1)
         mbarrier.wait(turn_bar.index(WG), (j & 1) ^ WG ^ 1)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         s_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -212,21 +169,21 @@ if AVAILABLE:
         mbarrier.arrive(turn_bar.index(1 - WG))
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
         if MASK:
-            s = _masked_keys(s, key_start, n_k, BLOCK_N, s_layout)
+            s = _masked_keys(s, j * BLOCK_N, n_k, BLOCK_N, s_layout)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, 1)
         if HAS_KG:  # while PV_{j-1} is in flight; only tiles in the groups' key span
-            if _tile_in_span(kg_rows_hit, key_start, kg_k0, kg_k1, BLOCK_N):
-                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_new, key_start, kg_base, kg_k0, kg_k1,
+            if _tile_in_span(kg_rows_hit, j * BLOCK_N, kg_k0, kg_k1, BLOCK_N):
+                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_new, j * BLOCK_N, kg_base, kg_k0, kg_k1,
                                                BLOCK_N, G_PAD, g_layout)
         if HAS_MULT:
             # M's tile loads while PV_{j-1} finishes, and weights P after its sums (l, probes):
             # multiplying before the wait cost more spills and was no faster (NOTES.md 33).
             # M lives only on the multiplied tiles, so each branch has its own wait.
-            if _tile_in_span(m_rows_hit, key_start, m_k0, m_k1, BLOCK_N):
-                m = _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, key_start,
+            if _tile_in_span(m_rows_hit, j * BLOCK_N, m_k0, m_k1, BLOCK_N):
+                m = _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, j * BLOCK_N,
                                      BLOCK_M, BLOCK_N, s_layout)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
                 p = p * m
@@ -239,20 +196,15 @@ if AVAILABLE:
         return p, m_new, l_i, acc, acc_g, m_g
 
     @gluon.jit
-    def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar, merge_bar,
-                  merge_m, merge_l, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+    def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
+                  o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                   kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                   m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
-                  batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, n_first, qk_scale,
+                  batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
                   HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr, HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
-                  HAS_MULT: gl.constexpr, KEY_SPLIT: gl.constexpr):
-        """One warpgroup: BLOCK_M query rows against every key tile, online softmax in exp2.
-
-        With KEY_SPLIT both warpgroups hold the same BLOCK_M rows; warpgroup 0 takes key tiles
-        [0, n_first), warpgroup 1 the rest (at least one), and warpgroup 1 hands its unnormalized
-        output, row max and row sum over to warpgroup 0 through shared memory, which merges
-        them and writes the epilogue."""
+                  HAS_MULT: gl.constexpr):
+        """One warpgroup: BLOCK_M query rows against every key tile, online softmax in exp2."""
         nw: gl.constexpr = gl.num_warps()
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -262,16 +214,8 @@ if AVAILABLE:
         # Key-group sums (a fused probe): mma.sync accumulators, one warp per 16 rows like S.
         g_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[nw, 1],
                                                            instr_shape=[16, 8])
-        if KEY_SPLIT:
-            q = q_smem.index(0)
-            row0 = q_start
-            n_local = n_first if WG == 0 else n_k_tiles - n_first
-        else:
-            q = q_smem.index(WG)
-            row0 = q_start + WG * BLOCK_M
-            n_local = n_k_tiles
-        key0 = _key_start(0, n_first, WG, BLOCK_N, KEY_SPLIT)
-        slot0 = _load_index(0, WG, KEY_SPLIT)  # < NBUF: the first pass over the ring
+        q = q_smem.index(WG)
+        row0 = q_start + WG * BLOCK_M
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
         acc_g = gl.zeros([BLOCK_M, G_PAD], gl.float32, layout=g_layout)
         m_g = gl.full([BLOCK_M], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -282,77 +226,41 @@ if AVAILABLE:
         mbarrier.wait(q_bar, 0)
 
         # Key tile 0: S_0 alone (there is no P yet); warpgroup 1 starts one turn behind.
-        mbarrier.wait(kv_ready.index(slot0), 0)
+        mbarrier.wait(kv_ready.index(0), 0)
         mbarrier.wait(turn_bar.index(WG), 0, pred=WG == 1)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        s_tok = warpgroup_mma(q, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.arrive(turn_bar.index(1 - WG))
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-        s = _masked_keys(s, key0, n_k, BLOCK_N, s_layout)
+        s = _masked_keys(s, 0, n_k, BLOCK_N, s_layout)
         m_i = gl.max(s, 1) * qk_scale
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, 1)
         if HAS_KG:
-            if _tile_in_span(kg_rows_hit, key0, kg_k0, kg_k1, BLOCK_N):
-                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_i, key0, kg_base, kg_k0, kg_k1, BLOCK_N, G_PAD,
-                                               g_layout)
+            if _tile_in_span(kg_rows_hit, 0, kg_k0, kg_k1, BLOCK_N):
+                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_i, 0, kg_base, kg_k0, kg_k1, BLOCK_N, G_PAD, g_layout)
         if HAS_MULT:
-            if _tile_in_span(m_rows_hit, key0, m_k0, m_k1, BLOCK_N):
-                p = p * _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, key0, BLOCK_M, BLOCK_N,
+            if _tile_in_span(m_rows_hit, 0, m_k0, m_k1, BLOCK_N):
+                p = p * _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, 0, BLOCK_M, BLOCK_N,
                                          s_layout)
 
         # Whole key tiles, then the last one with the key mask (a ragged tail or not: it is
         # one tile, and this keeps the loop body free of the mask).
-        # (With KEY_SPLIT warpgroup 0's last tile is whole, and the mask costs it nothing wrong.)
-        for j in range(1, n_local - 1):
+        for j in range(1, n_k_tiles - 1):
             p, m_i, l_i, acc, acc_g, m_g = _turn(
-                q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_first, n_k,
+                q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_k, qk_scale,
+                kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+                WG, False, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD, HAS_MULT, s_layout, o_layout, p_layout, g_layout)
+        if n_k_tiles > 1:
+            p, m_i, l_i, acc, acc_g, m_g = _turn(
+                q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, n_k_tiles - 1, n_k,
                 qk_scale, kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit,
-                row0, WG, False, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD, HAS_MULT, KEY_SPLIT,
-                s_layout, o_layout, p_layout, g_layout)
-        if n_local > 1:
-            p, m_i, l_i, acc, acc_g, m_g = _turn(
-                q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, n_local - 1, n_first,
-                n_k, qk_scale, kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
-                m_rows_hit, row0, WG, True, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD, HAS_MULT, KEY_SPLIT,
-                s_layout, o_layout, p_layout, g_layout)
-        last = _load_index(n_local - 1, WG, KEY_SPLIT) % NBUF
+                row0, WG, True, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD, HAS_MULT, s_layout, o_layout, p_layout, g_layout)
+        last = (n_k_tiles - 1) % NBUF
         o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
         mbarrier.arrive(kv_empty.index(last))
-        if KEY_SPLIT:
-            # Warpgroup 1's last K slot is free (its S is done) and no later load takes it (the
-            # loads after it reach one more slot at most): its fp32 output fits there exactly.
-            if WG == 1:
-                _as_fp32_rows(k_smem.index(last), BLOCK_M, HEAD_DIM).store(acc)
-                merge_m.store(m_i)
-                merge_l.store(l_i)
-                mbarrier.arrive(merge_bar)
-            else:
-                last1 = _load_index(n_k_tiles - n_first - 1, 1, KEY_SPLIT) % NBUF
-                mbarrier.wait(merge_bar, 0)
-                m_1 = merge_m.load(gl.SliceLayout(1, s_layout))
-                l_1 = merge_l.load(gl.SliceLayout(1, s_layout))
-                acc_1 = _as_fp32_rows(k_smem.index(last1), BLOCK_M, HEAD_DIM).load(o_layout)
-                m_new = gl.maximum(m_i, m_1)
-                alpha_0 = gl.exp2(m_i - m_new)
-                alpha_1 = gl.exp2(m_1 - m_new)
-                l_i = l_i * alpha_0 + l_1 * alpha_1
-                acc = acc * gl.convert_layout(alpha_0, gl.SliceLayout(1, o_layout))[:, None] + \
-                    acc_1 * gl.convert_layout(alpha_1, gl.SliceLayout(1, o_layout))[:, None]
-                m_i = m_new
-        if (not KEY_SPLIT) or WG == 0:
-            _epilogue(acc, m_i, l_i, acc_g, m_g, row0, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
-                      kg_q0, kg_q1, n_groups, kgo_ptr, batch, head, n_heads, n_q,
-                      BLOCK_M, HEAD_DIM, HAS_HW, STORE_LSE, HAS_KG, G_PAD, s_layout, o_layout, g_layout)
 
-    @gluon.jit
-    def _epilogue(acc, m_i, l_i, acc_g, m_g, row0, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
-                  kg_q0, kg_q1, n_groups, kgo_ptr, batch, head, n_heads, n_q,
-                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr,
-                  HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
-                  s_layout: gl.constexpr, o_layout: gl.constexpr, g_layout: gl.constexpr):
-        """Normalize and store the output rows (head weights applied), the LSE and the key-group sums."""
         rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         row_ok = rows < n_q
         inv_l = 1.0 / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
@@ -385,21 +293,12 @@ if AVAILABLE:
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         NBUF: gl.constexpr, HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr,
                         HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr,
-                        KEY_SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
-        # KEY_SPLIT (short sequences, at least 2 key tiles, no key groups): a program is one
-        # query tile whose keys the two consumers split, so the grid has twice the programs.
-        if KEY_SPLIT:
-            q_start = gl.program_id(0) * BLOCK_M
-        else:
-            q_start = gl.program_id(0) * (2 * BLOCK_M)
+                        CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+        q_start = gl.program_id(0) * (2 * BLOCK_M)
         bh = gl.program_id(1)
         batch = bh // n_heads
         head = bh % n_heads
         n_k_tiles = gl.cdiv(n_k, BLOCK_N)
-        if KEY_SPLIT:
-            n_first = (n_k_tiles + 1) // 2  # warpgroup 0's key tiles; warpgroup 1 takes the rest
-        else:
-            n_first = n_k_tiles
         dtype: gl.constexpr = q_desc.dtype
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
@@ -410,36 +309,29 @@ if AVAILABLE:
         kv_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         turn_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        # KEY_SPLIT's hand-over: warpgroup 1's row max and sum (its output goes to a free K slot).
-        merge_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        row_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-        merge_m = gl.allocate_shared_memory(gl.float32, [BLOCK_M], row_layout)
-        merge_l = gl.allocate_shared_memory(gl.float32, [BLOCK_M], row_layout)
         mbarrier.init(q_bar, count=1)
-        mbarrier.init(merge_bar, count=1)
         for i in gl.static_range(NBUF):
             mbarrier.init(kv_ready.index(i), count=1)
-            # Each slot is released by every warpgroup that reads it: both, or with KEY_SPLIT one.
-            mbarrier.init(kv_empty.index(i), count=1 if KEY_SPLIT else 2)
+            mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups release a slot
         for i in gl.static_range(2):
             mbarrier.init(turn_bar.index(i), count=1)
         # The two consumers differ only in WG (which query tile, which turn barrier to wait on).
         gl.warp_specialize([
-            (_consumer, (0, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar, merge_bar, merge_m, merge_l,
+            (_consumer, (0, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                          kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                          m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
-                         batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, n_first, qk_scale,
+                         batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
                          BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD,
-                         HAS_MULT, KEY_SPLIT)),  # default partition: 4 warps
-            (_consumer, (1, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar, merge_bar, merge_m, merge_l,
+                         HAS_MULT)),  # default partition: 4 warps
+            (_consumer, (1, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                          kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                          m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
-                         batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, n_first, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, KEY_SPLIT)),
+                         batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
-                       batch, head, q_start, n_k_tiles, n_first, BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, KEY_SPLIT)),
+                       batch, head, q_start, n_k_tiles, BLOCK_M, BLOCK_N, HEAD_DIM, NBUF)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -451,22 +343,6 @@ if AVAILABLE:
 @functools.lru_cache(maxsize=None)
 def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def key_split_pays(n_q: int, batch_heads: int, sms: int) -> bool:
-    """Whether splitting each program's keys between the consumers (twice the programs, each
-    half the work) ends sooner: one program per SM fits, so a grid runs in waves of ``sms``.
-
-    At Flux 256^2 / 512^2 (768 / 1536 tokens, 24 heads) the pairs of query tiles make 144 / 288
-    programs for 132 SMs: 2 / 3 waves where 1.5 / 2.5 waves' worth of work would do."""
-    pairs = cdiv(n_q, 2 * BLOCK_M) * batch_heads
-    halves = cdiv(n_q, BLOCK_M) * batch_heads
-    return cdiv(halves, sms) < 2 * cdiv(pairs, sms)
 
 
 @functools.lru_cache(maxsize=None)
@@ -516,7 +392,7 @@ def _descriptor(t: torch.Tensor, layout: str, block_rows: int):
 
 
 def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, head_weight_strides=(0, 0, 0),
-                     lse=None, key_groups=None, multiplier=None, key_split: Optional[bool] = None) -> None:
+                     lse=None, key_groups=None, multiplier=None) -> None:
     """Write softmax(scale * q k^T) v into ``out`` (same layout as ``q``); ``lse`` [B, H, Nq] if given.
     With a block multiplier M the output is (P * M) v, P the unweighted probabilities.
 
@@ -527,8 +403,6 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     query row's probability mass per group (``n_groups`` up to ``launch.MAX_FUSED_KEY_GROUPS``, 32).
     ``multiplier`` (a block multiplier) is a ``kernel_args.MultiplierArgs``: the values with their
     (batch, head, query, key) strides and the sub-block's query and key ranges.
-    ``key_split``: the consumers split each query tile's keys (default: where
-    :func:`key_split_pays`); never with key groups or one key tile. Results agree to rounding.
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
     n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
@@ -543,18 +417,13 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     has_mult = multiplier is not None
     if not has_mult:
         multiplier = MultiplierArgs.absent(out)
-    if has_kg or n_k <= BLOCK_N:
-        key_split = False  # the key-group sums would need merging too; one key tile cannot split
-    elif key_split is None:
-        # (CPU tensors reach here only in host-side tests with a stand-in kernel: no split.)
-        key_split = q.is_cuda and key_split_pays(n_q, batch * heads, _sm_count(torch.device(q.device).index or 0))
-    grid = (cdiv(n_q, (1 if key_split else 2) * BLOCK_M), batch * heads)
+    grid = (cdiv(n_q, 2 * BLOCK_M), batch * heads)
     _ATTN_HOPPER[grid](
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
         out, o_strides[0], o_strides[1], o_strides[2], lse if lse is not None else out, hw, *head_weight_strides,
         *key_groups, *multiplier, heads, n_q, n_k, scale * LOG2E,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, NBUF=NUM_BUFFERS,
         HAS_HW=head_weights is not None, STORE_LSE=lse is not None, HAS_KG=has_kg,
-        G_PAD=g_pad, HAS_MULT=has_mult, KEY_SPLIT=bool(key_split),
+        G_PAD=g_pad, HAS_MULT=has_mult,
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
     )

@@ -141,8 +141,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         hopper_fwd.hopper_attention(
             q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse, key_groups=key_groups,
             head_weight_strides=_head_weight_strides(head_weights) if head_weights is not None else (0, 0, 0),
-            multiplier=MultiplierArgs.of(block_multiplier) if block_multiplier is not None else None,
-            key_split=(kernel_options or {}).get("key_split"))
+            multiplier=MultiplierArgs.of(block_multiplier) if block_multiplier is not None else None)
         tiles = x_out = None
         tile_shape = None
     else:

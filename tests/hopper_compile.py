@@ -33,9 +33,9 @@ def spill_instructions(cubin: bytes) -> int:
 
 
 def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, has_mult: bool = False,
-                    head_dim: int = 128, key_split: bool = False) -> dict:
+                    head_dim: int = 128) -> dict:
     """One specialization; ``g_pad`` > 0 adds a fused key-group probe with that many columns,
-    ``has_mult`` a block multiplier (fp32 values), ``key_split`` the short-sequence schedule."""
+    ``has_mult`` a block multiplier (fp32 values)."""
     gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
     def desc(rows):
@@ -52,7 +52,7 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, h
                  "n_heads": "i32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32"}
     constexprs = dict(BLOCK_M=hopper_fwd.BLOCK_M, BLOCK_N=hopper_fwd.BLOCK_N, HEAD_DIM=head_dim,
                       NBUF=hopper_fwd.NUM_BUFFERS, HAS_HW=has_hw, STORE_LSE=store_lse,
-                      HAS_KG=g_pad > 0, G_PAD=max(g_pad, 8), HAS_MULT=has_mult, KEY_SPLIT=key_split,
+                      HAS_KG=g_pad > 0, G_PAD=max(g_pad, 8), HAS_MULT=has_mult,
                       CONSUMER_REGS=hopper_fwd.CONSUMER_REGS, LOADER_REGS=hopper_fwd.LOADER_REGS)
     # As a launch of Flux's multiplier specializes them: a unit key stride is a constant; the
     # pointer, strides and sub-block bounds are 16-aligned (what lets its loads be vectorized).
@@ -82,10 +82,6 @@ if __name__ == "__main__":
     # HeadRouter's block multiplier, alone and beside IID's key-group probe.
     results.update({f"{dt}-mult": compile_variant(dt, False, False, has_mult=True) for dt in ("bf16", "fp16")})
     results.update({f"{dt}-mult-kg8": compile_variant(dt, has_hw=True, store_lse=True, g_pad=8, has_mult=True)
-                    for dt in ("bf16", "fp16")})
-    # The short-sequence schedule (keys split between the consumers), plain and with every extra it takes.
-    results.update({f"{dt}-split": compile_variant(dt, False, False, key_split=True) for dt in ("bf16", "fp16")})
-    results.update({f"{dt}-split-extras": compile_variant(dt, True, True, has_mult=True, key_split=True)
                     for dt in ("bf16", "fp16")})
     print(json.dumps(results))
     sys.stdout.flush()

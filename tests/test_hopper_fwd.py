@@ -90,21 +90,6 @@ def test_block_multiplier_compiles_into_the_same_schedule(compiled_variants, dty
     assert both["mma_sync"] > 0 and both["global_loads"] > info["global_loads"]
 
 
-@needs_gluon
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_key_split_compiles_into_the_same_schedule(compiled_variants, dtype):
-    """The short-sequence schedule keeps the ping-pong and the in-flight PV, loads one query
-    tile instead of two, and merges through a free K slot (no more shared memory than the
-    227 KB a program may have)."""
-    plain = compiled_variants[f"{dtype}-False-False"]
-    for name in (f"{dtype}-split", f"{dtype}-split-extras"):
-        info = compiled_variants[name]
-        assert info["wgmma_wait_1"] > 0 and info["setmaxnreg"] > 0 and info["shared"] <= 227 * 1024
-        assert 0 < info["tma_4d"] < plain["tma_4d"]
-    assert compiled_variants[f"{dtype}-split"]["global_loads"] == 0
-    assert compiled_variants[f"{dtype}-split-extras"]["global_loads_vector"] > 0  # the multiplier's M
-
-
 # --------------------------------------------------------------------------- TMA eligibility (CPU)
 def test_tma_ready_wants_aligned_base_and_strides():
     buf = torch.empty(4 * 16 * 128 + 8, dtype=torch.bfloat16)
@@ -231,9 +216,8 @@ def test_routed_calls_get_head_weights_with_broadcast_strides(monkeypatch, hw_sh
 
 
 def _hopper_contract(q, k, v, out, *, layout, scale, head_weights, head_weight_strides, lse, key_groups,
-                     multiplier, key_split):
-    """What hopper_attention promises, in float64 torch: out, LSE and the key-group sums
-    (the key split changes how, not what)."""
+                     multiplier):
+    """What hopper_attention promises, in float64 torch: out, LSE and the key-group sums."""
     qh, kh, vh = (t if layout == "bhnd" else t.transpose(1, 2) for t in (q, k, v))
     scores = scale * qh.double() @ kh.double().transpose(-1, -2)
     probs = scores.softmax(-1)
@@ -312,44 +296,6 @@ def test_block_multiplier_is_handed_to_the_hopper_kernel(monkeypatch, layout, pe
     # The multiplier changed the output (else the test could not tell it was dropped).
     plain = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64)
     assert (ref.out - plain.out).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("n_q, batch_heads, split", [
-    (768, 24, True),  # Flux 256^2: 144 pair programs = 2 waves on 132 SMs; 288 halves = 1.5 waves' work
-    (1536, 24, True),  # Flux 512^2: 3 waves -> 2.5
-    (4608, 24, False),  # Flux 1024^2: 7 waves either way
-    (16896, 24, False),  # Flux 2048^2: 24 waves exactly
-    (128, 1, True),  # one pair on one SM, or its halves on two
-    (64, 1, True),  # one query tile: a pair program's second warpgroup would have no rows
-])
-def test_key_split_where_it_shortens_the_waves(n_q, batch_heads, split):
-    assert hopper_fwd.key_split_pays(n_q, batch_heads, sms=132) == split
-
-
-@needs_gluon
-@pytest.mark.parametrize("asked, n_k, key_groups, split", [
-    (True, 300, False, True), (False, 300, False, False), (None, 300, False, False),  # CPU tensors: no default split
-    (True, 128, False, False),  # one key tile
-    (True, 300, True, False),  # key-group sums are not merged across the halves
-])
-def test_key_split_launch(monkeypatch, asked, n_k, key_groups, split):
-    """The split launches one program per query tile (twice the pairs) with KEY_SPLIT set, and
-    only where it is allowed."""
-    seen = {}
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.update(grid=grid, kwargs=kwargs)
-    monkeypatch.setattr(hopper_fwd, "_ATTN_HOPPER", Recorder())
-    b, h, n = 2, 3, 200
-    q = torch.randn(b, h, n, 128, dtype=torch.bfloat16)
-    k = torch.randn(b, h, n_k, 128, dtype=torch.bfloat16)
-    out = torch.empty_like(q)
-    kg = launch._key_group_args(Probe(TG.each(40, n), TG.segments([(0, 9), (9, 40)], n_k)), b, h, n_k, q.device,
-                                torch.empty) if key_groups else None
-    hopper_fwd.hopper_attention(q, k, k, out, layout="bhnd", scale=0.1, key_groups=kg, key_split=asked)
-    assert seen["kwargs"]["KEY_SPLIT"] is split
-    assert seen["grid"] == ((4 if split else 2), b * h)  # 200 rows: 4 tiles of 64, 2 pairs
 
 
 def test_interpreter_never_routes_to_gluon():
@@ -625,49 +571,3 @@ def test_block_multiplier_beside_key_groups_head_weights_and_a_map(hopper_calls,
     assert_close_rel(res.out, ref.out, OUT_TOL[torch.bfloat16])
     for got, want in zip(res.probes, ref.probes):
         assert_close_rel(got, want, PROBE_TOL[torch.bfloat16], what="probe")
-
-
-@pytest.mark.cuda
-@needs_hopper
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-@pytest.mark.parametrize("b, h, nq, nk", [
-    (1, 3, 128, 129),  # 2 key tiles, the second a single key
-    (2, 5, 1111, 777),  # 7 key tiles: warpgroup 0 takes 4, warpgroup 1 takes 3
-    (1, 2, 64, 384),  # 3 whole key tiles, one query tile
-    (3, 2, 50, 1000),  # ragged query tile
-    (1, 24, 768, 768),  # Flux 256^2, where the default splits
-    (2, 1, 300, 100),  # one key tile: asked for, not split
-])
-def test_key_split_matches_reference(hopper_calls, dtype, layout, b, h, nq, nk):
-    """The short-sequence schedule: each query tile's keys split between the two consumers,
-    merged through shared memory; output and LSE against the float64 oracle."""
-    q, k, v = _qkv(b, h, nq, nk, dtype, layout, seed=3 * nq + nk)
-    res = iidkern.attention(q, k, v, layout=layout, return_lse=True, scale=0.09,
-                            kernel_options={"poison": True, "key_split": True})
-    assert hopper_calls == [layout]
-    ref = attention_reference(q, k, v, layout=layout, scale=0.09, compute_dtype=torch.float64)
-    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
-    assert_lse_equal(res.lse, ref.lse, tol=1e-3)
-
-
-@pytest.mark.cuda
-@needs_hopper
-@pytest.mark.parametrize("hw_shape", ["bh", "bhn"])
-def test_key_split_with_head_weights_and_a_block_multiplier(hopper_calls, hw_shape):
-    """The extras the split keeps (head weights in the merged epilogue, a multiplier on either
-    half's tiles), at Flux 256^2 where the default takes the split."""
-    b, h, n_txt, n_img = 1, 24, 512, 256
-    n = n_txt + n_img
-    assert hopper_fwd.key_split_pays(n, b * h, hopper_fwd._sm_count(0))
-    q, k, v = _qkv(b, h, n, n, torch.bfloat16, "bnhd", seed=41)
-    g = torch.Generator().manual_seed(4)
-    hw = {"bh": torch.rand(b, h, generator=g), "bhn": torch.rand(b, h, n, generator=g)}[hw_shape].cuda() + 0.5
-    mult = BlockMultiplier((2 * torch.rand(b, n_img, n_txt, generator=g)).cuda(), query_start=n_txt, key_start=0)
-    res = iidkern.attention(q, k, v, layout="bnhd", head_weights=hw, block_multiplier=mult, return_lse=True,
-                            kernel_options={"poison": True})
-    assert hopper_calls == ["bnhd"]
-    ref = attention_reference(q, k, v, layout="bnhd", head_weights=hw, block_multiplier=mult,
-                              compute_dtype=torch.float64)
-    assert_close_rel(res.out, ref.out, OUT_TOL[torch.bfloat16])
-    assert_lse_equal(res.lse, ref.lse, tol=1e-3)
