@@ -64,6 +64,15 @@ def _plain_signature(q, k, v, layout, scale, backend, kernel_options):
     with the same arguments but the data pointers."""
     if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
         return None  # subclasses (and non-tensors) take the checked path
+    # Unhashable or unusual argument types take the checked path too (it names what is wrong).
+    if type(layout) is not str or type(backend) is not str or type(scale) not in (float, int, type(None)):
+        return None
+    if not (backend == "triton" or (backend == "auto" and q.is_cuda)):
+        return None  # the reference backend launches nothing to replay
+    try:
+        alignment = (q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15)  # Triton specializes on 16 bytes
+    except RuntimeError:  # tensors without storage (torch.func transforms): nothing to launch on
+        return None
     options = None
     if kernel_options is not None:
         if type(kernel_options) is not dict or not _REPLAYED_OPTIONS.issuperset(kernel_options) or \
@@ -73,8 +82,7 @@ def _plain_signature(q, k, v, layout, scale, backend, kernel_options):
     return (layout, type(scale), scale, backend, options,
             q.device, k.device, v.device, q.dtype, k.dtype, v.dtype,
             q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
-            q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15,  # Triton specializes on 16-byte alignment
-            q is k, q is v, k is v)
+            alignment, q is k, q is v, k is v)
 
 
 def _validate_qkv(q, k, v, layout):

@@ -17,8 +17,9 @@ A diffusion run uses a handful of shapes, so the cache stays small (it is bounde
 The interpreter, and Tritons whose ``CompiledKernel`` cannot be launched on its own, take
 the normal path; ``IIDKERN_FAST_LAUNCH=0`` forces it (for comparisons).
 
-Inside ``with recording() as launches:`` every launch is also noted (launcher, grid, args,
-kwargs), on this thread only: ``replay.LaunchReplay`` builds on that.
+Inside ``with recording() as launches:`` every ``Launcher.launch`` is also noted (launcher,
+grid, args, kwargs), on this thread only: ``replay.LaunchReplay`` builds on that. (A replay
+that calls the compiled kernel through :meth:`Launcher.compiled_runner` is not noted.)
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ _THREAD = threading.local()  # .launches: the list a recording() on this thread 
 
 @contextlib.contextmanager
 def recording():
-    """Note every launch made on this thread inside the block, as (launcher, grid, args, kwargs)."""
+    """Note every ``Launcher.launch`` on this thread inside the block, as (launcher, grid, args, kwargs)."""
     outer = getattr(_THREAD, "launches", None)
     _THREAD.launches = launches = []
     try:

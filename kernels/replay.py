@@ -35,8 +35,8 @@ def _rebased(descriptor, base: torch.Tensor):
     A field-by-field copy: the descriptor classes differ between Triton versions in their
     fields (and their constructors check what the signature already guarantees)."""
     new = object.__new__(type(descriptor))
-    new.__dict__.update(descriptor.__dict__)
-    new.base = base
+    new.__dict__.update(descriptor.__dict__)  # AttributeError: no __dict__ (slots)
+    new.base = base  # raises for a frozen dataclass
     return new
 
 
@@ -88,9 +88,13 @@ class LaunchReplay:
                 slots.append((position, slot, None))
             elif _is_descriptor(a):
                 slot = _slot_of(a.base, tensors)
-                if slot == _NO_SLOT or not hasattr(a, "__dict__"):
-                    return None  # over a tensor of this call only, or a descriptor _rebased cannot copy
-                slots.append((position, slot, a))
+                if slot == _NO_SLOT:
+                    return None  # over a tensor of this call only
+                try:  # kept without its base (this call's tensor); a class _rebased cannot copy: no replay
+                    unbased = _rebased(a, None)
+                except (AttributeError, TypeError):
+                    return None
+                slots.append((position, slot, unbased))
             else:
                 continue
             template[position] = None  # keep no reference to this call's tensors

@@ -4,6 +4,7 @@ Gluon does not run under Triton's interpreter, so on CPU this file compiles the 
 sm_90 (it must build on every Triton the package supports) and tests which calls are routed
 to it; its results are tested on an H100 against the float64 reference (``cuda`` tests).
 """
+import importlib
 import json
 import os
 import subprocess
@@ -408,10 +409,12 @@ def test_extras_of_the_triton_kernel_and_the_switch_keep_it(hopper_calls):
 
 @pytest.mark.cuda
 @needs_hopper
-def test_repeat_calls_take_the_cached_launch_with_fresh_descriptors(hopper_calls, monkeypatch):
-    """The second call of a shape skips Triton's launch path (fast_launch.Launcher), and, a
-    plain call, replays the first call's launch (kernels/replay.py); its TMA descriptors must
-    still point at the new tensors."""
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_repeat_calls_take_the_cached_launch_with_fresh_descriptors(hopper_calls, monkeypatch, return_lse):
+    """The second call of a shape skips Triton's launch path (fast_launch.Launcher): a plain
+    call replays the first call's launch (kernels/replay.py), a call with LSE takes the
+    launcher's cached kernel with freshly built descriptors; either way its TMA descriptors
+    must point at the new tensors."""
     from iidkern.kernels import fast_launch
     slow = []
     launcher = hopper_fwd._ATTN_HOPPER
@@ -428,9 +431,11 @@ def test_repeat_calls_take_the_cached_launch_with_fresh_descriptors(hopper_calls
     outs, refs = [], []
     for seed in (21, 22, 23):
         q, k, v = _qkv(2, 3, 999, 640, torch.float16, "bnhd", seed=seed)
-        outs.append(iidkern.attention(q, k, v, layout="bnhd", kernel_options={"poison": True}))
+        res = iidkern.attention(q, k, v, layout="bnhd", return_lse=return_lse, kernel_options={"poison": True})
+        outs.append(res.out if return_lse else res)
         refs.append(attention_reference(q, k, v, layout="bnhd", compute_dtype=torch.float64).out)
     assert len(hopper_calls) == 3
+    assert bool(importlib.import_module("iidkern.attention")._REPLAYS) != return_lse
     assert len(slow) == (1 if fast_launch.Launcher(kernel).enabled else 3)
     for out, ref in zip(outs, refs):
         assert_close_rel(out, ref, OUT_TOL[torch.float16])

@@ -124,6 +124,9 @@ def test_every_argument_is_part_of_the_signature(checked_calls, change):
     ("layout", ValueError, "layout must be"),
     ("q_not_a_tensor", TypeError, "q must be a torch.Tensor"),
     ("option", TypeError, "kernel_options must be a dict"),
+    ("layout_list", ValueError, "layout must be"),  # unhashable: must not fail in the signature lookup
+    ("backend_list", ValueError, "backend must be"),
+    ("scale_list", ValueError, "scale must be"),
 ])
 def test_bad_inputs_are_still_rejected_once_a_signature_replays(bad, error, words):
     q, k, v = make_qkv(1, 2, 30, 30, 16)
@@ -143,6 +146,12 @@ def test_bad_inputs_are_still_rejected_once_a_signature_replays(bad, error, word
         kw["layout"] = "nhd"
     elif bad == "q_not_a_tensor":
         q = q.numpy()
+    elif bad == "layout_list":
+        kw["layout"] = ["bhnd"]
+    elif bad == "backend_list":
+        kw["backend"] = ["triton"]
+    elif bad == "scale_list":
+        kw["scale"] = [1.0]
     else:
         kw["kernel_options"] = [("poison", True)]
     with pytest.raises(error, match=words):
@@ -173,13 +182,14 @@ def test_calls_with_extras_are_never_replayed(checked_calls, extra):
     assert len(checked_calls) == 2 and not api._REPLAYS
 
 
-def test_a_replay_keeps_no_reference_to_the_first_calls_tensors():
-    q, k, v = make_qkv(1, 2, 30, 30, 16)
-    out = iidkern.attention(q, k, v, backend="triton")
-    alive = [weakref.ref(t) for t in (q, k, v, out)]
-    del q, k, v, out
-    gc.collect()
-    assert len(api._REPLAYS) == 1 and all(r() is None for r in alive)
+def test_function_transforms_take_the_checked_path():
+    """torch.func's wrapper tensors have no storage (no data pointer): no signature, and the
+    reference backend still serves them."""
+    q = torch.randn(3, 1, 2, 20, 8)
+    out = torch.vmap(lambda x: iidkern.attention(x, x, x, backend="reference"))(q)
+    ref = torch.stack([attention_reference(x, x, x).out for x in q])
+    torch.testing.assert_close(out, ref)
+    assert not api._REPLAYS
 
 
 # --------------------------------------------------------------------------- recorded launches
@@ -216,6 +226,18 @@ def route(request, monkeypatch):
         monkeypatch.setattr(hopper_fwd, "_ATTN_HOPPER", stand_in)
         return stand_in, torch.bfloat16, 128
     return launch._ATTN, torch.float32, 16
+
+
+def test_a_replay_keeps_no_reference_to_the_first_calls_tensors(route):
+    launcher, dtype, d = route
+    q, k, v = make_qkv(1, 2, 30, 30, d, dtype)
+    out = iidkern.attention(q, k, v, backend="triton")
+    (rep,) = api._REPLAYS.values()
+    assert rep.launcher is launcher
+    alive = [weakref.ref(t) for t in (q, k, v, out)]
+    del q, k, v, out
+    gc.collect()
+    assert all(r() is None for r in alive)
 
 
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
