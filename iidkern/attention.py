@@ -6,6 +6,7 @@ asked for; when LSE, probes, pair statistics or tile counts are asked for it ret
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Sequence, Tuple, Union
@@ -337,26 +338,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
         if device.type != "cuda" and not kernels.INTERPRETING:
             raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
                              "before importing iidkern, or use backend='reference'")
-        if signature is None:
+        # A plain call's first run with its signature is recorded, to be replayed by the next ones.
+        with kernels.recording() if signature is not None else contextlib.nullcontext() as launches:
             res = kernels.triton_attention(q, k, v, layout=layout, scale=float(scale), tags=mask,
                                            head_weights=head_weights, probes=probes,
                                            block_multiplier=block_multiplier, pair_stats=pairs, need_lse=return_lse,
                                            count_tiles=count_tiles, kernel_options=kernel_options)
-        else:
-            return _plain_and_recorded(kernels, signature, q, k, v, layout, float(scale), kernel_options)
+        if signature is not None:
+            _keep_replay(kernels, signature, launches, q, k, v, res.out, layout, kernel_options)
     return res if extras else res.out
 
 
-def _plain_and_recorded(kernels, signature, q, k, v, layout, scale, kernel_options) -> torch.Tensor:
-    """A plain call's first run with its signature: launched as usual, its launch kept for replay."""
-    with kernels.recording() as launches:
-        out = kernels.triton_attention(q, k, v, layout=layout, scale=scale, tags=None, head_weights=None, probes=(),
-                                       block_multiplier=None, pair_stats=None, need_lse=False, count_tiles=False,
-                                       kernel_options=kernel_options).out
+def _keep_replay(kernels, signature, launches, q, k, v, out, layout, kernel_options) -> None:
     replay = kernels.LaunchReplay.of(launches, q, k, v, out, kernels.placeholders(),
                                      kernels.output_allocator(kernel_options), layout)
     if replay is not None:
         if len(_REPLAYS) >= _MAX_REPLAYS:
             _REPLAYS.clear()
         _REPLAYS[signature] = replay
-    return out

@@ -21,12 +21,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .fast_launch import _is_descriptor
+
 _NO_SLOT = -1
-
-
-def _is_descriptor(a) -> bool:
-    """A host-side TMA descriptor (Triton's or Gluon's ``TensorDescriptor``)."""
-    return hasattr(a, "block_shape") and isinstance(getattr(a, "base", None), torch.Tensor)
 
 
 def _rebased(descriptor, base: torch.Tensor):
