@@ -59,14 +59,16 @@ def all_cases(quick: bool = False) -> List[Case]:
         for feature in ("probe", "head_weights", "block_mult", *tag_features):
             add(shape, feature, FEATURE_IMPLS[feature])
     add("flux_1024_b2", "plain", ("iidkern", "sdpa_cudnn"))
-    # The Triton kernel's own plain time where the Hopper kernel serves plain calls (D=128):
-    # tags run on the Triton kernel and are compared with it. Its probe and multiplier times
-    # are kept beside the Hopper kernel's, for the record.
+    # The Triton kernel's own times where the Hopper kernel serves the calls (D=128), kept
+    # beside the Hopper kernel's for the record (what the Gluon kernel buys per feature).
     for shape in [s for s in model_shapes if SHAPES[s].head_dim == 128] + ["flux_1024_b2"]:
         add(shape, "plain", ("iidkern_triton",))
     for shape in [s for s in model_shapes if SHAPES[s].head_dim == 128]:
         add(shape, "probe", ("iidkern_triton",))
         add(shape, "block_mult", ("iidkern_triton",))
+        for feature in ("tags_0", "tags_50", "tags_iid"):
+            if feature in tag_features:
+                add(shape, feature, ("iidkern_triton",))
     add("flux_1024_b2", "pair_stats", ("iidkern", "sdpa_cudnn+torch"))
     if not quick:
         for shape in SWEEP_SHAPES:

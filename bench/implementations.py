@@ -1,11 +1,10 @@
 """The implementations the suite times, each as one callable ``call(q, k, v)`` over a workload.
 
 * ``iidkern``: the fused engine, every extra in the one call (on an H100 at D=128, plain
-  calls and calls with head weights, pair statistics, probes or a block multiplier run the
-  Hopper Gluon kernel; tags and value probes the Triton kernel).
+  calls and calls with tags, head weights, pair statistics, probes or a block multiplier run
+  the Hopper Gluon kernel; value probes the Triton kernel).
 * ``iidkern_triton``: the same call pinned to the Triton kernel (``kernel_options={"hopper":
-  False}``): the plain time of the kernel that serves tags, and its probe and multiplier
-  times for the record.
+  False}``): its plain, probe, multiplier and tag times, for the record.
 * ``sdpa_cudnn`` / ``sdpa_flash`` / ``sdpa_efficient``: ``F.scaled_dot_product_attention``
   pinned to one backend (tag features pass the dense bool mask, as a user without a tag
   kernel would). ``sdpa_cudnn+torch``: cuDNN plus the extra done by PyTorch ops after it.

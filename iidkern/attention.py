@@ -47,7 +47,9 @@ def tag_mask(q_tags: torch.Tensor, k_tags: torch.Tensor) -> TagMask:
             raise ValueError(f"tags: {name} must have shape [B, N] or [N], got {tuple(t.shape)}")
     if q_tags.device != k_tags.device:
         raise ValueError(f"tags: q_tags is on {q_tags.device} but k_tags is on {k_tags.device}")
-    return TagMask(q_tags, k_tags)
+    # The kernels step through a row of tags one element at a time (a strided view, e.g. a
+    # transposed [N, B] tensor, would be misread): copy such views once, here.
+    return TagMask(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q_tags, k_tags)))
 
 
 def _shape_of(t: torch.Tensor, layout: str):

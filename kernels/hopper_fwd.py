@@ -72,23 +72,46 @@ LOADER_REGS = 24
 if AVAILABLE:
 
     @gluon.jit
+    def _key_start(vis_base, i, BLOCK_N: gl.constexpr, HAS_TAGS: gl.constexpr):
+        """First key of the i-th key tile a program visits: the i-th tile, or with tags the
+        i-th entry of its query tile's visit list (skipped tiles are not in it)."""
+        if HAS_TAGS:
+            return gl.load(vis_base + i) * BLOCK_N
+        else:
+            return i * BLOCK_N
+
+    @gluon.jit
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
-                batch, head, q_start, n_k_tiles,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr):
+                batch, head, q_start, n_k, vis_base, vis_count_ptr, list_row,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
+                HAS_TAGS: gl.constexpr):
         """One warp: both query tiles once, then K/V tiles into the ring as slots free up."""
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         _tma_load(q_desc, [batch, head, q_start, 0], q_bar, q_smem.index(0).reshape([1, 1, BLOCK_M, HEAD_DIM]))
         _tma_load(q_desc, [batch, head, q_start + BLOCK_M, 0], q_bar,
                   q_smem.index(1).reshape([1, 1, BLOCK_M, HEAD_DIM]))
-        for j in range(n_k_tiles):
-            slot = j % NBUF
+        if HAS_TAGS:
+            # The visit list is read after Q is on its way, and each entry one tile ahead of
+            # its use: the loads' latency would otherwise delay the ring's first tiles.
+            n_visit = gl.load(vis_count_ptr + list_row)
+            next_tile = gl.load(vis_base, mask=n_visit > 0, other=0)
+        else:
+            n_visit = gl.cdiv(n_k, BLOCK_N)
+            next_tile = 0
+        for i in range(n_visit):
+            slot = i % NBUF
+            if HAS_TAGS:
+                key_start = next_tile * BLOCK_N
+                next_tile = gl.load(vis_base + i + 1, mask=i + 1 < n_visit, other=0)
+            else:
+                key_start = i * BLOCK_N
             # A fresh barrier counts as having completed the phase before phase 0, so the
             # first pass over the ring does not wait.
-            mbarrier.wait(kv_empty.index(slot), ((j // NBUF) & 1) ^ 1)
+            mbarrier.wait(kv_empty.index(slot), ((i // NBUF) & 1) ^ 1)
             mbarrier.expect(kv_ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            _tma_load(k_desc, [batch, head, j * BLOCK_N, 0], kv_ready.index(slot),
+            _tma_load(k_desc, [batch, head, key_start, 0], kv_ready.index(slot),
                       k_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
-            _tma_load(v_desc, [batch, head, j * BLOCK_N, 0], kv_ready.index(slot),
+            _tma_load(v_desc, [batch, head, key_start, 0], kv_ready.index(slot),
                       v_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
 
     @gluon.jit
@@ -96,6 +119,18 @@ if AVAILABLE:
         """Scores of keys past the end (zero-filled by TMA) become -inf."""
         cols = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         return gl.where((cols < n_k)[None, :], s, -float("inf"))
+
+    @gluon.jit
+    def _tag_masked(s, q_tags, key_start, kt_base, n_k, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Scores a query may not see (no tag bit shared with the key) become -inf; keys past
+        the end read tag 0, so this masks them too. The key tags load coalesced (a thread per
+        key) and are then spread to the score layout, where a thread holds 32 columns."""
+        nw: gl.constexpr = gl.num_warps()
+        key_layout: gl.constexpr = gl.BlockedLayout([1], [32], [nw], [0])
+        keys = key_start + gl.arange(0, BLOCK_N, layout=key_layout)
+        k_tags = gl.load(kt_base + keys, mask=keys < n_k, other=0)
+        k_tags = gl.convert_layout(k_tags, gl.SliceLayout(0, s_layout))
+        return gl.where((q_tags[:, None] & k_tags[None, :]) != 0, s, -float("inf"))
 
     @gluon.jit
     def _tile_in_span(rows_hit, key_start, k0, k1, BLOCK_N: gl.constexpr):
@@ -121,7 +156,7 @@ if AVAILABLE:
         return m.to(gl.float32)
 
     @gluon.jit
-    def _key_group_update(acc_g, m_g, p, m_new, key_start, kg_base, kg_k0, kg_k1,
+    def _key_group_update(acc_g, m_g, p, m_use, m_new, key_start, kg_base, kg_k0, kg_k1,
                           BLOCK_N: gl.constexpr, G_PAD: gl.constexpr, g_layout: gl.constexpr):
         """Fold this key tile's probabilities into the per-row sums of each key group.
 
@@ -133,6 +168,8 @@ if AVAILABLE:
         this kernel does not have. ``acc_g`` stays relative to ``m_g``, the running max at its
         last update, so key tiles outside the groups' span never rescale it (the epilogue
         brings it to the final max); ``m_g = -inf`` (nothing added yet) scales the zeros by 0.
+        ``p`` is relative to ``m_use``: the running max ``m_new``, or 0 on a row that no key
+        has reached yet (tags), which keeps ``m_g`` at -inf.
         """
         nw: gl.constexpr = gl.num_warps()
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=g_layout, k_width=2)
@@ -147,43 +184,94 @@ if AVAILABLE:
         one_hot = (ids[:, None] == groups[None, :]).to(gl.float16)
         g_sum = gl.zeros([p.shape[0], G_PAD], gl.float32, layout=g_layout)
         g_sum = mma_v2(gl.convert_layout(p.to(gl.float16), a_layout), one_hot, g_sum)
-        rescale = gl.exp2(m_g - m_new)
+        rescale = gl.exp2(m_g - m_use)
         acc_g = acc_g * gl.convert_layout(rescale, gl.SliceLayout(1, g_layout))[:, None] + g_sum
         return acc_g, m_new
 
     @gluon.jit
-    def _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_k, qk_scale,
-              kg_base, kg_rows_hit, kg_k0, kg_k1,
+    def _softmax_tile(s, m_i, l_i, qk_scale, MASKED: gl.constexpr):
+        """Online-softmax step on a score tile: (p, new running max, its usable value, rescale
+        of the old sums, new row sum). On a masked tile a row may have no key yet (tags): its
+        max stays -inf and the exponents use 0 instead, so p and the rescale are 0, not NaN."""
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        if MASKED:
+            m_use = gl.where(m_new == -float("inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s * qk_scale - m_use[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, m_new, m_use, alpha, l_i
+
+    @gluon.jit
+    def _mask_tile(s, key_start, n_k, q_tags, kt_base, BLOCK_N: gl.constexpr, HAS_TAGS: gl.constexpr,
+                   s_layout: gl.constexpr):
+        """A masked tile's scores: the tag mask with tags, else keys past the end."""
+        if HAS_TAGS:
+            return _tag_masked(s, q_tags, key_start, kt_base, n_k, BLOCK_N, s_layout)
+        else:
+            return _masked_keys(s, key_start, n_k, BLOCK_N, s_layout)
+
+    @gluon.jit
+    def _first_tile(q, k_smem, kv_ready, turn_bar, m_i, l_i, acc_g, m_g, key_start, n_k, qk_scale,
+                    q_tags, kt_base, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                    m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+                    WG: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    HAS_TAGS: gl.constexpr, HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr,
+                    s_layout: gl.constexpr, g_layout: gl.constexpr):
+        """The first key tile a program visits: S alone, there is no P yet; warpgroup 1 starts
+        one turn behind. ``MASK``: as in :func:`_turn`."""
+        mbarrier.wait(kv_ready.index(0), 0)
+        mbarrier.wait(turn_bar.index(WG), 0, pred=WG == 1)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(turn_bar.index(1 - WG))
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        if MASK:
+            s = _mask_tile(s, key_start, n_k, q_tags, kt_base, BLOCK_N, HAS_TAGS, s_layout)
+        p, m_i, m_use, alpha, l_i = _softmax_tile(s, m_i, l_i, qk_scale, MASK)
+        if HAS_KG:
+            if _tile_in_span(kg_rows_hit, key_start, kg_k0, kg_k1, BLOCK_N):
+                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_use, m_i, key_start, kg_base, kg_k0, kg_k1,
+                                               BLOCK_N, G_PAD, g_layout)
+        if HAS_MULT:
+            if _tile_in_span(m_rows_hit, key_start, m_k0, m_k1, BLOCK_N):
+                p = p * _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, key_start,
+                                         BLOCK_M, BLOCK_N, s_layout)
+        return p, m_i, l_i, acc_g, m_g
+
+    @gluon.jit
+    def _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, i, key_start, n_k,
+              qk_scale, q_tags, kt_base, kg_base, kg_rows_hit, kg_k0, kg_k1,
               m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
               WG: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr,
-              HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr,
+              HAS_TAGS: gl.constexpr, HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, g_layout: gl.constexpr):
-        """Key tile j (j >= 1): issue S_j and PV_{j-1}, hand the tensor cores over, softmax_j."""
-        slot = j % NBUF
-        prev = (j - 1) % NBUF
-        mbarrier.wait(kv_ready.index(slot), (j // NBUF) & 1)
-        mbarrier.wait(turn_bar.index(WG), (j & 1) ^ WG ^ 1)
+        """The i-th visited key tile (i >= 1, its keys from ``key_start``): issue S_i and
+        PV_{i-1}, hand the tensor cores over, softmax_i. ``MASK``: apply the tag mask (with
+        tags) or the end-of-keys mask."""
+        slot = i % NBUF
+        prev = (i - 1) % NBUF
+        mbarrier.wait(kv_ready.index(slot), (i // NBUF) & 1)
+        mbarrier.wait(turn_bar.index(WG), (i & 1) ^ WG ^ 1)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         s_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(prev), acc, is_async=True)
         mbarrier.arrive(turn_bar.index(1 - WG))
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
         if MASK:
-            s = _masked_keys(s, j * BLOCK_N, n_k, BLOCK_N, s_layout)
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        if HAS_KG:  # while PV_{j-1} is in flight; only tiles in the groups' key span
-            if _tile_in_span(kg_rows_hit, j * BLOCK_N, kg_k0, kg_k1, BLOCK_N):
-                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_new, j * BLOCK_N, kg_base, kg_k0, kg_k1,
+            s = _mask_tile(s, key_start, n_k, q_tags, kt_base, BLOCK_N, HAS_TAGS, s_layout)
+        p, m_new, m_use, alpha, l_i = _softmax_tile(s, m_i, l_i, qk_scale, MASK)
+        if HAS_KG:  # while PV_{i-1} is in flight; only tiles in the groups' key span
+            if _tile_in_span(kg_rows_hit, key_start, kg_k0, kg_k1, BLOCK_N):
+                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_use, m_new, key_start, kg_base, kg_k0, kg_k1,
                                                BLOCK_N, G_PAD, g_layout)
         if HAS_MULT:
-            # M's tile loads while PV_{j-1} finishes, and weights P after its sums (l, probes):
+            # M's tile loads while PV_{i-1} finishes, and weights P after its sums (l, probes):
             # multiplying before the wait cost more spills and was no faster (NOTES.md 33).
             # M lives only on the multiplied tiles, so each branch has its own wait.
-            if _tile_in_span(m_rows_hit, j * BLOCK_N, m_k0, m_k1, BLOCK_N):
-                m = _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, j * BLOCK_N,
+            if _tile_in_span(m_rows_hit, key_start, m_k0, m_k1, BLOCK_N):
+                m = _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, key_start,
                                      BLOCK_M, BLOCK_N, s_layout)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
                 p = p * m
@@ -191,7 +279,7 @@ if AVAILABLE:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
         else:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
-        mbarrier.arrive(kv_empty.index(prev))  # K_{j-1} and V_{j-1} are consumed
+        mbarrier.arrive(kv_empty.index(prev))  # K_{i-1} and V_{i-1} are consumed
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         return p, m_new, l_i, acc, acc_g, m_g
 
@@ -200,11 +288,15 @@ if AVAILABLE:
                   o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                   kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                   m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
-                  batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
+                  qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
+                  batch, head, n_heads, q_start, n_q, n_k, qk_scale,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
                   HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr, HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
-                  HAS_MULT: gl.constexpr):
-        """One warpgroup: BLOCK_M query rows against every key tile, online softmax in exp2."""
+                  HAS_MULT: gl.constexpr, HAS_TAGS: gl.constexpr):
+        """One warpgroup: BLOCK_M query rows against the visited key tiles, online softmax in
+        exp2. With tags, visit positions [0, n_full) hold full tiles and run unmasked, and
+        [n_full, n_visit) partial ones, tag masked; without, the first and the last key tile
+        are masked (keys past the end)."""
         nw: gl.constexpr = gl.num_warps()
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -219,51 +311,92 @@ if AVAILABLE:
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
         acc_g = gl.zeros([BLOCK_M, G_PAD], gl.float32, layout=g_layout)
         m_g = gl.full([BLOCK_M], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        p = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         kg_base = kg_ptr + batch.to(gl.int64) * kg_sb
         kg_rows_hit = (row0 < kg_q1) & (row0 + BLOCK_M > kg_q0)
         m_base = m_ptr + batch.to(gl.int64) * m_sb + head.to(gl.int64) * m_sh
         m_rows_hit = (row0 < m_q1) & (row0 + BLOCK_M > m_q0)
+        kt_base = kt_ptr + batch.to(gl.int64) * kt_sb
+        if HAS_TAGS:  # read while Q loads; rows past the end read tag 0: no key, and are not stored
+            tag_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            q_tags = gl.load(qt_ptr + batch.to(gl.int64) * qt_sb + tag_rows, mask=tag_rows < n_q, other=0)
+            n_full = gl.load(vis_full_ptr + list_row)
+            n_visit = gl.load(vis_count_ptr + list_row)
+        else:
+            q_tags = 0
+            n_visit = gl.cdiv(n_k, BLOCK_N)
+            n_full = n_visit - 1
         mbarrier.wait(q_bar, 0)
 
-        # Key tile 0: S_0 alone (there is no P yet); warpgroup 1 starts one turn behind.
-        mbarrier.wait(kv_ready.index(0), 0)
-        mbarrier.wait(turn_bar.index(WG), 0, pred=WG == 1)
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.arrive(turn_bar.index(1 - WG))
-        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-        s = _masked_keys(s, 0, n_k, BLOCK_N, s_layout)
-        m_i = gl.max(s, 1) * qk_scale
-        p = gl.exp2(s * qk_scale - m_i[:, None])
-        l_i = gl.sum(p, 1)
-        if HAS_KG:
-            if _tile_in_span(kg_rows_hit, 0, kg_k0, kg_k1, BLOCK_N):
-                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_i, 0, kg_base, kg_k0, kg_k1, BLOCK_N, G_PAD, g_layout)
-        if HAS_MULT:
-            if _tile_in_span(m_rows_hit, 0, m_k0, m_k1, BLOCK_N):
-                p = p * _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, 0, BLOCK_M, BLOCK_N,
-                                         s_layout)
-
-        # Whole key tiles, then the last one with the key mask (a ragged tail or not: it is
-        # one tile, and this keeps the loop body free of the mask).
-        for j in range(1, n_k_tiles - 1):
-            p, m_i, l_i, acc, acc_g, m_g = _turn(
-                q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_k, qk_scale,
+        if HAS_TAGS:
+            # Full tiles, then partial ones; a query tile whose keys are all skipped visits none.
+            if n_full > 0:
+                p, m_i, l_i, acc_g, m_g = _first_tile(
+                    q, k_smem, kv_ready, turn_bar, m_i, l_i, acc_g, m_g, _key_start(vis_base, 0, BLOCK_N, HAS_TAGS),
+                    n_k, qk_scale, q_tags, kt_base, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                    m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+                    WG, False, BLOCK_M, BLOCK_N, HAS_TAGS, HAS_KG, G_PAD, HAS_MULT, s_layout, g_layout)
+            elif n_visit > 0:
+                p, m_i, l_i, acc_g, m_g = _first_tile(
+                    q, k_smem, kv_ready, turn_bar, m_i, l_i, acc_g, m_g, _key_start(vis_base, 0, BLOCK_N, HAS_TAGS),
+                    n_k, qk_scale, q_tags, kt_base, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                    m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+                    WG, True, BLOCK_M, BLOCK_N, HAS_TAGS, HAS_KG, G_PAD, HAS_MULT, s_layout, g_layout)
+            for i in range(1, n_full):
+                p, m_i, l_i, acc, acc_g, m_g = _turn(
+                    q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, i,
+                    _key_start(vis_base, i, BLOCK_N, HAS_TAGS), n_k, qk_scale, q_tags, kt_base,
+                    kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+                    WG, False, BLOCK_M, BLOCK_N, NBUF, HAS_TAGS, HAS_KG, G_PAD, HAS_MULT,
+                    s_layout, o_layout, p_layout, g_layout)
+            for i in range(gl.maximum(n_full, 1), n_visit):
+                p, m_i, l_i, acc, acc_g, m_g = _turn(
+                    q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, i,
+                    _key_start(vis_base, i, BLOCK_N, HAS_TAGS), n_k, qk_scale, q_tags, kt_base,
+                    kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+                    WG, True, BLOCK_M, BLOCK_N, NBUF, HAS_TAGS, HAS_KG, G_PAD, HAS_MULT,
+                    s_layout, o_layout, p_layout, g_layout)
+            if n_visit > 0:
+                last = (n_visit - 1) % NBUF
+                o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(last), acc,
+                                      is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+                mbarrier.arrive(kv_empty.index(last))
+        else:
+            # Tile 0 masked, whole key tiles, then the last one with the key mask (a ragged
+            # tail or not: it is one tile, and this keeps the loop body free of the mask).
+            p, m_i, l_i, acc_g, m_g = _first_tile(
+                q, k_smem, kv_ready, turn_bar, m_i, l_i, acc_g, m_g, 0, n_k, qk_scale, q_tags, kt_base,
                 kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
-                WG, False, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD, HAS_MULT, s_layout, o_layout, p_layout, g_layout)
-        if n_k_tiles > 1:
-            p, m_i, l_i, acc, acc_g, m_g = _turn(
-                q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, n_k_tiles - 1, n_k,
-                qk_scale, kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit,
-                row0, WG, True, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD, HAS_MULT, s_layout, o_layout, p_layout, g_layout)
-        last = (n_k_tiles - 1) % NBUF
-        o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(last), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
-        mbarrier.arrive(kv_empty.index(last))
+                WG, True, BLOCK_M, BLOCK_N, HAS_TAGS, HAS_KG, G_PAD, HAS_MULT, s_layout, g_layout)
+            for j in range(1, n_visit - 1):
+                p, m_i, l_i, acc, acc_g, m_g = _turn(
+                    q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, j * BLOCK_N,
+                    n_k, qk_scale, q_tags, kt_base, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                    m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+                    WG, False, BLOCK_M, BLOCK_N, NBUF, HAS_TAGS, HAS_KG, G_PAD, HAS_MULT,
+                    s_layout, o_layout, p_layout, g_layout)
+            if n_visit > 1:
+                p, m_i, l_i, acc, acc_g, m_g = _turn(
+                    q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, n_visit - 1,
+                    (n_visit - 1) * BLOCK_N, n_k, qk_scale, q_tags, kt_base, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                    m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+                    WG, True, BLOCK_M, BLOCK_N, NBUF, HAS_TAGS, HAS_KG, G_PAD, HAS_MULT,
+                    s_layout, o_layout, p_layout, g_layout)
+            last = (n_visit - 1) % NBUF
+            o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(last), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+            mbarrier.arrive(kv_empty.index(last))
 
         rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         row_ok = rows < n_q
-        inv_l = 1.0 / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        if HAS_TAGS:  # a query with no allowed key gets a zero output (and LSE -inf)
+            inv_l = gl.where(l_o > 0, 1.0 / l_o, 0.0)
+        else:
+            inv_l = 1.0 / l_o
         if HAS_HW:  # per-(batch, head, query) weight on the output, broadcast through zero strides
             inv_l = inv_l * gl.load(hw_ptr + batch * hw_sb + head * hw_sh + rows * hw_sn, mask=row_ok, other=0.0).to(gl.float32)
         out = acc * inv_l[:, None]
@@ -271,12 +404,14 @@ if AVAILABLE:
         o_base = o_ptr + batch.to(gl.int64) * o_sb + head.to(gl.int64) * o_sh
         gl.store(o_base + rows.to(gl.int64)[:, None] * o_sn + cols[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
-        if STORE_LSE:  # natural-log LSE of the scaled scores: (m + log2 l) * ln 2
+        if STORE_LSE:  # natural-log LSE of the scaled scores: (m + log2 l) * ln 2; -inf for no key
             lse_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
             lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
             gl.store(lse_ptr + (batch * n_heads + head).to(gl.int64) * n_q + lse_rows, lse, mask=lse_rows < n_q)
         if HAS_KG:  # kgo [B, H, kg_q1 - kg_q0, n_groups]: the sums at the final max, normalized
             g_scale = gl.exp2(m_g - gl.where(m_g == -float("inf"), 0.0, m_i)) / l_i
+            if HAS_TAGS:
+                g_scale = gl.where(l_i > 0, g_scale, 0.0)
             g_scale = gl.convert_layout(g_scale, gl.SliceLayout(1, g_layout))
             g_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, g_layout))
             g_cols = gl.arange(0, G_PAD, layout=gl.SliceLayout(0, g_layout))
@@ -289,16 +424,20 @@ if AVAILABLE:
     def attn_fwd_hopper(q_desc, k_desc, v_desc, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                         m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
+                        qt_ptr, qt_sb, kt_ptr, kt_sb, vis_ptr, vis_full_ptr, vis_count_ptr,
                         n_heads, n_q, n_k, qk_scale,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         NBUF: gl.constexpr, HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr,
-                        HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr,
+                        HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr, HAS_TAGS: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
         q_start = gl.program_id(0) * (2 * BLOCK_M)
         bh = gl.program_id(1)
         batch = bh // n_heads
         head = bh % n_heads
-        n_k_tiles = gl.cdiv(n_k, BLOCK_N)
+        # The query tile's visit list (tiles.VisitLists for 2 * BLOCK_M x BLOCK_N tiles), read
+        # inside the partitions (tags only), where the reads overlap the Q load.
+        list_row = batch * gl.num_programs(0) + gl.program_id(0)
+        vis_base = vis_ptr + list_row.to(gl.int64) * gl.cdiv(n_k, BLOCK_N)
         dtype: gl.constexpr = q_desc.dtype
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
@@ -321,17 +460,19 @@ if AVAILABLE:
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                          kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                          m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
-                         batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD,
-                         HAS_MULT)),  # default partition: 4 warps
+                         qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
+                         batch, head, n_heads, q_start, n_q, n_k, qk_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, HAS_TAGS)),  # default partition: 4 warps
             (_consumer, (1, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                          kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                          m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
-                         batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT)),
+                         qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
+                         batch, head, n_heads, q_start, n_q, n_k, qk_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, HAS_TAGS)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
-                       batch, head, q_start, n_k_tiles, BLOCK_M, BLOCK_N, HEAD_DIM, NBUF)),
+                       batch, head, q_start, n_k, vis_base, vis_count_ptr, list_row, BLOCK_M, BLOCK_N, HEAD_DIM,
+                       NBUF, HAS_TAGS)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -391,8 +532,14 @@ def _descriptor(t: torch.Tensor, layout: str, block_rows: int):
     return _CheckedDescriptor(t, shape, strides, list(block), _smem_layout(t.dtype, block))
 
 
+def tag_tile_shape() -> tuple:
+    """The (query, key) tile shape a tag mask is classified in for this kernel: both
+    consumer warpgroups of a program walk the same key tiles, so a query tile is theirs together."""
+    return 2 * BLOCK_M, BLOCK_N
+
+
 def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, head_weight_strides=(0, 0, 0),
-                     lse=None, key_groups=None, multiplier=None) -> None:
+                     lse=None, key_groups=None, multiplier=None, tags=None) -> None:
     """Write softmax(scale * q k^T) v into ``out`` (same layout as ``q``); ``lse`` [B, H, Nq] if given.
     With a block multiplier M the output is (P * M) v, P the unweighted probabilities.
 
@@ -402,7 +549,9 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     read in ``[k0, k1)``), and ``sums`` [B, H, q1 - q0, n_groups] fp32 receives each probed
     query row's probability mass per group (``n_groups`` up to ``launch.MAX_FUSED_KEY_GROUPS``, 32).
     ``multiplier`` (a block multiplier) is a ``kernel_args.MultiplierArgs``: the values with their
-    (batch, head, query, key) strides and the sub-block's query and key ranges.
+    (batch, head, query, key) strides and the sub-block's query and key ranges. ``tags`` (a
+    ``tiles.TagMask``): query ``i`` sees key ``j`` iff their tags share a bit; key tiles are
+    visited from the mask's ``visit_lists`` for this kernel's tile shape (:func:`tag_tile_shape`).
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
     n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
@@ -417,13 +566,20 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     has_mult = multiplier is not None
     if not has_mult:
         multiplier = MultiplierArgs.absent(out)
+    if tags is not None:
+        q_tags, k_tags = tags.batched(batch)
+        lists = tags.visit_lists(*tag_tile_shape(), batch)
+        tag_args = (q_tags, q_tags.stride(0), k_tags, k_tags.stride(0),
+                    lists.index, lists.full_count, lists.visit_count)
+    else:
+        tag_args = (out, 0, out, 0, out, out, out)  # placeholders, never read
     grid = (cdiv(n_q, 2 * BLOCK_M), batch * heads)
     _ATTN_HOPPER[grid](
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
         out, o_strides[0], o_strides[1], o_strides[2], lse if lse is not None else out, hw, *head_weight_strides,
-        *key_groups, *multiplier, heads, n_q, n_k, scale * LOG2E,
+        *key_groups, *multiplier, *tag_args, heads, n_q, n_k, scale * LOG2E,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, NBUF=NUM_BUFFERS,
         HAS_HW=head_weights is not None, STORE_LSE=lse is not None, HAS_KG=has_kg,
-        G_PAD=g_pad, HAS_MULT=has_mult,
+        G_PAD=g_pad, HAS_MULT=has_mult, HAS_TAGS=tags is not None,
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
     )

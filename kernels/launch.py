@@ -141,7 +141,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         hopper_fwd.hopper_attention(
             q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse, key_groups=key_groups,
             head_weight_strides=_head_weight_strides(head_weights) if head_weights is not None else (0, 0, 0),
-            multiplier=MultiplierArgs.of(block_multiplier) if block_multiplier is not None else None)
+            multiplier=MultiplierArgs.of(block_multiplier) if block_multiplier is not None else None, tags=tags)
         tiles = x_out = None
         tile_shape = None
     else:
@@ -274,14 +274,14 @@ def _head_weight_strides(hw: torch.Tensor) -> tuple:
 
 
 def _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options) -> bool:
-    """The Hopper kernel (hopper_fwd.py) takes calls whose extras it has: head weights, LSE,
-    a fused key-group probe, a block multiplier, and what runs after the main pass
-    (probe-pass probes, pair statistics). Tags, value probes and tile counts live in the
-    Triton kernel, and so do calls that configure its main pass or set ``hopper=False``."""
+    """The Hopper kernel (hopper_fwd.py) takes calls whose extras it has: tags, head weights,
+    LSE, a fused key-group probe, a block multiplier, and what runs after the main pass
+    (probe-pass probes, pair statistics). Value probes and tile counts live in the Triton
+    kernel, and so do calls that configure its main pass or set ``hopper=False``."""
     options = kernel_options or {}
     if not options.get("hopper", True) or MAIN_PASS_OPTIONS.intersection(options):
         return False
-    if tags is not None or count_tiles or _INTERPRET:
+    if count_tiles or _INTERPRET:
         return False
     if any(not isinstance(p, Probe) for p in probes):  # value probes accumulate A @ x in the main pass
         return False

@@ -16,6 +16,8 @@ Rules (exact, per tile pair):
 
 Full tiles are further split into the longest contiguous run (looped over as a plain
 range, so the kernel pipelines it like untagged attention) and a list of the others.
+The Hopper kernel, whose loader warp reads the list ahead of the consumers, takes one
+list per query tile instead (:class:`VisitLists`: full tiles, then partial ones).
 """
 from __future__ import annotations
 
@@ -88,6 +90,31 @@ def classify_tiles(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, blo
     return meet_or == 0, meet_and > 0
 
 
+@dataclass
+class VisitLists:
+    """Per query tile, every key tile to visit in one list: the full tiles first, then the
+    partial ones, each part in increasing order (the Hopper kernel's loader walks it; its
+    consumers mask only from position ``full_count`` on)."""
+
+    index: torch.Tensor  # [B, Mt, Nt] int32, the first visit_count entries are used
+    full_count: torch.Tensor  # [B, Mt] int32
+    visit_count: torch.Tensor  # [B, Mt] int32
+
+
+def build_visit_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int) -> VisitLists:
+    from iidkern._ext import cuda_ext
+
+    if cuda_ext is not None and q_tags.is_cuda:
+        skip, full = cuda_ext.classify_tiles(q_tags.contiguous(), k_tags.contiguous(), block_m, block_n)
+    else:
+        skip, full = classify_tiles(q_tags, k_tags, block_m, block_n)
+    # Rank 0 = full, 1 = partial, 2 = skipped; a stable sort keeps each part in tile order.
+    rank = torch.where(full, 0, torch.where(skip, 2, 1)).to(torch.int8)
+    order = torch.argsort(rank, dim=-1, stable=True).to(torch.int32)
+    return VisitLists(order.contiguous(), full.sum(-1, dtype=torch.int32).contiguous(),
+                      (~skip).sum(-1, dtype=torch.int32).contiguous())
+
+
 def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int) -> TileLists:
     from iidkern._ext import cuda_ext
 
@@ -119,7 +146,7 @@ class TagMask:
 
     q_tags: torch.Tensor  # [B, Nq] int32/int64
     k_tags: torch.Tensor  # [B, Nk] int32/int64
-    _lists: Dict[Tuple[int, int], TileLists] = field(default_factory=dict, repr=False)
+    _lists: Dict[tuple, object] = field(default_factory=dict, repr=False)
 
     def batched(self, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The tags as ``[B, N]`` (1-D tags are shared by the batch)."""
@@ -130,6 +157,14 @@ class TagMask:
         if key not in self._lists:
             q_tags, k_tags = self.batched(batch)
             self._lists[key] = build_tile_lists(q_tags, k_tags, block_m, block_n)
+        return self._lists[key]
+
+    def visit_lists(self, block_m: int, block_n: int, batch: int = 1) -> VisitLists:
+        """The one-list form of the tile classes (the Hopper kernel's), cached like tile_lists."""
+        key = ("visit", block_m, block_n, batch)
+        if key not in self._lists:
+            q_tags, k_tags = self.batched(batch)
+            self._lists[key] = build_visit_lists(q_tags, k_tags, block_m, block_n)
         return self._lists[key]
 
     def tile_counts(self, block_m: int, block_n: int, batch: int = 1) -> torch.Tensor:

@@ -33,9 +33,9 @@ def spill_instructions(cubin: bytes) -> int:
 
 
 def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, has_mult: bool = False,
-                    head_dim: int = 128) -> dict:
+                    head_dim: int = 128, tags: str = "") -> dict:
     """One specialization; ``g_pad`` > 0 adds a fused key-group probe with that many columns,
-    ``has_mult`` a block multiplier (fp32 values)."""
+    ``has_mult`` a block multiplier (fp32 values), ``tags`` a tag mask of that int type ("i32"/"i64")."""
     gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
     def desc(rows):
@@ -49,10 +49,12 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, h
                  "kg_k1": "i32", "n_groups": "i32", "kgo_ptr": "*fp32",
                  "m_ptr": "*fp32", "m_sb": "i32", "m_sh": "i32", "m_sq": "i32", "m_sk": "i32", "m_q0": "i32",
                  "m_q1": "i32", "m_k0": "i32", "m_k1": "i32",
+                 "qt_ptr": f"*{tags or 'i32'}", "qt_sb": "i32", "kt_ptr": f"*{tags or 'i32'}", "kt_sb": "i32",
+                 "vis_ptr": "*i32", "vis_full_ptr": "*i32", "vis_count_ptr": "*i32",
                  "n_heads": "i32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32"}
     constexprs = dict(BLOCK_M=hopper_fwd.BLOCK_M, BLOCK_N=hopper_fwd.BLOCK_N, HEAD_DIM=head_dim,
                       NBUF=hopper_fwd.NUM_BUFFERS, HAS_HW=has_hw, STORE_LSE=store_lse,
-                      HAS_KG=g_pad > 0, G_PAD=max(g_pad, 8), HAS_MULT=has_mult,
+                      HAS_KG=g_pad > 0, G_PAD=max(g_pad, 8), HAS_MULT=has_mult, HAS_TAGS=bool(tags),
                       CONSUMER_REGS=hopper_fwd.CONSUMER_REGS, LOADER_REGS=hopper_fwd.LOADER_REGS)
     # As a launch of Flux's multiplier specializes them: a unit key stride is a constant; the
     # pointer, strides and sub-block bounds are 16-aligned (what lets its loads be vectorized).
@@ -83,5 +85,9 @@ if __name__ == "__main__":
     results.update({f"{dt}-mult": compile_variant(dt, False, False, has_mult=True) for dt in ("bf16", "fp16")})
     results.update({f"{dt}-mult-kg8": compile_variant(dt, has_hw=True, store_lse=True, g_pad=8, has_mult=True)
                     for dt in ("bf16", "fp16")})
+    # IID's instruction masks (tags), alone, with int64 tags, and beside every other extra.
+    results.update({f"{dt}-tags": compile_variant(dt, False, False, tags="i32") for dt in ("bf16", "fp16")})
+    results["bf16-tags64"] = compile_variant("bf16", False, False, tags="i64")
+    results["bf16-tags-all"] = compile_variant("bf16", True, True, g_pad=8, has_mult=True, tags="i32")
     print(json.dumps(results))
     sys.stdout.flush()

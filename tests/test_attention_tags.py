@@ -186,3 +186,95 @@ def test_tile_lists_partition_the_visited_tiles():
             assert part | rest | run == {j for j in range(nt) if not skip[b, i, j]}
             assert all(full[b, i, j] for j in run | rest) and not any(full[b, i, j] for j in part)
     assert (lists.run_stop - lists.run_start).max() >= 2
+
+
+def test_visit_lists_hold_full_then_partial_tiles_in_order():
+    """The Hopper kernel's one list per query tile: the full tiles, then the partial ones,
+    each in increasing order, and nothing skipped; cached per tile shape like tile_lists."""
+    g = torch.Generator().manual_seed(27)
+    qt, kt = random_tags(2, 90, generator=g, density=0.6), random_tags(2, 75, generator=g, density=0.6)
+    qt[:, :40], kt[:, 10:60] = 1, 1
+    qt[1, 64:80] = 0  # a query tile with nothing to visit
+    mask = iidkern.tag_mask(qt, kt)
+    lists = mask.visit_lists(16, 16, 2)
+    assert mask.visit_lists(16, 16, 2) is lists
+    skip, full = classify_tiles(qt, kt, 16, 16)
+    mt, nt = skip.shape[1:]
+    assert lists.index.shape == (2, mt, nt) and lists.index.dtype == torch.int32
+    for b in range(2):
+        for i in range(mt):
+            n_full, n_visit = lists.full_count[b, i].item(), lists.visit_count[b, i].item()
+            want_full = [j for j in range(nt) if full[b, i, j]]
+            want_partial = [j for j in range(nt) if not full[b, i, j] and not skip[b, i, j]]
+            assert lists.index[b, i, :n_full].tolist() == want_full
+            assert lists.index[b, i, n_full:n_visit].tolist() == want_partial
+    assert lists.visit_count[1, 4] == 0 and (lists.full_count > 0).any() and (lists.visit_count > lists.full_count).any()
+
+
+def _walk_visit_lists(q, k, v, q_tags, k_tags, bm, bn):
+    """The Hopper kernel's schedule in float64 torch: per query tile, the online softmax over
+    its visit list, the first and the partial tiles masked, the full ones not, and nothing else
+    read. It checks that the lists make that schedule exact (the kernel runs on the GPU tests)."""
+    lists = iidkern.tag_mask(q_tags, k_tags).visit_lists(bm, bn, q.shape[0])
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    out = torch.zeros(b, h, nq, d, dtype=torch.float64)
+    lse = torch.full((b, h, nq), -float("inf"), dtype=torch.float64)
+    for z in range(b):
+        for i in range(lists.index.shape[1]):
+            rows = slice(i * bm, min(nq, (i + 1) * bm))
+            m = torch.full((h, rows.stop - rows.start), -float("inf"), dtype=torch.float64)
+            l = torch.zeros_like(m)
+            acc = torch.zeros(h, rows.stop - rows.start, d, dtype=torch.float64)
+            n_full, n_visit = lists.full_count[z, i].item(), lists.visit_count[z, i].item()
+            for pos in range(n_visit):
+                j = lists.index[z, i, pos].item()
+                cols = slice(j * bn, min(nk, (j + 1) * bn))
+                s = q[z, :, rows].double() @ k[z, :, cols].double().transpose(-1, -2)
+                if pos == 0 or pos >= n_full:
+                    allowed = (q_tags[z, rows, None] & k_tags[z, None, cols]) != 0
+                    s = s.masked_fill(~allowed, -float("inf"))
+                m_new = torch.maximum(m, s.amax(-1))
+                m_use = torch.where(m_new == -float("inf"), 0.0, m_new)
+                p = torch.exp(s - m_use[..., None])
+                alpha = torch.exp(m - m_use)
+                l = l * alpha + p.sum(-1)
+                acc = acc * alpha[..., None] + p @ v[z, :, cols].double()
+                m = m_new
+            out[z, :, rows] = torch.where(l[..., None] > 0, acc / l[..., None], 0.0)
+            lse[z, :, rows] = m + torch.log(l)
+    return out, lse
+
+
+@pytest.mark.parametrize("kind", ["random", "iid"])
+def test_the_visit_list_schedule_is_exact(kind):
+    g = torch.Generator().manual_seed(28)
+    b, h, n_txt, n_img = 2, 2, 20, 70
+    n = n_txt + n_img
+    q, k, v = make_qkv(b, h, n, n, 8, dtype=torch.float64, generator=g)
+    q = q * 3  # peaked rows, so a wrongly unmasked key would show
+    if kind == "random":
+        qt, kt = random_tags(b, n, generator=g, density=0.5), random_tags(b, n, generator=g, density=0.5)
+    else:
+        regions = torch.rand(b, 2, n_img, generator=g) < 0.5
+        qt, kt = iidkern.instruction_tags(n, image=(n_txt, n), instructions=[(0, 8), (8, 16)], region_masks=regions)
+    out, lse = _walk_visit_lists(q, k, v, qt, kt, 16, 16)
+    ref = attention_reference(q, k, v, tags=(qt, kt), scale=1.0, compute_dtype=torch.float64)
+    assert torch.isinf(ref.lse).any()
+    torch.testing.assert_close(out, ref.out.double(), rtol=1e-9, atol=1e-9)
+    assert_lse_equal(lse, ref.lse, tol=1e-6)  # the reference returns LSE as float32
+
+
+def test_strided_tag_views_are_read_right():
+    """Tags handed as strided views (a transposed [N, B] tensor, a strided slice) mean what
+    their values say: the kernels read a row of tags with a unit stride, so tag_mask copies them."""
+    g = torch.Generator().manual_seed(29)
+    b, h, n = 2, 2, 37
+    q, k, v = make_qkv(b, h, n, n, 16, generator=g)
+    qt = random_tags(n, b, generator=g).T  # [B, N] with token stride B
+    kt = random_tags(1, 2 * n, generator=g)[0, ::2]  # [N] with stride 2
+    assert qt.stride(-1) != 1 and kt.stride(-1) != 1
+    res = iidkern.attention(q, k, v, tags=(qt, kt), return_lse=True, backend="triton", kernel_options=TILES)
+    ref = attention_reference(q, k, v, tags=(qt.contiguous(), kt.contiguous()))
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
+    assert_lse_equal(res.lse, ref.lse, tol=1e-4)

@@ -131,10 +131,21 @@ def test_targets_verdicts(tmp_path, synthetic):
     assert "2 probes <= 1.10x plain" in summary and f"{len(synthetic['cases'])} cases timed" in summary
 
 
-def test_triton_kernel_features_are_compared_with_that_kernels_plain(tmp_path, synthetic):
-    """With the Hopper kernel serving plain calls, tags (Triton kernel) are measured against
-    the Triton kernel's own plain time; probes, head weights and the multiplier, which the
-    Hopper kernel serves, against the Hopper plain."""
+def test_every_timed_feature_is_compared_with_the_hopper_plain(tmp_path, synthetic):
+    """Since tags run on the Hopper kernel too, every timed feature's plain is iidkern's."""
+    cases = synthetic["cases"] + [_case("flux_1024", "bf16", "plain", "iidkern_triton", synthetic["plain"] * 1.25)]
+    res = render.load_results(_write(tmp_path, _bench_json(cases)))
+    for feature in ("tags_0", "tags_50", "probe", "block_mult", "head_weights"):
+        assert render.same_kernel_plain(res, "flux_1024", "bf16", feature)["impl"] == "iidkern"
+    tags = {t.target: t for t in render.targets(res)}["3 tags 50: >= 0.8 of ideal saving"]
+    assert "0.550x plain" in tags.value and "Triton" not in tags.value
+
+
+def test_triton_kernel_features_are_compared_with_that_kernels_plain(tmp_path, synthetic, monkeypatch):
+    """A feature the Hopper kernel does not serve (tags were one until 2026-11-27) is
+    measured against the Triton kernel's own plain time; probes, head weights and the
+    multiplier, which the Hopper kernel serves, against the Hopper plain."""
+    monkeypatch.setattr(render, "TRITON_KERNEL_FEATURES", tuple(f for f in render.FEATURE_ORDER if f.startswith("tags")))
     triton_plain = synthetic["plain"] * 1.25
     cases = synthetic["cases"] + [_case("flux_1024", "bf16", "plain", "iidkern_triton", triton_plain)]
     res = render.load_results(_write(tmp_path, _bench_json(cases)))

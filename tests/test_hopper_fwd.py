@@ -18,7 +18,8 @@ from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.kernels import hopper_fwd, launch, replay
 from iidkern.kernels.kernel_args import MultiplierArgs
 from iidkern.reference import attention_reference
-from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups, rel_err
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups, random_tags, \
+    rel_err
 
 needs_gluon = pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
 
@@ -153,11 +154,19 @@ def test_block_multiplier_calls_are_routed_to_the_hopper_kernel(hopper_pretend, 
     assert tuple(seen["multiplier"][1:]) == (32, 0, 4, 1, 3, 11, 5, 9)
 
 
-@pytest.mark.parametrize("extra", ["tags", "value_probe", "count_tiles", "hopper=False", "BLOCK_M", "num_warps",
+def test_tag_calls_are_routed_to_the_hopper_kernel(hopper_pretend):
+    q = torch.randn(1, 2, 64, 128)
+    tags = iidkern.tag_mask(torch.ones(64, dtype=torch.int32), torch.ones(64, dtype=torch.int32))
+    assert _serves(q, tags=tags)
+    assert _serves(q, tags=tags, probes=(_map_probe(),))
+    assert not _serves(q, tags=tags, count_tiles=True)  # tile counts are the Triton kernel's
+
+
+@pytest.mark.parametrize("extra", ["value_probe", "count_tiles", "hopper=False", "BLOCK_M", "num_warps",
                                    "maxnreg", "warp_specialize", "kg_split", "mult_split", "kg_half_dot"])
 def test_tile_level_extras_and_triton_options_keep_the_triton_kernel(hopper_pretend, extra):
     q = torch.randn(1, 2, 64, 128)
-    kw = {"tags": dict(tags=object()), "value_probe": dict(probes=(_map_probe(), _value_probe())),
+    kw = {"value_probe": dict(probes=(_map_probe(), _value_probe())),
           "count_tiles": dict(count_tiles=True),
           "hopper=False": dict(kernel_options={"hopper": False})}.get(extra, dict(kernel_options={extra: 64}))
     assert not _serves(q, **kw)
@@ -181,10 +190,13 @@ def test_launch_arguments_line_up_with_the_kernel_parameters(monkeypatch, extras
     kw = {}
     if extras:
         values = torch.rand(b, 150, 40)
+        q_tags = torch.randint(0, 4, (b, n), dtype=torch.int32)
+        k_tags = torch.randint(0, 4, (n,))
+        tags = iidkern.tag_mask(q_tags, k_tags)
         kw = dict(head_weights=torch.rand(h), head_weight_strides=(0, 1, 0), lse=torch.empty(b, h, n),
                   key_groups=launch._key_group_args(Probe(TG.each(40, n), TG.segments([(0, 9), (9, 40)], n)),
                                                     b, h, n, q.device, torch.empty),
-                  multiplier=MultiplierArgs.of(BlockMultiplier(values, query_start=50, key_start=0)))
+                  multiplier=MultiplierArgs.of(BlockMultiplier(values, query_start=50, key_start=0)), tags=tags)
     hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, **kw)
     params = hopper_fwd.attn_fwd_hopper.params
     runtime = [p.name for p in params if not p.is_constexpr]
@@ -192,8 +204,16 @@ def test_launch_arguments_line_up_with_the_kernel_parameters(monkeypatch, extras
     assert set(seen["kwargs"]) == {p.name for p in params if p.is_constexpr} | {"num_warps"}
     arg = dict(zip(runtime, seen["args"]))
     assert (arg["n_heads"], arg["n_q"], arg["n_k"]) == (h, n, n)
-    assert [seen["kwargs"][f] for f in ("HAS_HW", "STORE_LSE", "HAS_KG", "HAS_MULT")] == [extras] * 4
+    assert [seen["kwargs"][f] for f in ("HAS_HW", "STORE_LSE", "HAS_KG", "HAS_MULT", "HAS_TAGS")] == [extras] * 5
     if extras:
+        # Tags as [B, N] rows (the shared [N] key tags with a zero batch stride) and the
+        # visit lists of the kernel's tile shape: a query tile is both warpgroups' rows.
+        lists = tags.visit_lists(2 * hopper_fwd.BLOCK_M, hopper_fwd.BLOCK_N, b)
+        assert arg["qt_ptr"] is q_tags and arg["qt_sb"] == n and arg["kt_sb"] == 0
+        assert arg["kt_ptr"].data_ptr() == k_tags.data_ptr()
+        assert arg["vis_ptr"] is lists.index and arg["vis_full_ptr"] is lists.full_count
+        assert arg["vis_count_ptr"] is lists.visit_count
+        assert lists.index.shape == (b, -(-n // (2 * hopper_fwd.BLOCK_M)), -(-n // hopper_fwd.BLOCK_N))
         assert arg["m_ptr"] is values and (arg["m_q0"], arg["m_q1"], arg["m_k0"], arg["m_k1"]) == (50, 200, 0, 40)
         assert (arg["kg_q0"], arg["kg_q1"], arg["kg_k0"], arg["kg_k1"], arg["n_groups"]) == (40, n, 0, 40, 2)
     else:  # empty ranges: the kernel's span tests reject every tile
@@ -217,11 +237,14 @@ def test_routed_calls_get_head_weights_with_broadcast_strides(monkeypatch, hw_sh
 
 
 def _hopper_contract(q, k, v, out, *, layout, scale, head_weights, head_weight_strides, lse, key_groups,
-                     multiplier):
+                     multiplier, tags=None):
     """What hopper_attention promises, in float64 torch: out, LSE and the key-group sums."""
     qh, kh, vh = (t if layout == "bhnd" else t.transpose(1, 2) for t in (q, k, v))
     scores = scale * qh.double() @ kh.double().transpose(-1, -2)
-    probs = scores.softmax(-1)
+    if tags is not None:  # a query with no allowed key: zero probabilities, LSE -inf
+        q_tags, k_tags = tags.batched(q.shape[0])
+        scores = scores.masked_fill(((q_tags[:, :, None] & k_tags[:, None, :]) == 0)[:, None], -float("inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)
     weighted = probs.clone()
     if multiplier is not None:  # read through the strides and ranges it was handed
         values, sb, sh, sq, sk, q0, q1, k0, k1 = multiplier
@@ -269,6 +292,29 @@ def test_probes_around_the_hopper_kernel_use_its_lse_and_key_group_sums(monkeypa
     for got, want in zip(res.probes, ref.probes):
         assert got.shape == want.shape
         assert_close_rel(got, want, PROBE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_tags_are_handed_to_the_hopper_kernel(monkeypatch, layout):
+    """Tags routed to the Hopper kernel arrive as the validated mask, and the probe-pass
+    probes after it are masked too (they read its LSE). The kernel is replaced by its
+    float64 contract; the GPU tests check the kernel itself."""
+    monkeypatch.setattr(launch, "_hopper_serves", lambda *args: True)
+    monkeypatch.setattr(hopper_fwd, "hopper_attention", _hopper_contract)
+    g = torch.Generator().manual_seed(17)
+    b, h, n = 2, 3, 45
+    q, k, v = make_qkv(b, h, n, n, 128, layout=layout, generator=g)
+    tags = (random_tags(b, n, generator=g), random_tags(1, n, generator=g, dtype=torch.int32)[0])
+    probes = [Probe(TG.each(0, n), TG.each(5, 30), heads="mean"),
+              Probe(TG.each(3, n), TG.segments([(0, 4), (10, 20)], n), heads="keep", normalize="keys")]
+    res = iidkern.attention(q, k, v, layout=layout, tags=tags, probes=probes, return_lse=True, backend="triton",
+                            kernel_options={"poison": True})
+    ref = attention_reference(q, k, v, layout=layout, tags=tags, probes=probes, compute_dtype=torch.float64)
+    assert torch.isinf(ref.lse).any()  # some queries have no allowed key
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
+    assert_lse_equal(res.lse, ref.lse)
+    for got, want in zip(res.probes, ref.probes):
+        assert_close_rel(got, want, PROBE_TOL[torch.float32], "probe")
 
 
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
@@ -576,3 +622,78 @@ def test_block_multiplier_beside_key_groups_head_weights_and_a_map(hopper_calls,
     assert_close_rel(res.out, ref.out, OUT_TOL[torch.bfloat16])
     for got, want in zip(res.probes, ref.probes):
         assert_close_rel(got, want, PROBE_TOL[torch.bfloat16], what="probe")
+
+
+# --------------------------------------------------------------------------- tags (H100)
+def _gpu_tags(kind, b, nq, nk, seed):
+    """(q_tags, k_tags) on the GPU: ``random`` bit sets (int64 [B, N], some tokens with no
+    bit), ``shared`` int32 [N] tags, or ``blocks``: 300-token segments that see only
+    themselves (whole key tiles skipped) with the 2nd query tile and every 7th query of
+    the last batch row left without any allowed key."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return random_tags(b, nq, generator=g).cuda(), random_tags(b, nk, generator=g).cuda()
+    if kind == "shared":
+        return (random_tags(1, nq, generator=g, dtype=torch.int32)[0].cuda(),
+                random_tags(1, nk, generator=g, dtype=torch.int32)[0].cuda())
+    qt = (1 << (torch.arange(nq) // 300)).expand(b, nq).contiguous()
+    kt = (1 << (torch.arange(nk) // 300)).expand(b, nk).contiguous()
+    qt[:, 128:256] = 0
+    qt[-1, ::7] = 0
+    return qt.cuda(), kt.cuda()
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("kind", ["random", "shared", "blocks"])
+@pytest.mark.parametrize("b, h, nq, nk", [(2, 3, 1111, 777), (1, 2, 700, 1500), (3, 1, 50, 1000), (1, 2, 300, 1)])
+def test_tags_run_on_the_hopper_kernel(hopper_calls, dtype, layout, kind, b, h, nq, nk):
+    """IID's masked attention on the Hopper kernel: full tiles unmasked, partial tiles tag
+    masked, skipped tiles never loaded; queries with no allowed key give 0 and LSE -inf."""
+    q, k, v = _qkv(b, h, nq, nk, dtype, layout, seed=nq + 3 * nk)
+    tags = _gpu_tags(kind, b, nq, nk, seed=nq)
+    res = iidkern.attention(q, k, v, layout=layout, tags=tags, return_lse=True, kernel_options={"poison": True})
+    assert hopper_calls == [layout]
+    ref = attention_reference(q, k, v, layout=layout, tags=tags, compute_dtype=torch.float64)
+    assert torch.isfinite(res.out).all()
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_lse_equal(res.lse, ref.lse, tol=1e-3)
+    dead = ref.out.abs().amax(-1) == 0  # queries with no allowed key
+    assert (res.out[dead] == 0).all()
+    if kind == "blocks":
+        assert dead.any()
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_tags_beside_every_hopper_extra(hopper_calls, probe_pass_calls, layout):
+    """IID tags (with padding tokens that see nothing) with the key-group probe, the text x
+    image map (probe pass, masked too), a block multiplier, head weights, LSE and pair stats."""
+    b, h, n_txt, n_img = 2, 3, 154, 1000
+    n = n_txt + n_img
+    q, k, v = _qkv(b, h, n, n, torch.bfloat16, layout, seed=77)
+    g = torch.Generator().manual_seed(78)
+    instructions = [(0, 40), (40, 90), (90, 140)]  # 140..154: text padding, no tag bit
+    regions = torch.rand(b, 3, n_img, generator=g) < 0.4
+    tags = iidkern.tag_mask(*iidkern.instruction_tags(n, image=(n_txt, n), instructions=instructions,
+                                                      region_masks=regions, device="cuda"))
+    iid = Probe(TG.each(n_txt, n), TG.segments(instructions, n, device="cuda"), heads="keep", normalize="keys")
+    text_image = Probe(TG.each(0, n_txt), TG.each(n_txt, n), heads="mean")
+    mult = BlockMultiplier(0.5 + torch.rand(b, h, 300, 100, generator=g).cuda(), query_start=n_txt + 10, key_start=20)
+    hw = torch.rand(b, h, generator=g).cuda() + 0.5
+    kw = dict(tags=tags, probes=[iid, text_image], block_multiplier=mult, head_weights=hw)
+    res = iidkern.attention(q, k, v, layout=layout, pair_stats=[(0, 1)], return_lse=True,
+                            kernel_options={"poison": True}, **kw)
+    assert hopper_calls == [layout] and len(probe_pass_calls) == 1
+    kw["tags"] = (tags.q_tags, tags.k_tags)  # the reference takes the tag pair
+    ref = attention_reference(q, k, v, layout=layout, pair_stats=torch.tensor([[0, 1]]),
+                              compute_dtype=torch.float64, **kw)
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.bfloat16])
+    assert_lse_equal(res.lse, ref.lse, tol=1e-3)
+    assert torch.isinf(res.lse[:, :, 140:154]).all()  # the padding sees nothing
+    for got, want in zip(res.probes, ref.probes):
+        assert_close_rel(got, want, PROBE_TOL[torch.bfloat16], what="probe")
+    torch.testing.assert_close(res.pair_stats.dot.double(), ref.pair_stats.dot.double(), rtol=2e-2, atol=1e-2)

@@ -1,0 +1,429 @@
+"""Attention forward for Hopper (sm_90) in Gluon: the fast path of calls without tags or value probes.
+
+Why a second kernel: Triton's compiler serializes each ``tl.dot`` with a ``wgmma.wait 0``, so
+on an H100 the tensor cores idle while softmax runs, and the Triton kernel stays 1.15-1.3x
+behind cuDNN at head_dim 128 (bench/NOTES.md 26, 30). Gluon (``triton.experimental.gluon``)
+exposes what FlashAttention-3 is built from, and this kernel follows FA3's schedule:
+
+* one **loader warp** streams K/V tiles by TMA into an ``NBUF``-slot ring (mbarriers
+  ``kv_ready``/``kv_empty``);
+* two **consumer warpgroups**, each owning ``BLOCK_M`` = 64 query rows, take turns on the
+  tensor cores (**ping-pong**: mbarrier ``turn`` pair): while one runs its softmax, the other's
+  GEMMs run;
+* within a turn a consumer issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` back to back as
+  async wgmmas (**intra-warpgroup overlap**) and computes softmax_j while ``PV_{j-1}`` is in
+  flight; P stays in registers as the A operand.
+
+Program-id mapping: axis 0 = a pair of query tiles (2 x BLOCK_M rows), axis 1 = (batch, head),
+so programs that run together share one head's K/V in L2.
+
+Scope: fp16/bf16, head_dim 128, any Nq/Nk (ragged last tiles: TMA zero-fills rows past the
+end, the last key tile is masked, stores are masked), both layouts and any 16-byte aligned
+strides (4-D TMA descriptors over the [B, H, N, D] view), optional head weights and LSE, and
+optionally a fused key-group probe (IID's image x instruction map: per query row, the
+probability mass on each of up to 32 key groups; see ``_key_group_update``) and a block
+multiplier (HeadRouter's post-softmax weights on one sub-block; see ``_multiplier_tile``).
+Gluon does not run under TRITON_INTERPRET: CPU CI compiles this kernel for sm_90
+(tests/test_hopper_fwd.py); correctness is tested on the GPU against the reference.
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+import triton
+
+from .fast_launch import Launcher
+from .kernel_args import KeyGroupArgs, MultiplierArgs
+from .tiles import cdiv, pow2_at_least
+
+# Gluon is experimental and its API moves between releases: the kernel is written for 3.6
+# (run on the H100) and compiled by CPU CI on its newer Triton; older ones keep the Triton kernel.
+MIN_TRITON = (3, 6)
+
+
+def triton_supports_gluon_kernel(version: str) -> bool:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return bool(match) and (int(match.group(1)), int(match.group(2))) >= MIN_TRITON
+
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load.
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    AVAILABLE = hasattr(gl, "warp_specialize") and triton_supports_gluon_kernel(triton.__version__)
+except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
+    AVAILABLE = False
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (128,)
+BLOCK_M = 64  # query rows per consumer warpgroup (one wgmma M)
+BLOCK_N = 128  # keys per tile
+NUM_BUFFERS = 3  # K/V ring slots: 2 x 32 KB each at D=128, 224 KB shared memory in all
+CONSUMER_REGS = 240  # registers per thread in the consumer warpgroups (setmaxnreg)
+LOADER_REGS = 24
+
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
+                batch, head, q_start, n_k_tiles,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr):
+        """One warp: both query tiles once, then K/V tiles into the ring as slots free up."""
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        _tma_load(q_desc, [batch, head, q_start, 0], q_bar, q_smem.index(0).reshape([1, 1, BLOCK_M, HEAD_DIM]))
+        _tma_load(q_desc, [batch, head, q_start + BLOCK_M, 0], q_bar,
+                  q_smem.index(1).reshape([1, 1, BLOCK_M, HEAD_DIM]))
+        for j in range(n_k_tiles):
+            slot = j % NBUF
+            # A fresh barrier counts as having completed the phase before phase 0, so the
+            # first pass over the ring does not wait.
+            mbarrier.wait(kv_empty.index(slot), ((j // NBUF) & 1) ^ 1)
+            mbarrier.expect(kv_ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            _tma_load(k_desc, [batch, head, j * BLOCK_N, 0], kv_ready.index(slot),
+                      k_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
+            _tma_load(v_desc, [batch, head, j * BLOCK_N, 0], kv_ready.index(slot),
+                      v_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
+
+    @gluon.jit
+    def _masked_keys(s, key_start, n_k, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Scores of keys past the end (zero-filled by TMA) become -inf."""
+        cols = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        return gl.where((cols < n_k)[None, :], s, -float("inf"))
+
+    @gluon.jit
+    def _tile_in_span(rows_hit, key_start, k0, k1, BLOCK_N: gl.constexpr):
+        """Whether a key tile meets the key range [k0, k1) of an extra whose query rows this
+        warpgroup holds (``rows_hit``): tiles outside it skip the extra's work."""
+        return rows_hit & (key_start < k1) & (key_start + BLOCK_N > k0)
+
+    @gluon.jit
+    def _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, key_start,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """The block multiplier M on this key tile (1 outside the sub-block), fp32 in the score
+        layout: P times it is what P @ V gets; the normalizer and the probes take P unweighted.
+
+        M is read straight into the accumulator layout (a thread's two adjacent columns per
+        8-column step: whole 32-byte sectors per warp, vector loads when the launch finds the
+        pointer, strides and sub-block bounds 16-aligned); staging it through shared memory
+        for a coalesced load would need 32 KB that the K/V ring leaves no room for.
+        """
+        rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        cols = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        inside = ((rows >= m_q0) & (rows < m_q1))[:, None] & ((cols >= m_k0) & (cols < m_k1))[None, :]
+        m = gl.load(m_base + (rows - m_q0)[:, None] * m_sq + (cols - m_k0)[None, :] * m_sk, mask=inside, other=1.0)
+        return m.to(gl.float32)
+
+    @gluon.jit
+    def _key_group_update(acc_g, m_g, p, m_new, key_start, kg_base, kg_k0, kg_k1,
+                          BLOCK_N: gl.constexpr, G_PAD: gl.constexpr, g_layout: gl.constexpr):
+        """Fold this key tile's probabilities into the per-row sums of each key group.
+
+        The sums are ``P @ onehot(group id)``: a [BLOCK_N, G_PAD] one-hot built in registers
+        and an mma.sync (``mma_v2``, both operands in registers): a wgmma would want the one-hot
+        in shared memory, and the K/V ring leaves none. P enters as fp16 (one rounding of
+        2^-11 per term; P @ V rounds it to the input dtype too): the sums' relative error is
+        ~3e-5, where the Triton kernel's hi + lo split costs twice the products and registers
+        this kernel does not have. ``acc_g`` stays relative to ``m_g``, the running max at its
+        last update, so key tiles outside the groups' span never rescale it (the epilogue
+        brings it to the final max); ``m_g = -inf`` (nothing added yet) scales the zeros by 0.
+        """
+        nw: gl.constexpr = gl.num_warps()
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=g_layout, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=g_layout, k_width=2)
+        # One coalesced load of the tile's ids (a thread per key), then spread to the operand
+        # layout, where every thread holds 32 keys (32 scalar loads a thread if loaded there).
+        id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [nw], [0])
+        keys = key_start + gl.arange(0, BLOCK_N, layout=id_layout)
+        ids = gl.load(kg_base + keys, mask=(keys >= kg_k0) & (keys < kg_k1), other=-1)
+        ids = gl.convert_layout(ids, gl.SliceLayout(1, b_layout))
+        groups = gl.arange(0, G_PAD, layout=gl.SliceLayout(0, b_layout))
+        one_hot = (ids[:, None] == groups[None, :]).to(gl.float16)
+        g_sum = gl.zeros([p.shape[0], G_PAD], gl.float32, layout=g_layout)
+        g_sum = mma_v2(gl.convert_layout(p.to(gl.float16), a_layout), one_hot, g_sum)
+        rescale = gl.exp2(m_g - m_new)
+        acc_g = acc_g * gl.convert_layout(rescale, gl.SliceLayout(1, g_layout))[:, None] + g_sum
+        return acc_g, m_new
+
+    @gluon.jit
+    def _turn(q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_k, qk_scale,
+              kg_base, kg_rows_hit, kg_k0, kg_k1,
+              m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+              WG: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr,
+              HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, g_layout: gl.constexpr):
+        """Key tile j (j >= 1): issue S_j and PV_{j-1}, hand the tensor cores over, softmax_j."""
+        slot = j % NBUF
+        prev = (j - 1) % NBUF
+        mbarrier.wait(kv_ready.index(slot), (j // NBUF) & 1)
+        mbarrier.wait(turn_bar.index(WG), (j & 1) ^ WG ^ 1)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        s_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(prev), acc, is_async=True)
+        mbarrier.arrive(turn_bar.index(1 - WG))
+        s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+        if MASK:
+            s = _masked_keys(s, j * BLOCK_N, n_k, BLOCK_N, s_layout)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        if HAS_KG:  # while PV_{j-1} is in flight; only tiles in the groups' key span
+            if _tile_in_span(kg_rows_hit, j * BLOCK_N, kg_k0, kg_k1, BLOCK_N):
+                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_new, j * BLOCK_N, kg_base, kg_k0, kg_k1,
+                                               BLOCK_N, G_PAD, g_layout)
+        if HAS_MULT:
+            # M's tile loads while PV_{j-1} finishes, and weights P after its sums (l, probes):
+            # multiplying before the wait cost more spills and was no faster (NOTES.md 33).
+            # M lives only on the multiplied tiles, so each branch has its own wait.
+            if _tile_in_span(m_rows_hit, j * BLOCK_N, m_k0, m_k1, BLOCK_N):
+                m = _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, j * BLOCK_N,
+                                     BLOCK_M, BLOCK_N, s_layout)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+                p = p * m
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+        mbarrier.arrive(kv_empty.index(prev))  # K_{j-1} and V_{j-1} are consumed
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        return p, m_new, l_i, acc, acc_g, m_g
+
+    @gluon.jit
+    def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
+                  o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                  kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                  m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
+                  batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
+                  HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr, HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
+                  HAS_MULT: gl.constexpr):
+        """One warpgroup: BLOCK_M query rows against every key tile, online softmax in exp2."""
+        nw: gl.constexpr = gl.num_warps()
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        # Key-group sums (a fused probe): mma.sync accumulators, one warp per 16 rows like S.
+        g_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[nw, 1],
+                                                           instr_shape=[16, 8])
+        q = q_smem.index(WG)
+        row0 = q_start + WG * BLOCK_M
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        acc_g = gl.zeros([BLOCK_M, G_PAD], gl.float32, layout=g_layout)
+        m_g = gl.full([BLOCK_M], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        kg_base = kg_ptr + batch.to(gl.int64) * kg_sb
+        kg_rows_hit = (row0 < kg_q1) & (row0 + BLOCK_M > kg_q0)
+        m_base = m_ptr + batch.to(gl.int64) * m_sb + head.to(gl.int64) * m_sh
+        m_rows_hit = (row0 < m_q1) & (row0 + BLOCK_M > m_q0)
+        mbarrier.wait(q_bar, 0)
+
+        # Key tile 0: S_0 alone (there is no P yet); warpgroup 1 starts one turn behind.
+        mbarrier.wait(kv_ready.index(0), 0)
+        mbarrier.wait(turn_bar.index(WG), 0, pred=WG == 1)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(turn_bar.index(1 - WG))
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        s = _masked_keys(s, 0, n_k, BLOCK_N, s_layout)
+        m_i = gl.max(s, 1) * qk_scale
+        p = gl.exp2(s * qk_scale - m_i[:, None])
+        l_i = gl.sum(p, 1)
+        if HAS_KG:
+            if _tile_in_span(kg_rows_hit, 0, kg_k0, kg_k1, BLOCK_N):
+                acc_g, m_g = _key_group_update(acc_g, m_g, p, m_i, 0, kg_base, kg_k0, kg_k1, BLOCK_N, G_PAD, g_layout)
+        if HAS_MULT:
+            if _tile_in_span(m_rows_hit, 0, m_k0, m_k1, BLOCK_N):
+                p = p * _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, 0, BLOCK_M, BLOCK_N,
+                                         s_layout)
+
+        # Whole key tiles, then the last one with the key mask (a ragged tail or not: it is
+        # one tile, and this keeps the loop body free of the mask).
+        for j in range(1, n_k_tiles - 1):
+            p, m_i, l_i, acc, acc_g, m_g = _turn(
+                q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, n_k, qk_scale,
+                kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
+                WG, False, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD, HAS_MULT, s_layout, o_layout, p_layout, g_layout)
+        if n_k_tiles > 1:
+            p, m_i, l_i, acc, acc_g, m_g = _turn(
+                q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, n_k_tiles - 1, n_k,
+                qk_scale, kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit,
+                row0, WG, True, BLOCK_M, BLOCK_N, NBUF, HAS_KG, G_PAD, HAS_MULT, s_layout, o_layout, p_layout, g_layout)
+        last = (n_k_tiles - 1) % NBUF
+        o_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout), v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+        mbarrier.arrive(kv_empty.index(last))
+
+        rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        row_ok = rows < n_q
+        inv_l = 1.0 / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        if HAS_HW:  # per-(batch, head, query) weight on the output, broadcast through zero strides
+            inv_l = inv_l * gl.load(hw_ptr + batch * hw_sb + head * hw_sh + rows * hw_sn, mask=row_ok, other=0.0).to(gl.float32)
+        out = acc * inv_l[:, None]
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_base = o_ptr + batch.to(gl.int64) * o_sb + head.to(gl.int64) * o_sh
+        gl.store(o_base + rows.to(gl.int64)[:, None] * o_sn + cols[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        if STORE_LSE:  # natural-log LSE of the scaled scores: (m + log2 l) * ln 2
+            lse_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
+            gl.store(lse_ptr + (batch * n_heads + head).to(gl.int64) * n_q + lse_rows, lse, mask=lse_rows < n_q)
+        if HAS_KG:  # kgo [B, H, kg_q1 - kg_q0, n_groups]: the sums at the final max, normalized
+            g_scale = gl.exp2(m_g - gl.where(m_g == -float("inf"), 0.0, m_i)) / l_i
+            g_scale = gl.convert_layout(g_scale, gl.SliceLayout(1, g_layout))
+            g_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, g_layout))
+            g_cols = gl.arange(0, G_PAD, layout=gl.SliceLayout(0, g_layout))
+            g_row = (batch * n_heads + head).to(gl.int64) * (kg_q1 - kg_q0) + (g_rows - kg_q0)
+            g_ok = (g_rows >= kg_q0) & (g_rows < kg_q1)
+            gl.store(kgo_ptr + g_row[:, None] * n_groups + g_cols[None, :], acc_g * g_scale[:, None],
+                     mask=g_ok[:, None] & (g_cols < n_groups)[None, :])
+
+    @gluon.jit
+    def attn_fwd_hopper(q_desc, k_desc, v_desc, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                        kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                        m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
+                        n_heads, n_q, n_k, qk_scale,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        NBUF: gl.constexpr, HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr,
+                        HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+        q_start = gl.program_id(0) * (2 * BLOCK_M)
+        bh = gl.program_id(1)
+        batch = bh // n_heads
+        head = bh % n_heads
+        n_k_tiles = gl.cdiv(n_k, BLOCK_N)
+        dtype: gl.constexpr = q_desc.dtype
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, HEAD_DIM], kv_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        turn_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(NBUF):
+            mbarrier.init(kv_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups release a slot
+        for i in gl.static_range(2):
+            mbarrier.init(turn_bar.index(i), count=1)
+        # The two consumers differ only in WG (which query tile, which turn barrier to wait on).
+        gl.warp_specialize([
+            (_consumer, (0, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
+                         o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                         m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
+                         batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD,
+                         HAS_MULT)),  # default partition: 4 warps
+            (_consumer, (1, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
+                         o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                         m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
+                         batch, head, n_heads, q_start, n_q, n_k, n_k_tiles, qk_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
+                       batch, head, q_start, n_k_tiles, BLOCK_M, BLOCK_N, HEAD_DIM, NBUF)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+if AVAILABLE:
+    # Cached compiled kernels: Triton's own launch path costs ~45 us of host time per call.
+    _ATTN_HOPPER = Launcher(attn_fwd_hopper)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(dtype: torch.dtype, block: tuple):
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.float16 if dtype == torch.float16 else gl.bfloat16)
+
+
+def _bhnd_shape_strides(t: torch.Tensor, layout: str):
+    """[B, H, N, D] sizes and strides of ``t`` read in ``layout`` (no view is made: host time)."""
+    if layout == "bhnd":
+        return list(t.shape), list(t.stride())
+    (b, n, h, d), (sb, sn, sh, sd) = t.shape, t.stride()
+    return [b, h, n, d], [sb, sh, sn, sd]
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and 16-byte multiples as strides (dims of size 1 aside)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and \
+        all((s * size) % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> bool:
+    """Whether this kernel can serve a call on these tensors (the caller checks the extras)."""
+    if not (AVAILABLE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if q.shape[-1] not in HEAD_DIMS or not _is_sm90(q.device.index if q.device.index is not None else 0):
+        return False
+    return _tma_ready(q) and _tma_ready(k) and _tma_ready(v)
+
+
+if AVAILABLE:
+    class _CheckedDescriptor(TensorDescriptor):
+        """A TensorDescriptor without its per-call asserts (~5 us each on the host): usable()
+        has checked the alignment, and the sizes come from validated tensors."""
+
+        def __post_init__(self):
+            pass
+
+
+def _descriptor(t: torch.Tensor, layout: str, block_rows: int):
+    shape, strides = _bhnd_shape_strides(t, layout)
+    # A dim of size 1 is never stepped; give it a legal stride whatever the tensor says.
+    strides = [st if n > 1 else shape[-1] for st, n in zip(strides, shape)]
+    block = (1, 1, block_rows, shape[-1])
+    return _CheckedDescriptor(t, shape, strides, list(block), _smem_layout(t.dtype, block))
+
+
+def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, head_weight_strides=(0, 0, 0),
+                     lse=None, key_groups=None, multiplier=None) -> None:
+    """Write softmax(scale * q k^T) v into ``out`` (same layout as ``q``); ``lse`` [B, H, Nq] if given.
+    With a block multiplier M the output is (P * M) v, P the unweighted probabilities.
+
+    Inputs as validated by ``iidkern.attention`` and accepted by :func:`usable`; the head
+    weights come with their (batch, head, query) broadcast strides. ``key_groups`` (a fused
+    key-group probe) is a ``kernel_args.KeyGroupArgs``: int32 group ids per key (``-1`` = none,
+    read in ``[k0, k1)``), and ``sums`` [B, H, q1 - q0, n_groups] fp32 receives each probed
+    query row's probability mass per group (``n_groups`` up to ``launch.MAX_FUSED_KEY_GROUPS``, 32).
+    ``multiplier`` (a block multiplier) is a ``kernel_args.MultiplierArgs``: the values with their
+    (batch, head, query, key) strides and the sub-block's query and key ranges.
+    """
+    (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
+    n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
+    o_strides = _bhnd_shape_strides(out, layout)[1]
+    hw = head_weights if head_weights is not None else out  # a placeholder pointer when absent
+    has_kg = key_groups is not None
+    if not has_kg:
+        key_groups = KeyGroupArgs.absent(out, out)
+        g_pad = 8
+    else:
+        g_pad = max(8, pow2_at_least(key_groups.n_groups))  # an mma.sync N is 8 or more
+    has_mult = multiplier is not None
+    if not has_mult:
+        multiplier = MultiplierArgs.absent(out)
+    grid = (cdiv(n_q, 2 * BLOCK_M), batch * heads)
+    _ATTN_HOPPER[grid](
+        _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
+        out, o_strides[0], o_strides[1], o_strides[2], lse if lse is not None else out, hw, *head_weight_strides,
+        *key_groups, *multiplier, heads, n_q, n_k, scale * LOG2E,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, NBUF=NUM_BUFFERS,
+        HAS_HW=head_weights is not None, STORE_LSE=lse is not None, HAS_KG=has_kg,
+        G_PAD=g_pad, HAS_MULT=has_mult,
+        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
+    )
