@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 from typing import Optional, Sequence, Tuple, Union
 
@@ -227,9 +228,46 @@ def _validate_multiplier(m, b, h, nq, nk, device):
     return m
 
 
+# kernel_options: name -> (what a value must be, check). Tile edges are powers of two from 16
+# (tl.dot's least M, N, K) to 256; warps a power of two up to 16.
+def _is_pow2_in(lo, hi):
+    return lambda x: type(x) is int and lo <= x <= hi and x & (x - 1) == 0
+
+
+_TILE = ("a power of two in [16, 256]", _is_pow2_in(16, 256))
+_WARPS = ("a power of two in [1, 16]", _is_pow2_in(1, 16))
+_STAGES = ("an int in [1, 8]", lambda x: type(x) is int and 1 <= x <= 8)
+_FLAG = ("a bool", lambda x: type(x) is bool)
+KERNEL_OPTIONS = {
+    "BLOCK_M": _TILE, "BLOCK_N": _TILE, "num_warps": _WARPS, "num_stages": _STAGES,
+    "maxnreg": ("None or an int in [24, 255]", lambda x: x is None or (type(x) is int and 24 <= x <= 255)),
+    "PROBE_BLOCK_M": _TILE, "PROBE_BLOCK_N": _TILE, "PROBE_NUM_WARPS": _WARPS, "PROBE_NUM_STAGES": _STAGES,
+    "fuse_key_groups": _FLAG, "kg_split": _FLAG, "mult_split": _FLAG, "kg_half_dot": _FLAG,
+    "warp_specialize": _FLAG, "hopper": _FLAG, "poison": _FLAG,
+}
+
+
+def _validate_kernel_options(options) -> None:
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise TypeError(f"kernel_options must be a dict, got {type(options).__name__}")
+    for name, value in options.items():
+        if name not in KERNEL_OPTIONS:
+            raise ValueError(f"kernel_options: unknown option {name!r}; known: {sorted(KERNEL_OPTIONS)}")
+        expected, ok = KERNEL_OPTIONS[name]
+        if not ok(value):
+            raise ValueError(f"kernel_options[{name!r}] must be {expected}, got {value!r}")
+
+
 def _validate_pairs(pairs, b, device):
     if pairs is None:
         return None
+    if not isinstance(pairs, torch.Tensor):
+        try:  # integers only: as_tensor(..., int64) would truncate 1.7 to 1
+            pairs = [[operator.index(i) for i in pair] for pair in pairs]
+        except TypeError:
+            raise TypeError(f"pair_stats must hold integer batch indices, got {pairs!r}") from None
     t = pairs if isinstance(pairs, torch.Tensor) else torch.as_tensor(pairs, dtype=torch.int64)
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"pair_stats must hold integer batch indices, got {t.dtype}")
@@ -284,9 +322,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             instead of a per-tile test), ``kg_half_dot`` (key-group sums as two fp16
             products instead of tf32), ``warp_specialize`` (Triton's automatic warp
             specialization), ``hopper`` (default True: on an H100-class GPU (sm_90), fp16/bf16
-            calls at head_dim 128 with no tags, value probes or tile counts run the
+            calls at head_dim 128 (and at 64 with at least 16384 keys) with no value probes or
+            tile counts run the
             warp-specialized Gluon kernel of ``iidkern/kernels/hopper_fwd.py``, which also
-            accumulates the fused key-group probe and applies a block multiplier; naming a
+            skips and masks tag tiles, accumulates the fused key-group probe and applies a
+            block multiplier; naming a
             main-pass option above, ``kg_split``, ``mult_split`` or ``kg_half_dot`` also
             selects the Triton kernel). ``poison=True`` fills outputs with NaN first (tests).
 
@@ -317,8 +357,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     probes = _validate_probes(probes, b, h, nq, nk, device)
     block_multiplier = _validate_multiplier(block_multiplier, b, h, nq, nk, device)
     pairs = _validate_pairs(pair_stats, b, device)
-    if kernel_options is not None and not isinstance(kernel_options, dict):
-        raise TypeError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
+    _validate_kernel_options(kernel_options)
 
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "reference"

@@ -21,6 +21,7 @@ Vocabulary
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -62,7 +63,10 @@ class TokenGroups:
 
         ``num_groups`` defaults to ``max(id) + 1`` and ``span`` (the token range holding
         every id >= 0, which bounds the kernel's loop) to the tight range; both defaults
-        read the ids on the host, so pass them to avoid a device synchronization.
+        read the ids on the host, so pass them to avoid a device synchronization. Ids on the
+        CPU are checked against both (a ValueError names what is out of range); ids on a GPU
+        are not (the check would synchronize): there an id outside ``[0, num_groups)`` or a
+        token outside ``span`` is simply not probed, by every backend.
         """
         if not isinstance(group_ids, torch.Tensor):
             raise TypeError(f"TokenGroups.ids: group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
@@ -83,6 +87,15 @@ class TokenGroups:
         start, stop = int(span[0]), int(span[1])
         if start < 0 or stop < start or stop > group_ids.shape[-1]:
             raise ValueError(f"TokenGroups.ids: span must satisfy 0 <= start <= stop <= N={group_ids.shape[-1]}, got {span}")
+        if group_ids.device.type == "cpu" and group_ids.numel():
+            low, high = int(group_ids.min()), int(group_ids.max())
+            if low < -1 or high >= num_groups:
+                raise ValueError(f"TokenGroups.ids: ids must lie in [-1, num_groups={num_groups}), "
+                                 f"got values in [{low}, {high}]")
+            probed = (group_ids >= 0).reshape(-1, group_ids.shape[-1]).any(0)
+            outside = torch.nonzero(probed[:start]).numel() + torch.nonzero(probed[stop:]).numel()
+            if outside:
+                raise ValueError(f"TokenGroups.ids: {outside} token(s) with an id >= 0 lie outside span={(start, stop)}")
         return TokenGroups(kind="ids", start=start, stop=stop, group_ids=group_ids, count=num_groups)
 
     @staticmethod
@@ -120,7 +133,12 @@ class TokenGroups:
             ids[self.start:self.stop] = torch.arange(self.count, dtype=torch.int32, device=device)
             return ids.expand(batch, length)
         ids = self.group_ids.to(device=device, dtype=torch.int32)
-        return ids.expand(batch, length) if ids.dim() == 1 else ids
+        ids = ids.expand(batch, length) if ids.dim() == 1 else ids
+        # As the kernels read them: ids outside [0, count) or tokens outside the span are not
+        # probed (device ids are not checked at construction: that would synchronize).
+        tokens = torch.arange(length, device=device)
+        probed = (ids >= 0) & (ids < self.count) & (tokens >= self.start) & (tokens < self.stop)
+        return torch.where(probed, ids, -1)
 
     def group_sizes(self, batch: int, length: int, device) -> torch.Tensor:
         """Number of tokens per group, ``[B, G]`` float32.
@@ -261,6 +279,19 @@ class BlockMultiplier:
     values: torch.Tensor
     query_start: int = 0
     key_start: int = 0
+
+    def __post_init__(self):
+        # The kernels take the starts as integers: a numpy or 0-d tensor integer is one, a
+        # float is not (it would reach the kernel's pointer arithmetic).
+        for name in ("query_start", "key_start"):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                object.__setattr__(self, name, operator.index(value))
+            except TypeError:
+                raise TypeError(f"BlockMultiplier.{name} must be an integer, got {value!r} "
+                                f"({type(value).__name__})") from None
 
 
 # --------------------------------------------------------------------------- pair statistics

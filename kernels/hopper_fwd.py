@@ -1,4 +1,4 @@
-"""Attention forward for Hopper (sm_90) in Gluon: the fast path of calls without tags or value probes.
+"""Attention forward for Hopper (sm_90) in Gluon: the fast path of calls without value probes.
 
 Why a second kernel: Triton's compiler serializes each ``tl.dot`` with a ``wgmma.wait 0``, so
 on an H100 the tensor cores idle while softmax runs, and the Triton kernel stays 1.15-1.3x
@@ -22,7 +22,10 @@ end, the last key tile is masked, stores are masked), both layouts and any 16-by
 strides (4-D TMA descriptors over the [B, H, N, D] view), optional head weights and LSE, and
 optionally a fused key-group probe (IID's image x instruction map: per query row, the
 probability mass on each of up to 32 key groups; see ``_key_group_update``) and a block
-multiplier (HeadRouter's post-softmax weights on one sub-block; see ``_multiplier_tile``).
+multiplier (HeadRouter's post-softmax weights on one sub-block; see ``_multiplier_tile``), and
+token tags (IID's instruction masks): the loader walks a per-query-tile list of the key
+tiles to visit (``tiles.VisitLists``: full tiles, then partial ones; skipped tiles are never
+loaded), the consumers run the full ones unmasked and tag-mask the partial ones.
 Gluon does not run under TRITON_INTERPRET: CPU CI compiles this kernel for sm_90
 (tests/test_hopper_fwd.py); correctness is tested on the GPU against the reference.
 """
@@ -62,6 +65,11 @@ except ImportError:  # a Triton without Gluon: the Triton kernel serves every ca
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (128,)
+# Head dim 64 (SD3) runs here only for long key sequences: H100, bf16, interleaved A/B against
+# the Triton kernel (bench/NOTES.md 38): 1.07x slower at 4429 keys (SD3 1024²), where the
+# Triton kernel's three programs per SM hide more latency, 0.91x at 16717 keys (2048²).
+LONG_HEAD_DIMS = (64,)
+LONG_MIN_KEYS = 16384
 BLOCK_M = 64  # query rows per consumer warpgroup (one wgmma M)
 BLOCK_N = 128  # keys per tile
 NUM_BUFFERS = 3  # K/V ring slots: 2 x 32 KB each at D=128, 224 KB shared memory in all
@@ -506,11 +514,18 @@ def _tma_ready(t: torch.Tensor) -> bool:
         all((s * size) % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
 
 
+def serves_head_dim(head_dim: int, n_k: int) -> bool:
+    """Whether calls of this head dim and key count belong here (where this kernel is faster)."""
+    return head_dim in HEAD_DIMS or (head_dim in LONG_HEAD_DIMS and n_k >= LONG_MIN_KEYS)
+
+
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> bool:
     """Whether this kernel can serve a call on these tensors (the caller checks the extras)."""
     if not (AVAILABLE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         return False
-    if q.shape[-1] not in HEAD_DIMS or not _is_sm90(q.device.index if q.device.index is not None else 0):
+    if not serves_head_dim(q.shape[-1], k.shape[2] if layout == "bhnd" else k.shape[1]):
+        return False
+    if not _is_sm90(q.device.index if q.device.index is not None else 0):
         return False
     return _tma_ready(q) and _tma_ready(k) and _tma_ready(v)
 

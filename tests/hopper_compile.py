@@ -89,5 +89,8 @@ if __name__ == "__main__":
     results.update({f"{dt}-tags": compile_variant(dt, False, False, tags="i32") for dt in ("bf16", "fp16")})
     results["bf16-tags64"] = compile_variant("bf16", False, False, tags="i64")
     results["bf16-tags-all"] = compile_variant("bf16", True, True, g_pad=8, has_mult=True, tags="i32")
+    # Head dim 64 (long SD3 sequences), plain and with every extra.
+    results["bf16-d64"] = compile_variant("bf16", False, False, head_dim=64)
+    results["bf16-d64-all"] = compile_variant("bf16", True, True, g_pad=8, has_mult=True, tags="i64", head_dim=64)
     print(json.dumps(results))
     sys.stdout.flush()

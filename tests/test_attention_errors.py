@@ -50,7 +50,7 @@ CASES = [
     ("probe-range", dict(probes=[Probe(TG.each(0, N + 5), TG.each(0, 3))]), ValueError,
      ["probes[0].queries", "exceeds", "10"]),
     ("probe-ids-shape", dict(probes=[Probe(TG.each(0, 3), TG.ids(torch.zeros(N + 2, dtype=torch.int32), 1,
-                                                                  span=(0, 1)))]),
+                                                                  span=(0, N + 2)))]),
      ValueError, ["probes[0].keys", "(12,)"]),
     ("probe-head-weights", dict(probes=[Probe(TG.each(0, 3), TG.each(0, 3), heads=torch.ones(7))]), ValueError,
      ["probes[0]", "per-head weights", "(7,)"]),
@@ -65,6 +65,12 @@ CASES = [
     ("pairs-shape", dict(pair_stats=[(0, 1, 1)]), ValueError, ["pair_stats", "(1, 3)"]),
     ("count-tiles-reference", dict(count_tiles=True, backend="reference"), ValueError, ["count_tiles"]),
     ("kernel-options", dict(kernel_options=[("BLOCK_M", 16)]), TypeError, ["kernel_options"]),
+    ("kernel-option-unknown", dict(kernel_options={"BLOCK_Q": 32}), ValueError, ["kernel_options", "'BLOCK_Q'", "BLOCK_M"]),
+    ("kernel-option-tile", dict(kernel_options={"BLOCK_M": 24}), ValueError, ["kernel_options['BLOCK_M']", "power of two", "24"]),
+    ("kernel-option-zero", dict(kernel_options={"BLOCK_N": 0}), ValueError, ["kernel_options['BLOCK_N']", "0"]),
+    ("kernel-option-str", dict(kernel_options={"PROBE_BLOCK_M": "32"}), ValueError, ["PROBE_BLOCK_M", "'32'"]),
+    ("kernel-option-flag", dict(kernel_options={"poison": 1}), ValueError, ["kernel_options['poison']", "bool"]),
+    ("pairs-float", dict(pair_stats=[(0, 1.7)]), TypeError, ["pair_stats", "integer"]),
 ]
 
 
@@ -90,7 +96,43 @@ SPEC_CASES = [
                                                               region_masks=torch.ones(3, 6, dtype=torch.bool)),
      ValueError, ["region_masks", "(3, 6)"]),
     ("router-stats", lambda: iidkern.router_weights(torch.ones(3)), TypeError, ["PairStats"]),
+    ("ids-over-count", lambda: TG.ids(torch.arange(8, dtype=torch.int32) % 4, num_groups=2, span=(0, 8)),
+     ValueError, ["num_groups=2", "[0, 3]"]),
+    ("ids-below-minus-one", lambda: TG.ids(torch.tensor([0, -2, 1]), num_groups=2), ValueError, ["[-1,", "-2"]),
+    ("ids-outside-span", lambda: TG.ids(torch.tensor([0, 1, -1, 1]), num_groups=2, span=(0, 2)), ValueError,
+     ["outside span=(0, 2)"]),
+    ("multiplier-float-start", lambda: BlockMultiplier(torch.ones(1, 2, 2), query_start=3.0), TypeError,
+     ["BlockMultiplier.query_start", "integer", "3.0"]),
+    ("multiplier-tensor-start", lambda: BlockMultiplier(torch.ones(1, 2, 2), key_start=torch.tensor(1.5)), TypeError,
+     ["BlockMultiplier.key_start"]),
 ]
+
+
+def test_integer_like_multiplier_starts_become_ints():
+    import numpy as np
+    m = BlockMultiplier(torch.ones(1, 2, 2), query_start=np.int64(3), key_start=torch.tensor(2))
+    assert (m.query_start, m.key_start) == (3, 2) and type(m.query_start) is int and type(m.key_start) is int
+
+
+def test_device_group_ids_out_of_range_are_not_probed_by_every_backend():
+    """Ids that a check would have to synchronize for (on a GPU; here a CPU stand-in made
+    past the constructor's check) mean "not probed" on every backend, on either side."""
+    from dataclasses import replace
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    ok = TG.ids(torch.arange(N, dtype=torch.int32) % 2, num_groups=2, span=(0, N))
+    wild_ids = torch.arange(N, dtype=torch.int32) % 4  # 2 and 3 are out of range
+    wild = replace(ok, group_ids=wild_ids)
+    tamed = replace(ok, group_ids=torch.where(wild_ids < 2, wild_ids, -1))
+    x = torch.randn(N, 2, generator=g)
+
+    def probes(groups):
+        return [Probe(groups, groups, heads="keep", normalize="both"), ValueProbe(x, groups, normalize="queries")]
+    want = iidkern.attention(q, k, v, probes=probes(tamed), backend="reference")
+    for backend in ("triton", "reference"):
+        got = iidkern.attention(q, k, v, probes=probes(wild), backend=backend)
+        for a, b in zip(got.probes, want.probes):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])

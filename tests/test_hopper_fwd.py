@@ -113,6 +113,18 @@ def test_only_tritons_with_the_gluon_api_it_was_written_for_enable_it():
     assert not hopper_fwd.triton_supports_gluon_kernel("unknown")
 
 
+@needs_gluon
+@pytest.mark.parametrize("variant", ["bf16-tags", "fp16-tags", "bf16-tags64", "bf16-tags-all", "bf16-d64",
+                                     "bf16-d64-all"])
+def test_tag_and_head_dim_64_variants_compile(compiled_variants, variant):
+    """Tags (int32 / int64, alone and beside every extra) and head dim 64 build for sm_90
+    with the FA3 schedule and within shared memory; tags read their visit list and tag rows."""
+    info = compiled_variants[variant]
+    assert info["wgmma_wait_1"] > 0 and info["setmaxnreg"] > 0 and info["tma_4d"] > 0
+    assert info["shared"] <= 227 * 1024
+    assert ("tags" in variant or "all" in variant) == (info["global_loads"] > 0)
+
+
 # --------------------------------------------------------------------------- routing (CPU)
 @pytest.fixture
 def hopper_pretend(monkeypatch):
@@ -152,6 +164,15 @@ def test_block_multiplier_calls_are_routed_to_the_hopper_kernel(hopper_pretend, 
     # values, (batch, head, query, key) strides (heads share the block), [q0, q1) x [k0, k1)
     assert seen["multiplier"].values is mult.values
     assert tuple(seen["multiplier"][1:]) == (32, 0, 4, 1, 3, 11, 5, 9)
+
+
+def test_head_dims_served():
+    """D=128 always; D=64 only from LONG_MIN_KEYS keys (shorter ones are faster on the Triton kernel)."""
+    assert hopper_fwd.serves_head_dim(128, 1) and hopper_fwd.serves_head_dim(128, 100_000)
+    assert not hopper_fwd.serves_head_dim(64, 4429)
+    assert not hopper_fwd.serves_head_dim(64, hopper_fwd.LONG_MIN_KEYS - 1)
+    assert hopper_fwd.serves_head_dim(64, hopper_fwd.LONG_MIN_KEYS)
+    assert not any(hopper_fwd.serves_head_dim(d, 100_000) for d in (32, 80, 96, 256))
 
 
 def test_tag_calls_are_routed_to_the_hopper_kernel(hopper_pretend):
@@ -697,3 +718,38 @@ def test_tags_beside_every_hopper_extra(hopper_calls, probe_pass_calls, layout):
     for got, want in zip(res.probes, ref.probes):
         assert_close_rel(got, want, PROBE_TOL[torch.bfloat16], what="probe")
     torch.testing.assert_close(res.pair_stats.dot.double(), ref.pair_stats.dot.double(), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_head_dim_64_long_sequences_run_on_the_hopper_kernel(hopper_calls, layout):
+    """SD3 at 2048² (text last, ragged last key tile): D=64 with >= LONG_MIN_KEYS keys takes
+    the Hopper kernel, plain and with tags, both probes and a multiplier; shorter D=64 calls
+    keep the Triton kernel."""
+    b, h, n_img, n_txt = 1, 2, hopper_fwd.LONG_MIN_KEYS, 333
+    n = n_img + n_txt
+    g = torch.Generator().manual_seed(91)
+    q, k, v = make_qkv(b, h, n, n, 64, torch.bfloat16, layout, device="cuda", generator=g)
+    plain = iidkern.attention(q, k, v, layout=layout, return_lse=True, kernel_options={"poison": True})
+    ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64)
+    assert_close_rel(plain.out, ref.out, OUT_TOL[torch.bfloat16])
+    assert_lse_equal(plain.lse, ref.lse, tol=1e-3)
+    regions = torch.rand(b, 3, n_img, generator=g) < 0.4
+    instructions = [(n_img, n_img + 100), (n_img + 100, n_img + 200), (n_img + 200, n)]
+    tags = iidkern.instruction_tags(n, image=(0, n_img), instructions=instructions, region_masks=regions,
+                                    device="cuda")
+    kw = dict(tags=tags, head_weights=torch.rand(h, generator=g).cuda() + 0.5,
+              probes=[Probe(TG.each(0, n_img), TG.segments(instructions, n, device="cuda"), heads="keep"),
+                      Probe(TG.each(n_img, n), TG.each(0, n_img), heads="mean")],
+              block_multiplier=BlockMultiplier(0.5 + torch.rand(b, 500, 333, generator=g).cuda(), query_start=100,
+                                               key_start=n_img))
+    res = iidkern.attention(q, k, v, layout=layout, kernel_options={"poison": True}, **kw)
+    ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64, **kw)
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.bfloat16])
+    for got, want in zip(res.probes, ref.probes):
+        assert_close_rel(got, want, PROBE_TOL[torch.bfloat16], what="probe")
+    assert hopper_calls == [layout, layout]
+    short = make_qkv(1, 2, 4429, 4429, 64, torch.bfloat16, layout, device="cuda", generator=g)
+    iidkern.attention(*short, layout=layout)
+    assert hopper_calls == [layout, layout]
