@@ -16,7 +16,8 @@ import torch
 
 from .kernels.tiles import TagMask
 from .reference import attention_reference
-from .specs import MAX_VALUE_PROBE_CHANNELS, AttentionResult, BlockMultiplier, Probe, TokenGroups, ValueProbe
+from .specs import MAX_VALUE_PROBE_CHANNELS, AttentionResult, BlockMultiplier, PairStats, Probe, TokenGroups, \
+    ValueProbe
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TAG_DTYPES = (torch.int32, torch.int64)
@@ -73,6 +74,8 @@ def _plain_signature(q, k, v, layout, scale, backend, kernel_options):
         return None
     if not (backend == "triton" or (backend == "auto" and q.is_cuda)):
         return None  # the reference backend launches nothing to replay
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None  # the checked path marks the outputs as forward-only
     try:
         alignment = (q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15)  # Triton specializes on 16 bytes
     except RuntimeError:  # tensors without storage (torch.func transforms): nothing to launch on
@@ -333,6 +336,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     Returns:
         The output (same shape and layout as ``q``), or an :class:`AttentionResult` when
         ``return_lse``, ``probes``, ``pair_stats`` or ``count_tiles`` is set.
+
+    The Triton backend is forward-only: with grad mode on and inputs that require grad, its
+    outputs raise on ``backward()`` instead of silently carrying no gradient (the reference
+    backend is differentiable).
     """
     signature = None
     if _REPLAY and tags is None and head_weights is None and block_multiplier is None and pair_stats is None \
@@ -387,7 +394,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
                                            count_tiles=count_tiles, kernel_options=kernel_options)
         if signature is not None:
             _keep_replay(kernels, signature, launches, q, k, v, res.out, layout, kernel_options)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            res = _forward_only(res, q, k, v)
     return res if extras else res.out
+
+
+class _NoBackward(torch.autograd.Function):
+    """Ties a kernel output to q, k, v in the autograd graph with a backward that raises:
+    without it the output would silently carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, result, *inputs):
+        # A copy, not a view: a view made in a custom Function may not be changed in place,
+        # and callers (attention processors) may. Only grad-mode calls pay it.
+        return result.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("iidkern.attention: the Triton backend is forward-only (training-free editing needs "
+                           "no gradient); call it under torch.no_grad(), or use backend='reference' for gradients")
+
+
+def _forward_only(res: AttentionResult, q, k, v) -> AttentionResult:
+    """The result with every tensor marked as forward-only (see _NoBackward)."""
+    def mark(t):
+        return _NoBackward.apply(t, q, k, v) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    res.out = mark(res.out)
+    res.lse = mark(res.lse)
+    res.probes = tuple(mark(p) for p in res.probes)
+    if res.pair_stats is not None:
+        s = res.pair_stats
+        res.pair_stats = PairStats(mark(s.dot), mark(s.norm0_sq), mark(s.norm1_sq))
+    return res
 
 
 def _keep_replay(kernels, signature, launches, q, k, v, out, layout, kernel_options) -> None:

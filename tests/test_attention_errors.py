@@ -152,3 +152,24 @@ def test_device_mismatch_is_reported():
         iidkern.attention(q, torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16))
     with pytest.raises(ValueError, match="tags"):
         iidkern.attention(q, q, q, tags=(torch.ones(1, 4, dtype=torch.int64), torch.ones(1, 4, dtype=torch.int64)))
+
+
+def test_triton_outputs_refuse_a_backward_instead_of_dropping_gradients():
+    """The kernels have no backward: with grad mode on and inputs that require grad, every
+    output is in the graph and backward raises, rather than silently giving no gradient."""
+    q, k, v = (t.requires_grad_() for t in qkv().values())
+    res = iidkern.attention(q, k, v, backend="triton", return_lse=True, pair_stats=[(0, 1)],
+                            probes=[Probe(TG.each(0, N), TG.each(0, 4))])
+    for t in (res.out, res.lse, res.probes[0], res.pair_stats.dot):
+        assert t.requires_grad
+        with pytest.raises(RuntimeError, match="forward-only"):
+            t.sum().backward()
+    out = iidkern.attention(q, k, v, backend="triton")  # a plain call too (not replayed)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not iidkern.attention(q, k, v, backend="triton").requires_grad
+    iidkern.attention(q, k, v, backend="reference").sum().backward()  # the reference has gradients
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    out = iidkern.attention(q, k, v, backend="triton")
+    out.mul_(2)  # callers may change the output in place (a custom Function's view may not be)
