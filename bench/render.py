@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 SHAPE_ORDER = ["flux_256", "flux_512", "flux_1024", "flux_edit", "flux_2048", "sd3_256", "sd3_512", "sd3_1024",
                "sd3_2048", "flux_1024_b2"]
@@ -202,7 +202,18 @@ def _verdict(ok: Optional[bool]) -> str:
     return "not measured" if ok is None else ("met" if ok else "missed")
 
 
+def paired(case: Optional[dict], baseline_impl: str) -> Optional[Tuple[float, Optional[float]]]:
+    """(eager, graph) ratio of ``case`` over ``baseline_impl`` from interleaved rounds in the
+    case itself (bench/timing.paired_ratios), or None where the suite did not pair them."""
+    if not case or case.get("paired_baseline") != baseline_impl or case.get("paired_ratio") is None:
+        return None
+    return case["paired_ratio"], case.get("paired_graph_ratio")
+
+
 def targets(res: Results) -> List[Target]:
+    """The issue's targets. Ratios come from the interleaved pairs where the suite measured
+    them (steadier: drift between separately timed cases cancels), else from the cases'
+    separate medians; the text names which, and shows the separate ratio beside a pair."""
     out: List[Target] = []
     # 1. plain <= cuDNN
     for shape, dtype, feature in group_keys(res):
@@ -211,22 +222,43 @@ def targets(res: Results) -> List[Target]:
         mine, ref = res.find(shape, dtype, "plain", "iidkern"), res.find(shape, dtype, "plain", REFERENCE_IMPL)
         r = _ratio(mine, ref, "median_ms")
         rg = _ratio(mine, ref, "graph_median_ms")
-        value = "—" if r is None else f"{r:.2f}x cuDNN" + (f" (graph {rg:.2f}x)" if rg is not None else "")
+        pair = paired(mine, REFERENCE_IMPL)
+        if pair is not None:
+            separate = r
+            r, rg = pair[0], pair[1] if pair[1] is not None else rg
+            value = f"{r:.2f}x cuDNN paired" + (f" (graph {rg:.2f}x)" if rg is not None else "") + \
+                (f"; separate medians {separate:.2f}x" if separate is not None else "")
+        else:
+            value = "—" if r is None else f"{r:.2f}x cuDNN" + (f" (graph {rg:.2f}x)" if rg is not None else "")
         out.append(Target("1 plain <= cuDNN", f"{shape} {dtype}", value, f"<= {PLAIN_VS_CUDNN:.2f}x",
                           _verdict(None if r is None else r <= PLAIN_VS_CUDNN)))
     features = {k[2] for k in group_keys(res)}
     feature_shapes = sorted({(k[0], k[1]) for k in group_keys(res) if k[2] != "plain"},
                             key=lambda sd: (_order(sd[0], SHAPE_ORDER), sd[1]))
 
+    def pair_of(shape, dtype, feature):
+        mine, plain = res.find(shape, dtype, feature, "iidkern"), same_kernel_plain(res, shape, dtype, feature)
+        # A pair's baseline is iidkern's plain call: it stands for the plain only where that is it.
+        return paired(mine, "iidkern") if plain is not None and plain["impl"] == "iidkern" else None
+
     def overhead(shape, dtype, feature):
         mine = res.find(shape, dtype, feature, "iidkern")
-        return mine, _ratio(mine, same_kernel_plain(res, shape, dtype, feature), "median_ms")
+        pair = pair_of(shape, dtype, feature)
+        return mine, pair[0] if pair is not None else _ratio(mine, same_kernel_plain(res, shape, dtype, feature),
+                                                             "median_ms")
 
     def overhead_text(shape, dtype, feature, r):
         # The verdict stays on the launched-calls ratio; the graph ratio beside it shows how
         # much of a gap is run-to-run noise or host time rather than kernel time.
         mine, plain = res.find(shape, dtype, feature, "iidkern"), same_kernel_plain(res, shape, dtype, feature)
         rg = _ratio(mine, plain, "graph_median_ms")
+        pair = pair_of(shape, dtype, feature)
+        if pair is not None:
+            separate = _ratio(mine, plain, "median_ms")
+            rg = pair[1] if pair[1] is not None else rg
+            text = f"{r:.3f}x paired" + (f" (graph {rg:.3f}x)" if rg is not None else "") + \
+                (f"; separate medians {separate:.3f}x" if separate is not None else "")
+            return text
         text = "—" if r is None else f"{r:.3f}x" + (f" (graph {rg:.3f}x)" if rg is not None else "")
         fastest = res.find(shape, dtype, "plain", "iidkern")
         if r is not None and plain is not fastest:
@@ -251,7 +283,8 @@ def targets(res: Results) -> List[Target]:
                                   _verdict(None if r is None else r <= TAGS_ZERO_OVERHEAD)))
                 continue
             eff = None if r is None or not s else (1.0 - r) / s
-            value = "—" if eff is None else f"{r:.3f}x plain at {100 * s:.1f}% skipped: {eff:.2f} of ideal saving"
+            how = " (paired)" if pair_of(shape, dtype, feature) is not None else ""
+            value = "—" if eff is None else f"{r:.3f}x plain{how} at {100 * s:.1f}% skipped: {eff:.2f} of ideal saving"
             verdict = _verdict(None if eff is None else eff >= TAGS_EFFICIENCY)
             out.append(Target(f"3 tags {feature[5:]}: >= 0.8 of ideal saving", f"{shape} {dtype}", value,
                               f">= {TAGS_EFFICIENCY:.2f}", verdict if feature == "tags_50" else "info: " + verdict))

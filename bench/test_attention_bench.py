@@ -6,7 +6,9 @@ Each case (shape x dtype x feature x implementation, see ``bench/cases.py``):
 3. times ``REPS`` calls with CUDA events (median is the headline), then the same calls
    replayed from a CUDA graph (kernel time without Python launch overhead);
 4. measures the peak memory of one call;
-5. lets pytest-benchmark time rounds of back-to-back calls with a synchronizing clock.
+5. for iidkern, times it against its target's baseline in interleaved rounds (plain: cuDNN;
+   a feature: iidkern's plain call), the ratio the targets table reads (``paired_*``);
+6. lets pytest-benchmark time rounds of back-to-back calls with a synchronizing clock.
 Everything goes into ``benchmark.extra_info`` (and ``BENCH_RECORDS``), which
 ``python -m bench.render`` turns into RESULTS.md.
 
@@ -21,14 +23,15 @@ import torch
 
 from bench.cases import Case, all_cases, quick_mode
 from bench.implementations import Unsupported, first_call_or_unsupported, make_impl, make_reference
-from bench.timing import (event_times_ms, graph_times_ms, num_input_sets, peak_memory_bytes, relative_error,
-                          summarize, synced_clock, timed_first_call)
+from bench.timing import (event_times_ms, graph_times_ms, num_input_sets, paired_ratios, peak_memory_bytes,
+                          relative_error, summarize, synced_clock, timed_first_call)
 from bench.workloads import DTYPES, SHAPES, build_workload, random_qkv
 
 QUICK = quick_mode()
 REPS = int(os.environ.get("BENCH_REPS", "50" if QUICK else "100"))
 NAIVE_REPS = max(3, REPS // 10)
 USE_GRAPHS = os.environ.get("BENCH_GRAPHS", "1") not in ("", "0")
+USE_PAIRED = os.environ.get("BENCH_PAIRED", "1") not in ("", "0")
 CHECK_TOL = 2e-2  # relative error vs an independent bf16/fp16 implementation
 CASES = all_cases(QUICK)
 
@@ -64,6 +67,32 @@ def _free_memory():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def _paired(case: Case, shape, dtype, device, workload, impl, fn, inputs, n_sets, record) -> dict:
+    """The case against its target's baseline, interleaved (bench/timing.paired_ratios):
+    iidkern's plain call against cuDNN's, a feature call against iidkern's plain call."""
+    baseline = "sdpa_cudnn" if case.feature == "plain" else "iidkern"
+    try:
+        base_workload = workload if case.feature == "plain" else build_workload(shape, dtype, "plain", device)
+        base = make_impl(baseline, base_workload)
+        first_call_or_unsupported(base, *inputs[0])  # compiled and warm before the rounds
+    except Unsupported as e:
+        return {"paired_error": str(e)[:300]}
+
+    def base_fn(i):
+        return base.call(*inputs[i])
+    ratios = paired_ratios(fn, base_fn, n_sets)
+    out = {"paired_baseline": baseline, "paired_ratio": sorted(ratios)[len(ratios) // 2],
+           "paired_ratio_min": min(ratios), "paired_ratio_max": max(ratios)}
+    if USE_GRAPHS and impl.graphable and base.graphable and "graph_median_ms" in record:
+        try:
+            out["paired_graph_ratio"] = record["graph_median_ms"] / summarize(
+                graph_times_ms(base_fn, n_sets, REPS))["median_ms"]
+        except Exception as e:  # noqa: BLE001 - keep the eager pair
+            out["paired_graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            torch.cuda.synchronize()
+    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -108,6 +137,8 @@ def test_attention(case: Case, benchmark, bench_records):
     elif not impl.graphable:
         record["graph_error"] = "not capturable (host synchronization or memory)"
     record["peak_mem_bytes"] = peak_memory_bytes(fn)
+    if USE_PAIRED and case.impl == "iidkern":
+        record.update(_paired(case, shape, dtype, device, workload, impl, fn, inputs, n_sets, record))
 
     benchmark.group = case.group
     benchmark.extra_info.update(record)

@@ -8,6 +8,8 @@
 * ``graph_times_ms``: the same calls captured once in a CUDA graph (one call per input
   set) and replayed: the kernel time without Python launch overhead, which dominates at
   small shapes.
+* ``paired_ratios``: a call's time over a baseline call's, the two interleaved in rounds
+  (the target ratios: iidkern plain over cuDNN, a feature over iidkern's plain).
 * ``peak_memory_bytes``: growth of ``max_memory_allocated`` over one call (outputs included).
 * ``synced_clock``: the pytest-benchmark timer (synchronize, then the host clock).
 """
@@ -59,6 +61,19 @@ def event_times_ms(fn: Callable[[int], object], n_sets: int, reps: int, warmup: 
         ends[i].record()
     torch.cuda.synchronize()
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def paired_ratios(fn: Callable[[int], object], base_fn: Callable[[int], object], n_sets: int, rounds: int = 7,
+                  reps: int = 30) -> List[float]:
+    """Per round, the median time of ``fn`` over that of ``base_fn``, the two timed back to
+    back in alternating order: clock and thermal drift between rounds (and between the
+    suite's separate cases) hits both alike, which separately measured medians do not get."""
+    ratios = []
+    for r in range(rounds):
+        order = (base_fn, fn) if r % 2 == 0 else (fn, base_fn)
+        medians = {id(f): statistics.median(event_times_ms(f, n_sets, reps, warmup=3)) for f in order}
+        ratios.append(medians[id(fn)] / medians[id(base_fn)])
+    return ratios
 
 
 def graph_times_ms(fn: Callable[[int], object], n_sets: int, reps: int, warmup: int = 3) -> List[float]:

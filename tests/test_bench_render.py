@@ -229,3 +229,35 @@ def test_cli_writes_results(tmp_path, synthetic, capsys):
     assert "2 probes <= 1.10x plain" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         render.main(["--out", str(out)])  # neither --json nor --records
+
+
+def test_targets_read_the_interleaved_pairs_where_measured(tmp_path, synthetic):
+    """A case timed against its baseline in interleaved rounds (paired_*) gives the target its
+    ratio; the separate medians' ratio is shown beside it, and a case without a pair keeps it."""
+    rng = random.Random()
+    plain_pair, probe_pair, tags_pair = rng.uniform(0.9, 0.99), rng.uniform(1.01, 1.09), rng.uniform(0.5, 0.6)
+    cases = []
+    for c in synthetic["cases"]:
+        c = dict(c)
+        if (c["feature"], c["impl"]) == ("plain", "iidkern"):
+            c.update(paired_baseline="sdpa_cudnn", paired_ratio=plain_pair, paired_graph_ratio=0.98)
+        elif (c["feature"], c["impl"]) == ("probe", "iidkern"):
+            c.update(paired_baseline="iidkern", paired_ratio=probe_pair)
+        elif (c["feature"], c["impl"]) == ("tags_50", "iidkern"):
+            c.update(paired_baseline="iidkern", paired_ratio=tags_pair)
+        cases.append(c)
+    res = render.load_results(_write(tmp_path, _bench_json(cases)))
+    by_target = {t.target: t for t in render.targets(res)}
+    plain = by_target["1 plain <= cuDNN"]
+    assert plain.value.startswith(f"{plain_pair:.2f}x cuDNN paired (graph 0.98x); separate medians "
+                                  f"{synthetic['plain'] / synthetic['cudnn']:.2f}x")
+    assert plain.verdict == "met"
+    probe = by_target["2 probes <= 1.10x plain"]
+    assert probe.value.startswith(f"{probe_pair:.3f}x paired") and "separate medians 1.050x" in probe.value
+    assert probe.verdict == "met"
+    tags = by_target["3 tags 50: >= 0.8 of ideal saving"]
+    assert tags.value.startswith(f"{tags_pair:.3f}x plain (paired) at 50.0% skipped")
+    # No pair: the separate medians, as before.
+    assert by_target["4 head_weights <= 1.03x plain"].value == "1.200x"
+    # A pair against another baseline than the target's is not used.
+    assert render.paired({"paired_baseline": "iidkern", "paired_ratio": 0.5}, "sdpa_cudnn") is None
