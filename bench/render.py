@@ -203,7 +203,7 @@ def _verdict(ok: Optional[bool]) -> str:
 
 
 def paired(case: Optional[dict], baseline_impl: str) -> Optional[Tuple[float, Optional[float]]]:
-    """(eager, graph) ratio of ``case`` over ``baseline_impl`` from interleaved rounds in the
+    """(eager, graph) ratio of ``case`` over ``baseline_impl`` from calls interleaved in the
     case itself (bench/timing.paired_ratios), or None where the suite did not pair them."""
     if not case or case.get("paired_baseline") != baseline_impl or case.get("paired_ratio") is None:
         return None

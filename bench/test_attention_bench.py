@@ -6,8 +6,8 @@ Each case (shape x dtype x feature x implementation, see ``bench/cases.py``):
 3. times ``REPS`` calls with CUDA events (median is the headline), then the same calls
    replayed from a CUDA graph (kernel time without Python launch overhead);
 4. measures the peak memory of one call;
-5. for iidkern, times it against its target's baseline in interleaved rounds (plain: cuDNN;
-   a feature: iidkern's plain call), the ratio the targets table reads (``paired_*``);
+5. for iidkern, times it against its target's baseline, call by call interleaved (plain:
+   cuDNN; a feature: iidkern's plain call), the ratio the targets table reads (``paired_*``);
 6. lets pytest-benchmark time rounds of back-to-back calls with a synchronizing clock.
 Everything goes into ``benchmark.extra_info`` (and ``BENCH_RECORDS``), which
 ``python -m bench.render`` turns into RESULTS.md.

@@ -63,16 +63,32 @@ def event_times_ms(fn: Callable[[int], object], n_sets: int, reps: int, warmup: 
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-def paired_ratios(fn: Callable[[int], object], base_fn: Callable[[int], object], n_sets: int, rounds: int = 7,
-                  reps: int = 30) -> List[float]:
-    """Per round, the median time of ``fn`` over that of ``base_fn``, the two timed back to
-    back in alternating order: clock and thermal drift between rounds (and between the
-    suite's separate cases) hits both alike, which separately measured medians do not get."""
+def paired_ratios(fn: Callable[[int], object], base_fn: Callable[[int], object], n_sets: int, rounds: int = 5,
+                  reps: int = 40) -> List[float]:
+    """Per round, the median time of ``fn`` over that of ``base_fn``, the two calls
+    interleaved one by one (``fn``, ``base_fn``, ``fn``, ...; each bracketed by its own
+    events, launched back to back): clock and thermal state is the same for both, which
+    separately timed cases do not get. Whole blocks taken in turns showed an order effect of
+    up to 8% on the H100 (the block timed second in a round ran slower), which single-call
+    alternation does not have."""
     ratios = []
-    for r in range(rounds):
-        order = (base_fn, fn) if r % 2 == 0 else (fn, base_fn)
-        medians = {id(f): statistics.median(event_times_ms(f, n_sets, reps, warmup=3)) for f in order}
-        ratios.append(medians[id(fn)] / medians[id(base_fn)])
+    for _ in range(rounds):
+        for i in range(3):
+            fn(i % n_sets)
+            base_fn(i % n_sets)
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
+        torch.cuda.synchronize()
+        for i, (s_f, e_f, s_b, e_b) in enumerate(events):
+            s_f.record()
+            fn(i % n_sets)
+            e_f.record()
+            s_b.record()
+            base_fn(i % n_sets)
+            e_b.record()
+        torch.cuda.synchronize()
+        mine = statistics.median(s.elapsed_time(e) for s, e, _, _ in events)
+        base = statistics.median(s.elapsed_time(e) for _, _, s, e in events)
+        ratios.append(mine / base)
     return ratios
 
 
