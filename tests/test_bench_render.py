@@ -261,3 +261,24 @@ def test_targets_read_the_interleaved_pairs_where_measured(tmp_path, synthetic):
     assert by_target["4 head_weights <= 1.03x plain"].value == "1.200x"
     # A pair against another baseline than the target's is not used.
     assert render.paired({"paired_baseline": "iidkern", "paired_ratio": 0.5}, "sdpa_cudnn") is None
+
+
+def test_host_bound_plain_rows_take_their_verdict_from_the_graph(tmp_path):
+    """Calls shorter than HOST_BOUND_MS of GPU work: the launched-call ratio compares host
+    paths, so target 1 is judged on the graph ratio (both ways: a fast host does not pass a
+    slow kernel, a slow host does not fail a fast one)."""
+    short = render.HOST_BOUND_MS / 3
+    cases = [_case("flux_256", "bf16", "plain", "iidkern", short * 0.8, graph_median_ms=short * 1.2,
+                   paired_baseline="sdpa_cudnn", paired_ratio=0.8, dims=(1, 24, 768, 128)),
+             _case("flux_256", "bf16", "plain", "sdpa_cudnn", short, graph_median_ms=short, dims=(1, 24, 768, 128)),
+             _case("sd3_512", "bf16", "plain", "iidkern", short * 1.3, graph_median_ms=short * 0.9,
+                   paired_baseline="sdpa_cudnn", paired_ratio=1.3, dims=(1, 24, 1357, 64)),
+             _case("sd3_512", "bf16", "plain", "sdpa_cudnn", short, graph_median_ms=short, dims=(1, 24, 1357, 64)),
+             _case("flux_1024", "bf16", "plain", "iidkern", 0.5, graph_median_ms=0.4,
+                   paired_baseline="sdpa_cudnn", paired_ratio=1.02),
+             _case("flux_1024", "bf16", "plain", "sdpa_cudnn", 0.45, graph_median_ms=0.45)]
+    res = render.load_results(_write(tmp_path, _bench_json(cases)))
+    rows = {t.case: t for t in render.targets(res) if t.target.startswith("1 ")}
+    assert rows["flux_256 bf16"].verdict == "missed" and "verdict on graph" in rows["flux_256 bf16"].value
+    assert rows["sd3_512 bf16"].verdict == "met"
+    assert rows["flux_1024 bf16"].verdict == "missed" and "verdict on graph" not in rows["flux_1024 bf16"].value
