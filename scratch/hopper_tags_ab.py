@@ -1,6 +1,7 @@
 """Scratch (GPU): tags on the Hopper kernel (2026-11-27) against the Hopper plain, the Triton
-kernel's tag call and the previous Hopper kernel's plain call (scratch/hopper_fwd_prev.py,
-the code before tags: does the refactor cost plain calls anything?). Interleaved rounds of
+kernel's tag call and the previous Hopper kernel's plain call (the code before tags: does the
+refactor cost plain calls anything?). That copy is not kept: recreate it with
+``git show 12a4659:kernels/hopper_fwd.py > scratch/hopper_fwd_prev.py`` to rerun this. Interleaved rounds of
 launched calls (host paths alike: each variant calls hopper_attention directly where it can),
 then CUDA-graph ratios."""
 import importlib.util
