@@ -23,8 +23,8 @@ import torch
 
 from bench.cases import Case, all_cases, quick_mode
 from bench.implementations import Unsupported, first_call_or_unsupported, make_impl, make_reference
-from bench.timing import (event_times_ms, graph_times_ms, num_input_sets, paired_ratios, peak_memory_bytes,
-                          relative_error, summarize, synced_clock, timed_first_call)
+from bench.timing import (event_times_ms, graph_times_ms, num_input_sets, paired_graph_ratio, paired_ratios,
+                          peak_memory_bytes, relative_error, summarize, synced_clock, timed_first_call)
 from bench.workloads import DTYPES, SHAPES, build_workload, random_qkv
 
 QUICK = quick_mode()
@@ -87,8 +87,7 @@ def _paired(case: Case, shape, dtype, device, workload, impl, fn, inputs, n_sets
            "paired_ratio_min": min(ratios), "paired_ratio_max": max(ratios)}
     if USE_GRAPHS and impl.graphable and base.graphable and "graph_median_ms" in record:
         try:
-            out["paired_graph_ratio"] = record["graph_median_ms"] / summarize(
-                graph_times_ms(base_fn, n_sets, REPS))["median_ms"]
+            out["paired_graph_ratio"] = paired_graph_ratio(fn, base_fn, n_sets)
         except Exception as e:  # noqa: BLE001 - keep the eager pair
             out["paired_graph_error"] = f"{type(e).__name__}: {e}"[:300]
             torch.cuda.synchronize()

@@ -8,8 +8,9 @@
 * ``graph_times_ms``: the same calls captured once in a CUDA graph (one call per input
   set) and replayed: the kernel time without Python launch overhead, which dominates at
   small shapes.
-* ``paired_ratios``: a call's time over a baseline call's, the two interleaved in rounds
-  (the target ratios: iidkern plain over cuDNN, a feature over iidkern's plain).
+* ``paired_ratios`` / ``paired_graph_ratio``: a call's time over a baseline call's, the two
+  interleaved call by call (or graph replay by graph replay): the target ratios (iidkern
+  plain over cuDNN, a feature over iidkern's plain).
 * ``peak_memory_bytes``: growth of ``max_memory_allocated`` over one call (outputs included).
 * ``synced_clock``: the pytest-benchmark timer (synchronize, then the host clock).
 """
@@ -66,12 +67,14 @@ def event_times_ms(fn: Callable[[int], object], n_sets: int, reps: int, warmup: 
 def paired_ratios(fn: Callable[[int], object], base_fn: Callable[[int], object], n_sets: int, rounds: int = 5,
                   reps: int = 40) -> List[float]:
     """Per round, the median time of ``fn`` over that of ``base_fn``, the two calls
-    interleaved one by one (``fn``, ``base_fn``, ``fn``, ...; each bracketed by its own
-    events, launched back to back): clock and thermal state is the same for both, which
-    separately timed cases do not get. Whole blocks taken in turns showed an order effect of
-    up to 8% on the H100 (the block timed second in a round ran slower), which single-call
-    alternation does not have."""
+    interleaved one by one, each bracketed by its own events and launched back to back:
+    clock and thermal state is the same for both, which separately timed cases do not get.
+    Which of the two goes first alternates from pair to pair, and the second call of a pair
+    takes the other input set where there are several, so neither reads what the other just
+    brought into L2. (Whole blocks taken in turns showed an order effect of up to 8% on the
+    H100: the block timed second in a round ran slower.)"""
     ratios = []
+    shift = n_sets // 2
     for _ in range(rounds):
         for i in range(3):
             fn(i % n_sets)
@@ -79,17 +82,52 @@ def paired_ratios(fn: Callable[[int], object], base_fn: Callable[[int], object],
         events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
         torch.cuda.synchronize()
         for i, (s_f, e_f, s_b, e_b) in enumerate(events):
-            s_f.record()
-            fn(i % n_sets)
-            e_f.record()
-            s_b.record()
-            base_fn(i % n_sets)
-            e_b.record()
+            calls = ((s_f, fn, e_f), (s_b, base_fn, e_b)) if i % 2 == 0 else ((s_b, base_fn, e_b), (s_f, fn, e_f))
+            for k, (start, call, end) in enumerate(calls):
+                start.record()
+                call((i + k * shift) % n_sets)
+                end.record()
         torch.cuda.synchronize()
         mine = statistics.median(s.elapsed_time(e) for s, e, _, _ in events)
         base = statistics.median(s.elapsed_time(e) for _, _, s, e in events)
         ratios.append(mine / base)
     return ratios
+
+
+def paired_graph_ratio(fn: Callable[[int], object], base_fn: Callable[[int], object], n_sets: int,
+                       reps: int = 40) -> float:
+    """Median ratio of CUDA-graph replay times (one call per input set in each graph), the two
+    graphs replayed in turns: the kernels' time ratio without launch overhead or drift."""
+    graphs = []
+    for f in (fn, base_fn):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+            for i in range(2 * n_sets):
+                f(i % n_sets)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            keep = [f(i) for i in range(n_sets)]
+        graphs.append((graph, keep))
+    (g_f, _), (g_b, _) = graphs
+    for _ in range(3):
+        g_f.replay()
+        g_b.replay()
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
+    torch.cuda.synchronize()
+    for i, (s_f, e_f, s_b, e_b) in enumerate(events):
+        order = ((s_f, g_f, e_f), (s_b, g_b, e_b)) if i % 2 == 0 else ((s_b, g_b, e_b), (s_f, g_f, e_f))
+        for start, graph, end in order:
+            start.record()
+            graph.replay()
+            end.record()
+    torch.cuda.synchronize()
+    ratio = statistics.median(s.elapsed_time(e) for s, e, _, _ in events) / \
+        statistics.median(s.elapsed_time(e) for _, _, s, e in events)
+    del graphs
+    return ratio
 
 
 def graph_times_ms(fn: Callable[[int], object], n_sets: int, reps: int, warmup: int = 3) -> List[float]:

@@ -169,6 +169,18 @@ def kernel_tile_shape(shape: Shape, dtype: torch.dtype) -> Tuple[int, int]:
     return int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
 
 
+def tag_tile_shape(shape: Shape, dtype: torch.dtype, device) -> Tuple[int, int]:
+    """The tile shape the tags of this shape are classified in by the kernel that serves the
+    call: the Hopper kernel's (2 x 64 query rows x 128 keys) where it takes fp16/bf16 calls of
+    this head dim and length, else the Triton kernel's default."""
+    from iidkern.kernels import hopper_fwd
+
+    if dtype in (torch.float16, torch.bfloat16) and hopper_fwd.on_hopper(torch.device(device)) and \
+            hopper_fwd.serves_head_dim(shape.head_dim, shape.tokens):
+        return hopper_fwd.tag_tile_shape()
+    return kernel_tile_shape(shape, dtype)
+
+
 def build_workload(shape: Shape, dtype: torch.dtype, feature: str, device, seed: int = 0) -> Workload:
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
@@ -181,7 +193,7 @@ def build_workload(shape: Shape, dtype: torch.dtype, feature: str, device, seed:
         kind = TAG_FEATURES[feature]
         w.q_tags, w.k_tags = _iid_tags(shape, device) if kind == "iid" else _segment_tags(shape, kind, device)
         w.tag_mask = iidkern.tag_mask(w.q_tags, w.k_tags)
-        bm, bn = kernel_tile_shape(shape, dtype)
+        bm, bn = tag_tile_shape(shape, dtype, device)
         w.info.update(tile_shape=[bm, bn], tile_sparsity=w.tag_mask.sparsity(bm, bn, b),
                       element_sparsity=1.0 - w.dense_mask().float().mean().item())
     elif feature == "probe":

@@ -49,9 +49,7 @@ def tag_mask(q_tags: torch.Tensor, k_tags: torch.Tensor) -> TagMask:
             raise ValueError(f"tags: {name} must have shape [B, N] or [N], got {tuple(t.shape)}")
     if q_tags.device != k_tags.device:
         raise ValueError(f"tags: q_tags is on {q_tags.device} but k_tags is on {k_tags.device}")
-    # The kernels step through a row of tags one element at a time (a strided view, e.g. a
-    # transposed [N, B] tensor, would be misread): copy such views once, here.
-    return TagMask(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q_tags, k_tags)))
+    return TagMask(q_tags, k_tags)  # which copies strided views (the kernels read rows with unit stride)
 
 
 def _shape_of(t: torch.Tensor, layout: str):
@@ -233,44 +231,66 @@ def _validate_multiplier(m, b, h, nq, nk, device):
 
 # kernel_options: name -> (what a value must be, check). Tile edges are powers of two from 16
 # (tl.dot's least M, N, K) to 256; warps a power of two up to 16.
+def _integer(x):
+    """``x`` as an int if it is an integer (Python, numpy, 0-d tensor) and not a bool, else None."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
 def _is_pow2_in(lo, hi):
-    return lambda x: type(x) is int and lo <= x <= hi and x & (x - 1) == 0
+    def ok(x):
+        n = _integer(x)
+        return n is not None and lo <= n <= hi and n & (n - 1) == 0
+    return ok
+
+
+def _int_in(lo, hi):
+    return lambda x: _integer(x) is not None and lo <= _integer(x) <= hi
 
 
 _TILE = ("a power of two in [16, 256]", _is_pow2_in(16, 256))
 _WARPS = ("a power of two in [1, 16]", _is_pow2_in(1, 16))
-_STAGES = ("an int in [1, 8]", lambda x: type(x) is int and 1 <= x <= 8)
+_STAGES = ("an int in [1, 8]", _int_in(1, 8))
 _FLAG = ("a bool", lambda x: type(x) is bool)
 KERNEL_OPTIONS = {
     "BLOCK_M": _TILE, "BLOCK_N": _TILE, "num_warps": _WARPS, "num_stages": _STAGES,
-    "maxnreg": ("None or an int in [24, 255]", lambda x: x is None or (type(x) is int and 24 <= x <= 255)),
+    "maxnreg": ("None or an int in [24, 255]", lambda x: x is None or _int_in(24, 255)(x)),
     "PROBE_BLOCK_M": _TILE, "PROBE_BLOCK_N": _TILE, "PROBE_NUM_WARPS": _WARPS, "PROBE_NUM_STAGES": _STAGES,
     "fuse_key_groups": _FLAG, "kg_split": _FLAG, "mult_split": _FLAG, "kg_half_dot": _FLAG,
     "warp_specialize": _FLAG, "hopper": _FLAG, "poison": _FLAG,
 }
 
 
-def _validate_kernel_options(options) -> None:
+def _validate_kernel_options(options) -> Optional[dict]:
+    """The options checked, integer-like values as Python ints (what the launches expect)."""
     if options is None:
-        return
+        return None
     if not isinstance(options, dict):
         raise TypeError(f"kernel_options must be a dict, got {type(options).__name__}")
+    checked = {}
     for name, value in options.items():
         if name not in KERNEL_OPTIONS:
             raise ValueError(f"kernel_options: unknown option {name!r}; known: {sorted(KERNEL_OPTIONS)}")
         expected, ok = KERNEL_OPTIONS[name]
         if not ok(value):
             raise ValueError(f"kernel_options[{name!r}] must be {expected}, got {value!r}")
+        checked[name] = value if isinstance(value, bool) or value is None else _integer(value)
+    return checked
 
 
 def _validate_pairs(pairs, b, device):
     if pairs is None:
         return None
     if not isinstance(pairs, torch.Tensor):
-        try:  # integers only: as_tensor(..., int64) would truncate 1.7 to 1
-            pairs = [[operator.index(i) for i in pair] for pair in pairs]
-        except TypeError:
-            raise TypeError(f"pair_stats must hold integer batch indices, got {pairs!r}") from None
+        # Integers only: as_tensor(..., int64) would truncate 1.7 to 1 (and True is no index).
+        pairs_list = [[_integer(i) for i in pair] for pair in pairs] if isinstance(pairs, (list, tuple)) else None
+        if pairs_list is None or any(i is None for pair in pairs_list for i in pair):
+            raise TypeError(f"pair_stats must hold integer batch indices, got {pairs!r}")
+        pairs = pairs_list
     t = pairs if isinstance(pairs, torch.Tensor) else torch.as_tensor(pairs, dtype=torch.int64)
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"pair_stats must hold integer batch indices, got {t.dtype}")
@@ -364,7 +384,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     probes = _validate_probes(probes, b, h, nq, nk, device)
     block_multiplier = _validate_multiplier(block_multiplier, b, h, nq, nk, device)
     pairs = _validate_pairs(pair_stats, b, device)
-    _validate_kernel_options(kernel_options)
+    kernel_options = _validate_kernel_options(kernel_options)
 
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "reference"

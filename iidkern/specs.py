@@ -132,13 +132,19 @@ class TokenGroups:
             ids = torch.full((length,), -1, dtype=torch.int32, device=device)
             ids[self.start:self.stop] = torch.arange(self.count, dtype=torch.int32, device=device)
             return ids.expand(batch, length)
-        ids = self.group_ids.to(device=device, dtype=torch.int32)
-        ids = ids.expand(batch, length) if ids.dim() == 1 else ids
-        # As the kernels read them: ids outside [0, count) or tokens outside the span are not
-        # probed (device ids are not checked at construction: that would synchronize).
-        tokens = torch.arange(length, device=device)
-        probed = (ids >= 0) & (ids < self.count) & (tokens >= self.start) & (tokens < self.stop)
-        return torch.where(probed, ids, -1)
+        # Kept on this object like group_sizes (a per-call probe pays it once): ``group_ids``
+        # must not change in place afterwards.
+        key = (batch, length, str(device))
+        cache = self.__dict__.setdefault("_dense_cache", {})
+        if key not in cache:
+            ids = self.group_ids.to(device=device, dtype=torch.int32)
+            ids = ids.expand(batch, length) if ids.dim() == 1 else ids
+            # As the kernels read them: ids outside [0, count) or tokens outside the span are
+            # not probed (device ids are not checked at construction: that would synchronize).
+            tokens = torch.arange(length, device=device)
+            probed = (ids >= 0) & (ids < self.count) & (tokens >= self.start) & (tokens < self.stop)
+            cache[key] = torch.where(probed, ids, -1)
+        return cache[key]
 
     def group_sizes(self, batch: int, length: int, device) -> torch.Tensor:
         """Number of tokens per group, ``[B, G]`` float32.

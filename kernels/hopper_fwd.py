@@ -514,6 +514,11 @@ def _tma_ready(t: torch.Tensor) -> bool:
         all((s * size) % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
 
 
+def on_hopper(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU this kernel runs on (sm_90, with a Triton that has Gluon)."""
+    return AVAILABLE and device.type == "cuda" and _is_sm90(device.index if device.index is not None else 0)
+
+
 def serves_head_dim(head_dim: int, n_k: int) -> bool:
     """Whether calls of this head dim and key count belong here (where this kernel is faster)."""
     return head_dim in HEAD_DIMS or (head_dim in LONG_HEAD_DIMS and n_k >= LONG_MIN_KEYS)

@@ -148,6 +148,11 @@ class TagMask:
     k_tags: torch.Tensor  # [B, Nk] int32/int64
     _lists: Dict[tuple, object] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        # The kernels step through a row of tags one element at a time: a strided view (a
+        # transposed [N, B] tensor, say) would be misread, so such views are copied once here.
+        self.q_tags, self.k_tags = (t if t.stride(-1) == 1 else t.contiguous() for t in (self.q_tags, self.k_tags))
+
     def batched(self, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The tags as ``[B, N]`` (1-D tags are shared by the batch)."""
         return tuple(t.expand(batch, t.shape[-1]) if t.dim() == 1 else t for t in (self.q_tags, self.k_tags))

@@ -173,3 +173,16 @@ def test_triton_outputs_refuse_a_backward_instead_of_dropping_gradients():
     assert q.grad is not None and q.grad.abs().sum() > 0
     out = iidkern.attention(q, k, v, backend="triton")
     out.mul_(2)  # callers may change the output in place (a custom Function's view may not be)
+
+
+def test_integer_like_kernel_options_and_bool_pairs():
+    import numpy as np
+    out = call(kernel_options={"BLOCK_M": np.int64(16), "BLOCK_N": 32, "poison": True})
+    assert torch.isfinite(out).all()
+    with pytest.raises(TypeError, match="pair_stats"):
+        call(pair_stats=[(0, True)])
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        call(kernel_options={"BLOCK_N": True})
+    from iidkern.attention import _validate_kernel_options
+    checked = _validate_kernel_options({"BLOCK_M": np.int64(16), "num_stages": torch.tensor(2), "poison": True})
+    assert checked == {"BLOCK_M": 16, "num_stages": 2, "poison": True} and type(checked["BLOCK_M"]) is int

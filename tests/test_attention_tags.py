@@ -278,3 +278,10 @@ def test_strided_tag_views_are_read_right():
     ref = attention_reference(q, k, v, tags=(qt.contiguous(), kt.contiguous()))
     assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
     assert_lse_equal(res.lse, ref.lse, tol=1e-4)
+
+
+def test_a_tag_mask_built_directly_copies_strided_views():
+    from iidkern.kernels.tiles import TagMask
+    qt = torch.arange(12, dtype=torch.int32).view(3, 4).T  # [4, 3] with token stride 4
+    mask = TagMask(qt, qt)
+    assert mask.q_tags.stride(-1) == 1 and torch.equal(mask.q_tags, qt)
