@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -64,6 +64,24 @@ def event_times_ms(fn: Callable[[int], object], n_sets: int, reps: int, warmup: 
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
+def _alternating_medians(first: Callable[[int, int], object], second: Callable[[int, int], object],
+                         reps: int) -> Tuple[float, float]:
+    """Median milliseconds of ``first(i, k)`` and ``second(i, k)`` called in ``reps`` pairs,
+    each call bracketed by its own events, launched back to back; which goes first alternates
+    from pair to pair, and ``k`` (0 or 1) says a call's place in its pair."""
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
+    torch.cuda.synchronize()
+    for i, (s_f, e_f, s_b, e_b) in enumerate(events):
+        calls = ((s_f, first, e_f), (s_b, second, e_b)) if i % 2 == 0 else ((s_b, second, e_b), (s_f, first, e_f))
+        for k, (start, call, end) in enumerate(calls):
+            start.record()
+            call(i, k)
+            end.record()
+    torch.cuda.synchronize()
+    return (statistics.median(s.elapsed_time(e) for s, e, _, _ in events),
+            statistics.median(s.elapsed_time(e) for _, _, s, e in events))
+
+
 def paired_ratios(fn: Callable[[int], object], base_fn: Callable[[int], object], n_sets: int, rounds: int = 5,
                   reps: int = 40) -> List[float]:
     """Per round, the median time of ``fn`` over that of ``base_fn``, the two calls
@@ -79,17 +97,8 @@ def paired_ratios(fn: Callable[[int], object], base_fn: Callable[[int], object],
         for i in range(3):
             fn(i % n_sets)
             base_fn(i % n_sets)
-        events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
-        torch.cuda.synchronize()
-        for i, (s_f, e_f, s_b, e_b) in enumerate(events):
-            calls = ((s_f, fn, e_f), (s_b, base_fn, e_b)) if i % 2 == 0 else ((s_b, base_fn, e_b), (s_f, fn, e_f))
-            for k, (start, call, end) in enumerate(calls):
-                start.record()
-                call((i + k * shift) % n_sets)
-                end.record()
-        torch.cuda.synchronize()
-        mine = statistics.median(s.elapsed_time(e) for s, e, _, _ in events)
-        base = statistics.median(s.elapsed_time(e) for _, _, s, e in events)
+        mine, base = _alternating_medians(lambda i, k: fn((i + k * shift) % n_sets),
+                                          lambda i, k: base_fn((i + k * shift) % n_sets), reps)
         ratios.append(mine / base)
     return ratios
 
@@ -98,36 +107,29 @@ def paired_graph_ratio(fn: Callable[[int], object], base_fn: Callable[[int], obj
                        reps: int = 40) -> float:
     """Median ratio of CUDA-graph replay times (one call per input set in each graph), the two
     graphs replayed in turns: the kernels' time ratio without launch overhead or drift."""
-    graphs = []
-    for f in (fn, base_fn):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-            for i in range(2 * n_sets):
-                f(i % n_sets)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            keep = [f(i) for i in range(n_sets)]
-        graphs.append((graph, keep))
-    (g_f, _), (g_b, _) = graphs
+    captured = [_capture(fn, n_sets), _capture(base_fn, n_sets)]  # their outputs stay alive till return
+    (g_f, _), (g_b, _) = captured
     for _ in range(3):
         g_f.replay()
         g_b.replay()
-    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
+    mine, base = _alternating_medians(lambda i, k: g_f.replay(), lambda i, k: g_b.replay(), reps)
+    return mine / base
+
+
+def _capture(fn: Callable[[int], object], n_sets: int):
+    """``(graph, outputs)``: one call of ``fn`` per input set captured in a CUDA graph, after a
+    warm-up on a side stream (as capture requires); the outputs stay alive in its pool."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(2 * n_sets):
+            fn(i % n_sets)
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    for i, (s_f, e_f, s_b, e_b) in enumerate(events):
-        order = ((s_f, g_f, e_f), (s_b, g_b, e_b)) if i % 2 == 0 else ((s_b, g_b, e_b), (s_f, g_f, e_f))
-        for start, graph, end in order:
-            start.record()
-            graph.replay()
-            end.record()
-    torch.cuda.synchronize()
-    ratio = statistics.median(s.elapsed_time(e) for s, e, _, _ in events) / \
-        statistics.median(s.elapsed_time(e) for _, _, s, e in events)
-    del graphs
-    return ratio
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        keep = [fn(i) for i in range(n_sets)]
+    return graph, keep
 
 
 def graph_times_ms(fn: Callable[[int], object], n_sets: int, reps: int, warmup: int = 3) -> List[float]:
@@ -136,16 +138,7 @@ def graph_times_ms(fn: Callable[[int], object], n_sets: int, reps: int, warmup: 
     Raises whatever capture raises (a host synchronization inside ``fn``, say); the caller
     records the reason.
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-        for i in range(2 * n_sets):
-            fn(i % n_sets)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        keep = [fn(i) for i in range(n_sets)]  # outputs stay alive in the graph's pool
+    graph, keep = _capture(fn, n_sets)
     try:
         for _ in range(warmup):
             graph.replay()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 import os
 from typing import Optional, Sequence, Tuple, Union
 
@@ -17,7 +16,7 @@ import torch
 from .kernels.tiles import TagMask
 from .reference import attention_reference
 from .specs import MAX_VALUE_PROBE_CHANNELS, AttentionResult, BlockMultiplier, PairStats, Probe, TokenGroups, \
-    ValueProbe
+    ValueProbe, as_integer
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TAG_DTYPES = (torch.int32, torch.int64)
@@ -231,25 +230,15 @@ def _validate_multiplier(m, b, h, nq, nk, device):
 
 # kernel_options: name -> (what a value must be, check). Tile edges are powers of two from 16
 # (tl.dot's least M, N, K) to 256; warps a power of two up to 16.
-def _integer(x):
-    """``x`` as an int if it is an integer (Python, numpy, 0-d tensor) and not a bool, else None."""
-    if isinstance(x, bool):
-        return None
-    try:
-        return operator.index(x)
-    except TypeError:
-        return None
-
-
 def _is_pow2_in(lo, hi):
     def ok(x):
-        n = _integer(x)
+        n = as_integer(x)
         return n is not None and lo <= n <= hi and n & (n - 1) == 0
     return ok
 
 
 def _int_in(lo, hi):
-    return lambda x: _integer(x) is not None and lo <= _integer(x) <= hi
+    return lambda x: as_integer(x) is not None and lo <= as_integer(x) <= hi
 
 
 _TILE = ("a power of two in [16, 256]", _is_pow2_in(16, 256))
@@ -278,7 +267,7 @@ def _validate_kernel_options(options) -> Optional[dict]:
         expected, ok = KERNEL_OPTIONS[name]
         if not ok(value):
             raise ValueError(f"kernel_options[{name!r}] must be {expected}, got {value!r}")
-        checked[name] = value if isinstance(value, bool) or value is None else _integer(value)
+        checked[name] = value if isinstance(value, bool) or value is None else as_integer(value)
     return checked
 
 
@@ -287,7 +276,7 @@ def _validate_pairs(pairs, b, device):
         return None
     if not isinstance(pairs, torch.Tensor):
         # Integers only: as_tensor(..., int64) would truncate 1.7 to 1 (and True is no index).
-        pairs_list = [[_integer(i) for i in pair] for pair in pairs] if isinstance(pairs, (list, tuple)) else None
+        pairs_list = [[as_integer(i) for i in pair] for pair in pairs] if isinstance(pairs, (list, tuple)) else None
         if pairs_list is None or any(i is None for pair in pairs_list for i in pair):
             raise TypeError(f"pair_stats must hold integer batch indices, got {pairs!r}")
         pairs = pairs_list

@@ -273,6 +273,16 @@ class ValueProbe:
             raise ValueError(f"ValueProbe: normalize must be None or 'queries', got {self.normalize!r}")
 
 
+def as_integer(x) -> Optional[int]:
+    """``x`` as an int if it is an integer (Python, numpy, 0-d tensor) and not a bool, else None."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
 # --------------------------------------------------------------------------- multiplier
 @dataclass(frozen=True)
 class BlockMultiplier:
@@ -291,13 +301,10 @@ class BlockMultiplier:
         # float is not (it would reach the kernel's pointer arithmetic).
         for name in ("query_start", "key_start"):
             value = getattr(self, name)
-            try:
-                if isinstance(value, bool):
-                    raise TypeError
-                object.__setattr__(self, name, operator.index(value))
-            except TypeError:
-                raise TypeError(f"BlockMultiplier.{name} must be an integer, got {value!r} "
-                                f"({type(value).__name__})") from None
+            n = as_integer(value)
+            if n is None:
+                raise TypeError(f"BlockMultiplier.{name} must be an integer, got {value!r} ({type(value).__name__})")
+            object.__setattr__(self, name, n)
 
 
 # --------------------------------------------------------------------------- pair statistics

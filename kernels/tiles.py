@@ -101,13 +101,17 @@ class VisitLists:
     visit_count: torch.Tensor  # [B, Mt] int32
 
 
-def build_visit_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int) -> VisitLists:
+def _classify(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int):
+    """classify_tiles, through the optional CUDA extension when the tags are on a GPU."""
     from iidkern._ext import cuda_ext
 
     if cuda_ext is not None and q_tags.is_cuda:
-        skip, full = cuda_ext.classify_tiles(q_tags.contiguous(), k_tags.contiguous(), block_m, block_n)
-    else:
-        skip, full = classify_tiles(q_tags, k_tags, block_m, block_n)
+        return cuda_ext.classify_tiles(q_tags.contiguous(), k_tags.contiguous(), block_m, block_n)
+    return classify_tiles(q_tags, k_tags, block_m, block_n)
+
+
+def build_visit_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int) -> VisitLists:
+    skip, full = _classify(q_tags, k_tags, block_m, block_n)
     # Rank 0 = full, 1 = partial, 2 = skipped; a stable sort keeps each part in tile order.
     rank = torch.where(full, 0, torch.where(skip, 2, 1)).to(torch.int8)
     order = torch.argsort(rank, dim=-1, stable=True).to(torch.int32)
@@ -116,12 +120,7 @@ def build_visit_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, 
 
 
 def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int) -> TileLists:
-    from iidkern._ext import cuda_ext
-
-    if cuda_ext is not None and q_tags.is_cuda:
-        skip, full = cuda_ext.classify_tiles(q_tags.contiguous(), k_tags.contiguous(), block_m, block_n)
-    else:
-        skip, full = classify_tiles(q_tags, k_tags, block_m, block_n)
+    skip, full = _classify(q_tags, k_tags, block_m, block_n)
     partial = ~skip & ~full
 
     def as_list(sel: torch.Tensor):
@@ -157,20 +156,19 @@ class TagMask:
         """The tags as ``[B, N]`` (1-D tags are shared by the batch)."""
         return tuple(t.expand(batch, t.shape[-1]) if t.dim() == 1 else t for t in (self.q_tags, self.k_tags))
 
-    def tile_lists(self, block_m: int, block_n: int, batch: int = 1) -> TileLists:
-        key = (block_m, block_n, batch)
+    def _cached(self, build, block_m: int, block_n: int, batch: int):
+        key = (build.__name__, block_m, block_n, batch)
         if key not in self._lists:
-            q_tags, k_tags = self.batched(batch)
-            self._lists[key] = build_tile_lists(q_tags, k_tags, block_m, block_n)
+            self._lists[key] = build(*self.batched(batch), block_m, block_n)
         return self._lists[key]
+
+    def tile_lists(self, block_m: int, block_n: int, batch: int = 1) -> TileLists:
+        """The Triton kernel's lists for ``(block_m, block_n)`` tiles, built once per shape."""
+        return self._cached(build_tile_lists, block_m, block_n, batch)
 
     def visit_lists(self, block_m: int, block_n: int, batch: int = 1) -> VisitLists:
         """The one-list form of the tile classes (the Hopper kernel's), cached like tile_lists."""
-        key = ("visit", block_m, block_n, batch)
-        if key not in self._lists:
-            q_tags, k_tags = self.batched(batch)
-            self._lists[key] = build_visit_lists(q_tags, k_tags, block_m, block_n)
-        return self._lists[key]
+        return self._cached(build_visit_lists, block_m, block_n, batch)
 
     def tile_counts(self, block_m: int, block_n: int, batch: int = 1) -> torch.Tensor:
         """Number of key tiles each query tile must visit, ``[B, Mt]`` (for tests and stats)."""
