@@ -1,0 +1,45 @@
+"""Scratch (GPU): the block multiplier staged in shared memory by TMA (separate K and V rings,
+a fourth partition loading M) against the kernel it was built on (M read from global memory by
+the consumers, one joint K/V ring), paired ratios over that kernel's plain call; plus the plain
+calls of both (the ring change). Measured and reverted (bench/NOTES.md 41). To rerun:
+``git show HEAD:kernels/hopper_fwd.py > kernels/hopper_prev.py; git apply scratch/mult_staged.patch``
+(the patch also holds the staged variant's tests), then ``bash scratch/device_mult.sh`` on the device."""
+import statistics
+import sys
+
+import torch
+
+from iidkern import BlockMultiplier
+from iidkern.kernels import hopper_fwd as new, hopper_prev as old
+from iidkern.kernels.kernel_args import MultiplierArgs
+from bench.timing import paired_ratios, paired_graph_ratio
+from bench.workloads import DTYPES, SHAPES, build_workload, random_qkv
+
+shapes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["flux_1024", "flux_edit"]
+for name in shapes:
+    shape = SHAPES[name]
+    dev = torch.device("cuda")
+    q, k, v = random_qkv(shape, DTYPES["bf16"], dev, seed=0)
+    m = build_workload(shape, DTYPES["bf16"], "block_mult", dev).multiplier
+    m16 = BlockMultiplier(m.values.to(torch.bfloat16), m.query_start, m.key_start)
+    scale = q.shape[-1] ** -0.5
+
+    def call(mod, mult=None):
+        def run(i=0):
+            out = torch.empty_like(q)
+            mod.hopper_attention(q, k, v, out, layout="bhnd", scale=scale,
+                                 multiplier=MultiplierArgs.of(mult) if mult is not None else None)
+            return out
+        return run
+    cases = {"new plain": call(new), "old mult": call(old, m), "new mult fp32 (staged)": call(new, m),
+             "old mult bf16": call(old, m16), "new mult bf16 (staged)": call(new, m16)}
+    ref = call(old, m)().float()
+    for label in ("new mult fp32 (staged)",):
+        got = cases[label]().float()
+        print(f"{name} {label}: rel diff vs old {((got - ref).norm() / ref.norm()).item():.2e}", flush=True)
+    base = call(old)
+    for label, fn in cases.items():
+        r = paired_ratios(fn, base, 1, rounds=5, reps=40)
+        g = paired_graph_ratio(fn, base, 1, reps=30)
+        print(f"{name:9s} {label:24s} {statistics.median(r):.3f}x old plain (rounds {min(r):.3f}-{max(r):.3f}), "
+              f"graph {g:.3f}x", flush=True)
