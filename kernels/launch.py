@@ -292,16 +292,19 @@ def _probe_config(spread_and_reduced: bool, block_d: int, dtype: torch.dtype) ->
     """Probe-pass tiles (``PROBE_BLOCK_M`` etc. in ``kernel_options`` override them).
 
     A probe has no PV product, so its tiles can differ from the main pass. An output tile
-    that is token x token with heads reduced reloads q and k once per head: large tiles
-    cut that traffic (it is the cost of a text x image head-mean map). Other probes have
-    few output tiles to spread over the SMs and keep smaller ones.
+    that is token x token with heads reduced (a text x image head-mean map) reloads q and
+    k once per head: at head dim 128, 64 x 128 tiles with 4 warps and 2 stages measured
+    best on the H100 (bench/NOTES.md 43: 1.17x plain at Flux 1024² and 1.09x at Flux-edit,
+    against 1.19x / 1.10x for 128 x 128 with 8 warps; twice the programs, so a wave fills
+    132 SMs). Other probes have few output tiles to spread over the SMs and keep smaller
+    ones (at head dim 64, 64 x 64 stayed best).
     """
     if _INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, NUM_WARPS=1, NUM_STAGES=1)
     if dtype == torch.float32 or block_d > 128:
         return dict(BLOCK_M=64, BLOCK_N=32, NUM_WARPS=4, NUM_STAGES=2)
-    if spread_and_reduced and block_d > 64:  # H100: 128x128 1.09x plain at Flux vs 1.11x for 64x64
-        return dict(BLOCK_M=128, BLOCK_N=128, NUM_WARPS=8, NUM_STAGES=2)
+    if spread_and_reduced and block_d > 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, NUM_WARPS=4, NUM_STAGES=2)
     return dict(BLOCK_M=64, BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3)
 
 
