@@ -9,7 +9,7 @@ import torch
 
 from iidkern import BlockMultiplier
 from iidkern.kernels import hopper_fwd as real, hopper_exp_const as const
-from iidkern.kernels.kernel_args import MultiplierArgs
+from hopper_calls import hopper_call
 from bench.timing import paired_ratios
 from bench.workloads import DTYPES, SHAPES, random_qkv
 
@@ -17,17 +17,10 @@ shape = SHAPES["flux_1024"]
 dev = torch.device("cuda")
 q, k, v = random_qkv(shape, DTYPES["bf16"], dev, seed=0)
 n = q.shape[2]
-scale = q.shape[-1] ** -0.5
 
 
-def call(mod, m=None):
-    args = MultiplierArgs.of(m) if m is not None else None
-
-    def run(i=0):
-        out = torch.empty_like(q)
-        mod.hopper_attention(q, k, v, out, layout="bhnd", scale=scale, multiplier=args)
-        return out
-    return run
+def call(mod, mult=None):
+    return hopper_call(mod, q, k, v, mult)
 
 
 for label, m in (("4 tiles", BlockMultiplier(2 * torch.rand(1, 4096, 512, device=dev), 512, 0)),

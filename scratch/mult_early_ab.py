@@ -10,7 +10,7 @@ import torch
 
 from iidkern import BlockMultiplier
 from iidkern.kernels import hopper_fwd as cur, hopper_exp as exp
-from iidkern.kernels.kernel_args import MultiplierArgs
+from hopper_calls import hopper_call
 from bench.timing import paired_ratios
 from bench.workloads import DTYPES, SHAPES, build_workload, random_qkv
 
@@ -20,16 +20,9 @@ for name in (sys.argv[1].split(",") if len(sys.argv) > 1 else ["flux_1024", "flu
     q, k, v = random_qkv(shape, DTYPES["bf16"], dev, seed=0)
     m = build_workload(shape, DTYPES["bf16"], "block_mult", dev).multiplier
     m16 = BlockMultiplier(m.values.to(torch.bfloat16), m.query_start, m.key_start)
-    scale = q.shape[-1] ** -0.5
 
     def call(mod, mult=None):
-        args = MultiplierArgs.of(mult) if mult is not None else None
-
-        def run(i=0):
-            out = torch.empty_like(q)
-            mod.hopper_attention(q, k, v, out, layout="bhnd", scale=scale, multiplier=args)
-            return out
-        return run
+        return hopper_call(mod, q, k, v, mult)
     for label, mult in (("fp32", m), ("bf16", m16)):
         ref, got = call(cur, mult)().float(), call(exp, mult)().float()
         print(f"{name} {label}: early vs current rel diff {((got - ref).norm() / ref.norm()).item():.2e}", flush=True)

@@ -11,7 +11,7 @@ import torch
 
 from iidkern import BlockMultiplier
 from iidkern.kernels import hopper_fwd as new, hopper_prev as old
-from iidkern.kernels.kernel_args import MultiplierArgs
+from hopper_calls import hopper_call
 from bench.timing import paired_ratios
 from bench.workloads import DTYPES, SHAPES, build_workload, random_qkv
 
@@ -24,16 +24,9 @@ for name in shapes:
     m16 = BlockMultiplier(m.values.to(torch.bfloat16), m.query_start, m.key_start)
     one = BlockMultiplier(m.values[..., :128].contiguous(), m.query_start, m.key_start)
     one16 = BlockMultiplier(one.values.to(torch.bfloat16), m.query_start, m.key_start)
-    scale = q.shape[-1] ** -0.5
 
     def call(mod, mult=None):
-        args = MultiplierArgs.of(mult) if mult is not None else None
-
-        def run(i=0):
-            out = torch.empty_like(q)
-            mod.hopper_attention(q, k, v, out, layout="bhnd", scale=scale, multiplier=args)
-            return out
-        return run
+        return hopper_call(mod, q, k, v, mult)
     cases = {"new plain": call(new)}
     for label, mult in (("4 tiles fp32", m), ("4 tiles bf16", m16), ("1 tile fp32", one), ("1 tile bf16", one16)):
         cases[f"old {label}"] = call(old, mult)
