@@ -494,7 +494,7 @@ def bad_cases(B=2, H=2, N=20, D=16):
         ("probes not list", dict(probes=Probe(TG.each(0, 2), TG.each(0, 2)).queries), ["probes"]),
         ("probes None", dict(probes=None), ["probes"]),
         ("probe keys each beyond N", dict(probes=[Probe(TG.each(0, 2), TG.each(3, N + 1))]), ["probes[0].keys"]),
-        ("probe ids [B+1,N]", dict(probes=[Probe(TG.ids(torch.zeros(B + 1, N, dtype=torch.int32), 1, (0, 1)),
+        ("probe ids [B+1,N]", dict(probes=[Probe(TG.ids(torch.zeros(B + 1, N, dtype=torch.int32), 1, (0, N)),
                                                  TG.each(0, 2))]), ["probes[0].queries"]),
         ("probe heads [B,H+1]", dict(probes=[Probe(TG.each(0, 2), TG.each(0, 2), heads=torch.ones(B, H + 1))]),
          ["probes[0]"]),
