@@ -424,8 +424,16 @@ def run_case(rng, c):
             want = torch.stack([{"dot": (od[i] * od[j]), "norm0_sq": od[i] * od[i], "norm1_sq": od[j] * od[j]}[name]
                                 .sum((1, 2)) for i, j in pairs])
             check_close(f"pair_stats.{name}", getattr(res.pair_stats, name), want, 1e-4)
-            check_close(f"pair_stats.{name} vs reference", getattr(res.pair_stats, name),
-                        getattr(ref.pair_stats, name).double(), 3 * OUT_TOL[dtype])
+            if name != "dot":
+                check_close(f"pair_stats.{name} vs reference", getattr(res.pair_stats, name),
+                            getattr(ref.pair_stats, name).double(), 3 * OUT_TOL[dtype])
+        # The dot may cancel: its error against the reference is bounded by the outputs' errors
+        # times the norms, not by the dot's own size.
+        got, want = res.pair_stats.dot.double(), ref.pair_stats.dot.double()
+        scale = (ref.pair_stats.norm0_sq.double() * ref.pair_stats.norm1_sq.double()).sqrt()
+        if not ((got - want).abs() <= 6 * OUT_TOL[dtype] * scale + 1e-6).all():
+            raise Mismatch(f"pair_stats.dot vs reference: max |err| / (|O0||O1|) "
+                           f"{((got - want).abs() / scale.clamp_min(1e-12)).max().item():.3e}")
     if kw.get("count_tiles"):
         bm = kw["kernel_options"].get("BLOCK_M", 16)
         bn = kw["kernel_options"].get("BLOCK_N", 16)
@@ -515,10 +523,6 @@ def bad_cases(B=2, H=2, N=20, D=16):
          ["block_multiplier key range"]),
         ("mult negative start", dict(block_multiplier=BlockMultiplier(torch.ones(B, 2, 2), query_start=-1)),
          ["block_multiplier"]),
-        ("mult float start", dict(block_multiplier=BlockMultiplier(torch.ones(B, 2, 2), query_start=1.5)),
-         ["block_multiplier"]),
-        ("mult tensor start", dict(block_multiplier=BlockMultiplier(torch.ones(B, 2, 2),
-                                                                    key_start=torch.tensor(1))), ["block_multiplier"]),
         ("mult values list", dict(block_multiplier=BlockMultiplier([[[1.0]]] * B)), ["block_multiplier"]),
         ("pairs float tensor", dict(pair_stats=torch.zeros(1, 2)), ["pair_stats"]),
         ("pairs empty", dict(pair_stats=[]), ["pair_stats"]),
@@ -538,17 +542,9 @@ def bad_cases(B=2, H=2, N=20, D=16):
         ("k D=0", dict(q=torch.randn(B, H, N, 0), k=torch.randn(B, H, N, 0), v=torch.randn(B, H, N, 0)),
          ["head dim"]),
         ("Nk=0", dict(k=torch.randn(B, H, 0, D), v=torch.randn(B, H, 0, D)), ["Nk"]),
-        ("group ids >= num_groups (query side, value probe)",
-         dict(probes=[ValueProbe(torch.randn(N, 2), TG.ids(torch.arange(N, dtype=torch.int32) % 4, 2, (0, N)))]),
-         ["probes[0]"]),
-        ("group ids >= num_groups (fused probe)",
-         dict(probes=[Probe(TG.ids(torch.arange(N, dtype=torch.int32) % 4, 2, (0, N)),
-                            TG.ids(torch.arange(N, dtype=torch.int32) % 3, 3, (0, N)))]), ["probes[0]"]),
-        ("group ids >= num_groups + normalize",
-         dict(probes=[Probe(TG.each(0, 3), TG.ids(torch.arange(N, dtype=torch.int32) % 4, 2, (0, N)),
-                            normalize="keys")]), ["probes[0]"]),
-        ("group span hides ids", dict(probes=[Probe(TG.each(0, 3), TG.ids(torch.arange(N, dtype=torch.int32) % 2, 2,
-                                                                          (0, 3)))]), ["probes[0]"]),
+        # Host-side group ids outside [-1, num_groups) or outside their span, and a float
+        # BlockMultiplier start, now raise when built, and a 0-d integer tensor start is taken
+        # as an integer (tests/test_attention_errors.py).
     ]
     return q, cases
 
