@@ -295,9 +295,9 @@ def _probe_config(spread_and_reduced: bool, block_d: int, dtype: torch.dtype) ->
     that is token x token with heads reduced (a text x image head-mean map) reloads q and
     k once per head: at head dim 128, 64 x 128 tiles with 4 warps and 2 stages measured
     best on the H100 (bench/NOTES.md 43: 1.17x plain at Flux 1024² and 1.09x at Flux-edit,
-    against 1.19x / 1.10x for 128 x 128 with 8 warps; twice the programs, so a wave fills
-    132 SMs). Other probes have few output tiles to spread over the SMs and keep smaller
-    ones (at head dim 64, 64 x 64 stayed best).
+    against 1.19x / 1.10x for 128 x 128 with 8 warps: twice the programs, two a SM, so one's
+    exp overlaps the other's products). Other probes have few output tiles to spread over
+    the SMs and keep smaller ones (at head dim 64, 64 x 64 stayed best).
     """
     if _INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, NUM_WARPS=1, NUM_STAGES=1)
