@@ -333,12 +333,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             ``mult_split`` (the key groups / the multiplier get their own key-tile range
             instead of a per-tile test), ``kg_half_dot`` (key-group sums as two fp16
             products instead of tf32), ``warp_specialize`` (Triton's automatic warp
-            specialization), ``hopper`` (default True: on an H100-class GPU (sm_90), fp16/bf16
+            specialization), ``hopper`` (unset: on an H100-class GPU (sm_90), fp16/bf16
             calls at head_dim 128 (and at 64 with at least 16384 keys) with no value probes or
             tile counts run the
             warp-specialized Gluon kernel of ``iidkern/kernels/hopper_fwd.py``, which also
             skips and masks tag tiles, accumulates the fused key-group probe and applies a
-            block multiplier; naming a
+            block multiplier, except calls without extras on fewer than 1024 keys, which are
+            faster on the Triton kernel's 64 x 64 tiles; ``True`` sends those to the Gluon
+            kernel too, ``False`` keeps every call on the Triton kernel; naming a
             main-pass option above, ``kg_split``, ``mult_split`` or ``kg_half_dot`` also
             selects the Triton kernel). ``poison=True`` fills outputs with NaN first (tests).
 

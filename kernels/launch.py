@@ -29,6 +29,12 @@ _PAIR_STATS = Launcher(pair_stats_kernel)
 PROBE_GROUP_BLOCK = 16  # group ids per output tile on a grouped probe side
 MAX_VALUE_CHANNELS = 64  # all value probes of one call share one padded side channel
 MAX_FUSED_KEY_GROUPS = 32  # a grouped-key probe with at most this many groups rides in the main pass
+# Plain calls with fewer keys than this run on the Triton kernel with SHORT_KEYS_CONFIG where
+# the Hopper kernel would serve them: its 128-row programs spend a short key loop filling and
+# draining their pipeline. H100, bf16, graph replays against the Hopper kernel (NOTES.md 44):
+# 0.66x at 300 keys, 0.88x at 768 (Flux 256²), 0.99x at 1024, 1.04x at 1152, 1.07x at 1536.
+HOPPER_MIN_KEYS = 1024
+SHORT_KEYS_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 # kernel_options that configure the Triton kernel's main pass: naming one selects that kernel
 # (the Hopper kernel has none of them, and would silently ignore them).
 MAIN_PASS_OPTIONS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "warp_specialize",
@@ -118,7 +124,14 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         batch, n_q, heads, head_dim = q.shape
         n_k = k.shape[1]
     device = q.device
-    cfg = default_config(head_dim, q.dtype)
+    hopper = _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options)
+    plain = tags is None and not probes and head_weights is None and block_multiplier is None and \
+        pair_stats is None and not need_lse
+    if hopper and plain and n_k < HOPPER_MIN_KEYS and (kernel_options or {}).get("hopper") is None:
+        hopper = False  # short keys: the Triton kernel's small tiles (hopper=True keeps the Hopper kernel)
+        cfg = dict(SHORT_KEYS_CONFIG)
+    else:
+        cfg = default_config(head_dim, q.dtype)
     cfg.update(kernel_options or {})
     # Tests pass poison=True: outputs start as NaN so an element the kernels never write shows.
     alloc = output_allocator(cfg)
@@ -136,7 +149,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     # per (batch, head, probed query) the sums over each key group, [B, H, rows, G].
     key_groups = _key_group_args(probes[fused], batch, heads, n_k, device, alloc) if fused is not None else None
 
-    if _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options):
+    if hopper:
         # The Hopper kernel needs none of the Triton kernel's launch setup (host time per call).
         hopper_fwd.hopper_attention(
             q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse, key_groups=key_groups,
@@ -277,7 +290,8 @@ def _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options) -
     """The Hopper kernel (hopper_fwd.py) takes calls whose extras it has: tags, head weights,
     LSE, a fused key-group probe, a block multiplier, and what runs after the main pass
     (probe-pass probes, pair statistics). Value probes and tile counts live in the Triton
-    kernel, and so do calls that configure its main pass or set ``hopper=False``."""
+    kernel, and so do calls that configure its main pass or set ``hopper=False``
+    (``triton_attention`` also keeps short plain calls there, see ``HOPPER_MIN_KEYS``)."""
     options = kernel_options or {}
     if not options.get("hopper", True) or MAIN_PASS_OPTIONS.intersection(options):
         return False

@@ -231,11 +231,12 @@ def _views_at(b, h, n, d, dtype, layout, offset, seed):
 @pytest.mark.parametrize("offset", [0, 1])
 def test_replayed_plain_calls_match_the_checked_path(monkeypatch, d, dtype, options, layout, offset):
     """Repeat plain calls replay the first call's launch (kernels/replay.py) on the Hopper
-    kernel (D=128 on an H100) or the Triton kernel, aligned or not: fresh inputs each call,
-    results against the reference and bit-identical to the checked path on the same tensors."""
+    kernel (D=128 on an H100, from launch.HOPPER_MIN_KEYS keys) or the Triton kernel, aligned
+    or not: fresh inputs each call, results against the reference and bit-identical to the
+    checked path on the same tensors."""
     import importlib
     api = importlib.import_module("iidkern.attention")
-    b, h, n = 2, 3, 777
+    b, h, n = 2, 3, 1100
     for seed in range(3):
         q, k, v = _views_at(b, h, n, d, dtype, layout, offset, seed)
         assert (q.data_ptr() % 16 == 0) == (offset == 0)

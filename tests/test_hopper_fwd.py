@@ -15,7 +15,7 @@ import torch
 
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
-from iidkern.kernels import hopper_fwd, launch, replay
+from iidkern.kernels import fast_launch, hopper_fwd, launch, replay
 from iidkern.kernels.kernel_args import MultiplierArgs
 from iidkern.reference import attention_reference
 from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups, random_tags, \
@@ -166,6 +166,29 @@ def test_block_multiplier_calls_are_routed_to_the_hopper_kernel(hopper_pretend, 
     assert tuple(seen["multiplier"][1:]) == (32, 0, 4, 1, 3, 11, 5, 9)
 
 
+def test_short_plain_calls_stay_on_the_triton_kernel_with_small_tiles(hopper_pretend, monkeypatch):
+    """Without extras and on fewer than HOPPER_MIN_KEYS keys, a call the Hopper kernel could
+    serve runs the Triton kernel with SHORT_KEYS_CONFIG; from that many keys, with an extra,
+    or with ``hopper=True`` it goes to the Hopper kernel."""
+    monkeypatch.setattr(importlib.import_module("iidkern.attention"), "_REPLAY", False)
+    hopper = []
+    monkeypatch.setattr(hopper_fwd, "hopper_attention", lambda *args, **kwargs: hopper.append(kwargs["layout"]))
+    g = torch.Generator().manual_seed(7)
+    short = launch.HOPPER_MIN_KEYS - 1
+    q, k, v = (torch.randn(1, 2, n, 128, generator=g) for n in (70, short, short))
+    with fast_launch.recording() as launches:
+        out = iidkern.attention(q, k, v, backend="triton")
+    assert hopper == [] and [rec[0] for rec in launches] == [launch._ATTN]
+    assert {key: launches[0][3][key] for key in launch.SHORT_KEYS_CONFIG} == launch.SHORT_KEYS_CONFIG
+    assert_close_rel(out, attention_reference(q, k, v, compute_dtype=torch.float64).out, 1e-4)
+    iidkern.attention(q, k, v, backend="triton", kernel_options={"hopper": True})
+    iidkern.attention(q, k, v, backend="triton", head_weights=torch.rand(1, 2))
+    iidkern.attention(q, k, v, backend="triton", return_lse=True)
+    long_k = torch.randn(1, 2, launch.HOPPER_MIN_KEYS, 128, generator=g)
+    iidkern.attention(q, long_k, long_k, backend="triton")
+    assert hopper == ["bhnd"] * 4
+
+
 def test_head_dims_served():
     """D=128 always; D=64 only from LONG_MIN_KEYS keys (shorter ones are faster on the Triton kernel)."""
     assert hopper_fwd.serves_head_dim(128, 1) and hopper_fwd.serves_head_dim(128, 100_000)
@@ -253,7 +276,7 @@ def test_routed_calls_get_head_weights_with_broadcast_strides(monkeypatch, hw_sh
     hw = {"h": torch.rand(h), "bh": torch.rand(b, h), "bhn": torch.rand(b, h, n)}[hw_shape]
     iidkern.attention(q, q, q, head_weights=hw, backend="triton")
     assert seen["head_weights"] is hw and seen["head_weight_strides"] == strides
-    iidkern.attention(q, q, q, backend="triton")
+    iidkern.attention(q, q, q, backend="triton", kernel_options={"hopper": True})  # short keys: asked for
     assert seen["head_weights"] is None and seen["head_weight_strides"] == (0, 0, 0)
 
 
@@ -376,7 +399,10 @@ def test_interpreter_never_routes_to_gluon():
 @pytest.fixture
 def hopper_calls(monkeypatch):
     """The layouts of the calls that run the Hopper kernel: through hopper_attention, or as
-    a replay of a plain call's recorded Hopper launch (kernels/replay.py)."""
+    a replay of a plain call's recorded Hopper launch (kernels/replay.py). Plain calls on
+    short key sequences go to it too (not to the Triton kernel, see launch.HOPPER_MIN_KEYS):
+    these tests are about the Hopper kernel, on small shapes."""
+    monkeypatch.setattr(launch, "HOPPER_MIN_KEYS", 0)
     calls = []
     original = hopper_fwd.hopper_attention
     original_replay = replay.LaunchReplay.__call__
@@ -753,3 +779,34 @@ def test_head_dim_64_long_sequences_run_on_the_hopper_kernel(hopper_calls, layou
     short = make_qkv(1, 2, 4429, 4429, 64, torch.bfloat16, layout, device="cuda", generator=g)
     iidkern.attention(*short, layout=layout)
     assert hopper_calls == [layout, layout]
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("b, h, nq, nk", [(1, 24, 768, 768), (2, 3, 333, 1000), (3, 2, 1100, 1023)])
+def test_short_plain_calls_run_the_triton_kernel_on_the_gpu(monkeypatch, dtype, layout, b, h, nq, nk):
+    """Plain calls on fewer than HOPPER_MIN_KEYS keys (Flux 256² among them) run the Triton
+    kernel's small tiles, checked path and replays alike, and match the reference; from
+    HOPPER_MIN_KEYS keys the Hopper kernel takes them."""
+    api = importlib.import_module("iidkern.attention")
+    hopper, replayed = [], []
+    original, original_replay = hopper_fwd.hopper_attention, replay.LaunchReplay.__call__
+    monkeypatch.setattr(hopper_fwd, "hopper_attention", lambda *a, **kw: hopper.append(1) or original(*a, **kw))
+    monkeypatch.setattr(replay.LaunchReplay, "__call__",
+                        lambda self, *a: replayed.append(self.launcher) or original_replay(self, *a))
+    for seed in range(3):  # the checked path alone, then the first call of the signature and a replay
+        monkeypatch.setattr(api, "_REPLAY", seed > 0)
+        q, k, v = _qkv(b, h, nq, nk, dtype, layout, seed=seed)
+        with fast_launch.recording() as launches:
+            out = iidkern.attention(q, k, v, layout=layout)
+        if seed == 0:
+            assert [rec[0] for rec in launches] == [launch._ATTN]
+            assert {key: launches[0][3][key] for key in launch.SHORT_KEYS_CONFIG} == launch.SHORT_KEYS_CONFIG
+        ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64).out
+        assert_close_rel(out, ref, OUT_TOL[dtype])
+    assert hopper == [] and replayed and all(launcher is launch._ATTN for launcher in replayed)
+    q, k, v = _qkv(b, h, nq, launch.HOPPER_MIN_KEYS, dtype, layout, seed=9)
+    iidkern.attention(q, k, v, layout=layout, kernel_options={"poison": True})
+    assert hopper == [1]
