@@ -414,13 +414,27 @@ def _pair_stats(out, pairs, layout, heads, n_q, head_dim, block_d) -> PairStats:
     # One launch per pair with the batch rows as scalars: no index tensor on the device, so
     # no host-to-device copy (which would synchronize the stream) on this hot path.
     pair_list = pairs.tolist()
-    block_t = 16 if _INTERPRET else max(1, min(128, 8192 // block_d))
-    n_chunks = cdiv(n_q, block_t)
-    partial = torch.empty((len(pair_list), heads, n_chunks, 3), dtype=torch.float32, device=out.device)
+    block_t = 16
+    n_progs = _pair_stats_programs(cdiv(n_q, block_t), heads, out.device)
+    partial = torch.empty((len(pair_list), heads, n_progs, 3), dtype=torch.float32, device=out.device)
     for p, (b0, b1) in enumerate(pair_list):
-        _PAIR_STATS[(n_chunks, heads)](
-            out, partial[p], b0, b1, *_strides_bhn(out, layout), heads, n_q, head_dim, n_chunks,
-            BLOCK_T=block_t, BLOCK_D=block_d,
+        _PAIR_STATS[(n_progs, heads)](
+            out, partial[p], b0, b1, *_strides_bhn(out, layout), heads, n_q, head_dim, n_progs,
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=1 if _INTERPRET else 8,
         )
     sums = partial.sum(2)
     return PairStats(dot=sums[..., 0], norm0_sq=sums[..., 1], norm1_sq=sums[..., 2])
+
+
+def _pair_stats_programs(n_tiles: int, heads: int, device: torch.device) -> int:
+    """Programs per head of the pair-statistics pass: about four per SM over all heads
+    (16-row tiles, 8 warps; H100 sweep, NOTES.md 42), each walking several token tiles. The
+    interpreter takes two, so tests walk the loop."""
+    if _INTERPRET or device.type != "cuda":
+        return max(1, min(n_tiles, 2))
+    return max(1, min(n_tiles, 4 * _sm_count(device.index if device.index is not None else 0) // heads))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -149,6 +149,21 @@ def test_pair_stats_and_router_weights(layout):
     assert w.shape == (3, H) and (w >= 1).all() and (w <= 1.2).all()
 
 
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_pair_stats_pass_walks_several_token_tiles_a_program(layout):
+    """The pass's programs each loop over token tiles (pid, pid + n_progs, ...), the last one
+    ragged: 83 tokens are 6 tiles of 16 for 2 programs here, so each walks 3."""
+    from iidkern.kernels import launch
+    assert launch._pair_stats_programs(6, 3, torch.device("cpu")) == 2
+    g = torch.Generator().manual_seed(41)
+    q, k, v = make_qkv(3, 3, 83, 40, 24, layout=layout, generator=g)
+    res = iidkern.attention(q, k, v, layout=layout, pair_stats=[(2, 0)], backend="triton", kernel_options=OPTS)
+    o = res.out.double() if layout == "bhnd" else res.out.double().transpose(1, 2)
+    torch.testing.assert_close(res.pair_stats.dot[0].double(), (o[2] * o[0]).sum((1, 2)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(res.pair_stats.norm0_sq[0].double(), (o[2] ** 2).sum((1, 2)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(res.pair_stats.norm1_sq[0].double(), (o[0] ** 2).sum((1, 2)), rtol=1e-5, atol=0)
+
+
 def test_everything_at_once_matches_reference():
     g = torch.Generator().manual_seed(38)
     q, k, v = make_qkv(B, H, NQ, NK, D, dtype=torch.float16, layout="bnhd", generator=g)
