@@ -31,8 +31,9 @@ MAX_VALUE_CHANNELS = 64  # all value probes of one call share one padded side ch
 MAX_FUSED_KEY_GROUPS = 32  # a grouped-key probe with at most this many groups rides in the main pass
 # Plain calls with fewer keys than this run on the Triton kernel with SHORT_KEYS_CONFIG where
 # the Hopper kernel would serve them: its 128-row programs spend a short key loop filling and
-# draining their pipeline. H100, bf16, graph replays against the Hopper kernel (NOTES.md 44):
-# 0.66x at 300 keys, 0.88x at 768 (Flux 256²), 0.99x at 1024, 1.04x at 1152, 1.07x at 1536.
+# draining their pipeline. H100, bf16, graph replays, Triton time over Hopper time at B=1,
+# 24 heads (NOTES.md 45): 0.66x at 300 keys, 0.88x at 768 (Flux 256²), 0.99x at 1024, 1.04x at
+# 1152, 1.07x at 1536. More programs narrow the gain (768 keys: 0.94x at B=2, 1.01x at B=4).
 HOPPER_MIN_KEYS = 1024
 SHORT_KEYS_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 # kernel_options that configure the Triton kernel's main pass: naming one selects that kernel

@@ -10,7 +10,7 @@ for b, h, n in [(1, 24, 512), (1, 24, 768), (1, 24, 896), (1, 24, 1024), (1, 24,
                 (1, 24, 1536), (2, 24, 768), (4, 24, 768), (2, 24, 1024), (1, 8, 768), (1, 8, 1536),
                 (1, 8, 2048), (1, 48, 768), (1, 24, 300)]:
     q, k, v = (torch.randn(b, h, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    hop = lambda: iidkern.attention(q, k, v)
+    hop = lambda: iidkern.attention(q, k, v, kernel_options={"hopper": True})
     tri = lambda: iidkern.attention(q, k, v, kernel_options=SHORT)
     th, tt = [], []
     for _ in range(3):

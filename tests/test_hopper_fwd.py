@@ -184,9 +184,13 @@ def test_short_plain_calls_stay_on_the_triton_kernel_with_small_tiles(hopper_pre
     iidkern.attention(q, k, v, backend="triton", kernel_options={"hopper": True})
     iidkern.attention(q, k, v, backend="triton", head_weights=torch.rand(1, 2))
     iidkern.attention(q, k, v, backend="triton", return_lse=True)
+    iidkern.attention(q, k, v, backend="triton", tags=(random_tags(1, 70, generator=g), random_tags(1, short, generator=g)))
+    iidkern.attention(q, k, v, backend="triton", probes=[_map_probe()])
+    q2, k2 = torch.cat([q, q]), torch.cat([k, k])
+    iidkern.attention(q2, k2, k2, backend="triton", pair_stats=[(0, 1)])
     long_k = torch.randn(1, 2, launch.HOPPER_MIN_KEYS, 128, generator=g)
     iidkern.attention(q, long_k, long_k, backend="triton")
-    assert hopper == ["bhnd"] * 4
+    assert hopper == ["bhnd"] * 7
 
 
 def test_head_dims_served():
@@ -808,5 +812,6 @@ def test_short_plain_calls_run_the_triton_kernel_on_the_gpu(monkeypatch, dtype, 
         assert_close_rel(out, ref, OUT_TOL[dtype])
     assert hopper == [] and replayed and all(launcher is launch._ATTN for launcher in replayed)
     q, k, v = _qkv(b, h, nq, launch.HOPPER_MIN_KEYS, dtype, layout, seed=9)
-    iidkern.attention(q, k, v, layout=layout, kernel_options={"poison": True})
+    out = iidkern.attention(q, k, v, layout=layout, kernel_options={"poison": True})
     assert hopper == [1]
+    assert_close_rel(out, attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64).out, OUT_TOL[dtype])
