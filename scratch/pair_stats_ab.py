@@ -1,37 +1,14 @@
 """Scratch (GPU): where the pair-statistics call's time goes at Flux 1024² B=2, and which
-launch shape of the pass reads the two outputs fastest (graph replays, median)."""
+launch shape of the pass reads the two outputs fastest (graph replays, median). The pass
+kernel walks token tiles pid, pid + n_progs, ...: with n_progs = the tile count it is one
+tile a program (the pass before NOTES.md 46), with fewer a looping grid (adopted there)."""
 import torch
 import triton
-import triton.language as tl
 
 import iidkern
 from graph_timing import graph_ms
-from kernels.pair_stats import pair_stats_kernel
+from iidkern.kernels.pair_stats import pair_stats_kernel
 from bench.workloads import DTYPES, SHAPES, random_qkv
-
-
-@triton.jit
-def pair_stats_loop(O, PARTIAL, b0, b1, stride_ob, stride_oh, stride_on, n_tokens, head_dim, n_progs,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    acc01 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    acc00 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    acc11 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    for t0 in range(pid * BLOCK_T, n_tokens, n_progs * BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        ok = (offs_t < n_tokens)[:, None] & (offs_d < head_dim)[None, :]
-        rel = h * stride_oh + offs_t[:, None] * stride_on + offs_d[None, :]
-        x0 = tl.load(O + b0 * stride_ob + rel, mask=ok, other=0.0).to(tl.float32)
-        x1 = tl.load(O + b1 * stride_ob + rel, mask=ok, other=0.0).to(tl.float32)
-        acc01 += x0 * x1
-        acc00 += x0 * x0
-        acc11 += x1 * x1
-    slot = PARTIAL + (h * n_progs + pid) * 3
-    tl.store(slot, tl.sum(tl.sum(acc01, 1), 0))
-    tl.store(slot + 1, tl.sum(tl.sum(acc00, 1), 0))
-    tl.store(slot + 2, tl.sum(tl.sum(acc11, 1), 0))
 
 
 shape = SHAPES["flux_1024_b2"]
@@ -45,23 +22,18 @@ full = graph_ms(lambda: iidkern.attention(q, k, v, pair_stats=pairs))
 print(f"plain {base:.4f} ms, with pair stats {full:.4f} ms ({full / base:.3f}x, +{1000 * (full - base):.1f} us)")
 
 
-def current(bt, nw):
-    nc = triton.cdiv(N, bt)
-    part = torch.empty((H, nc, 3), device="cuda", dtype=torch.float32)
-
-    def run():
-        pair_stats_kernel[(nc, H)](out, part, 0, 1, *out.stride()[:3], H, N, D, nc, BLOCK_T=bt, BLOCK_D=D, num_warps=nw)
-        return part.sum(1)
-    return run
-
-
 def looped(np_, bt, nw):
     part = torch.empty((H, np_, 3), device="cuda", dtype=torch.float32)
 
     def run():
-        pair_stats_loop[(np_, H)](out, part, 0, 1, *out.stride()[:3], N, D, np_, BLOCK_T=bt, BLOCK_D=D, num_warps=nw)
+        pair_stats_kernel[(np_, H)](out, part, 0, 1, *out.stride()[:3], H, N, D, np_, BLOCK_T=bt, BLOCK_D=D,
+                                    num_warps=nw)
         return part.sum(1)
     return run
+
+
+def current(bt, nw):  # one token tile a program
+    return looped(triton.cdiv(N, bt), bt, nw)
 
 
 def after_attn(fn):
