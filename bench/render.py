@@ -219,6 +219,13 @@ def host_bound(reference: Optional[dict]) -> bool:
         reference["graph_median_ms"] < HOST_BOUND_MS
 
 
+def _paired_text(r: float, rg: Optional[float], separate: Optional[float], fmt: str, unit: str) -> str:
+    """A paired ratio as the targets table shows it: the paired graph ratio and the ratio of
+    the separately timed medians beside it, where measured."""
+    return f"{r:{fmt}}{unit} paired" + (f" (graph {rg:{fmt}}x)" if rg is not None else "") + \
+        (f"; separate medians {separate:{fmt}}x" if separate is not None else "")
+
+
 def targets(res: Results) -> List[Target]:
     """The issue's targets. Ratios come from the interleaved pairs where the suite measured
     them (steadier: drift between separately timed cases cancels), else from the cases'
@@ -235,8 +242,7 @@ def targets(res: Results) -> List[Target]:
         if pair is not None:
             separate = r
             r, rg = pair[0], pair[1] if pair[1] is not None else rg
-            value = f"{r:.2f}x cuDNN paired" + (f" (graph {rg:.2f}x)" if rg is not None else "") + \
-                (f"; separate medians {separate:.2f}x" if separate is not None else "")
+            value = _paired_text(r, rg, separate, ".2f", "x cuDNN")
         else:
             value = "—" if r is None else f"{r:.2f}x cuDNN" + (f" (graph {rg:.2f}x)" if rg is not None else "")
         if host_bound(ref) and rg is not None:
@@ -270,9 +276,7 @@ def targets(res: Results) -> List[Target]:
         if pair is not None:
             separate = _ratio(mine, plain, "median_ms")
             rg = pair[1] if pair[1] is not None else rg
-            text = f"{r:.3f}x paired" + (f" (graph {rg:.3f}x)" if rg is not None else "") + \
-                (f"; separate medians {separate:.3f}x" if separate is not None else "")
-            return text
+            return _paired_text(r, rg, separate, ".3f", "x")
         text = "—" if r is None else f"{r:.3f}x" + (f" (graph {rg:.3f}x)" if rg is not None else "")
         fastest = res.find(shape, dtype, "plain", "iidkern")
         if r is not None and plain is not fastest:
