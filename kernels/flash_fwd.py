@@ -187,7 +187,7 @@ def attn_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     num_heads, n_q, n_k, head_dim, qk_scale,
     Q_TAGS, K_TAGS, stride_qtb, stride_ktb,
-    PART_CNT, PART_IDX, FULL_CNT, FULL_IDX, RUN_START, RUN_STOP, n_q_tiles, n_k_tiles,
+    PART_CNT, PART_IDX, FULL_CNT, FULL_IDX, RUN_START, RUN_STOP, RAGGED_FULL, n_q_tiles, n_k_tiles,
     HW, stride_hwb, stride_hwh, stride_hwn,
     MULT, stride_mb, stride_mh, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0, mult_k1,
     X, stride_xb, stride_xn, XO,
@@ -205,6 +205,7 @@ def attn_fwd_kernel(
     KG_SPLIT: tl.constexpr = True,  # key groups may own the branch-free middle key range (below)
     MULT_SPLIT: tl.constexpr = True,  # the multiplier may own it (it comes first)
     WARP_SPECIALIZE: tl.constexpr = False,  # untagged loop only; see the loop below
+    RAGGED_TAIL: tl.constexpr = False,  # tags: n_k is not a multiple of BLOCK_N (the last key tile is ragged)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -277,6 +278,18 @@ def attn_fwd_kernel(
             kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D, HAS_MULT, HAS_X, HAS_KG,
             DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, WARP_SPECIALIZE)
         visited = n_partial + n_full + run_stop - run_start
+        if RAGGED_TAIL:
+            # A ragged last key tile that is full for its real keys is in no list (tiles.py):
+            # it runs like untagged attention's, bounds-masked and without tag loads, in a
+            # loop of 0 or 1 tiles (fewer registers than the tile inlined; NOTES.md 48).
+            n_ragged = tl.load(RAGGED_FULL + b64 * n_q_tiles + pid_m)
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_range(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, n_k // BLOCK_N,
+                n_k // BLOCK_N + n_ragged, k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale,
+                k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1,
+                x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D,
+                HAS_MULT, HAS_X, HAS_KG, DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, False, True)
+            visited += n_ragged
     else:
         q_tags = offs_m  # unused placeholder
         n_whole = n_k // BLOCK_N

@@ -223,9 +223,9 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
         lists = tags.tile_lists(block_m, block_n, batch)
         tag_args = (q_tags, k_tags, q_tags.stride(0), k_tags.stride(0),
                     lists.partial_count, lists.partial_index, lists.full_count, lists.full_index,
-                    lists.run_start, lists.run_stop)
+                    lists.run_start, lists.run_stop, lists.ragged_full)
     else:
-        tag_args = (dummy, dummy, 0, 0, dummy, dummy, dummy, dummy, dummy, dummy)
+        tag_args = (dummy, dummy, 0, 0, dummy, dummy, dummy, dummy, dummy, dummy, dummy)
 
     # ---- head weights, broadcast to [B, H, Nq] through zero strides (no copy)
     if head_weights is not None:
@@ -272,6 +272,7 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
         UPCAST_DOTS=upcast_dots, KG_HALF_DOT=bool(cfg.get("kg_half_dot", True)) and q.dtype != torch.float32,
         KG_SPLIT=bool(cfg.get("kg_split", True)), MULT_SPLIT=bool(cfg.get("mult_split", True)),
         WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)),
+        RAGGED_TAIL=tags is not None and n_k % block_n != 0,
         **launch_opts,
     )
     return (tiles if count_tiles else None), x_out

@@ -14,6 +14,11 @@ Rules (exact, per tile pair):
           is slower but still exact). A key tile that runs past ``Nk`` is never full;
 * partial otherwise.
 
+The Triton kernel's lists take one exception: a ragged last key tile whose real keys every
+query of the tile may see ("full but ragged") is in no list; the kernel runs it like
+untagged attention's ragged tile, bounds-masked and without tag loads
+(:func:`ragged_tile_full`). As a one-entry list it cost SD3 1024² 5% (NOTES.md 48).
+
 Full tiles are further split into the longest contiguous run (looped over as a plain
 range, so the kernel pipelines it like untagged attention) and a list of the others.
 The Hopper kernel, whose loader warp reads the list ahead of the consumers, takes one
@@ -39,6 +44,7 @@ class TileLists:
     full_index: torch.Tensor  # [B, Mt, Nt] int32
     run_start: torch.Tensor  # [B, Mt] int32
     run_stop: torch.Tensor  # [B, Mt] int32 (== run_start: no run)
+    ragged_full: torch.Tensor  # [B, Mt] int32: 1 where the ragged last key tile is full but ragged
 
 
 def longest_run(sel: torch.Tensor):
@@ -90,6 +96,20 @@ def classify_tiles(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, blo
     return meet_or == 0, meet_and > 0
 
 
+def ragged_tile_full(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """``[B, Mt]`` bool: the last key tile is ragged (``Nk`` not a multiple of ``block_n``) and
+    one bit is shared by every query of the query tile and every real key of that tile, so
+    only the padding needs a mask there."""
+    b, mt = q_tags.shape[0], cdiv(q_tags.shape[1], block_m)
+    n_k = k_tags.shape[1]
+    if n_k % block_n == 0:
+        return torch.zeros(b, mt, dtype=torch.bool, device=q_tags.device)
+    nbits = 64 if torch.int64 in (q_tags.dtype, k_tags.dtype) else 32
+    _, q_and = _tile_bits(q_tags, block_m, mt, nbits)
+    _, k_and = _tile_bits(k_tags[:, n_k - n_k % block_n:], block_n, 1, nbits)  # real keys only
+    return (q_and & k_and).any(-1)
+
+
 @dataclass
 class VisitLists:
     """Per query tile, every key tile to visit in one list: the full tiles first, then the
@@ -134,9 +154,11 @@ def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, b
     run_start, run_stop = longest_run(full)
     idx = torch.arange(full.shape[-1], device=full.device)
     in_run = (idx >= run_start[..., None]) & (idx < run_stop[..., None])
+    ragged = ragged_tile_full(q_tags, k_tags, block_m, block_n)
+    partial[..., -1] &= ~ragged  # the kernel runs such a tile outside the lists
     pc, pi = as_list(partial)
     fc, fi = as_list(full & ~in_run)
-    return TileLists(pc, pi, fc, fi, run_start.contiguous(), run_stop.contiguous())
+    return TileLists(pc, pi, fc, fi, run_start.contiguous(), run_stop.contiguous(), ragged.to(torch.int32).contiguous())
 
 
 @dataclass
@@ -173,7 +195,7 @@ class TagMask:
     def tile_counts(self, block_m: int, block_n: int, batch: int = 1) -> torch.Tensor:
         """Number of key tiles each query tile must visit, ``[B, Mt]`` (for tests and stats)."""
         lists = self.tile_lists(block_m, block_n, batch)
-        return lists.partial_count + lists.full_count + (lists.run_stop - lists.run_start)
+        return lists.partial_count + lists.full_count + (lists.run_stop - lists.run_start) + lists.ragged_full
 
     def sparsity(self, block_m: int, block_n: int, batch: int = 1) -> float:
         """Fraction of (query tile, key tile) pairs skipped."""

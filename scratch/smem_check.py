@@ -6,7 +6,7 @@ exec(compile(src.replace('os.path.dirname(__file__)', '"scratch"'), "cc", "exec"
 flash = load("flash_fwd")
 half = {n: "*bf16" for n in ("Q", "K", "V", "O")}
 ints = {n: "*i32" for n in ("Q_TAGS", "K_TAGS", "PART_CNT", "PART_IDX", "FULL_CNT", "FULL_IDX", "RUN_START",
-                           "RUN_STOP", "KG_IDS", "TILES")}
+                           "RUN_STOP", "RAGGED_FULL", "KG_IDS", "TILES")}
 ints.update({"Q_TAGS": "*i64", "K_TAGS": "*i64"})
 import os, subprocess, tempfile, triton as _t
 PTXAS = os.path.join(os.path.dirname(_t.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -15,7 +15,7 @@ for d, bm, bn, w, st, mr in [(64, 64, 64, 4, 3, None), (64, 64, 64, 4, 3, 168), 
     base = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, X_PAD=16, G_PAD=16, STORE_LSE=False, COUNT_TILES=False,
                 DOT_PRECISION="tf32", EVEN_D=True, X_PRECISION="tf32", UPCAST_DOTS=False, HAS_HW=False, HAS_X=False,
                 KG_HALF_DOT=True)
-    for label, extra in [("plain", {}), ("tags", dict(HAS_TAGS=True)), ("mult split", dict(HAS_MULT=True)),
+    for label, extra in [("plain", {}), ("tags", dict(HAS_TAGS=True)), ("tags ragged", dict(HAS_TAGS=True, RAGGED_TAIL=True)), ("mult split", dict(HAS_MULT=True)),
                          ("mult per-tile", dict(HAS_MULT=True, MULT_SPLIT=False)), ("kg split", dict(HAS_KG=True, KG_SPLIT=True)),
                          ("kg per-tile", dict(HAS_KG=True, KG_SPLIT=False))]:
         cfg = dict(base, HAS_TAGS=False, HAS_MULT=False, HAS_KG=False)

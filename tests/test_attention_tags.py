@@ -173,6 +173,7 @@ def test_tile_lists_partition_the_visited_tiles():
     g = torch.Generator().manual_seed(26)
     qt, kt = random_tags(2, 90, generator=g, density=0.7), random_tags(2, 75, generator=g, density=0.7)
     qt[:, :40], kt[:, 10:60] = 1, 1  # a long band of full tiles next to mixed ones
+    kt[:, 64:] |= 1  # the ragged last key tile: full but ragged for the query tiles of the band
     mask = iidkern.tag_mask(qt, kt)
     lists = mask.tile_lists(16, 16, 2)
     skip, full = classify_tiles(qt, kt, 16, 16)
@@ -182,10 +183,77 @@ def test_tile_lists_partition_the_visited_tiles():
             part = set(lists.partial_index[b, i, :lists.partial_count[b, i]].tolist())
             rest = set(lists.full_index[b, i, :lists.full_count[b, i]].tolist())
             run = set(range(lists.run_start[b, i].item(), lists.run_stop[b, i].item()))
-            assert not (part & rest) and not (part & run) and not (rest & run)
-            assert part | rest | run == {j for j in range(nt) if not skip[b, i, j]}
+            ragged = {nt - 1} if lists.ragged_full[b, i] else set()  # run by the kernel outside the lists
+            assert not (part & rest) and not (part & run) and not (rest & run) and not (ragged & (part | rest | run))
+            assert part | rest | run | ragged == {j for j in range(nt) if not skip[b, i, j]}
             assert all(full[b, i, j] for j in run | rest) and not any(full[b, i, j] for j in part)
     assert (lists.run_stop - lists.run_start).max() >= 2
+    assert lists.ragged_full.any() and not lists.ragged_full.all()  # 75 keys: a ragged last tile, both cases
+
+
+def _ragged_case_tags(b, nq, nk):
+    """Query tiles of 16: tile 0 shares bit 0 with every real key of the ragged last key tile
+    (full but ragged), tile 1 holds queries without it (partial), tile 2 none (skipped); the
+    other key tiles are full for every query."""
+    qt = torch.full((b, nq), 0b001, dtype=torch.int64)
+    qt[:, 16:32:2] = 0b010
+    qt[:, 17:32:2] = 0b011
+    qt[:, 32:] = 0b100
+    kt = torch.full((b, nk), 0b111, dtype=torch.int64)
+    kt[:, nk - nk % 16:] = 0b001
+    return qt, kt
+
+
+def test_a_ragged_last_tile_full_for_its_real_keys_is_in_no_list():
+    """tiles.ragged_tile_full: such a tile is left out of the lists (the kernel runs it like
+    untagged attention's ragged tile) and still counted as visited; partial and skipped
+    ragged tiles keep their classes; without a ragged tile the flag is never set."""
+    from iidkern.kernels.tiles import ragged_tile_full
+    qt, kt = _ragged_case_tags(2, 40, 45)
+    want = torch.tensor([[True, False, False]] * 2)
+    assert torch.equal(ragged_tile_full(qt, kt, 16, 16), want)
+    lists = iidkern.tag_mask(qt, kt).tile_lists(16, 16, 2)
+    assert lists.ragged_full.tolist() == want.int().tolist()
+    partial_has_last = [[2 in lists.partial_index[b, i, :lists.partial_count[b, i]].tolist() for i in range(3)]
+                        for b in range(2)]
+    assert partial_has_last == [[False, True, False]] * 2
+    assert torch.equal(iidkern.tag_mask(qt, kt).tile_counts(16, 16, 2), dense_tile_visits(qt, kt, 16, 16))
+    assert not ragged_tile_full(qt, kt[:, :32], 16, 16).any()  # 32 keys: nothing ragged
+    # The flag reads real keys only: one key of the tile without the shared bit breaks it.
+    kt[:, -1] = 0b100
+    assert not ragged_tile_full(qt, kt, 16, 16).any()
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("extras", ["none", "all"])
+@pytest.mark.parametrize("nk", [45, 48])
+def test_the_kernel_runs_a_full_but_ragged_tile_bounds_masked(layout, extras, nk):
+    """The kernel side of the rule above, alone and beside every extra of the tag path
+    (head weights, LSE, a value probe, a fused key-group probe, a block multiplier over the
+    ragged tile): exact against the float64 reference, and the tile is counted as visited.
+    With 48 keys nothing is ragged (the kernel is compiled without the ragged step)."""
+    from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
+    from helpers import PROBE_TOL, random_key_groups
+    g = torch.Generator().manual_seed(29)
+    b, h, nq = 2, 3, 40
+    q, k, v = make_qkv(b, h, nq, nk, 32, layout=layout, generator=g)
+    qt, kt = _ragged_case_tags(b, nq, nk)
+    kw = dict(tags=(qt, kt))
+    if extras == "all":
+        kw.update(head_weights=torch.rand(b, h, generator=g) + 0.5,
+                  probes=[Probe(TG.each(0, nq), random_key_groups(nk, (20, nk), 3, g), heads="keep"),
+                          ValueProbe(torch.randn(b, nk, 3, generator=g), TG.each(0, nq))],
+                  block_multiplier=BlockMultiplier(0.5 + torch.rand(b, 12, 20, generator=g), query_start=3,
+                                                   key_start=nk - 20))
+    res = iidkern.attention(q, k, v, layout=layout, backend="triton", count_tiles=True, return_lse=True,
+                            kernel_options=TILES, **kw)
+    ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64, **kw)
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
+    assert_lse_equal(res.lse, ref.lse, tol=1e-3)
+    for got, want in zip(res.probes, ref.probes):
+        assert_close_rel(got, want, PROBE_TOL[torch.float32], "probe")
+    expected = dense_tile_visits(qt, kt, 16, 16)
+    assert torch.equal(res.tiles_visited, expected[:, None, :].expand_as(res.tiles_visited).to(res.tiles_visited.dtype))
 
 
 def test_visit_lists_hold_full_then_partial_tiles_in_order():
