@@ -4,67 +4,42 @@ scratch/pair_overlap.patch applied) against the pass after
 the whole grid (``overlap_pair_stats=False``) and the plain call: paired ratios (eager, then
 graph) over the plain iidkern call, and each path's error against float64 sums."""
 import os
-import statistics
 
 import torch
 
-import iidkern
-from bench.timing import paired_graph_ratio, paired_ratios
-from bench.workloads import DTYPES, SHAPES, Shape, random_qkv
+from pair_ab_common import print_pair_errors, print_paired_table
+from bench.workloads import SHAPES, Shape
 from iidkern.kernels import launch
 
 dev = torch.device("cuda")
 SEP = {"overlap_pair_stats": False}
 
 
-def errors():
-    g = torch.Generator().manual_seed(3)
-    for b, h, n, pairs in ((2, 3, 1000, [[0, 1]]), (4, 5, 777, [[3, 0], [1, 2]]), (3, 2, 4100, [[2, 2], [0, 1]]),
-                           (5, 4, 300, [[4, 1], [1, 3], [0, 2], [2, 4], [3, 3]])):
-        for layout in ("bhnd", "bnhd"):
-            shape = (b, h, n, 128) if layout == "bhnd" else (b, n, h, 128)
-            q, k, v = (torch.randn(shape, generator=g).to(dev, torch.bfloat16) for _ in range(3))
-            res = iidkern.attention(q, k, v, layout=layout, pair_stats=pairs, kernel_options={"poison": True})
-            sep = iidkern.attention(q, k, v, layout=layout, pair_stats=pairs, kernel_options=dict(SEP, poison=True))
-            o = res.out.double() if layout == "bhnd" else res.out.double().transpose(1, 2)
-            want = torch.stack([(o[a] * o[c]).sum((-1, -2)) for a, c in pairs])
-            n0 = torch.stack([(o[a] * o[a]).sum((-1, -2)) for a, c in pairs])
-            for name, s in (("overlapped", res.pair_stats), ("after", sep.pair_stats)):
-                e = max(((s.dot.double() - want).abs().max() / want.abs().max()).item(),
-                        ((s.norm0_sq.double() - n0).abs().max() / n0.abs().max()).item())
-                print(f"B={b} H={h} N={n} {layout} pairs={pairs} {name}: rel err {e:.1e}", flush=True)
-
-
 if os.environ.get("AB_ERRORS", "1") == "1":
-    errors()
+    print_pair_errors({"overlapped": {}, "after": SEP})
     launch.PAIR_OVERLAP = "grid"
-    errors()
+    print_pair_errors({"overlapped": {}, "after": SEP})
     launch.PAIR_OVERLAP = "counts"
 cases = [(SHAPES["flux_1024_b2"], [[0, 1]]),
          (Shape("flux_1024_b4", 4, heads=24, text=512, image=4096, head_dim=128, text_first=True), [[0, 2], [1, 3]]),
          (Shape("flux_edit_b2", 2, heads=24, text=512, image=8192, head_dim=128, text_first=True), [[0, 1]])]
-for shape, pairs in cases:
-    sets = [random_qkv(shape, DTYPES["bf16"], dev, seed=s) for s in range(2)]
-    pt = torch.tensor(pairs, dtype=torch.int64)
 
-    def plain(i):
-        return iidkern.attention(*sets[i])
 
+def comparisons(call, plain):
     def overlapped(i):
-        return iidkern.attention(*sets[i], pair_stats=pt)
+        return call(i)
 
     def after(i):
-        return iidkern.attention(*sets[i], pair_stats=pt, kernel_options=SEP)
+        return call(i, kernel_options=SEP)
 
     def grid(i):
         launch.PAIR_OVERLAP = "grid"
         try:
-            return iidkern.attention(*sets[i], pair_stats=pt)
+            return call(i)
         finally:
             launch.PAIR_OVERLAP = "counts"
-    for label, fn, base in (("overlapped / plain", overlapped, plain), ("after grid / plain", after, plain),
-                            ("pdl grid wait / plain", grid, plain), ("pdl grid wait / after", grid, after)):
-        r = paired_ratios(fn, base, 2, rounds=3, reps=40)
-        gr = paired_graph_ratio(fn, base, 2)
-        print(f"{shape.name:13s} {label:20s} {statistics.median(r):.4f}x (rounds {min(r):.3f}-{max(r):.3f}) "
-              f"graph {gr:.4f}x", flush=True)
+    return (("overlapped / plain", overlapped, plain), ("after grid / plain", after, plain),
+            ("pdl grid wait / plain", grid, plain), ("pdl grid wait / after", grid, after))
+
+
+print_paired_table(cases, comparisons)
