@@ -187,7 +187,7 @@ def attn_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     num_heads, n_q, n_k, head_dim, qk_scale,
     Q_TAGS, K_TAGS, stride_qtb, stride_ktb,
-    LIST_CNT, LIST_IDX, RUN_START, RUN_STOP, RAGGED_FULL, n_q_tiles, n_k_tiles,
+    PART_CNT, PART_IDX, FULL_CNT, FULL_IDX, RUN_START, RUN_STOP, RAGGED_FULL, n_q_tiles, n_k_tiles,
     HW, stride_hwb, stride_hwh, stride_hwn,
     MULT, stride_mb, stride_mh, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0, mult_k1,
     X, stride_xb, stride_xn, XO,
@@ -244,19 +244,29 @@ def attn_fwd_kernel(
     if HAS_TAGS:
         q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
         list_row = (b64 * n_q_tiles + pid_m) * n_k_tiles
-        n_listed = tl.load(LIST_CNT + b64 * n_q_tiles + pid_m)
-        # The masked list: partial tiles and the full tiles outside the run (tiles.py). Tile
-        # indices are read one iteration ahead (loop-carried), so the next K/V addresses are
-        # known before the current tile's math and the loads can be pipelined.
-        next_n = tl.load(LIST_IDX + list_row, mask=n_listed > 0, other=0) * BLOCK_N
-        for i in range(0, n_listed):
+        n_partial = tl.load(PART_CNT + b64 * n_q_tiles + pid_m)
+        n_full = tl.load(FULL_CNT + b64 * n_q_tiles + pid_m)
+        # Tile indices are read one iteration ahead (loop-carried), so the next K/V addresses
+        # are known before the current tile's math and the loads can be pipelined.
+        next_n = tl.load(PART_IDX + list_row, mask=n_partial > 0, other=0) * BLOCK_N
+        for i in range(0, n_partial):
             start_n = next_n
-            next_n = tl.load(LIST_IDX + list_row + i + 1, mask=i + 1 < n_listed, other=0) * BLOCK_N
+            next_n = tl.load(PART_IDX + list_row + i + 1, mask=i + 1 < n_partial, other=0) * BLOCK_N
             acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
                 acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
                 stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
                 mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
                 BLOCK_N, BLOCK_D, X_PAD, G_PAD, True, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+        next_n = tl.load(FULL_IDX + list_row, mask=n_full > 0, other=0) * BLOCK_N
+        for i in range(0, n_full):
+            start_n = next_n
+            next_n = tl.load(FULL_IDX + list_row + i + 1, mask=i + 1 < n_full, other=0) * BLOCK_N
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
+                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                BLOCK_N, BLOCK_D, X_PAD, G_PAD, False, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
                 DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
         # The contiguous run of full tiles: a plain range, pipelined like untagged attention.
         run_start = tl.load(RUN_START + b64 * n_q_tiles + pid_m)
@@ -267,7 +277,7 @@ def attn_fwd_kernel(
             mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
             kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D, HAS_MULT, HAS_X, HAS_KG,
             DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, WARP_SPECIALIZE)
-        visited = n_listed + run_stop - run_start
+        visited = n_partial + n_full + run_stop - run_start
         if RAGGED_TAIL:
             # A ragged last key tile that is full for its real keys is in no list (tiles.py):
             # it runs like untagged attention's, bounds-masked and without tag loads, in a

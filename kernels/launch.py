@@ -217,14 +217,15 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
     n_k_tiles = cdiv(n_k, block_n)
     dummy, dummy_f = _dummies(device)
 
-    # ---- token tags -> per query tile: the masked list, the run of full tiles, the ragged flag
+    # ---- token tags -> per-query-tile lists of partial and full key tiles
     if tags is not None:
         q_tags, k_tags = tags.batched(batch)
         lists = tags.tile_lists(block_m, block_n, batch)
         tag_args = (q_tags, k_tags, q_tags.stride(0), k_tags.stride(0),
-                    lists.masked_count, lists.masked_index, lists.run_start, lists.run_stop, lists.ragged_full)
+                    lists.partial_count, lists.partial_index, lists.full_count, lists.full_index,
+                    lists.run_start, lists.run_stop, lists.ragged_full)
     else:
-        tag_args = (dummy, dummy, 0, 0, dummy, dummy, dummy, dummy, dummy)
+        tag_args = (dummy, dummy, 0, 0, dummy, dummy, dummy, dummy, dummy, dummy, dummy)
 
     # ---- head weights, broadcast to [B, H, Nq] through zero strides (no copy)
     if head_weights is not None:

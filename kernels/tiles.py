@@ -1,8 +1,8 @@
 """Tile classification of token tags: which (query tile, key tile) pairs to skip, run
 unmasked ("full") or run with the elementwise tag mask ("partial").
 
-Like FlexAttention's BlockMask, the kernel never looks at a skipped tile: it walks a
-short list of key-tile indices per query tile and one range. The lists depend on the tile shape, so a
+Like FlexAttention's BlockMask, the kernel never looks at a skipped tile: it walks two
+short lists of key-tile indices per query tile. The lists depend on the tile shape, so a
 :class:`TagMask` computes them lazily per ``(BLOCK_M, BLOCK_N)`` and caches them; build
 one with :func:`iidkern.tag_mask` and reuse it across calls (IID reuses one mask for every
 block and step after S).
@@ -19,10 +19,9 @@ query of the tile may see ("full but ragged") is in no list; the kernel runs it 
 untagged attention's ragged tile, bounds-masked and without tag loads
 (:func:`ragged_tile_full`). As a one-entry list it cost SD3 1024² 5% (NOTES.md 48).
 
-The Triton kernel runs the longest contiguous run of full tiles as a plain range (pipelined
-like untagged attention) and every other visited tile from one masked list: partial tiles,
-and full tiles outside the run, whose tag mask is all true (a second, unmasked list loop
-cost its registers on every tile: NOTES.md 49). The Hopper kernel, whose loader warp reads the list ahead of the consumers, takes one
+Full tiles are further split into the longest contiguous run (looped over as a plain
+range, so the kernel pipelines it like untagged attention) and a list of the others.
+The Hopper kernel, whose loader warp reads the list ahead of the consumers, takes one
 list per query tile instead (:class:`VisitLists`: full tiles, then partial ones).
 """
 from __future__ import annotations
@@ -35,13 +34,14 @@ import torch
 
 @dataclass
 class TileLists:
-    """Per query tile (the Triton kernel's form): the masked list (partial tiles and the full
-    tiles outside the run, in increasing order), the longest contiguous run of full tiles
-    ``[run_start, run_stop)`` (a plain pipelined loop, like untagged attention), and whether
-    the ragged last key tile is full but ragged (run outside both)."""
+    """Per query tile: partial tiles (masked), the longest contiguous run of full tiles
+    ``[run_start, run_stop)`` (a plain pipelined loop, like untagged attention), and the
+    other full tiles (a list)."""
 
-    masked_count: torch.Tensor  # [B, Mt] int32
-    masked_index: torch.Tensor  # [B, Mt, Nt] int32, the first masked_count entries are used
+    partial_count: torch.Tensor  # [B, Mt] int32
+    partial_index: torch.Tensor  # [B, Mt, Nt] int32, the first partial_count entries are used
+    full_count: torch.Tensor  # [B, Mt] int32, full tiles outside the run
+    full_index: torch.Tensor  # [B, Mt, Nt] int32
     run_start: torch.Tensor  # [B, Mt] int32
     run_stop: torch.Tensor  # [B, Mt] int32 (== run_start: no run)
     ragged_full: torch.Tensor  # [B, Mt] int32: 1 where the ragged last key tile is full but ragged
@@ -150,14 +150,15 @@ def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, b
 
     # A list-driven loop reads each tile index before it can address K and V; the bulk of
     # the full tiles (all image tiles, for IID) form one contiguous run that runs as a
-    # plain range instead. The other full tiles join the masked list.
+    # plain range instead.
     run_start, run_stop = longest_run(full)
     idx = torch.arange(full.shape[-1], device=full.device)
     in_run = (idx >= run_start[..., None]) & (idx < run_stop[..., None])
     ragged = ragged_tile_full(q_tags, k_tags, block_m, block_n)
     partial[..., -1] &= ~ragged  # the kernel runs such a tile outside the lists
-    count, index = as_list(partial | (full & ~in_run))
-    return TileLists(count, index, run_start.contiguous(), run_stop.contiguous(), ragged.to(torch.int32).contiguous())
+    pc, pi = as_list(partial)
+    fc, fi = as_list(full & ~in_run)
+    return TileLists(pc, pi, fc, fi, run_start.contiguous(), run_stop.contiguous(), ragged.to(torch.int32).contiguous())
 
 
 @dataclass
@@ -194,7 +195,7 @@ class TagMask:
     def tile_counts(self, block_m: int, block_n: int, batch: int = 1) -> torch.Tensor:
         """Number of key tiles each query tile must visit, ``[B, Mt]`` (for tests and stats)."""
         lists = self.tile_lists(block_m, block_n, batch)
-        return lists.masked_count + (lists.run_stop - lists.run_start) + lists.ragged_full
+        return lists.partial_count + lists.full_count + (lists.run_stop - lists.run_start) + lists.ragged_full
 
     def sparsity(self, block_m: int, block_n: int, batch: int = 1) -> float:
         """Fraction of (query tile, key tile) pairs skipped."""

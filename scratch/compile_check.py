@@ -49,7 +49,7 @@ def compile_kernel(fn, ptr_types, constexprs, num_warps=4, num_stages=3, **optio
 flash = load("flash_fwd")
 probe = load("probe")
 half = {n: "*bf16" for n in ("Q", "K", "V", "O")}
-ints = {n: "*i32" for n in ("Q_TAGS", "K_TAGS", "LIST_CNT", "LIST_IDX", "RUN_START",
+ints = {n: "*i32" for n in ("Q_TAGS", "K_TAGS", "PART_CNT", "PART_IDX", "FULL_CNT", "FULL_IDX", "RUN_START",
                            "RUN_STOP", "RAGGED_FULL", "KG_IDS", "TILES")}
 ints.update({"Q_TAGS": "*i64", "K_TAGS": "*i64"})
 base = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, X_PAD=16, G_PAD=16, STORE_LSE=True, COUNT_TILES=False,

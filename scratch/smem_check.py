@@ -5,7 +5,7 @@ src = open("scratch/compile_check.py").read().split("flash = load")[0]
 exec(compile(src.replace('os.path.dirname(__file__)', '"scratch"'), "cc", "exec"))
 flash = load("flash_fwd")
 half = {n: "*bf16" for n in ("Q", "K", "V", "O")}
-ints = {n: "*i32" for n in ("Q_TAGS", "K_TAGS", "LIST_CNT", "LIST_IDX", "RUN_START",
+ints = {n: "*i32" for n in ("Q_TAGS", "K_TAGS", "PART_CNT", "PART_IDX", "FULL_CNT", "FULL_IDX", "RUN_START",
                            "RUN_STOP", "RAGGED_FULL", "KG_IDS", "TILES")}
 ints.update({"Q_TAGS": "*i64", "K_TAGS": "*i64"})
 import os, subprocess, tempfile, triton as _t

@@ -178,9 +178,9 @@ def _band_tags(g):
 
 
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-def test_the_kernel_walks_the_masked_list_the_run_and_the_ragged_tile(layout):
-    """Every kind of visit at once (a full tile in the masked list, partial tiles, the run,
-    a full-but-ragged and a partial ragged tile, skipped tiles): exact against the float64
+def test_the_kernel_walks_both_lists_the_run_and_the_ragged_tile(layout):
+    """Every kind of visit at once (a full tile outside the run, partial tiles, the run, a
+    full-but-ragged and a partial ragged tile, skipped tiles): exact against the float64
     reference, and each query tile visits exactly the tiles holding an allowed pair."""
     g = torch.Generator().manual_seed(30)
     qt, kt = _band_tags(g)
@@ -195,28 +195,24 @@ def test_the_kernel_walks_the_masked_list_the_run_and_the_ragged_tile(layout):
 
 
 def test_tile_lists_partition_the_visited_tiles():
-    # The masked list and the contiguous full run are disjoint and, with a full-but-ragged
-    # last tile, cover every tile that is not skipped; the run holds only full tiles, and the
-    # masked list every partial tile plus the full tiles outside the run, in increasing order.
+    # partial list, full list and the contiguous full run are disjoint, cover every tile
+    # that is not skipped, and the run holds only full tiles.
     from iidkern.kernels.tiles import classify_tiles
     qt, kt = _band_tags(torch.Generator().manual_seed(26))
     mask = iidkern.tag_mask(qt, kt)
     lists = mask.tile_lists(16, 16, 2)
     skip, full = classify_tiles(qt, kt, 16, 16)
     mt, nt = skip.shape[1:]
-    full_outside_run = 0
     for b in range(2):
         for i in range(mt):
-            listed = lists.masked_index[b, i, :lists.masked_count[b, i]].tolist()
+            part = set(lists.partial_index[b, i, :lists.partial_count[b, i]].tolist())
+            rest = set(lists.full_index[b, i, :lists.full_count[b, i]].tolist())
             run = set(range(lists.run_start[b, i].item(), lists.run_stop[b, i].item()))
             ragged = {nt - 1} if lists.ragged_full[b, i] else set()  # run by the kernel outside the lists
-            assert listed == sorted(set(listed)) and not (set(listed) & run) and not (ragged & (set(listed) | run))
-            assert set(listed) | run | ragged == {j for j in range(nt) if not skip[b, i, j]}
-            assert all(full[b, i, j] for j in run)
-            assert {j for j in range(nt) if not skip[b, i, j] and not full[b, i, j]} - ragged <= set(listed)
-            full_outside_run += sum(bool(full[b, i, j]) for j in listed)
-    assert (lists.run_stop - lists.run_start).max() >= 2
-    assert full_outside_run > 0  # some full tiles ride in the masked list
+            assert not (part & rest) and not (part & run) and not (rest & run) and not (ragged & (part | rest | run))
+            assert part | rest | run | ragged == {j for j in range(nt) if not skip[b, i, j]}
+            assert all(full[b, i, j] for j in run | rest) and not any(full[b, i, j] for j in part)
+    assert (lists.run_stop - lists.run_start).max() >= 2 and lists.full_count.max() >= 1
     assert lists.ragged_full.any() and not lists.ragged_full.all()  # 75 keys: a ragged last tile, both cases
 
 
@@ -243,9 +239,9 @@ def test_a_ragged_last_tile_full_for_its_real_keys_is_in_no_list():
     assert torch.equal(ragged_tile_full(qt, kt, 16, 16), want)
     lists = iidkern.tag_mask(qt, kt).tile_lists(16, 16, 2)
     assert lists.ragged_full.tolist() == want.int().tolist()
-    listed_last = [[2 in lists.masked_index[b, i, :lists.masked_count[b, i]].tolist() for i in range(3)]
-                   for b in range(2)]
-    assert listed_last == [[False, True, False]] * 2
+    partial_has_last = [[2 in lists.partial_index[b, i, :lists.partial_count[b, i]].tolist() for i in range(3)]
+                        for b in range(2)]
+    assert partial_has_last == [[False, True, False]] * 2
     assert torch.equal(iidkern.tag_mask(qt, kt).tile_counts(16, 16, 2), dense_tile_visits(qt, kt, 16, 16))
     assert not ragged_tile_full(qt, kt[:, :32], 16, 16).any()  # 32 keys: nothing ragged
     # The flag reads real keys only: one key of the tile without the shared bit breaks it.
