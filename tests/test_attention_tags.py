@@ -167,13 +167,16 @@ def test_longest_run_of_full_tiles():
 
 
 def _band_tags(g):
-    """[2, 90] query and [2, 75] key tags (tiles of 16). For the query tiles of the band
-    (queries 0..39 hold bit 1 only): key tile 0 full, tile 1 skipped, tiles 2-3 full (the
-    run), the ragged tile 4 full but ragged; the other query tiles see a random mix."""
+    """[2, 90] query and [2, 75] key tags (tiles of 16, 4 random bits). Queries 0..39 hold
+    bit 0 only (query tiles 0 and 1 wholly): for them key tile 0 is full, tile 1 partial,
+    tiles 2-3 full (the run) and the ragged tile 4 full but ragged. Queries 80..89 (query
+    tile 5) hold bit 5 only and meet only keys 72..74: tiles 0-3 skipped, tile 4 partial and
+    ragged. The other query tiles see a random mix."""
     qt, kt = random_tags(2, 90, generator=g, density=0.7), random_tags(2, 75, generator=g, density=0.7)
-    qt[:, :40] = 1
-    kt[:, 0:16], kt[:, 16:32], kt[:, 32:64] = 1, 2, 1
+    qt[:, :40], qt[:, 80:] = 1, 1 << 5
+    kt[:, 0:16], kt[:, 16:24], kt[:, 24:32], kt[:, 32:64] = 1, 2, 1, 1
     kt[:, 64:] |= 1
+    kt[:, 72:] |= 1 << 5
     return qt, kt
 
 
@@ -213,7 +216,11 @@ def test_tile_lists_partition_the_visited_tiles():
             assert part | rest | run | ragged == {j for j in range(nt) if not skip[b, i, j]}
             assert all(full[b, i, j] for j in run | rest) and not any(full[b, i, j] for j in part)
     assert (lists.run_stop - lists.run_start).max() >= 2 and lists.full_count.max() >= 1
-    assert lists.ragged_full.any() and not lists.ragged_full.all()  # 75 keys: a ragged last tile, both cases
+    assert lists.ragged_full[:, :2].all()  # query tiles 0 and 1 lie in the band
+    partial_last = [nt - 1 in lists.partial_index[b, i, :lists.partial_count[b, i]].tolist()
+                    for b in range(2) for i in range(mt)]
+    assert lists.partial_count[:, :2].min() >= 1 and partial_last.count(True) >= 2  # query tile 5 at least
+    assert (skip[:, 5, :4]).all()  # 75 keys: a ragged last tile, both cases
 
 
 def _ragged_case_tags(b, nq, nk):
@@ -244,6 +251,9 @@ def test_a_ragged_last_tile_full_for_its_real_keys_is_in_no_list():
     assert partial_has_last == [[False, True, False]] * 2
     assert torch.equal(iidkern.tag_mask(qt, kt).tile_counts(16, 16, 2), dense_tile_visits(qt, kt, 16, 16))
     assert not ragged_tile_full(qt, kt[:, :32], 16, 16).any()  # 32 keys: nothing ragged
+    # int32 tags, and 1-D tags shared by the batch (the mask expands them), flag the same.
+    assert torch.equal(ragged_tile_full(qt.int(), kt.int(), 16, 16), want)
+    assert iidkern.tag_mask(qt[0].int(), kt[0]).tile_lists(16, 16, 2).ragged_full.tolist() == want.int().tolist()
     # The flag reads real keys only: one key of the tile without the shared bit breaks it.
     kt[:, -1] = 0b100
     assert not ragged_tile_full(qt, kt, 16, 16).any()
