@@ -20,6 +20,13 @@ def dense_tile_visits(q_tags, k_tags, bm, bn):
     return padded.view(b, mt, bm, nt, bn).any(4).any(2).sum(-1)  # [B, Mt]
 
 
+def assert_visits_exactly_the_meeting_tiles(res, q_tags, k_tags, bm=16, bn=16):
+    """Every head of each query tile visited exactly the key tiles holding an allowed pair."""
+    expected = dense_tile_visits(q_tags, k_tags, bm, bn)  # [B, Mt]
+    visited = res.tiles_visited  # [B, H, Mt]
+    assert torch.equal(visited, expected[:, None, :].expand_as(visited).to(visited.dtype))
+
+
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tag_dtype", [torch.int32, torch.int64])
@@ -78,12 +85,10 @@ def test_tile_skipping_counts_exactly_the_meeting_tiles():
     kt = (1 << seg).expand(b, n).clone()
     kt[1, 90:] = 0  # batch row 1: last keys invisible
     res = iidkern.attention(q, k, v, tags=(qt, kt), backend="triton", count_tiles=True, kernel_options=TILES)
-    expected = dense_tile_visits(qt, kt, 16, 16)  # [B, Mt]
-    visited = res.tiles_visited  # [B, H, Mt]
     assert res.tile_shape == (16, 16)
-    assert torch.equal(visited, expected[:, None, :].expand_as(visited).to(visited.dtype))
+    assert_visits_exactly_the_meeting_tiles(res, qt, kt)
     n_tiles = -(-n // 16)
-    assert visited.float().mean() < 0.5 * n_tiles, "block-diagonal tags must skip most tiles"
+    assert res.tiles_visited.float().mean() < 0.5 * n_tiles, "block-diagonal tags must skip most tiles"
     assert_close_rel(res.out, attention_reference(q, k, v, tags=(qt, kt)).out, 2e-5)
 
 
@@ -193,8 +198,7 @@ def test_the_kernel_walks_both_lists_the_run_and_the_ragged_tile(layout):
     ref = attention_reference(q, k, v, layout=layout, tags=(qt, kt), compute_dtype=torch.float64)
     assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])
     assert_lse_equal(res.lse, ref.lse, tol=1e-3)
-    expected = dense_tile_visits(qt, kt, 16, 16)
-    assert torch.equal(res.tiles_visited, expected[:, None, :].expand_as(res.tiles_visited).to(res.tiles_visited.dtype))
+    assert_visits_exactly_the_meeting_tiles(res, qt, kt)
 
 
 def test_tile_lists_partition_the_visited_tiles():
@@ -287,8 +291,7 @@ def test_the_kernel_runs_a_full_but_ragged_tile_bounds_masked(layout, extras, nk
     assert_lse_equal(res.lse, ref.lse, tol=1e-3)
     for got, want in zip(res.probes, ref.probes):
         assert_close_rel(got, want, PROBE_TOL[torch.float32], "probe")
-    expected = dense_tile_visits(qt, kt, 16, 16)
-    assert torch.equal(res.tiles_visited, expected[:, None, :].expand_as(res.tiles_visited).to(res.tiles_visited.dtype))
+    assert_visits_exactly_the_meeting_tiles(res, qt, kt)
 
 
 def test_visit_lists_hold_full_then_partial_tiles_in_order():
