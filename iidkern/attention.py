@@ -25,7 +25,7 @@ BACKENDS = ("auto", "triton", "reference")
 
 Tags = Union[Tuple[torch.Tensor, torch.Tensor], TagMask]
 
-# Plain calls (no extras) replay the launch of the first call with their signature
+# Plain calls (no extras) replay the launches of the first call with their signature
 # (kernels/replay.py): ~50 us less host time per call. IIDKERN_REPLAY=0 turns it off (comparisons).
 _REPLAY = os.environ.get("IIDKERN_REPLAY", "1") != "0"
 _REPLAYS = {}  # plain-call signature -> kernels.LaunchReplay
@@ -251,6 +251,10 @@ KERNEL_OPTIONS = {
     "PROBE_BLOCK_M": _TILE, "PROBE_BLOCK_N": _TILE, "PROBE_NUM_WARPS": _WARPS, "PROBE_NUM_STAGES": _STAGES,
     "fuse_key_groups": _FLAG, "kg_split": _FLAG, "mult_split": _FLAG, "kg_half_dot": _FLAG,
     "warp_specialize": _FLAG, "hopper": _FLAG, "poison": _FLAG,
+    # The Hopper kernel's last-wave key split (kernels/tail_split.py): False turns it off; the
+    # two counts force a plan (both or neither): split the last tiles into pieces.
+    "tail_split": _FLAG, "tail_split_tiles": ("an int in [0, 2**31)", _int_in(0, 2**31 - 1)),
+    "tail_split_pieces": ("an int in [2, 64]", _int_in(2, 64)),
 }
 
 
@@ -268,6 +272,10 @@ def _validate_kernel_options(options) -> Optional[dict]:
         if not ok(value):
             raise ValueError(f"kernel_options[{name!r}] must be {expected}, got {value!r}")
         checked[name] = value if isinstance(value, bool) or value is None else as_integer(value)
+    forced = [name for name in ("tail_split_tiles", "tail_split_pieces") if name in checked]
+    if len(forced) == 1:
+        raise ValueError("kernel_options: tail_split_tiles and tail_split_pieces force a split together; "
+                         f"got only {forced[0]}")
     return checked
 
 

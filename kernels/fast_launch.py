@@ -18,7 +18,8 @@ The interpreter, and Tritons whose ``CompiledKernel`` cannot be launched on its 
 the normal path; ``IIDKERN_FAST_LAUNCH=0`` forces it (for comparisons).
 
 Inside ``with recording() as launches:`` every ``Launcher.launch`` is also noted (launcher,
-grid, args, kwargs), on this thread only: ``replay.LaunchReplay`` builds on that. (A replay
+grid, args, kwargs), on this thread only, and so is every scratch tensor made by
+:func:`workspace` (``launches.workspaces``): ``replay.LaunchReplay`` builds on that. (A replay
 that calls the compiled kernel through :meth:`Launcher.compiled_runner` is not noted.)
 """
 from __future__ import annotations
@@ -33,18 +34,37 @@ import torch
 _DISABLED = os.environ.get("IIDKERN_FAST_LAUNCH", "1") == "0" or \
     os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _MAX_ENTRIES = 4096  # distinct (shape, options) keys kept per kernel before the cache restarts
-_THREAD = threading.local()  # .launches: the list a recording() on this thread appends to
+_THREAD = threading.local()  # .launches: the Recording a recording() on this thread appends to
+
+
+class Recording(list):
+    """The launches noted by a ``recording()`` block, in order, and in ``workspaces`` the
+    scratch tensors made by :func:`workspace` inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.workspaces = []
 
 
 @contextlib.contextmanager
 def recording():
     """Note every ``Launcher.launch`` on this thread inside the block, as (launcher, grid, args, kwargs)."""
     outer = getattr(_THREAD, "launches", None)
-    _THREAD.launches = launches = []
+    _THREAD.launches = launches = Recording()
     try:
         yield launches
     finally:
         _THREAD.launches = outer
+
+
+def workspace(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for a kernel's scratch tensor that lives for one call; a recording
+    notes it, so that a replay of the call can make its own."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    launches = getattr(_THREAD, "launches", None)
+    if launches is not None:
+        launches.workspaces.append(t)
+    return t
 
 
 class Launcher:

@@ -37,8 +37,9 @@ import re
 import torch
 import triton
 
-from .fast_launch import Launcher
+from .fast_launch import Launcher, workspace
 from .kernel_args import KeyGroupArgs, MultiplierArgs
+from .tail_split import NO_SPLIT, SplitPlan, combine_kernel, plan_split
 from .tiles import cdiv, pow2_at_least
 
 # Gluon is experimental and its API moves between releases: the kernel is written for 3.6
@@ -90,10 +91,11 @@ if AVAILABLE:
 
     @gluon.jit
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
-                batch, head, q_start, n_k, vis_base, vis_count_ptr, list_row,
+                batch, head, q_start, kt0, n_kt, vis_base, vis_count_ptr, list_row,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
                 HAS_TAGS: gl.constexpr):
-        """One warp: both query tiles once, then K/V tiles into the ring as slots free up."""
+        """One warp: both query tiles once, then K/V tiles into the ring as slots free up.
+        Without tags the key tiles ``[kt0, kt0 + n_kt)`` (all of them, or a split piece's)."""
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         _tma_load(q_desc, [batch, head, q_start, 0], q_bar, q_smem.index(0).reshape([1, 1, BLOCK_M, HEAD_DIM]))
         _tma_load(q_desc, [batch, head, q_start + BLOCK_M, 0], q_bar,
@@ -104,7 +106,7 @@ if AVAILABLE:
             n_visit = gl.load(vis_count_ptr + list_row)
             next_tile = gl.load(vis_base, mask=n_visit > 0, other=0)
         else:
-            n_visit = gl.cdiv(n_k, BLOCK_N)
+            n_visit = n_kt
             next_tile = 0
         for i in range(n_visit):
             slot = i % NBUF
@@ -112,7 +114,7 @@ if AVAILABLE:
                 key_start = next_tile * BLOCK_N
                 next_tile = gl.load(vis_base + i + 1, mask=i + 1 < n_visit, other=0)
             else:
-                key_start = i * BLOCK_N
+                key_start = (kt0 + i) * BLOCK_N
             # A fresh barrier counts as having completed the phase before phase 0, so the
             # first pass over the ring does not wait.
             mbarrier.wait(kv_empty.index(slot), ((i // NBUF) & 1) ^ 1)
@@ -292,19 +294,59 @@ if AVAILABLE:
         return p, m_new, l_i, acc, acc_g, m_g
 
     @gluon.jit
+    def _store_output(acc, m_i, l_i, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                      batch, head, n_heads, row0, n_q, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr, HAS_TAGS: gl.constexpr,
+                      s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """A warpgroup's rows of the output (normalized, head-weighted) and their LSE."""
+        rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        row_ok = rows < n_q
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        if HAS_TAGS:  # a query with no allowed key gets a zero output (and LSE -inf)
+            inv_l = gl.where(l_o > 0, 1.0 / l_o, 0.0)
+        else:
+            inv_l = 1.0 / l_o
+        if HAS_HW:  # per-(batch, head, query) weight on the output, broadcast through zero strides
+            inv_l = inv_l * gl.load(hw_ptr + batch * hw_sb + head * hw_sh + rows * hw_sn, mask=row_ok, other=0.0).to(gl.float32)
+        out = acc * inv_l[:, None]
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_base = o_ptr + batch.to(gl.int64) * o_sb + head.to(gl.int64) * o_sh
+        gl.store(o_base + rows.to(gl.int64)[:, None] * o_sn + cols[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        if STORE_LSE:  # natural-log LSE of the scaled scores: (m + log2 l) * ln 2; -inf for no key
+            lse_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
+            gl.store(lse_ptr + (batch * n_heads + head).to(gl.int64) * n_q + lse_rows, lse, mask=lse_rows < n_q)
+
+    @gluon.jit
+    def _store_piece(acc, m_i, l_i, part_o_ptr, part_lse_ptr, piece, WG: gl.constexpr, BLOCK_M: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """A split piece's rows: the output over its keys alone, normalized, in fp32, and the
+        log2-sum-exp of its scaled scores (``split_combine`` weighs the pieces by it). Rows
+        past the end are stored too (the workspace holds whole tiles; they are never read)."""
+        rows = piece * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        gl.store(part_o_ptr + rows.to(gl.int64)[:, None] * HEAD_DIM + cols[None, :], acc * (1.0 / l_o)[:, None])
+        lse_rows = piece * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        gl.store(part_lse_ptr + lse_rows, m_i + gl.log2(l_i))
+
+    @gluon.jit
     def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                   o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                   kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                   m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                   qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
-                  batch, head, n_heads, q_start, n_q, n_k, qk_scale,
+                  batch, head, n_heads, q_start, n_q, n_k, qk_scale, kt0, n_kt, piece, part_o_ptr, part_lse_ptr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
                   HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr, HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
-                  HAS_MULT: gl.constexpr, HAS_TAGS: gl.constexpr):
+                  HAS_MULT: gl.constexpr, HAS_TAGS: gl.constexpr, SPLIT: gl.constexpr):
         """One warpgroup: BLOCK_M query rows against the visited key tiles, online softmax in
         exp2. With tags, visit positions [0, n_full) hold full tiles and run unmasked, and
-        [n_full, n_visit) partial ones, tag masked; without, the first and the last key tile
-        are masked (keys past the end)."""
+        [n_full, n_visit) partial ones, tag masked; without, the key tiles [kt0, kt0 + n_kt),
+        the first and the last of them masked (keys past the end). A split piece
+        (``piece >= 0``) writes its normalized partial output and log2-sum-exp for
+        ``split_combine`` instead of the output."""
         nw: gl.constexpr = gl.num_warps()
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -334,7 +376,7 @@ if AVAILABLE:
             n_visit = gl.load(vis_count_ptr + list_row)
         else:
             q_tags = 0
-            n_visit = gl.cdiv(n_k, BLOCK_N)
+            n_visit = n_kt
             n_full = n_visit - 1
         mbarrier.wait(q_bar, 0)
 
@@ -375,13 +417,14 @@ if AVAILABLE:
         else:
             # Tile 0 masked, whole key tiles, then the last one with the key mask (a ragged
             # tail or not: it is one tile, and this keeps the loop body free of the mask).
+            key0 = kt0 * BLOCK_N
             p, m_i, l_i, acc_g, m_g = _first_tile(
-                q, k_smem, kv_ready, turn_bar, m_i, l_i, acc_g, m_g, 0, n_k, qk_scale, q_tags, kt_base,
+                q, k_smem, kv_ready, turn_bar, m_i, l_i, acc_g, m_g, key0, n_k, qk_scale, q_tags, kt_base,
                 kg_base, kg_rows_hit, kg_k0, kg_k1, m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
                 WG, True, BLOCK_M, BLOCK_N, HAS_TAGS, HAS_KG, G_PAD, HAS_MULT, s_layout, g_layout)
             for j in range(1, n_visit - 1):
                 p, m_i, l_i, acc, acc_g, m_g = _turn(
-                    q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, j * BLOCK_N,
+                    q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, j, key0 + j * BLOCK_N,
                     n_k, qk_scale, q_tags, kt_base, kg_base, kg_rows_hit, kg_k0, kg_k1,
                     m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
                     WG, False, BLOCK_M, BLOCK_N, NBUF, HAS_TAGS, HAS_KG, G_PAD, HAS_MULT,
@@ -389,7 +432,7 @@ if AVAILABLE:
             if n_visit > 1:
                 p, m_i, l_i, acc, acc_g, m_g = _turn(
                     q, k_smem, v_smem, kv_ready, kv_empty, turn_bar, p, m_i, l_i, acc, acc_g, m_g, n_visit - 1,
-                    (n_visit - 1) * BLOCK_N, n_k, qk_scale, q_tags, kt_base, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                    key0 + (n_visit - 1) * BLOCK_N, n_k, qk_scale, q_tags, kt_base, kg_base, kg_rows_hit, kg_k0, kg_k1,
                     m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, m_rows_hit, row0,
                     WG, True, BLOCK_M, BLOCK_N, NBUF, HAS_TAGS, HAS_KG, G_PAD, HAS_MULT,
                     s_layout, o_layout, p_layout, g_layout)
@@ -398,24 +441,17 @@ if AVAILABLE:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
             mbarrier.arrive(kv_empty.index(last))
 
-        rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        row_ok = rows < n_q
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        if HAS_TAGS:  # a query with no allowed key gets a zero output (and LSE -inf)
-            inv_l = gl.where(l_o > 0, 1.0 / l_o, 0.0)
+        if SPLIT:
+            if piece >= 0:
+                _store_piece(acc, m_i, l_i, part_o_ptr, part_lse_ptr, piece, WG, BLOCK_M, HEAD_DIM, s_layout, o_layout)
+            else:
+                _store_output(acc, m_i, l_i, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                              batch, head, n_heads, row0, n_q, BLOCK_M, HEAD_DIM, HAS_HW, STORE_LSE, HAS_TAGS,
+                              s_layout, o_layout)
         else:
-            inv_l = 1.0 / l_o
-        if HAS_HW:  # per-(batch, head, query) weight on the output, broadcast through zero strides
-            inv_l = inv_l * gl.load(hw_ptr + batch * hw_sb + head * hw_sh + rows * hw_sn, mask=row_ok, other=0.0).to(gl.float32)
-        out = acc * inv_l[:, None]
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        o_base = o_ptr + batch.to(gl.int64) * o_sb + head.to(gl.int64) * o_sh
-        gl.store(o_base + rows.to(gl.int64)[:, None] * o_sn + cols[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
-        if STORE_LSE:  # natural-log LSE of the scaled scores: (m + log2 l) * ln 2; -inf for no key
-            lse_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-            lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
-            gl.store(lse_ptr + (batch * n_heads + head).to(gl.int64) * n_q + lse_rows, lse, mask=lse_rows < n_q)
+            _store_output(acc, m_i, l_i, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
+                          batch, head, n_heads, row0, n_q, BLOCK_M, HEAD_DIM, HAS_HW, STORE_LSE, HAS_TAGS,
+                          s_layout, o_layout)
         if HAS_KG:  # kgo [B, H, kg_q1 - kg_q0, n_groups]: the sums at the final max, normalized
             g_scale = gl.exp2(m_g - gl.where(m_g == -float("inf"), 0.0, m_i)) / l_i
             if HAS_TAGS:
@@ -433,18 +469,43 @@ if AVAILABLE:
                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                         m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                         qt_ptr, qt_sb, kt_ptr, kt_sb, vis_ptr, vis_full_ptr, vis_count_ptr,
-                        n_heads, n_q, n_k, qk_scale,
+                        n_heads, n_q, n_k, qk_scale, part_o_ptr, part_lse_ptr, n_whole, n_qp, pieces_per_tile,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         NBUF: gl.constexpr, HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr,
                         HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr, HAS_TAGS: gl.constexpr,
-                        CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
-        q_start = gl.program_id(0) * (2 * BLOCK_M)
-        bh = gl.program_id(1)
+                        SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+        n_key_tiles = gl.cdiv(n_k, BLOCK_N)
+        if SPLIT:
+            # One axis: the first n_whole programs are whole query tiles in the order of the
+            # 2-D grid below (tile t = query-tile pair t % n_qp of (batch, head) t // n_qp);
+            # each program after them is one piece of a later tile's key tiles. The pieces
+            # come last, so they fill the last wave (split.plan_split).
+            pid = gl.program_id(0)
+            if pid < n_whole:
+                piece = -1
+                tile = pid
+                kt0 = 0
+                n_kt = n_key_tiles
+            else:
+                piece = pid - n_whole
+                tile = n_whole + piece // pieces_per_tile
+                part = piece % pieces_per_tile
+                kt0 = part * n_key_tiles // pieces_per_tile
+                n_kt = (part + 1) * n_key_tiles // pieces_per_tile - kt0
+            q_tile = tile % n_qp
+            bh = tile // n_qp
+        else:
+            piece = -1
+            kt0 = 0
+            n_kt = n_key_tiles
+            q_tile = gl.program_id(0)
+            bh = gl.program_id(1)
+        q_start = q_tile * (2 * BLOCK_M)
         batch = bh // n_heads
         head = bh % n_heads
         # The query tile's visit list (tiles.VisitLists for 2 * BLOCK_M x BLOCK_N tiles), read
-        # inside the partitions (tags only), where the reads overlap the Q load.
-        list_row = batch * gl.num_programs(0) + gl.program_id(0)
+        # inside the partitions (tags only; never with SPLIT), where the reads overlap the Q load.
+        list_row = batch * n_qp + q_tile
         vis_base = vis_ptr + list_row.to(gl.int64) * gl.cdiv(n_k, BLOCK_N)
         dtype: gl.constexpr = q_desc.dtype
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
@@ -469,24 +530,27 @@ if AVAILABLE:
                          kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                          m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                          qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
-                         batch, head, n_heads, q_start, n_q, n_k, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, HAS_TAGS)),  # default partition: 4 warps
+                         batch, head, n_heads, q_start, n_q, n_k, qk_scale, kt0, n_kt, piece, part_o_ptr, part_lse_ptr,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, HAS_TAGS,
+                         SPLIT)),  # default partition: 4 warps
             (_consumer, (1, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                          kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                          m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                          qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
-                         batch, head, n_heads, q_start, n_q, n_k, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, HAS_TAGS)),
+                         batch, head, n_heads, q_start, n_q, n_k, qk_scale, kt0, n_kt, piece, part_o_ptr, part_lse_ptr,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, HAS_TAGS,
+                         SPLIT)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
-                       batch, head, q_start, n_k, vis_base, vis_count_ptr, list_row, BLOCK_M, BLOCK_N, HEAD_DIM,
-                       NBUF, HAS_TAGS)),
+                       batch, head, q_start, kt0, n_kt, vis_base, vis_count_ptr, list_row, BLOCK_M, BLOCK_N,
+                       HEAD_DIM, NBUF, HAS_TAGS)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 if AVAILABLE:
     # Cached compiled kernels: Triton's own launch path costs ~45 us of host time per call.
     _ATTN_HOPPER = Launcher(attn_fwd_hopper)
+    _COMBINE = Launcher(combine_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -558,8 +622,28 @@ def tag_tile_shape() -> tuple:
     return 2 * BLOCK_M, BLOCK_N
 
 
+def split_plan_for(n_tiles: int, n_key_tiles: int, device: torch.device, split="auto") -> SplitPlan:
+    """The tail split of a grid of ``n_tiles`` programs: ``split`` "auto" (the cost model's
+    plan for this GPU's SM count), False / None (none), or a forced ``(n_split, pieces)``,
+    clamped to the grid (at most every tile, at most one piece per key tile)."""
+    if split == "auto":
+        if device.type != "cuda":  # launch tests on CPU: no SM count to plan for
+            return NO_SPLIT
+        return plan_split(n_tiles, n_key_tiles, sm_count(device.index if device.index is not None else 0))
+    if not split:
+        return NO_SPLIT
+    n_split, pieces = split
+    return SplitPlan(min(int(n_split), n_tiles), max(1, min(int(pieces), n_key_tiles)))
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (the split plan's and the pair pass's grids)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, head_weight_strides=(0, 0, 0),
-                     lse=None, key_groups=None, multiplier=None, tags=None) -> None:
+                     lse=None, key_groups=None, multiplier=None, tags=None, split="auto") -> None:
     """Write softmax(scale * q k^T) v into ``out`` (same layout as ``q``); ``lse`` [B, H, Nq] if given.
     With a block multiplier M the output is (P * M) v, P the unweighted probabilities.
 
@@ -572,6 +656,9 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     (batch, head, query, key) strides and the sub-block's query and key ranges. ``tags`` (a
     ``tiles.TagMask``): query ``i`` sees key ``j`` iff their tags share a bit; key tiles are
     visited from the mask's ``visit_lists`` for this kernel's tile shape (:func:`tag_tile_shape`).
+
+    ``split``: the last wave's key split (``tail_split``; calls without key groups, multiplier
+    or tags): "auto", False, or a forced ``(n_split, pieces)`` (see :func:`split_plan_for`).
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
     n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
@@ -593,13 +680,37 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
                     lists.index, lists.full_count, lists.visit_count)
     else:
         tag_args = (out, 0, out, 0, out, out, out)  # placeholders, never read
-    grid = (cdiv(n_q, 2 * BLOCK_M), batch * heads)
+    n_qp = cdiv(n_q, 2 * BLOCK_M)
+    n_tiles, n_key_tiles = n_qp * batch * heads, cdiv(n_k, BLOCK_N)
+    plan = NO_SPLIT
+    if not (has_kg or has_mult or tags is not None):
+        plan = split_plan_for(n_tiles, n_key_tiles, q.device, split)
+    if plan.active:
+        n_whole = n_tiles - plan.n_split
+        n_pieces = plan.n_split * plan.pieces
+        grid = (n_whole + n_pieces,)
+        # Each piece's rows, normalized over its keys (fp32), and their log2-sum-exp.
+        part_o = workspace((n_pieces * 2 * BLOCK_M, head_dim), torch.float32, q.device)
+        part_lse = workspace((n_pieces * 2 * BLOCK_M,), torch.float32, q.device)
+        split_args = (part_o, part_lse, n_whole, n_qp, plan.pieces)
+    else:
+        grid = (n_qp, batch * heads)
+        split_args = (out, out, n_tiles, n_qp, 1)  # placeholders, never read
+    lse_arg = lse if lse is not None else out
     _ATTN_HOPPER[grid](
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
-        out, o_strides[0], o_strides[1], o_strides[2], lse if lse is not None else out, hw, *head_weight_strides,
-        *key_groups, *multiplier, *tag_args, heads, n_q, n_k, scale * LOG2E,
+        out, o_strides[0], o_strides[1], o_strides[2], lse_arg, hw, *head_weight_strides,
+        *key_groups, *multiplier, *tag_args, heads, n_q, n_k, scale * LOG2E, *split_args,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, NBUF=NUM_BUFFERS,
         HAS_HW=head_weights is not None, STORE_LSE=lse is not None, HAS_KG=has_kg,
-        G_PAD=g_pad, HAS_MULT=has_mult, HAS_TAGS=tags is not None,
+        G_PAD=g_pad, HAS_MULT=has_mult, HAS_TAGS=tags is not None, SPLIT=plan.active,
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
     )
+    if plan.active:
+        rows_block = 32
+        _COMBINE[(plan.n_split, 2 * BLOCK_M // rows_block)](
+            part_o, part_lse, out, lse_arg, hw, o_strides[0], o_strides[1], o_strides[2], *head_weight_strides,
+            n_whole, n_qp, plan.pieces, heads, n_q,
+            TILE_ROWS=2 * BLOCK_M, BLOCK_R=rows_block, HEAD_DIM=head_dim,
+            HAS_HW=head_weights is not None, STORE_LSE=lse is not None, num_warps=4,
+        )

@@ -155,7 +155,8 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         hopper_fwd.hopper_attention(
             q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse, key_groups=key_groups,
             head_weight_strides=_head_weight_strides(head_weights) if head_weights is not None else (0, 0, 0),
-            multiplier=MultiplierArgs.of(block_multiplier) if block_multiplier is not None else None, tags=tags)
+            multiplier=MultiplierArgs.of(block_multiplier) if block_multiplier is not None else None, tags=tags,
+            split=_tail_split_option(kernel_options))
         tiles = x_out = None
         tile_shape = None
     else:
@@ -188,6 +189,15 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         tiles_visited=tiles.view(batch, heads, cdiv(n_q, block_m)) if count_tiles else None,
         tile_shape=tile_shape,
     )
+
+
+def _tail_split_option(kernel_options: Optional[dict]):
+    """hopper_attention's ``split`` from the kernel options: "auto", False, or a forced plan."""
+    options = kernel_options or {}  # validated: both counts or neither (attention._validate_kernel_options)
+    forced = [options.get("tail_split_tiles"), options.get("tail_split_pieces")]
+    if not options.get("tail_split", True):
+        return False
+    return tuple(forced) if forced[0] is not None else "auto"
 
 
 def _key_group_args(probe: Probe, batch: int, heads: int, n_k: int, device, alloc) -> KeyGroupArgs:
@@ -434,9 +444,4 @@ def _pair_stats_programs(n_tiles: int, heads: int, device: torch.device) -> int:
     interpreter takes two, so tests walk the loop."""
     if _INTERPRET or device.type != "cuda":
         return max(1, min(n_tiles, 2))
-    return max(1, min(n_tiles, 4 * _sm_count(device.index if device.index is not None else 0) // heads))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return max(1, min(n_tiles, 4 * hopper_fwd.sm_count(device.index if device.index is not None else 0) // heads))

@@ -1,19 +1,20 @@
-"""Replay the one kernel launch of a plain attention call for later calls of the same signature.
+"""Replay the kernel launches of a plain attention call for later calls of the same signature.
 
 A diffusion run makes thousands of attention calls with a handful of signatures. For a plain
 call (no extras) everything but the data pointers depends on the signature alone: argument
-checks, routing, tile shapes, strides, TMA descriptor shapes, the compiled kernel. At 256² and
-512² images that host work took longer than the GPU work (NOTES.md 34-35). So
+checks, routing, tile shapes, strides, TMA descriptor shapes, the compiled kernels. At 256²
+and 512² images that host work took longer than the GPU work (NOTES.md 34-35). So
 ``iidkern.attention`` runs the first call of a signature the normal way inside
-``fast_launch.recording()``, turns its launch into a :class:`LaunchReplay`, and keeps it keyed
-on the signature. A repeat call allocates its output, puts its own tensors where the
-recorded arguments held the first call's, and launches the compiled kernel the launcher
-cached for that first call.
+``fast_launch.recording()``, turns its launches into a :class:`LaunchReplay`, and keeps it
+keyed on the signature. A repeat call allocates its output and scratch tensors, puts its own
+tensors where the recorded arguments held the first call's, and launches, in order, the
+compiled kernels the launchers cached for that first call.
 
-The record is taken only when it can be replayed exactly: one launch, and every tensor in it
-is one of the call's q, k, v, output (or a TMA descriptor over one of them) or a
-long-lived placeholder. Anything else (a temporary tensor, a second kernel) gives no replay,
-and that signature keeps the normal path.
+The record is taken only when it can be replayed exactly: every tensor in its launches is
+one of the call's q, k, v, output, a scratch tensor made by ``fast_launch.workspace`` (the
+last wave's key split, NOTES.md 50), a TMA descriptor over one of them, or a long-lived
+placeholder. Anything else (a temporary tensor made otherwise) gives no replay, and that
+signature keeps the normal path.
 """
 from __future__ import annotations
 
@@ -44,36 +45,19 @@ def _slot_of(a, tensors: Sequence[torch.Tensor]) -> int:
     return _NO_SLOT
 
 
-class LaunchReplay:
-    """``replay(q, k, v) -> out``: the recorded launch again, on this call's tensors.
+class _Launch:
+    """One recorded launch: its arguments with this call's tensors taken out (``slots``:
+    position, which tensor of the call, and for a descriptor its copy without a base)."""
 
-    Built by :meth:`of`; the caller guarantees that the calls it replays have the recorded
-    call's signature (shapes, strides, dtypes, devices, 16-byte alignment, aliasing among
-    q, k and v, and every other argument of ``iidkern.attention``)."""
-
-    def __init__(self, launcher, grid, template: list, slots: list, kwargs: dict, run: Optional[Callable],
-                 out: torch.Tensor, alloc: Callable, layout: str):
-        self.launcher = launcher
-        self.layout = layout  # for tests and debugging: which call this replays
-        self._grid, self._template, self._slots, self._kwargs = grid, template, slots, kwargs
-        self._out_shape, self._out_dtype, self._out_device = tuple(out.shape), out.dtype, out.device
-        self._alloc = alloc
+    def __init__(self, launcher, grid, template: list, slots: list, kwargs: dict, run: Optional[Callable]):
+        self.launcher, self.grid, self.template, self.slots, self.kwargs = launcher, grid, template, slots, kwargs
         # The compiled kernel the launcher cached for the recorded launch; None: the launcher's
         # own path every time (the interpreter, IIDKERN_FAST_LAUNCH=0).
-        self._run = run
+        self.run = run
 
     @classmethod
-    def of(cls, launches: list, q, k, v, out, placeholders: Sequence[torch.Tensor], alloc: Callable,
-           layout: str) -> Optional["LaunchReplay"]:
-        """The replay of a recorded call, or None when it cannot be replayed exactly.
-
-        ``launches`` are what ``fast_launch.recording()`` noted during the call, ``out`` the
-        output it returned (allocated contiguous by ``alloc``), ``placeholders`` the tensors
-        that outlive every call (pointer arguments a launch ignores)."""
-        if len(launches) != 1 or not out.is_contiguous():
-            return None
-        launcher, grid, args, kwargs = launches[0]
-        tensors = (q, k, v, out)
+    def of(cls, launch, tensors: Sequence[torch.Tensor], placeholders: Sequence[torch.Tensor]) -> Optional["_Launch"]:
+        launcher, grid, args, kwargs = launch
         template, slots = list(args), []
         for position, a in enumerate(args):
             if isinstance(a, torch.Tensor):
@@ -95,17 +79,56 @@ class LaunchReplay:
             else:
                 continue
             template[position] = None  # keep no reference to this call's tensors
-        run = launcher.compiled_runner(grid, args, kwargs)
-        return cls(launcher, grid, template, slots, dict(kwargs), run, out, alloc, layout)
+        return cls(launcher, grid, template, slots, dict(kwargs), launcher.compiled_runner(grid, args, kwargs))
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> None:
+        args = self.template.copy()
+        for position, slot, descriptor in self.slots:
+            args[position] = tensors[slot] if descriptor is None else _rebased(descriptor, tensors[slot])
+        if self.run is not None:
+            self.run(*args)
+        else:
+            self.launcher.launch(self.grid, args, self.kwargs)
+
+
+class LaunchReplay:
+    """``replay(q, k, v) -> out``: the recorded launches again, on this call's tensors.
+
+    Built by :meth:`of`; the caller guarantees that the calls it replays have the recorded
+    call's signature (shapes, strides, dtypes, devices, 16-byte alignment, aliasing among
+    q, k and v, and every other argument of ``iidkern.attention``)."""
+
+    def __init__(self, launches: list, out: torch.Tensor, workspaces: Sequence[tuple], alloc: Callable,
+                 layout: str):
+        self._launches = launches
+        self.launcher = launches[0].launcher  # for tests and debugging: the first kernel it launches
+        self.layout = layout  # for tests and debugging: which call this replays
+        self._out_shape, self._out_dtype, self._out_device = tuple(out.shape), out.dtype, out.device
+        self._workspaces = workspaces  # (shape, dtype, device) of each scratch tensor, in order
+        self._alloc = alloc
+
+    @classmethod
+    def of(cls, launches: list, q, k, v, out, placeholders: Sequence[torch.Tensor], alloc: Callable,
+           layout: str) -> Optional["LaunchReplay"]:
+        """The replay of a recorded call, or None when it cannot be replayed exactly.
+
+        ``launches`` are what ``fast_launch.recording()`` noted during the call (with the
+        scratch tensors in ``launches.workspaces``), ``out`` the output it returned (allocated
+        contiguous by ``alloc``), ``placeholders`` the tensors that outlive every call
+        (pointer arguments a launch ignores)."""
+        if not launches or not out.is_contiguous():
+            return None
+        workspaces = list(getattr(launches, "workspaces", ()))
+        tensors = (q, k, v, out, *workspaces)
+        recorded = [_Launch.of(launch, tensors, placeholders) for launch in launches]
+        if any(r is None for r in recorded):
+            return None
+        return cls(recorded, out, [(tuple(w.shape), w.dtype, w.device) for w in workspaces], alloc, layout)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = self._alloc(self._out_shape, dtype=self._out_dtype, device=self._out_device)
-        tensors = (q, k, v, out)
-        args = self._template.copy()
-        for position, slot, descriptor in self._slots:
-            args[position] = tensors[slot] if descriptor is None else _rebased(descriptor, tensors[slot])
-        if self._run is not None:
-            self._run(*args)
-        else:
-            self.launcher.launch(self._grid, args, self._kwargs)
+        scratch = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in self._workspaces]
+        tensors = (q, k, v, out, *scratch)
+        for launch in self._launches:
+            launch(tensors)
         return out

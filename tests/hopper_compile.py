@@ -33,9 +33,10 @@ def spill_instructions(cubin: bytes) -> int:
 
 
 def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, has_mult: bool = False,
-                    head_dim: int = 128, tags: str = "") -> dict:
+                    head_dim: int = 128, tags: str = "", split: bool = False) -> dict:
     """One specialization; ``g_pad`` > 0 adds a fused key-group probe with that many columns,
-    ``has_mult`` a block multiplier (fp32 values), ``tags`` a tag mask of that int type ("i32"/"i64")."""
+    ``has_mult`` a block multiplier (fp32 values), ``tags`` a tag mask of that int type ("i32"/"i64"),
+    ``split`` the last wave's key split (pieces writing partial outputs)."""
     gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
     def desc(rows):
@@ -51,11 +52,13 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, h
                  "m_q1": "i32", "m_k0": "i32", "m_k1": "i32",
                  "qt_ptr": f"*{tags or 'i32'}", "qt_sb": "i32", "kt_ptr": f"*{tags or 'i32'}", "kt_sb": "i32",
                  "vis_ptr": "*i32", "vis_full_ptr": "*i32", "vis_count_ptr": "*i32",
-                 "n_heads": "i32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32"}
+                 "n_heads": "i32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32",
+                 "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "n_whole": "i32", "n_qp": "i32",
+                 "pieces_per_tile": "i32"}
     constexprs = dict(BLOCK_M=hopper_fwd.BLOCK_M, BLOCK_N=hopper_fwd.BLOCK_N, HEAD_DIM=head_dim,
                       NBUF=hopper_fwd.NUM_BUFFERS, HAS_HW=has_hw, STORE_LSE=store_lse,
                       HAS_KG=g_pad > 0, G_PAD=max(g_pad, 8), HAS_MULT=has_mult, HAS_TAGS=bool(tags),
-                      CONSUMER_REGS=hopper_fwd.CONSUMER_REGS, LOADER_REGS=hopper_fwd.LOADER_REGS)
+                      SPLIT=split, CONSUMER_REGS=hopper_fwd.CONSUMER_REGS, LOADER_REGS=hopper_fwd.LOADER_REGS)
     # As a launch of Flux's multiplier specializes them: a unit key stride is a constant; the
     # pointer, strides and sub-block bounds are 16-aligned (what lets its loads be vectorized).
     constexprs["m_sk"] = 1
@@ -92,5 +95,8 @@ if __name__ == "__main__":
     # Head dim 64 (long SD3 sequences), plain and with every extra.
     results["bf16-d64"] = compile_variant("bf16", False, False, head_dim=64)
     results["bf16-d64-all"] = compile_variant("bf16", True, True, g_pad=8, has_mult=True, tags="i64", head_dim=64)
+    # The last wave's key split: plain, and with head weights and LSE (both joined by the combine pass).
+    results.update({f"{dt}-split": compile_variant(dt, False, False, split=True) for dt in ("bf16", "fp16")})
+    results["bf16-split-hw-lse"] = compile_variant("bf16", True, True, split=True)
     print(json.dumps(results))
     sys.stdout.flush()

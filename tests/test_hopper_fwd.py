@@ -92,6 +92,18 @@ def test_block_multiplier_compiles_into_the_same_schedule(compiled_variants, dty
     assert both["mma_sync"] > 0 and both["global_loads"] > info["global_loads"]
 
 
+@needs_gluon
+@pytest.mark.parametrize("variant", ["bf16-split", "fp16-split", "bf16-split-hw-lse"])
+def test_tail_split_variants_compile_into_the_same_schedule(compiled_variants, variant):
+    """The last wave's key split (pieces of a key range writing fp32 partial outputs) keeps
+    the FA3 schedule and the plain kernel's shared memory; head weights are left to the join
+    pass, so only the whole tiles' epilogue reads them."""
+    info, plain = compiled_variants[variant], compiled_variants[f"{variant[:4]}-False-False"]
+    assert info["wgmma_wait_1"] > 0 and info["setmaxnreg"] > 0 and info["tma_4d"] > 0
+    assert info["shared"] <= plain["shared"] + 64 and info["mma_sync"] == 0
+    assert (info["global_loads"] > 0) == ("hw" in variant)
+
+
 # --------------------------------------------------------------------------- TMA eligibility (CPU)
 def test_tma_ready_wants_aligned_base_and_strides():
     buf = torch.empty(4 * 16 * 128 + 8, dtype=torch.bfloat16)
@@ -291,7 +303,7 @@ def test_routed_calls_get_head_weights_with_broadcast_strides(monkeypatch, hw_sh
 
 
 def _hopper_contract(q, k, v, out, *, layout, scale, head_weights, head_weight_strides, lse, key_groups,
-                     multiplier, tags=None):
+                     multiplier, tags=None, split="auto"):
     """What hopper_attention promises, in float64 torch: out, LSE and the key-group sums."""
     qh, kh, vh = (t if layout == "bhnd" else t.transpose(1, 2) for t in (q, k, v))
     scores = scale * qh.double() @ kh.double().transpose(-1, -2)
@@ -450,6 +462,48 @@ def test_matches_reference(hopper_calls, dtype, layout, b, h, nq, nk):
     assert res.out.shape == q.shape and res.out.dtype == dtype
     assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
     assert_lse_equal(res.lse, ref.lse, tol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("b, h, nq, nk, forced", [
+    (1, 24, 1536, 1536, None),  # the planner's own split (Flux 512²: 288 tiles, 2.18 waves)
+    (2, 5, 1300, 1300, (7, 3)),
+    (1, 3, 1000, 1037, (100, 64)),  # every tile split, one piece per key tile (clamped to 9)
+    (3, 2, 700, 2049, (2, 5)),  # the ragged last key tile ends the last piece
+    (2, 3, 1400, 1250, (12, 10)),  # uneven pieces of 1 and 2 key tiles
+])
+def test_tail_split_matches_reference(hopper_calls, monkeypatch, dtype, layout, b, h, nq, nk, forced):
+    """The last wave's key split (kernels/tail_split.py): pieces of the last tiles, joined by
+    the combine pass, give the reference's output, head-weighted output and LSE; a plain
+    call's repeat replays both launches with fresh scratch tensors."""
+    opts = {"poison": True}
+    if forced:
+        opts.update(tail_split_tiles=forced[0], tail_split_pieces=forced[1])
+    api = importlib.import_module("iidkern.attention")
+    monkeypatch.setattr(api, "_REPLAYS", {})
+    for seed in range(4):  # the checked path alone, then a first call that records, then replays (auto only)
+        monkeypatch.setattr(api, "_REPLAY", seed > 0)  # (a recording inside the call would hide its launches)
+        q, k, v = _qkv(b, h, nq, nk, dtype, layout, seed=seed + nq)
+        with fast_launch.recording() as launches:
+            out = iidkern.attention(q, k, v, layout=layout, kernel_options=opts)
+        if seed == 0:  # the checked path: the split kernel, then the join
+            assert [rec[0] for rec in launches] == [hopper_fwd._ATTN_HOPPER, hopper_fwd._COMBINE]
+            assert launches[0][3]["SPLIT"] is True and len(launches.workspaces) == 2
+        ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64)
+        assert_close_rel(out, ref.out, OUT_TOL[dtype])
+    assert bool(api._REPLAYS) == (forced is None)  # forced counts are not replayed options
+    hw = torch.rand(b, h, nq, device="cuda")
+    res = iidkern.attention(q, k, v, layout=layout, head_weights=hw, return_lse=True, kernel_options=opts)
+    ref = attention_reference(q, k, v, layout=layout, head_weights=hw, compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_lse_equal(res.lse, ref.lse)
+    with fast_launch.recording() as launches:
+        off = iidkern.attention(q, k, v, layout=layout, return_lse=True, kernel_options=dict(opts, tail_split=False))
+    assert [rec[0] for rec in launches] == [hopper_fwd._ATTN_HOPPER] and launches[0][3]["SPLIT"] is False
+    assert_lse_equal(off.lse, ref.lse)
 
 
 @pytest.mark.cuda

@@ -273,8 +273,9 @@ def test_records_that_cannot_be_replayed_exactly_give_none():
     make = lambda launches, o=out: replay.LaunchReplay.of(launches, q, k, v, o, (placeholder,), torch.empty, "bhnd")
     assert make([one]) is not None
     assert make([]) is None
-    assert make([one, one]) is None  # a second kernel
+    assert make([one, one]) is not None  # a second kernel replays too, after the first
     assert make([(launcher, (1, 2), (q, k, v, out, stray, 7), {})]) is None  # a tensor of this call only
+    assert make([one, (launcher, (1, 2), (q, k, v, out, stray, 7), {})]) is None  # in any launch
     assert make([one], torch.empty(30, 16, 2).transpose(0, 2)) is None  # an output that is not contiguous
 
     class SlotsDescriptor:  # a descriptor class without a __dict__ to copy
@@ -304,3 +305,40 @@ def test_recording_notes_this_threads_launches_only():
         launcher[(2,)](x, 1)
     assert [grid for _, grid, _, _ in inner] == [(3,)]
     assert [(grid, args[1]) for _, grid, args, _ in launches] == [((2,), 1)]
+
+
+def test_scratch_tensors_of_a_call_are_made_afresh_by_each_replay():
+    """A call whose launches share a scratch tensor (``fast_launch.workspace``, as the last
+    wave's key split does) replays both launches in order, each replay with its own scratch
+    tensor of the recorded shape and dtype in the recorded slots; a tensor made otherwise gives
+    no replay."""
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append((grid, args, kwargs))
+    first, second = fast_launch.Launcher(Kernel()), fast_launch.Launcher(Kernel())
+    q, k, v = make_qkv(1, 2, 30, 30, 16)
+    out = torch.empty_like(q)
+    with fast_launch.recording() as launches:
+        scratch = fast_launch.workspace((4, 3), torch.float16, q.device)
+        first[(5,)](q, k, v, out, scratch, 2, BLOCK=16)
+        second[(6, 2)](scratch, out, 3, ROWS=8)
+    assert launches.workspaces == [scratch]
+    rep = replay.LaunchReplay.of(launches, q, k, v, out, (), torch.empty, "bhnd")
+    assert rep is not None and rep.launcher is first
+    seen.clear()
+    q2, k2, v2 = make_qkv(1, 2, 30, 30, 16)
+    out2 = rep(q2, k2, v2)
+    out3 = rep(q2, k2, v2)
+    assert [grid for grid, _, _ in seen] == [(5,), (6, 2), (5,), (6, 2)]
+    (_, a1, kw1), (_, b1, kw2), (_, a2, _), (_, b2, _) = seen
+    assert a1[:4] == (q2, k2, v2, out2) and a1[5] == 2 and kw1 == {"BLOCK": 16} and kw2 == {"ROWS": 8}
+    s1, s2 = a1[4], a2[4]
+    assert s1.shape == (4, 3) and s1.dtype == torch.float16 and s1 is not scratch and s2 is not s1
+    assert b1[0] is s1 and b1[1] is out2 and b2[0] is s2 and b2[1] is out3 and b1[2] == 3
+    with fast_launch.recording() as launches:
+        stray = torch.empty(4, 3)
+        first[(5,)](q, k, v, out, stray, 2, BLOCK=16)
+    assert launches.workspaces == []
+    assert replay.LaunchReplay.of(launches, q, k, v, out, (), torch.empty, "bhnd") is None
