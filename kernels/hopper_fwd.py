@@ -657,8 +657,7 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     ``tiles.TagMask``): query ``i`` sees key ``j`` iff their tags share a bit; key tiles are
     visited from the mask's ``visit_lists`` for this kernel's tile shape (:func:`tag_tile_shape`).
 
-    ``split``: the last wave's key split (``tail_split``; calls without key groups, multiplier
-    or tags): "auto", False, or a forced ``(n_split, pieces)`` (see :func:`split_plan_for`).
+    ``split``: the last wave's key split (``tail_split``; calls without key groups or tags): "auto", False, or a forced ``(n_split, pieces)`` (see :func:`split_plan_for`).
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
     n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
@@ -683,7 +682,9 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     n_qp = cdiv(n_q, 2 * BLOCK_M)
     n_tiles, n_key_tiles = n_qp * batch * heads, cdiv(n_k, BLOCK_N)
     plan = NO_SPLIT
-    if not (has_kg or has_mult or tags is not None):
+    # A piece's output with the multiplier is (P*M)V over its keys normalized by its own sum
+    # of P, so the join weighs it like any other; key-group sums and tag lists stay unsplit.
+    if not (has_kg or tags is not None):
         plan = split_plan_for(n_tiles, n_key_tiles, q.device, split)
     if plan.active:
         n_whole = n_tiles - plan.n_split

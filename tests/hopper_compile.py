@@ -98,5 +98,6 @@ if __name__ == "__main__":
     # The last wave's key split: plain, and with head weights and LSE (both joined by the combine pass).
     results.update({f"{dt}-split": compile_variant(dt, False, False, split=True) for dt in ("bf16", "fp16")})
     results["bf16-split-hw-lse"] = compile_variant("bf16", True, True, split=True)
+    results["bf16-split-mult"] = compile_variant("bf16", False, False, has_mult=True, split=True)
     print(json.dumps(results))
     sys.stdout.flush()

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import iidkern
+from iidkern import BlockMultiplier, Probe, TokenGroups as TG
 from iidkern.kernels import hopper_fwd, launch, tail_split
+from iidkern.kernels.kernel_args import MultiplierArgs
 from iidkern.kernels.tail_split import NO_SPLIT, SplitPlan, combine_kernel, estimated_time, piece_range, plan_split
 
 
@@ -169,12 +171,15 @@ def test_a_forced_split_launches_pieces_then_the_join(monkeypatch, extras):
     b, h, n = 2, 3, 300  # 3 query-tile pairs a (batch, head): 18 tiles; 3 key tiles
     q = torch.randn(b, h, n, 128, dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    kw = dict(head_weights=torch.rand(h), head_weight_strides=(0, 1, 0), lse=torch.empty(b, h, n)) if extras else {}
+    kw = {}
+    if extras:  # what the join applies (head weights, LSE) and what pieces apply themselves (a multiplier)
+        kw = dict(head_weights=torch.rand(h), head_weight_strides=(0, 1, 0), lse=torch.empty(b, h, n),
+                  multiplier=MultiplierArgs.of(BlockMultiplier(torch.rand(b, 150, 40), query_start=50, key_start=0)))
     hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, split=(5, 3), **kw)
     (grid, args, kwargs), = attn.calls
     runtime = [p.name for p in hopper_fwd.attn_fwd_hopper.params if not p.is_constexpr]
     arg = dict(zip(runtime, args))
-    assert len(args) == len(runtime) and kwargs["SPLIT"] is True
+    assert len(args) == len(runtime) and kwargs["SPLIT"] is True and kwargs["HAS_MULT"] is extras
     assert grid == (18 - 5 + 5 * 3,)
     assert (arg["n_whole"], arg["n_qp"], arg["pieces_per_tile"]) == (13, 3, 3)
     assert arg["part_o_ptr"].shape == (15 * 2 * hopper_fwd.BLOCK_M, 128) and arg["part_o_ptr"].dtype == torch.float32
@@ -196,6 +201,8 @@ def test_a_forced_split_launches_pieces_then_the_join(monkeypatch, extras):
 
 @pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
 def test_no_split_keeps_the_two_axis_grid_and_tile_extras_never_split(monkeypatch):
+    """Tags (per-tile visit lists) and key-group sums (a fused probe) keep whole tiles,
+    whatever the split asked for."""
     attn, join = _Recorder(), _Recorder()
     monkeypatch.setattr(hopper_fwd, "_ATTN_HOPPER", attn)
     monkeypatch.setattr(hopper_fwd, "_COMBINE", join)
@@ -205,6 +212,10 @@ def test_no_split_keeps_the_two_axis_grid_and_tile_extras_never_split(monkeypatc
     hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, split=False)
     tags = iidkern.tag_mask(torch.randint(1, 4, (n,)), torch.randint(1, 4, (n,)))
     hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, split=(5, 3), tags=tags)
+    groups = launch._key_group_args(Probe(TG.each(40, n), TG.segments([(0, 9), (9, 40)], n)), b, h, n, q.device,
+                                    torch.empty)
+    hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, split=(5, 3), key_groups=groups)
+    assert len(attn.calls) == 3
     for grid, _, kwargs in attn.calls:
         assert grid == (3, b * h) and kwargs["SPLIT"] is False
     assert join.calls == []
