@@ -338,7 +338,7 @@ if AVAILABLE:
                   m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                   qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
                   batch, head, n_heads, q_start, n_q, n_k, qk_scale, kt0, n_kt, piece, part_o_ptr, part_lse_ptr,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
+                  part_kg_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NBUF: gl.constexpr,
                   HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr, HAS_KG: gl.constexpr, G_PAD: gl.constexpr,
                   HAS_MULT: gl.constexpr, HAS_TAGS: gl.constexpr, SPLIT: gl.constexpr):
         """One warpgroup: BLOCK_M query rows against the visited key tiles, online softmax in
@@ -346,7 +346,7 @@ if AVAILABLE:
         [n_full, n_visit) partial ones, tag masked; without, the key tiles [kt0, kt0 + n_kt),
         the first and the last of them masked (keys past the end). A split piece
         (``piece >= 0``) writes its normalized partial output and log2-sum-exp for
-        ``split_combine`` instead of the output."""
+        ``tail_split.combine_kernel`` instead of the output (and its key-group sums so too)."""
         nw: gl.constexpr = gl.num_warps()
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -461,15 +461,25 @@ if AVAILABLE:
             g_cols = gl.arange(0, G_PAD, layout=gl.SliceLayout(0, g_layout))
             g_row = (batch * n_heads + head).to(gl.int64) * (kg_q1 - kg_q0) + (g_rows - kg_q0)
             g_ok = (g_rows >= kg_q0) & (g_rows < kg_q1)
-            gl.store(kgo_ptr + g_row[:, None] * n_groups + g_cols[None, :], acc_g * g_scale[:, None],
-                     mask=g_ok[:, None] & (g_cols < n_groups)[None, :])
+            sums = acc_g * g_scale[:, None]
+            if SPLIT:
+                if piece >= 0:  # normalized over the piece's keys: the join weighs them like its output
+                    p_rows = piece * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, g_layout))
+                    gl.store(part_kg_ptr + p_rows.to(gl.int64)[:, None] * G_PAD + g_cols[None, :], sums)
+                else:
+                    gl.store(kgo_ptr + g_row[:, None] * n_groups + g_cols[None, :], sums,
+                             mask=g_ok[:, None] & (g_cols < n_groups)[None, :])
+            else:
+                gl.store(kgo_ptr + g_row[:, None] * n_groups + g_cols[None, :], sums,
+                         mask=g_ok[:, None] & (g_cols < n_groups)[None, :])
 
     @gluon.jit
     def attn_fwd_hopper(q_desc, k_desc, v_desc, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
                         m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                         qt_ptr, qt_sb, kt_ptr, kt_sb, vis_ptr, vis_full_ptr, vis_count_ptr,
-                        n_heads, n_q, n_k, qk_scale, part_o_ptr, part_lse_ptr, n_whole, n_qp, pieces_per_tile,
+                        n_heads, n_q, n_k, qk_scale, part_o_ptr, part_lse_ptr, part_kg_ptr, n_whole, n_qp,
+                        pieces_per_tile,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         NBUF: gl.constexpr, HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr,
                         HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr, HAS_TAGS: gl.constexpr,
@@ -531,7 +541,7 @@ if AVAILABLE:
                          m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                          qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
                          batch, head, n_heads, q_start, n_q, n_k, qk_scale, kt0, n_kt, piece, part_o_ptr, part_lse_ptr,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, HAS_TAGS,
+                         part_kg_ptr, BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, HAS_TAGS,
                          SPLIT)),  # default partition: 4 warps
             (_consumer, (1, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
@@ -539,7 +549,7 @@ if AVAILABLE:
                          m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                          qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
                          batch, head, n_heads, q_start, n_q, n_k, qk_scale, kt0, n_kt, piece, part_o_ptr, part_lse_ptr,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, HAS_TAGS,
+                         part_kg_ptr, BLOCK_M, BLOCK_N, HEAD_DIM, NBUF, HAS_HW, STORE_LSE, HAS_KG, G_PAD, HAS_MULT, HAS_TAGS,
                          SPLIT)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
                        batch, head, q_start, kt0, n_kt, vis_base, vis_count_ptr, list_row, BLOCK_M, BLOCK_N,
@@ -657,7 +667,7 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     ``tiles.TagMask``): query ``i`` sees key ``j`` iff their tags share a bit; key tiles are
     visited from the mask's ``visit_lists`` for this kernel's tile shape (:func:`tag_tile_shape`).
 
-    ``split``: the last wave's key split (``tail_split``; calls without key groups or tags): "auto", False, or a forced ``(n_split, pieces)`` (see :func:`split_plan_for`).
+    ``split``: the last wave's key split (``tail_split``; calls without a multiplier or tags): "auto", False, or a forced ``(n_split, pieces)`` (see :func:`split_plan_for`).
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
     n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
@@ -682,9 +692,10 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     n_qp = cdiv(n_q, 2 * BLOCK_M)
     n_tiles, n_key_tiles = n_qp * batch * heads, cdiv(n_k, BLOCK_N)
     plan = NO_SPLIT
-    # A piece's output with the multiplier is (P*M)V over its keys normalized by its own sum
-    # of P, so the join weighs it like any other; key-group sums and tag lists stay unsplit.
-    if not (has_kg or tags is not None):
+    # Tag lists and the multiplier keep whole tiles: a piece could weigh (P*M)V like any
+    # other, but with it ptxas spills 38 instructions' worth instead of 4 (triton 3.6), and
+    # the split multiplier call ran 1% slower than the unsplit one (bench s18, NOTES.md 50).
+    if not (has_mult or tags is not None):
         plan = split_plan_for(n_tiles, n_key_tiles, q.device, split)
     if plan.active:
         n_whole = n_tiles - plan.n_split
@@ -693,10 +704,12 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
         # Each piece's rows, normalized over its keys (fp32), and their log2-sum-exp.
         part_o = workspace((n_pieces * 2 * BLOCK_M, head_dim), torch.float32, q.device)
         part_lse = workspace((n_pieces * 2 * BLOCK_M,), torch.float32, q.device)
-        split_args = (part_o, part_lse, n_whole, n_qp, plan.pieces)
+        # key-group sums per piece row, normalized over the piece's keys like its output
+        part_kg = workspace((n_pieces * 2 * BLOCK_M, g_pad), torch.float32, q.device) if has_kg else out
+        split_args = (part_o, part_lse, part_kg, n_whole, n_qp, plan.pieces)
     else:
         grid = (n_qp, batch * heads)
-        split_args = (out, out, n_tiles, n_qp, 1)  # placeholders, never read
+        split_args = (out, out, out, n_tiles, n_qp, 1)  # placeholders, never read
     lse_arg = lse if lse is not None else out
     _ATTN_HOPPER[grid](
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
@@ -711,7 +724,8 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
         rows_block = 32
         _COMBINE[(plan.n_split, 2 * BLOCK_M // rows_block)](
             part_o, part_lse, out, lse_arg, hw, o_strides[0], o_strides[1], o_strides[2], *head_weight_strides,
+            part_kg, key_groups.sums, key_groups.q0, key_groups.q1, key_groups.n_groups,
             n_whole, n_qp, plan.pieces, heads, n_q,
-            TILE_ROWS=2 * BLOCK_M, BLOCK_R=rows_block, HEAD_DIM=head_dim,
-            HAS_HW=head_weights is not None, STORE_LSE=lse is not None, num_warps=4,
+            TILE_ROWS=2 * BLOCK_M, BLOCK_R=rows_block, HEAD_DIM=head_dim, G_PAD=g_pad,
+            HAS_HW=head_weights is not None, STORE_LSE=lse is not None, HAS_KG=has_kg, num_warps=4,
         )

@@ -88,16 +88,18 @@ def plan_split(n_tiles: int, n_key_tiles: int, n_sms: int) -> SplitPlan:
 
 @triton.jit
 def combine_kernel(PART_O, PART_LSE, O, LSE, HW, stride_ob, stride_oh, stride_on, hw_sb, hw_sh, hw_sn,
-                   n_whole, n_qp, pieces, n_heads, n_q,
-                   TILE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   HAS_HW: tl.constexpr, STORE_LSE: tl.constexpr):
+                   PART_KG, KGO, kg_q0, kg_q1, n_groups, n_whole, n_qp, pieces, n_heads, n_q,
+                   TILE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr,
+                   HAS_HW: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KG: tl.constexpr):
     """Join the pieces of split tile ``program_id(0)`` for rows block ``program_id(1)``.
 
     Piece ``j`` of split tile ``t`` holds, for the tile's ``TILE_ROWS`` rows, the output over
     its keys normalized by its own sum (``PART_O`` [pieces of all tiles, TILE_ROWS, HEAD_DIM]
     fp32) and ``log2`` of that sum at the scaled scores (``PART_LSE``). The output is their
     average weighted by ``2^lse``; the tile is grid tile ``n_whole + t`` (query-tile pair
-    ``% n_qp`` of (batch, head) ``// n_qp``)."""
+    ``% n_qp`` of (batch, head) ``// n_qp``). Key-group sums (a fused probe, ``PART_KG``
+    [..., G_PAD] per piece row, normalized over the piece's keys) are joined alike into
+    ``KGO`` [B, H, kg_q1 - kg_q0, n_groups]; head weights do not touch them."""
     t = tl.program_id(0)
     tile = n_whole + t
     bh = tile // n_qp
@@ -113,16 +115,25 @@ def combine_kernel(PART_O, PART_LSE, O, LSE, HW, stride_ob, stride_oh, stride_on
         m = tl.maximum(m, tl.load(PART_LSE + (first + j) * TILE_ROWS + r))
     acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
     total = tl.zeros([BLOCK_R], tl.float32)
+    g_cols = tl.arange(0, G_PAD)
+    acc_g = tl.zeros([BLOCK_R, G_PAD], tl.float32)
     for j in range(pieces):
         w = tl.exp2(tl.load(PART_LSE + (first + j) * TILE_ROWS + r) - m)
-        part = tl.load(PART_O + ((first + j) * TILE_ROWS + r).to(tl.int64)[:, None] * HEAD_DIM + cols[None, :])
-        acc += w[:, None] * part
+        part_rows = ((first + j) * TILE_ROWS + r).to(tl.int64)
+        acc += w[:, None] * tl.load(PART_O + part_rows[:, None] * HEAD_DIM + cols[None, :])
         total += w
+        if HAS_KG:
+            acc_g += w[:, None] * tl.load(PART_KG + part_rows[:, None] * G_PAD + g_cols[None, :])
     scale = 1.0 / total
     if HAS_HW:
         scale = scale * tl.load(HW + batch * hw_sb + head * hw_sh + rows * hw_sn, mask=row_ok, other=0.0).to(tl.float32)
     o_base = O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
     tl.store(o_base + rows.to(tl.int64)[:, None] * stride_on + cols[None, :],
              (acc * scale[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+    if HAS_KG:
+        g_ok = row_ok & (rows >= kg_q0) & (rows < kg_q1)
+        g_row = bh.to(tl.int64) * (kg_q1 - kg_q0) + (rows - kg_q0)
+        tl.store(KGO + g_row[:, None] * n_groups + g_cols[None, :], acc_g / total[:, None],
+                 mask=g_ok[:, None] & (g_cols < n_groups)[None, :])
     if STORE_LSE:  # natural log, as the kernel's own LSE
         tl.store(LSE + bh.to(tl.int64) * n_q + rows, (m + tl.log2(total)) * 0.6931471805599453, mask=row_ok)

@@ -53,7 +53,7 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, h
                  "qt_ptr": f"*{tags or 'i32'}", "qt_sb": "i32", "kt_ptr": f"*{tags or 'i32'}", "kt_sb": "i32",
                  "vis_ptr": "*i32", "vis_full_ptr": "*i32", "vis_count_ptr": "*i32",
                  "n_heads": "i32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32",
-                 "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "n_whole": "i32", "n_qp": "i32",
+                 "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "part_kg_ptr": "*fp32", "n_whole": "i32", "n_qp": "i32",
                  "pieces_per_tile": "i32"}
     constexprs = dict(BLOCK_M=hopper_fwd.BLOCK_M, BLOCK_N=hopper_fwd.BLOCK_N, HEAD_DIM=head_dim,
                       NBUF=hopper_fwd.NUM_BUFFERS, HAS_HW=has_hw, STORE_LSE=store_lse,
@@ -98,6 +98,6 @@ if __name__ == "__main__":
     # The last wave's key split: plain, and with head weights and LSE (both joined by the combine pass).
     results.update({f"{dt}-split": compile_variant(dt, False, False, split=True) for dt in ("bf16", "fp16")})
     results["bf16-split-hw-lse"] = compile_variant("bf16", True, True, split=True)
-    results["bf16-split-mult"] = compile_variant("bf16", False, False, has_mult=True, split=True)
+    results["bf16-split-kg8"] = compile_variant("bf16", False, True, g_pad=8, split=True)
     print(json.dumps(results))
     sys.stdout.flush()

@@ -78,14 +78,16 @@ def test_forced_plans_are_clamped_to_the_grid():
 
 
 # --------------------------------------------------------------------------- the join (interpreter)
-def _pieces_of(q, k, v, scale, tile_rows, n_qp, n_whole, n_split, pieces, block_n):
+def _pieces_of(q, k, v, scale, tile_rows, n_qp, n_whole, n_split, pieces, block_n, onehot):
     """What the kernel's pieces write, in float64: per piece of each split tile, the rows'
-    output over the piece's keys normalized by its own sum, and log2 of that sum."""
+    output and key-group sums (``onehot`` [Nk, G_PAD]) over the piece's keys normalized by its
+    own sum, and log2 of that sum."""
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     n_key_tiles = -(-n_k // block_n)
     part_o = torch.full((n_split * pieces * tile_rows, d), float("nan"), dtype=torch.float32)
     part_lse = torch.full((n_split * pieces * tile_rows,), float("nan"), dtype=torch.float32)
+    part_kg = torch.full((n_split * pieces * tile_rows, onehot.shape[1]), float("nan"), dtype=torch.float32)
     for t in range(n_split):
         tile = n_whole + t
         bh, qp = divmod(tile, n_qp)
@@ -98,31 +100,40 @@ def _pieces_of(q, k, v, scale, tile_rows, n_qp, n_whole, n_split, pieces, block_
             a, z = piece_range(j, pieces, n_key_tiles)
             sub = s[:, a * block_n:min(z * block_n, n_k)]
             lse2 = torch.logsumexp(sub, 1) / math.log(2)
-            o = torch.softmax(sub, 1) @ v[batch, head, a * block_n:min(z * block_n, n_k)].double()
+            keys = slice(a * block_n, min(z * block_n, n_k))
+            o = torch.softmax(sub, 1) @ v[batch, head, keys].double()
             slot = (t * pieces + j) * tile_rows
             part_o[slot:slot + tile_rows][real] = o.float()
             part_lse[slot:slot + tile_rows][real] = lse2.float()
+            part_kg[slot:slot + tile_rows][real] = (torch.softmax(sub, 1) @ onehot[keys]).float()
             # rows past the end hold whatever the kernel computed there: finite values
             part_o[slot:slot + tile_rows][~real] = 1e4
             part_lse[slot:slot + tile_rows][~real] = 7.0
-    return part_o, part_lse
+            part_kg[slot:slot + tile_rows][~real] = 3.0
+    return part_o, part_lse, part_kg
 
 
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-@pytest.mark.parametrize("b, h, n_q, n_k, n_split, pieces, hw_kind, lse", [
-    (1, 3, 70, 90, 2, 3, False, False),
-    (2, 2, 33, 200, 3, 5, "bh", True),
-    (3, 1, 48, 64, 6, 2, "bhn", True),  # every tile split
-    (2, 3, 17, 50, 1, 4, "h", False),  # one piece per key tile
+@pytest.mark.parametrize("b, h, n_q, n_k, n_split, pieces, hw_kind, lse, kg", [
+    (1, 3, 70, 90, 2, 3, False, False, None),
+    (2, 2, 33, 200, 3, 5, "bh", True, (5, 30, 3)),  # key groups on rows [5, 30): a tile's part
+    (3, 1, 48, 64, 6, 2, "bhn", True, (0, 48, 8)),  # every tile split; groups on every row
+    (2, 3, 17, 50, 1, 4, "h", False, (16, 17, 1)),  # one piece per key tile; the last row only
 ])
-def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_split, pieces, hw_kind, lse):
+def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_split, pieces, hw_kind, lse, kg):
     g = torch.Generator().manual_seed(b * 100 + n_q)
-    d, tile_rows, block_n, block_r = 32, 16, 16, 8
+    d, tile_rows, block_n, block_r, g_pad = 32, 16, 16, 8, 8
+    kg_q0, kg_q1, n_groups = kg or (0, 0, 1)
+    ids = torch.randint(-1, n_groups, (n_k,), generator=g)
+    onehot = torch.zeros(n_k, g_pad, dtype=torch.float64)
+    onehot[ids >= 0, ids[ids >= 0]] = 1.0
     q, k, v = (torch.randn(b, h, n, d, generator=g) for n in (n_q, n_k, n_k))
     scale = d ** -0.5
     n_qp = -(-n_q // tile_rows)
     n_whole = n_qp * b * h - n_split
-    part_o, part_lse = _pieces_of(q, k, v, scale, tile_rows, n_qp, n_whole, n_split, pieces, block_n)
+    part_o, part_lse, part_kg = _pieces_of(q, k, v, scale, tile_rows, n_qp, n_whole, n_split, pieces, block_n,
+                                           onehot)
+    kgo = torch.full((b, h, kg_q1 - kg_q0, n_groups), float("nan"))
     out = torch.full((b, h, n_q, d) if layout == "bhnd" else (b, n_q, h, d), float("nan"))
     lse_out = torch.full((b, h, n_q), float("nan"))
     o_bhnd = out if layout == "bhnd" else out.transpose(1, 2)
@@ -131,8 +142,9 @@ def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_
     hw_strides = launch._head_weight_strides(hw) if hw_kind else (0, 0, 0)
     combine_kernel[(n_split, tile_rows // block_r)](
         part_o, part_lse, out, lse_out, hw, o_bhnd.stride(0), o_bhnd.stride(1), o_bhnd.stride(2), *hw_strides,
-        n_whole, n_qp, pieces, h, n_q, TILE_ROWS=tile_rows, BLOCK_R=block_r, HEAD_DIM=d,
-        HAS_HW=bool(hw_kind), STORE_LSE=lse)
+        part_kg, kgo, kg_q0, kg_q1, n_groups, n_whole, n_qp, pieces, h, n_q,
+        TILE_ROWS=tile_rows, BLOCK_R=block_r, HEAD_DIM=d, G_PAD=g_pad,
+        HAS_HW=bool(hw_kind), STORE_LSE=lse, HAS_KG=kg is not None)
     s = scale * q.double() @ k.double().transpose(-1, -2)
     want = torch.softmax(s, -1) @ v.double()
     if hw_kind:
@@ -151,6 +163,12 @@ def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_
         assert torch.isnan(lse_out[~written]).all()
     else:
         assert torch.isnan(lse_out).all()
+    if kg is not None:  # the group sums of the rows in [kg_q0, kg_q1) that the join writes
+        want_kg = (torch.softmax(s, -1) @ onehot)[:, :, kg_q0:kg_q1, :n_groups]
+        mine = written[:, :, kg_q0:kg_q1]
+        assert mine.any()
+        assert (kgo.double()[mine] - want_kg[mine]).abs().max() < 1e-5
+        assert torch.isnan(kgo[~mine]).all()
 
 
 # --------------------------------------------------------------------------- the launch (CPU)
@@ -172,14 +190,15 @@ def test_a_forced_split_launches_pieces_then_the_join(monkeypatch, extras):
     q = torch.randn(b, h, n, 128, dtype=torch.bfloat16)
     out = torch.empty_like(q)
     kw = {}
-    if extras:  # what the join applies (head weights, LSE) and what pieces apply themselves (a multiplier)
+    if extras:  # what the join applies (head weights, LSE) and joins (key-group sums of a fused probe)
         kw = dict(head_weights=torch.rand(h), head_weight_strides=(0, 1, 0), lse=torch.empty(b, h, n),
-                  multiplier=MultiplierArgs.of(BlockMultiplier(torch.rand(b, 150, 40), query_start=50, key_start=0)))
+                  key_groups=launch._key_group_args(Probe(TG.each(40, n), TG.segments([(0, 9), (9, 40)], n)),
+                                                    b, h, n, q.device, torch.empty))
     hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, split=(5, 3), **kw)
     (grid, args, kwargs), = attn.calls
     runtime = [p.name for p in hopper_fwd.attn_fwd_hopper.params if not p.is_constexpr]
     arg = dict(zip(runtime, args))
-    assert len(args) == len(runtime) and kwargs["SPLIT"] is True and kwargs["HAS_MULT"] is extras
+    assert len(args) == len(runtime) and kwargs["SPLIT"] is True and kwargs["HAS_KG"] is extras
     assert grid == (18 - 5 + 5 * 3,)
     assert (arg["n_whole"], arg["n_qp"], arg["pieces_per_tile"]) == (13, 3, 3)
     assert arg["part_o_ptr"].shape == (15 * 2 * hopper_fwd.BLOCK_M, 128) and arg["part_o_ptr"].dtype == torch.float32
@@ -193,16 +212,20 @@ def test_a_forced_split_launches_pieces_then_the_join(monkeypatch, extras):
     assert jgrid[1] * jkwargs["BLOCK_R"] == jkwargs["TILE_ROWS"] == 2 * hopper_fwd.BLOCK_M
     assert jarg["PART_O"] is arg["part_o_ptr"] and jarg["PART_LSE"] is arg["part_lse_ptr"] and jarg["O"] is out
     assert (jarg["n_whole"], jarg["n_qp"], jarg["pieces"], jarg["n_heads"], jarg["n_q"]) == (13, 3, 3, h, n)
-    assert (jkwargs["HAS_HW"], jkwargs["STORE_LSE"]) == (extras, extras)
+    assert (jkwargs["HAS_HW"], jkwargs["STORE_LSE"], jkwargs["HAS_KG"]) == (extras, extras, extras)
     if extras:
         assert jarg["HW"] is kw["head_weights"] and jarg["LSE"] is kw["lse"]
         assert (jarg["hw_sb"], jarg["hw_sh"], jarg["hw_sn"]) == (0, 1, 0)
+        groups = kw["key_groups"]
+        assert arg["part_kg_ptr"].shape == (15 * 2 * hopper_fwd.BLOCK_M, kwargs["G_PAD"])
+        assert jarg["PART_KG"] is arg["part_kg_ptr"] and jarg["KGO"] is groups.sums and jkwargs["G_PAD"] == kwargs["G_PAD"]
+        assert (jarg["kg_q0"], jarg["kg_q1"], jarg["n_groups"]) == (groups.q0, groups.q1, groups.n_groups) == (40, n, 2)
 
 
 @pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
 def test_no_split_keeps_the_two_axis_grid_and_tile_extras_never_split(monkeypatch):
-    """Tags (per-tile visit lists) and key-group sums (a fused probe) keep whole tiles,
-    whatever the split asked for."""
+    """Tags (per-tile visit lists) and a block multiplier keep whole tiles, whatever the
+    split asked for."""
     attn, join = _Recorder(), _Recorder()
     monkeypatch.setattr(hopper_fwd, "_ATTN_HOPPER", attn)
     monkeypatch.setattr(hopper_fwd, "_COMBINE", join)
@@ -212,9 +235,8 @@ def test_no_split_keeps_the_two_axis_grid_and_tile_extras_never_split(monkeypatc
     hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, split=False)
     tags = iidkern.tag_mask(torch.randint(1, 4, (n,)), torch.randint(1, 4, (n,)))
     hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, split=(5, 3), tags=tags)
-    groups = launch._key_group_args(Probe(TG.each(40, n), TG.segments([(0, 9), (9, 40)], n)), b, h, n, q.device,
-                                    torch.empty)
-    hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, split=(5, 3), key_groups=groups)
+    mult = MultiplierArgs.of(BlockMultiplier(torch.rand(b, 150, 40), query_start=50, key_start=0))
+    hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, split=(5, 3), multiplier=mult)
     assert len(attn.calls) == 3
     for grid, _, kwargs in attn.calls:
         assert grid == (3, b * h) and kwargs["SPLIT"] is False
