@@ -13,7 +13,7 @@ dev = torch.device("cuda")
 for shape_name in ("flux_1024", "flux_edit"):
     shape = SHAPES[shape_name]
     sets = [random_qkv(shape, DTYPES["bf16"], dev, seed=s) for s in range(2)]
-    w = build_workload(shape, DTYPES["bf16"], "probes", dev)
+    w = build_workload(shape, DTYPES["bf16"], "probe", dev)
     kw = w.iidkern_kwargs()
 
     def plain(i):
