@@ -252,7 +252,8 @@ KERNEL_OPTIONS = {
     "fuse_key_groups": _FLAG, "kg_split": _FLAG, "mult_split": _FLAG, "kg_half_dot": _FLAG,
     "warp_specialize": _FLAG, "hopper": _FLAG, "poison": _FLAG,
     # The Hopper kernel's last-wave key split (kernels/tail_split.py): False turns it off; the
-    # two counts force a plan (both or neither): split the last tiles into pieces.
+    # two counts force a plan (both or neither): split the last tiles into pieces. Calls that
+    # do not run the Hopper kernel, or carry tags or a block multiplier, never split.
     "tail_split": _FLAG, "tail_split_tiles": ("an int in [0, 2**31)", _int_in(0, 2**31 - 1)),
     "tail_split_pieces": ("an int in [2, 64]", _int_in(2, 64)),
 }

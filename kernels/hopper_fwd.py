@@ -322,7 +322,7 @@ if AVAILABLE:
     def _store_piece(acc, m_i, l_i, part_o_ptr, part_lse_ptr, piece, WG: gl.constexpr, BLOCK_M: gl.constexpr,
                      HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
         """A split piece's rows: the output over its keys alone, normalized, in fp32, and the
-        log2-sum-exp of its scaled scores (``split_combine`` weighs the pieces by it). Rows
+        log2-sum-exp of its scaled scores (``tail_split.combine_kernel`` weighs the pieces by it). Rows
         past the end are stored too (the workspace holds whole tiles; they are never read)."""
         rows = piece * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -489,7 +489,7 @@ if AVAILABLE:
             # One axis: the first n_whole programs are whole query tiles in the order of the
             # 2-D grid below (tile t = query-tile pair t % n_qp of (batch, head) t // n_qp);
             # each program after them is one piece of a later tile's key tiles. The pieces
-            # come last, so they fill the last wave (split.plan_split).
+            # come last, so they fill the last wave (tail_split.plan_split).
             pid = gl.program_id(0)
             if pid < n_whole:
                 piece = -1
@@ -698,6 +698,8 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     if not (has_mult or tags is not None):
         plan = split_plan_for(n_tiles, n_key_tiles, q.device, split)
     if plan.active:
+        # A piece without key tiles would wait forever on the ring (split_plan_for clamps).
+        assert plan.n_split <= n_tiles and plan.pieces <= n_key_tiles, plan
         n_whole = n_tiles - plan.n_split
         n_pieces = plan.n_split * plan.pieces
         grid = (n_whole + n_pieces,)

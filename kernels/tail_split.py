@@ -52,6 +52,8 @@ def piece_range(part: int, pieces: int, n_key_tiles: int) -> tuple:
 def estimated_time(n_tiles: int, n_key_tiles: int, n_sms: int, plan: SplitPlan) -> float:
     """Makespan in key-tile units when programs start in grid order on the first free SM (one
     program an SM), the join pass included."""
+    if plan.active and not (plan.n_split <= n_tiles and plan.pieces <= n_key_tiles):
+        raise ValueError(f"plan {tuple(plan)} does not fit a grid of {n_tiles} tiles of {n_key_tiles} key tiles")
     n_whole = n_tiles - (plan.n_split if plan.active else 0)
     whole = n_key_tiles + PROGRAM_OVERHEAD
     waves, extra = divmod(n_whole, n_sms)
@@ -69,20 +71,19 @@ def estimated_time(n_tiles: int, n_key_tiles: int, n_sms: int, plan: SplitPlan) 
 @functools.lru_cache(maxsize=1024)
 def plan_split(n_tiles: int, n_key_tiles: int, n_sms: int) -> SplitPlan:
     """The split of the grid's last tiles that the cost model finds fastest, or ``NO_SPLIT``
-    where none gains ``MIN_GAIN`` (no tail, a tail that fills most of a wave, few key tiles)."""
+    where none gains ``MIN_GAIN`` (no tail, a tail that fills most of a wave, few key tiles).
+    Only the tail itself is split: splitting one more wave's tiles too never won, in the model
+    (over 3328 grids) or on the H100 (Flux 1024²: (204, 3) 1.068x cuDNN, (72, 3) 1.023x)."""
     tail = n_tiles % n_sms
     if tail == 0 or n_key_tiles < 2:
         return NO_SPLIT
     best, best_time = NO_SPLIT, estimated_time(n_tiles, n_key_tiles, n_sms, NO_SPLIT)
     unsplit = best_time
-    for n_split in (tail, tail + n_sms):
-        if n_split > n_tiles:
-            break
-        for pieces in range(2, min(n_key_tiles, MAX_PIECES) + 1):
-            plan = SplitPlan(n_split, pieces)
-            t = estimated_time(n_tiles, n_key_tiles, n_sms, plan)
-            if t < best_time:
-                best, best_time = plan, t
+    for pieces in range(2, min(n_key_tiles, MAX_PIECES) + 1):
+        plan = SplitPlan(tail, pieces)
+        t = estimated_time(n_tiles, n_key_tiles, n_sms, plan)
+        if t < best_time:
+            best, best_time = plan, t
     return best if best_time <= unsplit * (1 - MIN_GAIN) else NO_SPLIT
 
 

@@ -99,5 +99,6 @@ if __name__ == "__main__":
     results.update({f"{dt}-split": compile_variant(dt, False, False, split=True) for dt in ("bf16", "fp16")})
     results["bf16-split-hw-lse"] = compile_variant("bf16", True, True, split=True)
     results["bf16-split-kg8"] = compile_variant("bf16", False, True, g_pad=8, split=True)
+    results["bf16-d64-split"] = compile_variant("bf16", True, True, head_dim=64, split=True)
     print(json.dumps(results))
     sys.stdout.flush()

@@ -93,16 +93,17 @@ def test_block_multiplier_compiles_into_the_same_schedule(compiled_variants, dty
 
 
 @needs_gluon
-@pytest.mark.parametrize("variant", ["bf16-split", "fp16-split", "bf16-split-hw-lse", "bf16-split-kg8"])
+@pytest.mark.parametrize("variant", ["bf16-split", "fp16-split", "bf16-split-hw-lse", "bf16-split-kg8",
+                                     "bf16-d64-split"])
 def test_tail_split_variants_compile_into_the_same_schedule(compiled_variants, variant):
     """The last wave's key split (pieces of a key range writing fp32 partial outputs) keeps
     the FA3 schedule and the plain kernel's shared memory; head weights are left to the join
     pass, so only the whole tiles' epilogue reads them."""
-    info, plain = compiled_variants[variant], compiled_variants[f"{variant[:4]}-False-False"]
+    info, plain = compiled_variants[variant], compiled_variants["bf16-d64" if "d64" in variant else f"{variant[:4]}-False-False"]
     assert info["wgmma_wait_1"] > 0 and info["setmaxnreg"] > 0 and info["tma_4d"] > 0
     assert info["shared"] <= plain["shared"] + (1024 if "kg" in variant else 64)
     assert (info["mma_sync"] > 0) == ("kg" in variant)
-    assert (info["global_loads"] > 0) == ("hw" in variant or "kg" in variant)
+    assert (info["global_loads"] > 0) == ("hw" in variant or "kg" in variant or "d64" in variant)
 
 
 # --------------------------------------------------------------------------- TMA eligibility (CPU)
@@ -490,9 +491,12 @@ def test_tail_split_matches_reference(hopper_calls, monkeypatch, dtype, layout, 
         q, k, v = _qkv(b, h, nq, nk, dtype, layout, seed=seed + nq)
         with fast_launch.recording() as launches:
             out = iidkern.attention(q, k, v, layout=layout, kernel_options=opts)
-        if seed == 0:  # the checked path: the split kernel, then the join
-            assert [rec[0] for rec in launches] == [hopper_fwd._ATTN_HOPPER, hopper_fwd._COMBINE]
-            assert launches[0][3]["SPLIT"] is True and len(launches.workspaces) == 2
+        if seed == 0:  # the checked path: the split kernel, then the join (auto: if this GPU's plan splits)
+            n_tiles, n_key_tiles = -(-nq // (2 * hopper_fwd.BLOCK_M)) * b * h, -(-nk // hopper_fwd.BLOCK_N)
+            splits = forced is not None or hopper_fwd.split_plan_for(n_tiles, n_key_tiles, q.device).active
+            want = [hopper_fwd._ATTN_HOPPER, hopper_fwd._COMBINE] if splits else [hopper_fwd._ATTN_HOPPER]
+            assert [rec[0] for rec in launches] == want
+            assert launches[0][3]["SPLIT"] is splits and len(launches.workspaces) == 2 * splits
         ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64)
         assert_close_rel(out, ref.out, OUT_TOL[dtype])
     assert bool(api._REPLAYS) == (forced is None)  # forced counts are not replayed options
@@ -505,6 +509,28 @@ def test_tail_split_matches_reference(hopper_calls, monkeypatch, dtype, layout, 
         off = iidkern.attention(q, k, v, layout=layout, return_lse=True, kernel_options=dict(opts, tail_split=False))
     assert [rec[0] for rec in launches] == [hopper_fwd._ATTN_HOPPER] and launches[0][3]["SPLIT"] is False
     assert_lse_equal(off.lse, ref.lse)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("forced", [None, (5, 64)])
+def test_tail_split_at_head_dim_64(hopper_calls, forced):
+    """Long SD3-like calls (head dim 64, from 16384 keys: the Hopper kernel) split as at 128:
+    24 query tiles of 129 key tiles leave most of the SMs idle."""
+    q, k, v = make_qkv(1, 3, 1000, 16500, 64, torch.bfloat16, "bnhd", device="cuda",
+                       generator=torch.Generator().manual_seed(7))
+    hw = torch.rand(1, 3, device="cuda")
+    opts = {"poison": True}
+    if forced:
+        opts.update(tail_split_tiles=forced[0], tail_split_pieces=forced[1])
+    with fast_launch.recording() as launches:
+        res = iidkern.attention(q, k, v, layout="bnhd", head_weights=hw, return_lse=True, kernel_options=opts)
+    assert hopper_calls == ["bnhd"]
+    splits = forced is not None or hopper_fwd.split_plan_for(8 * 3, -(-16500 // hopper_fwd.BLOCK_N), q.device).active
+    assert launches[0][3]["SPLIT"] is splits and launches[0][3]["HEAD_DIM"] == 64
+    ref = attention_reference(q, k, v, layout="bnhd", head_weights=hw, compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[torch.bfloat16])
+    assert_lse_equal(res.lse, ref.lse)
 
 
 @pytest.mark.cuda

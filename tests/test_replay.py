@@ -337,6 +337,14 @@ def test_scratch_tensors_of_a_call_are_made_afresh_by_each_replay():
     s1, s2 = a1[4], a2[4]
     assert s1.shape == (4, 3) and s1.dtype == torch.float16 and s1 is not scratch and s2 is not s1
     assert b1[0] is s1 and b1[1] is out2 and b2[0] is s2 and b2[1] is out3 and b1[2] == 3
+    # A scratch tensor is noted by this thread's innermost recording only.
+    with fast_launch.recording() as outer:
+        with fast_launch.recording() as inner:
+            fast_launch.workspace((2,), torch.float32, q.device)
+        other = threading.Thread(target=lambda: fast_launch.workspace((3,), torch.float32, q.device))
+        other.start()
+        other.join()
+    assert [tuple(w.shape) for w in inner.workspaces] == [(2,)] and outer.workspaces == []
     with fast_launch.recording() as launches:
         stray = torch.empty(4, 3)
         first[(5,)](q, k, v, out, stray, 2, BLOCK=16)

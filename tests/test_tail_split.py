@@ -38,6 +38,13 @@ def test_estimated_time_counts_waves_pieces_and_the_join():
     assert estimated_time(3, 3, 2, SplitPlan(1, 3)) == pytest.approx(want)
 
 
+def test_estimated_time_rejects_plans_that_do_not_fit():
+    with pytest.raises(ValueError, match="does not fit"):
+        estimated_time(10, 4, 2, SplitPlan(11, 2))
+    with pytest.raises(ValueError, match="does not fit"):
+        estimated_time(10, 4, 2, SplitPlan(3, 5))
+
+
 @pytest.mark.parametrize("n_tiles, n_key_tiles, n_sms", list(itertools.product(
     [1, 5, 131, 133, 144, 288, 864, 1632, 1728, 3168], [1, 2, 6, 12, 36, 68], [16, 132])))
 def test_plan_is_the_best_estimate_and_only_where_it_gains(n_tiles, n_key_tiles, n_sms):
@@ -49,12 +56,11 @@ def test_plan_is_the_best_estimate_and_only_where_it_gains(n_tiles, n_key_tiles,
         assert 0 < plan.n_split <= n_tiles and 2 <= plan.pieces <= min(n_key_tiles, tail_split.MAX_PIECES)
         t = estimated_time(n_tiles, n_key_tiles, n_sms, plan)
         assert t <= unsplit * (1 - tail_split.MIN_GAIN)
-        # no candidate of the search is better
+        # the tail is what is split, and no other piece count of it is better
         tail = n_tiles % n_sms
-        for n_split in (tail, tail + n_sms):
-            for pieces in range(2, min(n_key_tiles, tail_split.MAX_PIECES) + 1):
-                if n_split <= n_tiles:
-                    assert estimated_time(n_tiles, n_key_tiles, n_sms, SplitPlan(n_split, pieces)) >= t - 1e-9
+        assert plan.n_split == tail
+        for pieces in range(2, min(n_key_tiles, tail_split.MAX_PIECES) + 1):
+            assert estimated_time(n_tiles, n_key_tiles, n_sms, SplitPlan(tail, pieces)) >= t - 1e-9
     else:
         assert plan == NO_SPLIT
 
@@ -114,13 +120,16 @@ def _pieces_of(q, k, v, scale, tile_rows, n_qp, n_whole, n_split, pieces, block_
 
 
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-@pytest.mark.parametrize("b, h, n_q, n_k, n_split, pieces, hw_kind, lse, kg", [
-    (1, 3, 70, 90, 2, 3, False, False, None),
-    (2, 2, 33, 200, 3, 5, "bh", True, (5, 30, 3)),  # key groups on rows [5, 30): a tile's part
-    (3, 1, 48, 64, 6, 2, "bhn", True, (0, 48, 8)),  # every tile split; groups on every row
-    (2, 3, 17, 50, 1, 4, "h", False, (16, 17, 1)),  # one piece per key tile; the last row only
+@pytest.mark.parametrize("b, h, n_q, n_k, n_split, pieces, hw_kind, lse, kg, shift", [
+    (1, 3, 70, 90, 2, 3, False, False, None, 0.0),
+    (2, 2, 33, 200, 3, 5, "bh", True, (5, 30, 3), 200.0),  # key groups on rows [5, 30); 2^lse overflows fp32
+    (3, 1, 48, 64, 6, 2, "bhn", True, (0, 48, 8), -160.0),  # every tile split; groups on every row; 2^lse underflows
+    (2, 3, 17, 50, 1, 4, "h", False, (16, 17, 1), 0.0),  # one piece per key tile; the last row only
 ])
-def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_split, pieces, hw_kind, lse, kg):
+def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_split, pieces, hw_kind, lse, kg,
+                                                      shift):
+    """``shift`` moves every score by the same amount (in log2 units): the output and key-group
+    sums stay, the LSE moves, and the join must weigh the pieces relative to their largest sum."""
     g = torch.Generator().manual_seed(b * 100 + n_q)
     d, tile_rows, block_n, block_r, g_pad = 32, 16, 16, 8, 8
     kg_q0, kg_q1, n_groups = kg or (0, 0, 1)
@@ -133,6 +142,7 @@ def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_
     n_whole = n_qp * b * h - n_split
     part_o, part_lse, part_kg = _pieces_of(q, k, v, scale, tile_rows, n_qp, n_whole, n_split, pieces, block_n,
                                            onehot)
+    part_lse += shift
     kgo = torch.full((b, h, kg_q1 - kg_q0, n_groups), float("nan"))
     out = torch.full((b, h, n_q, d) if layout == "bhnd" else (b, n_q, h, d), float("nan"))
     lse_out = torch.full((b, h, n_q), float("nan"))
@@ -149,7 +159,7 @@ def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_
     want = torch.softmax(s, -1) @ v.double()
     if hw_kind:
         want = want * hw.double().reshape({"h": (1, h, 1, 1), "bh": (b, h, 1, 1), "bhn": (b, h, n_q, 1)}[hw_kind])
-    want_lse = torch.logsumexp(s, -1)
+    want_lse = torch.logsumexp(s, -1) + shift * math.log(2)
     written = torch.zeros(b, h, n_q, dtype=torch.bool)
     for t in range(n_split):
         bh, qp = divmod(n_whole + t, n_qp)
@@ -159,7 +169,8 @@ def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_
     assert not torch.isnan(got[written]).any()
     assert (got[written] - want[written]).abs().max() < 1e-5
     if lse:
-        assert (lse_out.double()[written] - want_lse[written]).abs().max() < 1e-5
+        # fp32 LSE: relative to its size (a shift of 200 in log2 units is ~139 in natural log)
+        assert (lse_out.double()[written] - want_lse[written]).abs().max() < 1e-5 * max(1.0, abs(shift))
         assert torch.isnan(lse_out[~written]).all()
     else:
         assert torch.isnan(lse_out).all()
