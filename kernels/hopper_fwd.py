@@ -441,13 +441,8 @@ if AVAILABLE:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
             mbarrier.arrive(kv_empty.index(last))
 
-        if SPLIT:
-            if piece >= 0:
-                _store_piece(acc, m_i, l_i, part_o_ptr, part_lse_ptr, piece, WG, BLOCK_M, HEAD_DIM, s_layout, o_layout)
-            else:
-                _store_output(acc, m_i, l_i, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
-                              batch, head, n_heads, row0, n_q, BLOCK_M, HEAD_DIM, HAS_HW, STORE_LSE, HAS_TAGS,
-                              s_layout, o_layout)
+        if SPLIT and piece >= 0:  # (piece is -1, a constant, without SPLIT)
+            _store_piece(acc, m_i, l_i, part_o_ptr, part_lse_ptr, piece, WG, BLOCK_M, HEAD_DIM, s_layout, o_layout)
         else:
             _store_output(acc, m_i, l_i, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
                           batch, head, n_heads, row0, n_q, BLOCK_M, HEAD_DIM, HAS_HW, STORE_LSE, HAS_TAGS,
@@ -462,13 +457,9 @@ if AVAILABLE:
             g_row = (batch * n_heads + head).to(gl.int64) * (kg_q1 - kg_q0) + (g_rows - kg_q0)
             g_ok = (g_rows >= kg_q0) & (g_rows < kg_q1)
             sums = acc_g * g_scale[:, None]
-            if SPLIT:
-                if piece >= 0:  # normalized over the piece's keys: the join weighs them like its output
-                    p_rows = piece * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, g_layout))
-                    gl.store(part_kg_ptr + p_rows.to(gl.int64)[:, None] * G_PAD + g_cols[None, :], sums)
-                else:
-                    gl.store(kgo_ptr + g_row[:, None] * n_groups + g_cols[None, :], sums,
-                             mask=g_ok[:, None] & (g_cols < n_groups)[None, :])
+            if SPLIT and piece >= 0:  # normalized over the piece's keys: the join weighs them like its output
+                p_rows = piece * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, g_layout))
+                gl.store(part_kg_ptr + p_rows.to(gl.int64)[:, None] * G_PAD + g_cols[None, :], sums)
             else:
                 gl.store(kgo_ptr + g_row[:, None] * n_groups + g_cols[None, :], sums,
                          mask=g_ok[:, None] & (g_cols < n_groups)[None, :])
