@@ -470,11 +470,21 @@ if AVAILABLE:
                         m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                         qt_ptr, qt_sb, kt_ptr, kt_sb, vis_ptr, vis_full_ptr, vis_count_ptr,
                         n_heads, n_q, n_k, qk_scale, part_o_ptr, part_lse_ptr, part_kg_ptr, n_whole, n_qp,
-                        pieces_per_tile,
+                        pieces_per_tile, zero_ptr, n_zero,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         NBUF: gl.constexpr, HAS_HW: gl.constexpr, STORE_LSE: gl.constexpr,
                         HAS_KG: gl.constexpr, G_PAD: gl.constexpr, HAS_MULT: gl.constexpr, HAS_TAGS: gl.constexpr,
-                        SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                        SPLIT: gl.constexpr, ZERO: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                        LOADER_REGS: gl.constexpr):
+        if ZERO:
+            # The first program zeroes n_zero int32 counters for a pass that follows this
+            # kernel on the stream (the pair statistics' tickets): a memset would be one more
+            # launch per call, which costs what the tickets save (bench/NOTES.md 51, 52).
+            if (gl.program_id(0) == 0) & (gl.program_id(1) == 0):
+                zero_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+                offs_z = gl.arange(0, 128, layout=zero_layout)
+                for z0 in range(0, n_zero, 128):
+                    gl.store(zero_ptr + z0 + offs_z, gl.zeros([128], gl.int32, zero_layout), mask=z0 + offs_z < n_zero)
         n_key_tiles = gl.cdiv(n_k, BLOCK_N)
         if SPLIT:
             # One axis: the first n_whole programs are whole query tiles in the order of the
@@ -644,7 +654,8 @@ def sm_count(device_index: int) -> int:
 
 
 def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, head_weight_strides=(0, 0, 0),
-                     lse=None, key_groups=None, multiplier=None, tags=None, split="auto") -> None:
+                     lse=None, key_groups=None, multiplier=None, tags=None, split="auto",
+                     zero_counters=None) -> None:
     """Write softmax(scale * q k^T) v into ``out`` (same layout as ``q``); ``lse`` [B, H, Nq] if given.
     With a block multiplier M the output is (P * M) v, P the unweighted probabilities.
 
@@ -659,6 +670,8 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     visited from the mask's ``visit_lists`` for this kernel's tile shape (:func:`tag_tile_shape`).
 
     ``split``: the last wave's key split (``tail_split``; calls without a multiplier or tags): "auto", False, or a forced ``(n_split, pieces)`` (see :func:`split_plan_for`).
+    ``zero_counters``: a contiguous int32 tensor that the kernel sets to zero, for a pass
+    launched after it on the same stream (the pair statistics' tickets).
     """
     (batch, heads, n_q, head_dim), _ = _bhnd_shape_strides(q, layout)
     n_k = k.shape[2] if layout == "bhnd" else k.shape[1]
@@ -708,9 +721,10 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
         _descriptor(q, layout, BLOCK_M), _descriptor(k, layout, BLOCK_N), _descriptor(v, layout, BLOCK_N),
         out, o_strides[0], o_strides[1], o_strides[2], lse_arg, hw, *head_weight_strides,
         *key_groups, *multiplier, *tag_args, heads, n_q, n_k, scale * LOG2E, *split_args,
+        zero_counters if zero_counters is not None else out, zero_counters.numel() if zero_counters is not None else 0,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, NBUF=NUM_BUFFERS,
         HAS_HW=head_weights is not None, STORE_LSE=lse is not None, HAS_KG=has_kg,
-        G_PAD=g_pad, HAS_MULT=has_mult, HAS_TAGS=tags is not None, SPLIT=plan.active,
+        G_PAD=g_pad, HAS_MULT=has_mult, HAS_TAGS=tags is not None, SPLIT=plan.active, ZERO=zero_counters is not None,
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
     )
     if plan.active:

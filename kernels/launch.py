@@ -150,13 +150,19 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     # per (batch, head, probed query) the sums over each key group, [B, H, rows, G].
     key_groups = _key_group_args(probes[fused], batch, heads, n_k, device, alloc) if fused is not None else None
 
+    # The pair pass's tickets (kernels/pair_stats.py) start at zero: the Hopper kernel zeroes
+    # them as it runs; other paths pay for a memset.
+    pair_counters = None
+    if pair_stats is not None:
+        counters_shape = (pair_stats.shape[0], heads)
+        pair_counters = (torch.empty if hopper else torch.zeros)(counters_shape, dtype=torch.int32, device=device)
     if hopper:
         # The Hopper kernel needs none of the Triton kernel's launch setup (host time per call).
         hopper_fwd.hopper_attention(
             q, k, v, out, layout=layout, scale=scale, head_weights=head_weights, lse=lse, key_groups=key_groups,
             head_weight_strides=_head_weight_strides(head_weights) if head_weights is not None else (0, 0, 0),
             multiplier=MultiplierArgs.of(block_multiplier) if block_multiplier is not None else None, tags=tags,
-            split=_tail_split_option(kernel_options))
+            split=_tail_split_option(kernel_options), zero_counters=pair_counters)
         tiles = x_out = None
         tile_shape = None
     else:
@@ -183,7 +189,9 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
             results.append(_finish_value_probe(p, x_out[..., col:col + w], n_q))
             col += w
 
-    stats = _pair_stats(out, pair_stats, layout, heads, n_q, head_dim, block_d) if pair_stats is not None else None
+    stats = None
+    if pair_stats is not None:
+        stats = _pair_stats(out, pair_stats, pair_counters, layout, heads, n_q, head_dim, block_d, alloc)
     return AttentionResult(
         out=out, lse=lse if need_lse else None, probes=tuple(results), pair_stats=stats,
         tiles_visited=tiles.view(batch, heads, cdiv(n_q, block_m)) if count_tiles else None,
@@ -422,19 +430,20 @@ def _finish_value_probe(vp: ValueProbe, per_query: torch.Tensor, n_q: int) -> to
     return normalize_groups(folded, vp.queries, None, vp.normalize, n_q, 0)
 
 
-def _pair_stats(out, pairs, layout, heads, n_q, head_dim, block_d) -> PairStats:
-    # One launch per pair with the batch rows as scalars: no index tensor on the device, so
-    # no host-to-device copy (which would synchronize the stream) on this hot path.
+def _pair_stats(out, pairs, counters, layout, heads, n_q, head_dim, block_d, alloc) -> PairStats:
+    """One launch per pair, with the batch rows as scalars: no index tensor on the device, so
+    no host-to-device copy (which would synchronize the stream) on this hot path. ``counters``
+    [pairs, heads] int32 are zero (the tickets of ``pair_stats_kernel``)."""
     pair_list = pairs.tolist()
     block_t = 16
     n_progs = _pair_stats_programs(cdiv(n_q, block_t), heads, out.device)
     partial = torch.empty((len(pair_list), heads, n_progs, 3), dtype=torch.float32, device=out.device)
+    sums = alloc((len(pair_list), heads, 3), dtype=torch.float32, device=out.device)
     for p, (b0, b1) in enumerate(pair_list):
         _PAIR_STATS[(n_progs, heads)](
-            out, partial[p], b0, b1, *_strides_bhn(out, layout), heads, n_q, head_dim, n_progs,
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=1 if _INTERPRET else 8,
+            out, partial[p], counters[p], sums[p], b0, b1, *_strides_bhn(out, layout), heads, n_q, head_dim, n_progs,
+            BLOCK_T=block_t, BLOCK_D=block_d, PROGS_POW2=pow2_at_least(n_progs), num_warps=1 if _INTERPRET else 8,
         )
-    sums = partial.sum(2)
     return PairStats(dot=sums[..., 0], norm0_sq=sums[..., 1], norm1_sq=sums[..., 2])
 
 

@@ -33,10 +33,11 @@ def spill_instructions(cubin: bytes) -> int:
 
 
 def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, has_mult: bool = False,
-                    head_dim: int = 128, tags: str = "", split: bool = False) -> dict:
+                    head_dim: int = 128, tags: str = "", split: bool = False, zero: bool = False) -> dict:
     """One specialization; ``g_pad`` > 0 adds a fused key-group probe with that many columns,
     ``has_mult`` a block multiplier (fp32 values), ``tags`` a tag mask of that int type ("i32"/"i64"),
-    ``split`` the last wave's key split (pieces writing partial outputs)."""
+    ``split`` the last wave's key split (pieces writing partial outputs), ``zero`` the zeroed
+    counters of the pair statistics' pass."""
     gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
     def desc(rows):
@@ -54,11 +55,11 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, h
                  "vis_ptr": "*i32", "vis_full_ptr": "*i32", "vis_count_ptr": "*i32",
                  "n_heads": "i32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32",
                  "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "part_kg_ptr": "*fp32", "n_whole": "i32", "n_qp": "i32",
-                 "pieces_per_tile": "i32"}
+                 "pieces_per_tile": "i32", "zero_ptr": "*i32", "n_zero": "i32"}
     constexprs = dict(BLOCK_M=hopper_fwd.BLOCK_M, BLOCK_N=hopper_fwd.BLOCK_N, HEAD_DIM=head_dim,
                       NBUF=hopper_fwd.NUM_BUFFERS, HAS_HW=has_hw, STORE_LSE=store_lse,
                       HAS_KG=g_pad > 0, G_PAD=max(g_pad, 8), HAS_MULT=has_mult, HAS_TAGS=bool(tags),
-                      SPLIT=split, CONSUMER_REGS=hopper_fwd.CONSUMER_REGS, LOADER_REGS=hopper_fwd.LOADER_REGS)
+                      SPLIT=split, ZERO=zero, CONSUMER_REGS=hopper_fwd.CONSUMER_REGS, LOADER_REGS=hopper_fwd.LOADER_REGS)
     # As a launch of Flux's multiplier specializes them: a unit key stride is a constant; the
     # pointer, strides and sub-block bounds are 16-aligned (what lets its loads be vectorized).
     constexprs["m_sk"] = 1
@@ -75,6 +76,7 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, h
             "tma_4d": ptx.count("cp.async.bulk.tensor.4d"),
             "global_loads": ptx.count("ld.global"),
             "global_loads_vector": ptx.count("ld.global.v"),
+            "global_stores": ptx.count("st.global"),
             "mma_sync": ptx.count("mma.sync.aligned"),
             "spills": spill_instructions(compiled.asm["cubin"])}
 
@@ -100,5 +102,8 @@ if __name__ == "__main__":
     results["bf16-split-hw-lse"] = compile_variant("bf16", True, True, split=True)
     results["bf16-split-kg8"] = compile_variant("bf16", False, True, g_pad=8, split=True)
     results["bf16-d64-split"] = compile_variant("bf16", True, True, head_dim=64, split=True)
+    # Zeroed counters for the pair statistics' pass (HeadRouter's branch pairs), whole tiles and split.
+    results["bf16-zero"] = compile_variant("bf16", False, False, zero=True)
+    results["bf16-split-zero"] = compile_variant("bf16", False, False, split=True, zero=True)
     print(json.dumps(results))
     sys.stdout.flush()

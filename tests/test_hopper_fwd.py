@@ -106,6 +106,20 @@ def test_tail_split_variants_compile_into_the_same_schedule(compiled_variants, v
     assert (info["global_loads"] > 0) == ("hw" in variant or "kg" in variant or "d64" in variant)
 
 
+@needs_gluon
+@pytest.mark.parametrize("variant", ["bf16-zero", "bf16-split-zero"])
+def test_zeroed_pair_counters_compile_outside_the_schedule(compiled_variants, variant):
+    """The counters of the pair statistics' tickets are zeroed by the first program, outside
+    the FA3 schedule: same shared memory, no extra loads, a few more global stores."""
+    info = compiled_variants[variant]
+    plain = compiled_variants["bf16-split" if "split" in variant else "bf16-False-False"]
+    assert info["wgmma_wait_1"] == plain["wgmma_wait_1"] and info["setmaxnreg"] == plain["setmaxnreg"]
+    assert info["shared"] == plain["shared"] and info["global_loads"] == plain["global_loads"]
+    assert info["global_stores"] > plain["global_stores"]
+    # Equal on triton 3.6 (the device's); newer Tritons' register allocation may move one.
+    assert info["spills"] <= plain["spills"] + 2
+
+
 # --------------------------------------------------------------------------- TMA eligibility (CPU)
 def test_tma_ready_wants_aligned_base_and_strides():
     buf = torch.empty(4 * 16 * 128 + 8, dtype=torch.bfloat16)
@@ -264,7 +278,8 @@ def test_launch_arguments_line_up_with_the_kernel_parameters(monkeypatch, extras
         kw = dict(head_weights=torch.rand(h), head_weight_strides=(0, 1, 0), lse=torch.empty(b, h, n),
                   key_groups=launch._key_group_args(Probe(TG.each(40, n), TG.segments([(0, 9), (9, 40)], n)),
                                                     b, h, n, q.device, torch.empty),
-                  multiplier=MultiplierArgs.of(BlockMultiplier(values, query_start=50, key_start=0)), tags=tags)
+                  multiplier=MultiplierArgs.of(BlockMultiplier(values, query_start=50, key_start=0)), tags=tags,
+                  zero_counters=torch.empty(2, 3, dtype=torch.int32))
     hopper_fwd.hopper_attention(q, q, q, out, layout="bhnd", scale=0.1, **kw)
     params = hopper_fwd.attn_fwd_hopper.params
     runtime = [p.name for p in params if not p.is_constexpr]
@@ -272,7 +287,10 @@ def test_launch_arguments_line_up_with_the_kernel_parameters(monkeypatch, extras
     assert set(seen["kwargs"]) == {p.name for p in params if p.is_constexpr} | {"num_warps"}
     arg = dict(zip(runtime, seen["args"]))
     assert (arg["n_heads"], arg["n_q"], arg["n_k"]) == (h, n, n)
-    assert [seen["kwargs"][f] for f in ("HAS_HW", "STORE_LSE", "HAS_KG", "HAS_MULT", "HAS_TAGS")] == [extras] * 5
+    assert [seen["kwargs"][f] for f in ("HAS_HW", "STORE_LSE", "HAS_KG", "HAS_MULT", "HAS_TAGS", "ZERO")] == [extras] * 6
+    assert arg["n_zero"] == (6 if extras else 0)
+    if extras:
+        assert arg["zero_ptr"] is kw["zero_counters"]
     if extras:
         # Tags as [B, N] rows (the shared [N] key tags with a zero batch stride) and the
         # visit lists of the kernel's tile shape: a query tile is both warpgroups' rows.
@@ -305,8 +323,11 @@ def test_routed_calls_get_head_weights_with_broadcast_strides(monkeypatch, hw_sh
 
 
 def _hopper_contract(q, k, v, out, *, layout, scale, head_weights, head_weight_strides, lse, key_groups,
-                     multiplier, tags=None, split="auto"):
-    """What hopper_attention promises, in float64 torch: out, LSE and the key-group sums."""
+                     multiplier, tags=None, split="auto", zero_counters=None):
+    """What hopper_attention promises, in float64 torch: out, LSE, the key-group sums and
+    the zeroed counters."""
+    if zero_counters is not None:
+        zero_counters.zero_()
     qh, kh, vh = (t if layout == "bhnd" else t.transpose(1, 2) for t in (q, k, v))
     scores = scale * qh.double() @ kh.double().transpose(-1, -2)
     if tags is not None:  # a query with no allowed key: zero probabilities, LSE -inf
@@ -334,6 +355,33 @@ def _hopper_contract(q, k, v, out, *, layout, scale, head_weights, head_weight_s
         dense = torch.where((keys >= k0) & (keys < k1), dense, -1)
         one_hot = (dense[..., None] == torch.arange(n_groups)).double()  # [B, Nk, G]
         sums.copy_(probs[:, :, q0:q1] @ one_hot[:, None])
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_pair_stats_tickets_come_zeroed_from_the_hopper_kernel(monkeypatch, layout):
+    """On the Hopper path the pair pass's counters are not memset: the Hopper kernel zeroes
+    them (here its float64 contract), and every program of each (pair, head) then takes one
+    ticket from exactly that tensor; the last one's sums are exact."""
+    monkeypatch.setattr(launch, "_hopper_serves", lambda *args: True)
+    handed = []
+
+    def contract(*args, zero_counters=None, **kwargs):
+        handed.append(zero_counters)
+        zero_counters.fill_(-7)  # what torch.empty may hold; the contract's zeroing must undo it
+        _hopper_contract(*args, zero_counters=zero_counters, **kwargs)
+    monkeypatch.setattr(hopper_fwd, "hopper_attention", contract)
+    b, h, n = 3, 2, 40
+    pairs = [(0, 1), (2, 0)]
+    q, k, v = make_qkv(b, h, n, n, 128, torch.bfloat16, layout, generator=torch.Generator().manual_seed(8))
+    res = iidkern.attention(q, k, v, layout=layout, pair_stats=pairs, backend="triton", kernel_options={"poison": True})
+    (counters,) = handed
+    assert counters.shape == (len(pairs), h) and counters.dtype == torch.int32
+    n_progs = launch._pair_stats_programs(-(-n // 16), h, q.device)
+    assert torch.equal(counters, torch.full_like(counters, n_progs))
+    o = res.out.double() if layout == "bhnd" else res.out.double().transpose(1, 2)
+    for p, (b0, b1) in enumerate(pairs):
+        torch.testing.assert_close(res.pair_stats.dot[p].double(), (o[b0] * o[b1]).sum((1, 2)), rtol=1e-5, atol=0)
+        torch.testing.assert_close(res.pair_stats.norm1_sq[p].double(), (o[b1] ** 2).sum((1, 2)), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
@@ -575,6 +623,70 @@ def test_head_weights_and_pair_stats(hopper_calls, hw_shape, layout):
                               compute_dtype=torch.float64)
     assert_close_rel(res.out, ref.out, OUT_TOL[torch.bfloat16])
     torch.testing.assert_close(res.pair_stats.dot.double(), ref.pair_stats.dot.double(), rtol=2e-2, atol=1e-2)
+
+
+def _pair_sums(out, pairs, layout):
+    """float64 (dot, |O_b0|^2, |O_b1|^2) per pair and head of the call's own output, [P, H, 3]."""
+    o = out.double() if layout == "bhnd" else out.double().transpose(1, 2)
+    return torch.stack([torch.stack([(o[b0] * o[b1]).sum((1, 2)), (o[b0] ** 2).sum((1, 2)), (o[b1] ** 2).sum((1, 2))], -1)
+                        for b0, b1 in pairs])
+
+
+def _stats(res):
+    return torch.stack([res.pair_stats.dot, res.pair_stats.norm0_sq, res.pair_stats.norm1_sq], -1).double()
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("forced", [None, (3, 4)])
+def test_pair_stats_tickets_zeroed_by_the_hopper_kernel(hopper_calls, layout, forced):
+    """The pair pass's last program of each head sums its slots (kernels/pair_stats.py); the
+    tickets start at zero because the Hopper kernel zeroes them in the same call, whole tiles
+    or split. Repeated calls (the counters' memory reused) stay exact."""
+    b, h, n = 4, 3, 1000
+    pairs = [(0, 1), (2, 3), (3, 0)]
+    opts = {"poison": True}
+    if forced:
+        opts.update(tail_split_tiles=forced[0], tail_split_pieces=forced[1])
+    for seed in range(3):
+        q, k, v = _qkv(b, h, n, n, torch.bfloat16, layout, seed=40 + seed)
+        with fast_launch.recording() as launches:
+            res = iidkern.attention(q, k, v, layout=layout, pair_stats=pairs, kernel_options=opts)
+        first = launches[0]
+        assert first[0] is hopper_fwd._ATTN_HOPPER and first[3]["ZERO"] is True
+        assert first[3]["SPLIT"] is (forced is not None)
+        assert [rec[0] for rec in launches].count(launch._PAIR_STATS) == len(pairs)
+        torch.testing.assert_close(_stats(res), _pair_sums(res.out, pairs, layout), rtol=1e-5, atol=0)
+        ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64)
+        assert_close_rel(res.out, ref.out, OUT_TOL[torch.bfloat16])
+    assert hopper_calls == [layout] * 3
+
+
+@pytest.mark.cuda
+@needs_hopper
+def test_pair_stats_in_a_cuda_graph(hopper_calls):
+    """Captured pair-statistics calls: every graph replay zeroes the tickets again (in the
+    captured Hopper launch), so replays on fresh inputs stay exact."""
+    b, h, n, layout = 2, 4, 1100, "bnhd"
+    pairs = [(0, 1)]
+    q, k, v = _qkv(b, h, n, n, torch.bfloat16, layout, seed=50)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        iidkern.attention(q, k, v, layout=layout, pair_stats=pairs)  # compiled outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = iidkern.attention(q, k, v, layout=layout, pair_stats=pairs)
+    for round_ in range(3):
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(_stats(res), _pair_sums(res.out, pairs, layout), rtol=1e-5, atol=0)
+        assert_close_rel(res.out, attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64).out,
+                         OUT_TOL[torch.bfloat16])
 
 
 @pytest.mark.cuda
