@@ -89,6 +89,9 @@ def _check_edit_args(parser, args):
     if args.method == "headrouter":
         if args.instruction:
             parser.error("--method headrouter takes --source and --target, not --instruction")
+        if args.layout is not None:  # it always runs a text-to-image model
+            parser.error("--layout belongs to --method iid, step and combined; --method headrouter inverts a "
+                         "text-to-image model")
         if not (args.source and args.source.strip()) or not (args.target and args.target.strip()):
             parser.error("--method headrouter needs --source \"<prompt of the input>\" and --target \"<wanted prompt>\"")
     else:
@@ -99,6 +102,7 @@ def _check_edit_args(parser, args):
         if any(not s.strip() for s in args.instruction):
             parser.error("--instruction: an instruction is empty")
     _check_run_args(parser, args)
+    _check_iid_args(parser, args)
     if args.model != "tiny" and not os.path.isdir(args.model):
         parser.error(f"--model: directory not found: {args.model!r} (a local Flux pipeline folder, or 'tiny')")
 
@@ -115,6 +119,27 @@ def _check_run_args(parser, args):
             parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if getattr(args, "map_step", None) is not None and not 0 <= args.map_step < args.steps:
         parser.error(f"--map-step must be in [0, --steps={args.steps}), got {args.map_step}")
+
+
+def _check_iid_args(parser, args):
+    """The IID options whose range needs no model (--map-layer: :func:`_check_map_layer`)."""
+    import math
+
+    from .edit.masks import threshold_value_problem
+
+    if not (math.isfinite(args.sigma) and args.sigma >= 0):
+        parser.error(f"--sigma must be a finite number >= 0 (0: no smoothing), got {args.sigma}")
+    problem = threshold_value_problem(args.threshold, args.threshold_value)
+    if problem is not None:
+        parser.error(f"--threshold-value: {problem} (--threshold {args.threshold})")
+
+
+def _check_map_layer(parser, args, model):
+    """--map-layer against the loaded model, before any sampling (else: "no maps captured" after S)."""
+    n = model.transformer.num_attention_layers
+    if not -n <= args.map_layer < n:
+        parser.error(f"--map-layer must be in [{-n}, {n - 1}] for this model ({n} attention layers: negative counts "
+                     f"from the end), got {args.map_layer}")
 
 
 # --------------------------------------------------------------------------- outputs
@@ -209,6 +234,7 @@ def cmd_edit(parser, args) -> int:
         except (FileNotFoundError, ValueError) as e:  # missing parts, strict-loader errors: say what and exit 2
             parser.error(f"--model {args.model!r}: {e}")
     load_s = time.perf_counter() - t0
+    _check_map_layer(parser, args, model)
     try:
         image = load_image(args.image, args.size)
     except Exception as e:  # PIL cannot read it

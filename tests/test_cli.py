@@ -83,6 +83,31 @@ def test_bad_arguments_exit_2_with_a_message(input_png, args, message):
     assert message in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--map-layer", "100"], "--map-layer must be in [-4, 3] for this model (4 attention layers"),
+    (["--map-layer", "-100"], "--map-layer must be in [-4, 3]"),
+    (["--sigma", "-1"], "--sigma must be a finite number >= 0"),
+    (["--sigma", "nan"], "--sigma must be a finite number >= 0 (0: no smoothing), got nan"),
+    (["--threshold", "fixed", "--threshold-value", "2"], "--threshold-value: rule 'fixed' takes a value in [0, 1]"),
+    (["--threshold", "top", "--threshold-value", "0"], "--threshold-value: rule 'top' takes a value in (0, 1]"),
+    (["--threshold", "top", "--threshold-value", "nan"], "(0, 1] (a fraction of tokens), got nan"),
+])
+def test_bad_iid_options_exit_2_before_sampling(tmp_path, input_png, args, message):
+    """Named option, accepted range, exit 2: no traceback, nothing sampled or written."""
+    out = tmp_path / "out"
+    res = run_cli("edit", "--image", input_png, "--instruction", "add a tree", "--steps", "2", "--size", "32",
+                  "--no-progress", "--device", "cpu", "--out", str(out), *args, timeout=120)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not out.exists()
+
+
+def test_layout_with_headrouter_is_refused(input_png):
+    res = run_cli("edit", "--image", input_png, "--method", "headrouter", "--source", "a house", "--target",
+                  "a castle", "--layout", "concat", timeout=60)
+    assert res.returncode == 2 and "--layout" in res.stderr and "headrouter" in res.stderr, res.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message only shows without CUDA")
 def test_bench_on_cpu_says_it_needs_a_gpu():
     res = run_cli("bench", timeout=60)

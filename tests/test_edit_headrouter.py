@@ -133,3 +133,30 @@ def test_config_errors():
         HeadRouterConfig(pairs=((1, 1),))
     with pytest.raises(ValueError, match="keep"):
         TextResidual(keep=1.5)
+
+
+@pytest.mark.parametrize("pairs,message", [
+    (((0, 1), (2, 1)), r"repeat edit row\(s\) \[1\]"),
+    (((0, 1), (1, 2)), r"row\(s\) \[1\] as both a recon row and an edit row"),
+    (((2, 3), (3, 0)), r"row\(s\) \[3\] as both"),
+    (((0, -1),), r">= 0"),
+])
+def test_pairs_write_each_edit_row_once(pairs, message):
+    """scale_heads and the DTR multiplier write row ``edit_row`` once per pair: a repeated edit row
+    (last write wins, undefined on the GPU) or an edit row that is also a recon row is refused."""
+    with pytest.raises(ValueError, match="pairs") as info:
+        HeadRouterConfig(pairs=pairs)
+    assert info.match(message)
+    assert HeadRouterConfig(pairs=((0, 1), (0, 2))).edit_rows == (1, 2)  # a shared recon row is fine
+
+
+def test_key_regions_reset_between_runs():
+    q, k, v = qkv(int(torch.randint(0, 1000, (1,))))
+    policy, fresh = KeyRegionPolicy(tokens=[0, (2, 4)], row=1), KeyRegionPolicy(tokens=[0, (2, 4)], row=1)
+    attend(q, k, v, site(0), policy, backend="reference")
+    policy.reset()
+    assert policy.maps is None
+    q2, k2, v2 = qkv(int(torch.randint(1000, 2000, (1,))))
+    attend(q2, k2, v2, site(0), policy, backend="reference")
+    attend(q2, k2, v2, site(0), fresh, backend="reference")
+    assert torch.equal(policy.maps, fresh.maps)

@@ -3,7 +3,8 @@ and region containment on a tiny model."""
 import pytest
 import torch
 
-from iidkern.edit.iid import BranchIsolationPolicy, IIDConfig, IIDMaskPolicy, IIDPolicy, default_map_step
+from iidkern.edit.iid import (BranchIsolationPolicy, IIDConfig, IIDMapPolicy, IIDMaskPolicy, IIDPolicy,
+                              default_map_step)
 from iidkern.mmdit.flux import FluxConfig, FluxTransformer, image_ids
 from iidkern.policy import AttentionSite, attend
 from iidkern.specs import allowed_pairs
@@ -160,6 +161,108 @@ def test_config_errors_name_the_argument():
         IIDConfig(background="some")
     with pytest.raises(ValueError, match="masks"):
         IIDMaskPolicy([(0, 2), (2, 4)], torch.ones(3, 16, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(sigma=float("nan")), "sigma"), (dict(sigma=float("inf")), "sigma"), (dict(sigma=-0.5), "sigma"),
+    (dict(threshold="fixed", threshold_value=2.0), "threshold_value"),
+    (dict(threshold="fixed", threshold_value=float("nan")), "threshold_value"),
+    (dict(threshold="top", threshold_value=0.0), "threshold_value"),
+    (dict(threshold="top", threshold_value=float("nan")), "threshold_value"),
+    (dict(kernel_size=4), "kernel_size"), (dict(map_step=-1), "map_step"),
+    (dict(map_layer=()), "map_layer"), (dict(map_layer=1.5), "map_layer"),
+])
+def test_config_refuses_values_outside_their_range(kwargs, field):
+    """Refused when built, naming the field and the given value (not later, in the kernel size or
+    binarize after sampling up to S)."""
+    with pytest.raises(ValueError, match=field) as info:
+        IIDConfig(**kwargs)
+    assert f"got {list(kwargs.values())[-1]}" in str(info.value)
+    IIDConfig(threshold="otsu", threshold_value=7.0)  # Otsu ignores the value
+    IIDConfig(sigma=0.0, threshold="top", threshold_value=1.0, map_layer=(0, -1))
+
+
+def test_map_layers_outside_the_model_are_refused():
+    g = torch.Generator().manual_seed(13)
+    n = int(torch.randint(2, 9, (1,), generator=g))
+    assert IIDConfig(map_layer=(-n, n - 1)).map_layers(n) == (0, n - 1)
+    for layer in (n, -n - 1, 100):
+        with pytest.raises(ValueError, match=rf"map_layer {layer} is out of range .* {n} attention layers"):
+            IIDConfig(map_layer=layer).map_layers(n)
+    assert IIDConfig(map_layer=100).map_layers(0) == (100,)  # layer count unknown: nothing to check against
+
+
+def test_an_unknown_image_key_range_lists_the_ranges_of_the_site():
+    policy = IIDMapPolicy([(0, 2)], (2, 2), IIDConfig(map_source="image_colmean", image_key_range="source",
+                                                       map_step=3), branch_rows=[0])
+    site = AttentionSite(block=0, block_kind="joint", text=(0, 2), image=(2, 6), step=0, num_steps=4, layer=0,
+                         num_layers=2)
+    with pytest.raises(ValueError, match=r"image_key_range='source'.*\('text', 'image'\)"):
+        policy.request(site)  # at the first call, not at step S
+    kontext = AttentionSite(block=0, block_kind="joint", text=(0, 2), image=(2, 6), step=0, num_steps=4, layer=0,
+                            num_layers=2, extra=(("source", (6, 10)),))
+    assert policy.request(kontext) is None
+
+
+# --------------------------------------------------------------------------- reuse across runs
+def reuse_model_and_run():
+    cfg = FluxConfig.tiny(num_layers=2, num_single_layers=1)
+    model = FluxTransformer.random(cfg, seed=int(torch.randint(0, 1000, (1,))))
+
+    def run(policy, seed, num_steps=3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(3, 12, cfg.in_channels, generator=g)
+        text = torch.randn(3, 5, cfg.joint_attention_dim, generator=g)
+        pooled = torch.randn(3, cfg.pooled_projection_dim, generator=g)
+        with torch.no_grad():
+            return [model(x, text, pooled, 0.5, img_ids=image_ids(3, 4), guidance=3.5, policy=policy, step=step,
+                          num_steps=num_steps, backend="reference") for step in range(num_steps)]
+
+    return run
+
+
+def assert_same_run(reused, fresh, out_reused, out_fresh):
+    assert torch.equal(reused.per_head_maps, fresh.per_head_maps)
+    assert torch.equal(reused.masks, fresh.masks) and torch.equal(reused.capture.masks, fresh.capture.masks)
+    for a, b in zip(out_reused, out_fresh):
+        assert torch.equal(a, b)
+
+
+def test_a_reused_policy_gives_run_b_what_a_fresh_policy_gives():
+    """Run A then run B on one IIDPolicy == a fresh policy on B: maps, masks, and the masked
+    steps after S (steps going back to 0 start a new run)."""
+    run = reuse_model_and_run()
+    seed_a = int(torch.randint(0, 10_000, (1,)))
+    seed_b = seed_a + 1  # two different runs
+    cfg = IIDConfig(map_step=1, sigma=0.0, threshold="top", threshold_value=0.5)
+
+    def policy():
+        return IIDPolicy([(0, 2), (2, 5)], (3, 4), cfg, row_instruction=[0, 1, None])
+
+    reused, fresh = policy(), policy()
+    run(reused, seed_a)
+    maps_a = reused.per_head_maps.clone()
+    out_reused, out_fresh = run(reused, seed_b), run(fresh, seed_b)
+    assert not torch.equal(maps_a, fresh.per_head_maps)  # the two runs do differ
+    assert_same_run(reused, fresh, out_reused, out_fresh)
+
+
+def test_reset_starts_a_new_run_where_the_steps_cannot_tell():
+    """One-step runs restart at the step they stopped at: reset() is what separates them;
+    precomputed masks survive it."""
+    run = reuse_model_and_run()
+    seed_a = int(torch.randint(0, 10_000, (1,)))
+    seed_b = seed_a + 1  # two different runs
+    cfg = IIDConfig(map_step=0, sigma=0.0)
+    reused, fresh = (IIDPolicy([(0, 2), (2, 5)], (3, 4), cfg, row_instruction=[0, 1, None]) for _ in range(2))
+    run(reused, seed_a, num_steps=1)
+    reused.reset()
+    assert reused.masks is None and reused.per_head_maps is None
+    assert_same_run(reused, fresh, run(reused, seed_b, num_steps=1), run(fresh, seed_b, num_steps=1))
+    given = random_masks(2, 12, seed_b)
+    pre = IIDPolicy([(0, 2), (2, 5)], (3, 4), cfg, masks=given)
+    pre.reset()
+    assert torch.equal(pre.masks, given)
 
 
 # --------------------------------------------------------------------------- tiny model

@@ -136,3 +136,27 @@ def test_iid_masks_end_to_end_on_random_maps_shape_and_overlap():
     assert masks.shape == (3, 36) and soft.shape == (3, 36)
     assert masks[0, :12].all() and masks[1, 18:30].all()
     assert not masks[0, 30:].any() and not masks[1, :6].any()
+
+
+def test_a_constant_map_has_no_otsu_foreground_whatever_the_constant():
+    """No two classes to split: every constant (0 as well as 0.7 or -3e4) gives an empty mask;
+    a map with any spread still splits."""
+    g = torch.Generator().manual_seed(11)
+    constants = torch.cat([torch.tensor([0.0, 0.7, 1.0, -3e4]), torch.randn(4, generator=g) * 100])
+    maps = constants[:, None].expand(-1, 36).clone()
+    assert torch.isinf(otsu_threshold(maps)).all()
+    assert not binarize(maps, "otsu").any()
+    spread = maps.clone()
+    spread[:, :5] += 1.0
+    assert binarize(spread, "otsu")[:, :5].all() and not binarize(spread, "otsu")[:, 5:].any()
+    masks, _ = iid_masks(torch.full((2, 36, 1), 0.3), (6, 6), sigma=1.0)  # one instruction, flat map
+    assert not masks.any()
+
+
+@pytest.mark.parametrize("rule,value", [("fixed", 1.5), ("fixed", -0.1), ("fixed", float("nan")), ("top", 0.0),
+                                        ("top", 1.01), ("top", float("nan"))])
+def test_threshold_values_outside_the_rule_range_are_refused(rule, value):
+    values = torch.rand(2, 16, generator=torch.Generator().manual_seed(12))
+    with pytest.raises(ValueError, match=rf"rule '{rule}' takes a value in"):
+        binarize(values, rule, value)
+    assert binarize(values, "otsu", value).shape == values.shape  # Otsu takes no value

@@ -83,6 +83,47 @@ def test_iid_rejects_bad_input(concat_model, picture):
         iid_edit(EditModel.tiny("t2i", device="cpu"), picture, INSTRUCTIONS)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(map_layer=4), r"map_layer 4 is out of range .* 4 attention layers"),  # tiny: 2 double + 2 single
+    (dict(map_layer=-5), r"map_layer -5 is out of range"),
+    (dict(map_step=3), r"map_step must be in \[0, num_steps=3\), got 3"),
+])
+def test_iid_checks_the_config_against_the_run_before_sampling(concat_model, picture, monkeypatch, kwargs, message):
+    import iidkern.edit.pipeline as pipeline
+
+    def no_sampling(*args, **kw):
+        raise AssertionError("sampled before checking the config")
+
+    monkeypatch.setattr(pipeline, "euler_step", no_sampling)
+    with pytest.raises(ValueError, match=message):
+        iid_edit(concat_model, picture, INSTRUCTIONS, num_steps=3, config=IIDConfig(**kwargs), progress=False)
+
+
+def test_iid_on_concat_names_the_key_ranges_it_has(concat_model, picture):
+    cfg = IIDConfig(map_source="image_colmean", image_key_range="source")
+    with pytest.raises(ValueError, match=r"image_key_range='source'.*\('text', 'image'\)"):
+        iid_edit(concat_model, picture, INSTRUCTIONS, num_steps=2, config=cfg, progress=False)
+
+
+def test_pipelines_reset_their_policies_at_the_start_of_a_run(concat_model, t2i_model, picture, monkeypatch):
+    from iidkern.edit.headrouter import HeadRouterPolicy, KeyRegionPolicy
+    from iidkern.edit.iid import IIDPolicy
+
+    calls = []
+    for cls in (IIDPolicy, HeadRouterPolicy, KeyRegionPolicy):
+        original = cls.reset
+
+        def spy(self, _original=original, _name=cls.__name__):
+            calls.append((_name, self.masks is None if _name == "IIDPolicy" else None))
+            return _original(self)
+
+        monkeypatch.setattr(cls, "reset", spy)
+    iid_edit(concat_model, picture, INSTRUCTIONS, num_steps=2, progress=False)
+    headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=2, progress=False)
+    assert calls[0] == ("IIDPolicy", True)  # before the run's capture
+    assert {name for name, _ in calls} == {"IIDPolicy", "HeadRouterPolicy", "KeyRegionPolicy"}
+
+
 # --------------------------------------------------------------------------- inversion
 @pytest.fixture(scope="module")
 def t2i_model():
@@ -132,6 +173,12 @@ def test_headrouter_pipeline(t2i_model, picture):
     assert torch.allclose(same.image, same.extra["reconstruction"], atol=1e-5)
     with pytest.raises(ValueError, match="t2i"):
         headrouter_edit(EditModel.tiny("concat", device="cpu"), picture, "a", "b")
+
+
+def test_headrouter_refuses_a_layout_the_runner_does_not_use(t2i_model, picture):
+    with pytest.raises(ValueError, match=r"layout must be 'bnhd' .* got 'bhnd'"):
+        headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=2,
+                        config=HeadRouterConfig(layout="bhnd"), progress=False)
 
 
 def test_hash_encoder_and_pixel_codec():

@@ -47,7 +47,9 @@ class HeadRouterConfig:
     form). ``dtr_heads``: ``"mean"`` (one map shared by the heads) or ``"keep"`` (a map per
     head; H times the memory). ``dtr_text_keep``: the weight of the previous block's input
     in the text residual (0.1). ``steps``: ``(start, stop)`` step window of the attention
-    side (``None`` = every step). ``layout``: layout of the output ``attend`` hands back.
+    side (``None`` = every step). ``layout``: layout of the output ``attend`` hands back
+    (the runner's is ``"bnhd"``, so :func:`~iidkern.edit.pipeline.headrouter_edit` takes no
+    other). Each edit row belongs to one pair and is never a recon row.
     """
 
     gamma: float = 0.2
@@ -72,11 +74,27 @@ class HeadRouterConfig:
         if self.layout not in ("bnhd", "bhnd"):
             raise ValueError(f"HeadRouterConfig: layout must be 'bnhd' or 'bhnd', got {self.layout!r}")
         self.pairs = tuple((int(a), int(b)) for a, b in self.pairs)
+        self._check_pairs()
+        if not 0.0 <= self.dtr_text_keep <= 1.0:
+            raise ValueError(f"HeadRouterConfig: dtr_text_keep must be in [0, 1], got {self.dtr_text_keep}")
+
+    def _check_pairs(self):
         if not self.pairs or any(a == b for a, b in self.pairs):
             raise ValueError(f"HeadRouterConfig: pairs must be non-empty (recon_row, edit_row) with distinct rows, "
                              f"got {self.pairs}")
-        if not 0.0 <= self.dtr_text_keep <= 1.0:
-            raise ValueError(f"HeadRouterConfig: dtr_text_keep must be in [0, 1], got {self.dtr_text_keep}")
+        if any(r < 0 for pair in self.pairs for r in pair):  # -1 and B-1 would alias the same row
+            raise ValueError(f"HeadRouterConfig: pairs rows must be >= 0, got {self.pairs}")
+        edits = [b for _, b in self.pairs]
+        # Each edit row is written once (scale_heads, the DTR multiplier): a repeated one would be
+        # last-write-wins on the CPU and undefined on the GPU; a recon row must stay unweighted.
+        repeated = sorted({b for b in edits if edits.count(b) > 1})
+        if repeated:
+            raise ValueError(f"HeadRouterConfig: pairs repeat edit row(s) {repeated}: each edit row belongs to one "
+                             f"pair, got {self.pairs}")
+        both = sorted({a for a, _ in self.pairs} & set(edits))
+        if both:
+            raise ValueError(f"HeadRouterConfig: pairs use row(s) {both} as both a recon row and an edit row, "
+                             f"got {self.pairs}")
 
     @property
     def edit_rows(self) -> Tuple[int, ...]:
@@ -249,6 +267,10 @@ class KeyRegionPolicy(AttentionPolicy):
         self.steps = None if steps is None else set(steps)
         self.block_kinds = None if block_kinds is None else tuple(block_kinds)
         self.maps: Optional[torch.Tensor] = None
+
+    def reset(self) -> None:
+        """Forget the summed maps (call between runs: they sum over every captured call)."""
+        self.maps = None
 
     def request(self, site):
         if self.steps is not None and site.step not in self.steps:

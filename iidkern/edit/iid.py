@@ -27,6 +27,8 @@ step ``S`` produced; masked attention runs in every block of steps ``S+1`` up to
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -35,7 +37,7 @@ import torch
 from ..attention import tag_mask
 from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPolicy
 from ..specs import Probe, TokenGroups, ValueProbe, instruction_tags
-from .masks import THRESHOLD_RULES, iid_masks
+from .masks import THRESHOLD_RULES, iid_masks, threshold_value_problem
 
 Range = Tuple[int, int]
 MAP_SOURCES = ("text", "image_colmean", "image_propagation")
@@ -58,8 +60,9 @@ class IIDConfig:
     the column mean over image queries of image x image attention, OmniGen) or
     ``"image_propagation"`` (per branch row, ``mean_h A_h @ x`` for a per-key signal ``x``).
     ``map_row``: the batch row whose text maps are used (the combined branch, last by
-    default). ``sigma`` / ``kernel_size``: Gaussian smoothing on the latent grid (sigma 0 =
-    off). ``threshold``: ``"otsu"`` | ``"fixed"`` | ``"top"`` with ``threshold_value``.
+    default). ``sigma`` / ``kernel_size``: Gaussian smoothing on the latent grid (sigma: a
+    finite number >= 0, 0 = off). ``threshold``: ``"otsu"`` | ``"fixed"`` (``threshold_value``
+    in [0, 1]) | ``"top"`` (``threshold_value`` in (0, 1]); Otsu ignores ``threshold_value``.
     ``background``: what image tokens outside every mask see after S (``"none"`` = no
     instruction, ``"all"`` = every instruction). ``mask_until``: last masked step
     (inclusive; ``None`` = to the end). ``visible_ranges``: names of ``AttentionSite.extra``
@@ -91,8 +94,18 @@ class IIDConfig:
             raise ValueError(f"IIDConfig: background must be 'none' or 'all', got {self.background!r}")
         if self.shared_text not in ("visible", "hidden"):
             raise ValueError(f"IIDConfig: shared_text must be 'visible' or 'hidden', got {self.shared_text!r}")
-        if self.sigma < 0:
-            raise ValueError(f"IIDConfig: sigma must be >= 0, got {self.sigma}")
+        if not (math.isfinite(self.sigma) and self.sigma >= 0):  # NaN / inf would reach the kernel size
+            raise ValueError(f"IIDConfig: sigma must be a finite number >= 0 (0: no smoothing), got {self.sigma}")
+        if self.kernel_size is not None and (self.kernel_size < 1 or self.kernel_size % 2 == 0):
+            raise ValueError(f"IIDConfig: kernel_size must be None or a positive odd int, got {self.kernel_size}")
+        problem = threshold_value_problem(self.threshold, self.threshold_value)
+        if problem is not None:  # checked here, not after sampling up to S in binarize
+            raise ValueError(f"IIDConfig: threshold_value: {problem}")
+        if self.map_step is not None and self.map_step < 0:
+            raise ValueError(f"IIDConfig: map_step must be None or >= 0, got {self.map_step}")
+        if not _layer_tuple(self.map_layer):
+            raise ValueError(f"IIDConfig: map_layer must be an int or a non-empty sequence of ints, "
+                             f"got {self.map_layer!r}")
 
     def resolved_map_step(self, num_steps: Optional[int]) -> int:
         if self.map_step is not None:
@@ -102,10 +115,31 @@ class IIDConfig:
         return default_map_step(num_steps)
 
     def map_layers(self, num_layers: int) -> Tuple[int, ...]:
-        layers = (self.map_layer,) if isinstance(self.map_layer, int) else tuple(self.map_layer)
+        """The map layers as indices ``0 .. num_layers-1``; ``num_layers <= 0``: unknown (no range check).
+
+        A layer outside ``[-num_layers, num_layers)`` is a ValueError: no call would match it,
+        and the run would only find out after sampling up to S.
+        """
+        layers = _layer_tuple(self.map_layer)
         if any(layer < 0 for layer in layers) and num_layers <= 0:
             raise ValueError("IIDConfig: a negative map_layer needs AttentionSite.num_layers (the runner must set it)")
+        bad = [layer for layer in layers if num_layers > 0 and not -num_layers <= layer < num_layers]
+        if bad:
+            raise ValueError(f"IIDConfig: map_layer {bad[0]} is out of range for a model with {num_layers} attention "
+                             f"layers (expected {-num_layers} .. {num_layers - 1})")
         return tuple(layer + num_layers if layer < 0 else layer for layer in layers)
+
+
+def _layer_tuple(map_layer) -> Tuple[int, ...]:
+    """``map_layer`` as a tuple of ints; empty when it is neither an int nor a sequence of ints."""
+    def is_int(x):
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    if is_int(map_layer):
+        return (int(map_layer),)
+    if isinstance(map_layer, (str, bytes)) or not isinstance(map_layer, Sequence):
+        return ()
+    return tuple(int(x) for x in map_layer) if all(is_int(x) for x in map_layer) else ()
 
 
 def _check_instructions(instructions: Sequence[Range]) -> Tuple[Range, ...]:
@@ -148,6 +182,15 @@ def shared_text_ranges(site: AttentionSite, instructions: Sequence[Range]) -> Li
             out.append((site.text[0] + start, site.text[0] + i))
             start = None
     return out
+
+
+def _site_range(site: AttentionSite, name: str, field: str) -> Range:
+    """``site.range(name)`` with a ValueError that lists the ranges this model's layout has."""
+    names = ("text", "image") + tuple(key for key, _ in site.extra)
+    if name not in names:
+        raise ValueError(f"IIDConfig: {field}={name!r} is not a range of this model's attention sites; "
+                         f"it has {names}")
+    return site.range(name)
 
 
 def _has_text(site: AttentionSite) -> bool:
@@ -211,6 +254,10 @@ class IIDMapPolicy(AttentionPolicy):
     After the capture step has run: ``per_head_maps`` ``[H, N_img, N]``, ``soft``
     ``[N, N_img]`` and ``masks`` (bool ``[N, N_img]``). ``branch_rows`` (image x image
     sources only) lists the batch rows of the single-instruction branches, in instruction order.
+
+    The maps of several capture calls of one run are averaged; a new run starts afresh.
+    Call :meth:`reset` between runs (the pipelines do); a step lower than the latest one
+    seen also resets, since steps only grow within a run.
     """
 
     def __init__(self, instructions: Sequence[Range], grid: Tuple[int, int], config: Optional[IIDConfig] = None,
@@ -224,11 +271,23 @@ class IIDMapPolicy(AttentionPolicy):
             if self.branch_rows is None or len(self.branch_rows) != len(self.instructions):
                 raise ValueError(f"IIDMapPolicy: map_source={self.config.map_source!r} needs branch_rows with one "
                                  f"row per instruction ({len(self.instructions)}), got {branch_rows}")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous run's maps and masks."""
         self._sum: Optional[torch.Tensor] = None
         self._count = 0
+        self._last_step: Optional[int] = None
         self.per_head_maps: Optional[torch.Tensor] = None
         self.soft: Optional[torch.Tensor] = None
         self.masks: Optional[torch.Tensor] = None
+
+    def _follow(self, step: Optional[int]) -> None:
+        if step is None:
+            return
+        if self._last_step is not None and step < self._last_step:  # steps went back: a new run
+            self.reset()
+        self._last_step = step
 
     # ---- when
     def is_capture_site(self, site: AttentionSite) -> bool:
@@ -249,7 +308,7 @@ class IIDMapPolicy(AttentionPolicy):
         if cfg.map_source == "text":
             keys = TokenGroups.segments(absolute_instruction_ranges(site, self.instructions), n)
             return Probe(TokenGroups.each(img0, img1), keys, heads="keep", normalize="keys")
-        k0, k1 = site.range(cfg.image_key_range)
+        k0, k1 = _site_range(site, cfg.image_key_range, "image_key_range")
         if cfg.map_source == "image_colmean":
             if k1 - k0 != self.grid[0] * self.grid[1]:
                 raise ValueError(f"IIDMapPolicy: key range {cfg.image_key_range!r}={(k0, k1)} must cover the grid "
@@ -266,6 +325,9 @@ class IIDMapPolicy(AttentionPolicy):
         return ValueProbe(x, TokenGroups.each(img0, img1), heads="keep")
 
     def request(self, site):
+        self._follow(site.step)
+        if self.config.map_source != "text":  # fail at the first call, not at step S
+            _site_range(site, self.config.image_key_range, "image_key_range")
         if not self.is_capture_site(site):
             return None
         if not _has_text(site) and self.config.map_source == "text":
@@ -352,6 +414,12 @@ class IIDPolicy(AttentionPolicy):
     single-instruction branch or ``None`` (combined branch); ``None`` altogether = one
     combined row only. ``masks``: give precomputed masks to skip the capture. After the
     capture, ``masks`` / ``soft`` / ``per_head_maps`` hold the result.
+
+    One policy serves one run at a time: :meth:`reset` (the pipelines call it at the start
+    of each run) forgets the captured maps and masks, keeping precomputed masks. A step
+    lower than the latest one seen (e.g. step 0 after step T-1) means a new run began and
+    resets too, so a reused policy never mixes two runs' maps; only a caller who restarts
+    at the very step it stopped at (one-step runs) must call :meth:`reset` itself.
     """
 
     def __init__(self, instructions: Sequence[Range], grid: Tuple[int, int], config: Optional[IIDConfig] = None,
@@ -371,8 +439,17 @@ class IIDPolicy(AttentionPolicy):
         self._early = ChainPolicy(self.isolation, self.capture)
         self._precomputed = masks is not None
         self._last = "none"
+        self._last_step: Optional[int] = None
         if masks is not None:
             self.set_masks(masks)
+
+    def reset(self) -> None:
+        """Start a new run: drop the captured maps and the masks made from them (precomputed masks stay)."""
+        self.capture.reset()
+        if not self._precomputed:
+            self.mask_policy = None
+        self._last = "none"
+        self._last_step = None
 
     @property
     def masks(self) -> Optional[torch.Tensor]:
@@ -392,6 +469,9 @@ class IIDPolicy(AttentionPolicy):
     def _phase(self, site) -> str:
         if site.step is None:
             return "none"
+        if self._last_step is not None and site.step < self._last_step:  # steps went back: a new run
+            self.reset()
+        self._last_step = site.step
         s = self.config.resolved_map_step(site.num_steps)
         if site.step <= s:
             return "early"

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 THRESHOLD_RULES = ("otsu", "fixed", "top")
+# The values each rule accepts (Otsu takes none); binarize, IIDConfig and the CLI all check against these.
+THRESHOLD_VALUE_RANGES = {"fixed": "[0, 1] (on the min-max normalized map)", "top": "(0, 1] (a fraction of tokens)"}
 
 # Distinct overlay colours (RGB), one per instruction / token; cycled when there are more.
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -97,10 +99,20 @@ def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return (maps - lo) / (hi - lo).clamp_min(eps)
 
 
+def threshold_value_problem(rule: str, value: float) -> Optional[str]:
+    """Why ``value`` does not suit threshold ``rule`` (None when it does; Otsu ignores it)."""
+    if rule not in THRESHOLD_VALUE_RANGES:
+        return None
+    ok = 0.0 <= value <= 1.0 if rule == "fixed" else 0.0 < value <= 1.0  # NaN fails both
+    return None if ok else f"rule {rule!r} takes a value in {THRESHOLD_VALUE_RANGES[rule]}, got {value}"
+
+
 def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
     """Otsu's threshold of each map (last dim), maximizing the between-class variance.
 
     Returns ``[...]`` thresholds in the maps' units; a map is foreground where ``>= t``.
+    A constant map has no two classes to split: its threshold is ``+inf`` (no foreground),
+    whatever the constant, so an all-zero and an all-0.7 map give the same empty mask.
     """
     lead = values.shape[:-1]
     x = values.reshape(-1, values.shape[-1]).float()
@@ -119,27 +131,29 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
     between = torch.where((w0 > 0) & (w1 > 0), between, torch.full_like(between, -1.0))
     k = between.argmax(-1, keepdim=True)  # split after bin k
     t = lo + (k.float() + 1) / bins * span
+    # lo + a split of the 1e-12 clamped span rounds back to lo for any constant but 0 (all foreground,
+    # while 0 gave none): decide the constant case explicitly instead of by rounding.
+    t = torch.where(hi > lo, t, torch.full_like(t, float("inf")))
     return t.reshape(lead)
 
 
 def binarize(maps: torch.Tensor, rule: str = "otsu", value: float = 0.5) -> torch.Tensor:
     """Binary masks from soft maps (last dim = tokens).
 
-    ``rule``: ``"otsu"`` (Otsu per map), ``"fixed"`` (``value`` on the min-max normalized
-    map, e.g. HeadRouter's 0.2), ``"top"`` (the ``value`` fraction of tokens with the
+    ``rule``: ``"otsu"`` (Otsu per map; a constant map has no foreground), ``"fixed"``
+    (``value`` in [0, 1] on the min-max normalized map, e.g. HeadRouter's 0.2; a constant
+    map normalizes to zeros), ``"top"`` (the ``value`` fraction in (0, 1] of tokens with the
     highest score, ties broken by order).
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"binarize: rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+    problem = threshold_value_problem(rule, value)
+    if problem is not None:
+        raise ValueError(f"binarize: {problem}")
     if rule == "otsu":
         return maps >= otsu_threshold(maps).unsqueeze(-1)
     if rule == "fixed":
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"binarize: a fixed threshold applies to min-max normalized maps, expected value in "
-                             f"[0, 1], got {value}")
         return minmax_normalize(maps) >= value
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"binarize: rule 'top' needs a fraction value in (0, 1], got {value}")
     n = maps.shape[-1]
     keep = max(1, int(round(value * n)))
     order = maps.argsort(-1, descending=True)

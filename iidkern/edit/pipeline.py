@@ -154,6 +154,8 @@ def iid_edit(model: EditModel, image: torch.Tensor, instructions: Sequence[str],
         raise ValueError(f"instructions must be a non-empty list of non-empty strings, got {instructions!r}")
     _check_image(image, model.factor)
     config = config or IIDConfig()
+    if method == "iid":
+        _check_iid_config(model, config, num_steps)  # before encoding anything
     device = model.device
     clock = _Clock(device)
     with clock.phase("encode"):
@@ -185,16 +187,27 @@ def iid_edit(model: EditModel, image: torch.Tensor, instructions: Sequence[str],
     return result
 
 
+def _check_iid_config(model: EditModel, config: IIDConfig, num_steps: int) -> int:
+    """S, after checking S and the map layers against this run: a wrong one would otherwise
+    show only as "no maps captured" after sampling up to S."""
+    s = config.resolved_map_step(num_steps)
+    if not 0 <= s < num_steps:
+        raise ValueError(f"IIDConfig: map_step must be in [0, num_steps={num_steps}), got {s}")
+    config.map_layers(model.transformer.num_attention_layers)  # raises on a layer the model lacks
+    return s
+
+
 def _iid_run(model, text, ranges, instructions, noise, sigmas, src, grid, config, clock, progress):
     import tqdm
 
     n = len(instructions)
     device = model.device
     num_steps = len(sigmas) - 1
-    s = config.resolved_map_step(num_steps)
+    s = _check_iid_config(model, config, num_steps)
     pooled = torch.cat([model.text.pooled(p).to(device) for p in instructions] + [text.pooled])
     branches = PromptEmbeddings(text.text.expand(n + 1, -1, -1), pooled)
     policy = IIDPolicy(ranges, grid, config, row_instruction=list(range(n)) + [None], device=device)
+    policy.reset()  # a run's maps and masks come from that run only
     kwargs = _source_kwargs(model, src)
     early = FluxDenoiser(model.transformer, branches, guidance=model.guidance, policy=policy, backend=model.backend,
                          **kwargs)
@@ -229,6 +242,9 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
         raise ValueError(f"HeadRouter inverts a text-to-image model (layout 't2i'), got layout {model.layout!r}")
     _check_image(image, model.factor)
     config = config or HeadRouterConfig()
+    if config.layout != "bnhd":  # receive() indexes the output by this layout; the runner's is fixed
+        raise ValueError(f"HeadRouterConfig: layout must be 'bnhd' for headrouter_edit (the runner attends in "
+                         f"[B, N, H, D]), got {config.layout!r}")
     inversion = inversion or RFInversionConfig()
     recon_row, edit_row = config.pairs[0]
     device = model.device
@@ -247,6 +263,8 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
 
     router = HeadRouterPolicy(config)
     regions = KeyRegionPolicy([r for _, r in chosen], row=edit_row)
+    router.reset()  # previous-step maps and key-region sums come from this run only
+    regions.reset()
     policy = ChainPolicy(router, regions)
     hook = _text_residual_hook(model, config, edit_row)
     prompts = PromptEmbeddings.cat([src_emb, tgt_emb] if recon_row < edit_row else [tgt_emb, src_emb])
