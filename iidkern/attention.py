@@ -37,8 +37,15 @@ def tag_mask(q_tags: torch.Tensor, k_tags: torch.Tensor) -> TagMask:
     """Validate a tag pair once and wrap it with a cache of its tile skip lists.
 
     Pass the result as ``tags=`` to every call that shares the mask (IID: every block and
-    step after S), so the tile classification runs once per tile shape, not per call.
+    step after S), so the tile classification runs once per tile shape, not per call. The
+    mask holds a copy of the tags: its cached lists always describe the tags it reads, and
+    changing the tensors passed in afterwards does not change the mask (build a new one).
     """
+    _check_tag_tensors(q_tags, k_tags)
+    return TagMask(*(t.clone(memory_format=torch.contiguous_format) for t in (q_tags, k_tags)))
+
+
+def _check_tag_tensors(q_tags, k_tags) -> None:
     for name, t in (("q_tags", q_tags), ("k_tags", k_tags)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tags: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -48,7 +55,6 @@ def tag_mask(q_tags: torch.Tensor, k_tags: torch.Tensor) -> TagMask:
             raise ValueError(f"tags: {name} must have shape [B, N] or [N], got {tuple(t.shape)}")
     if q_tags.device != k_tags.device:
         raise ValueError(f"tags: q_tags is on {q_tags.device} but k_tags is on {k_tags.device}")
-    return TagMask(q_tags, k_tags)  # which copies strided views (the kernels read rows with unit stride)
 
 
 def _shape_of(t: torch.Tensor, layout: str):
@@ -128,12 +134,13 @@ def _validate_tags(tags, b, nq, nk, device) -> Optional[TagMask]:
     if isinstance(tags, TagMask):
         mask = tags
     elif isinstance(tags, (tuple, list)) and len(tags) == 2:
-        mask = tag_mask(tags[0], tags[1])
+        _check_tag_tensors(tags[0], tags[1])
+        mask = TagMask(tags[0], tags[1])  # this call's own: no copy (TagMask copies strided views)
     else:
         raise TypeError(f"tags must be a (q_tags, k_tags) pair or an iidkern.tag_mask(...), got {type(tags).__name__}")
     for name, t, n in (("q_tags", mask.q_tags, nq), ("k_tags", mask.k_tags, nk)):
-        expected = f"[{b}, {n}] or [{n}]"
-        if t.shape[-1] != n or (t.dim() == 2 and t.shape[0] != b):
+        expected = f"[{b}, {n}], [1, {n}] or [{n}]"  # [1, N] and [N] are shared by the batch
+        if t.shape[-1] != n or (t.dim() == 2 and t.shape[0] not in (1, b)):
             raise ValueError(f"tags: {name} must have shape {expected}, got {tuple(t.shape)}")
         if t.device != device:
             raise ValueError(f"tags: {name} is on {t.device}, expected {device} (the device of q)")
@@ -284,9 +291,15 @@ def _validate_pairs(pairs, b, device):
     if pairs is None:
         return None
     if not isinstance(pairs, torch.Tensor):
+        if not isinstance(pairs, (list, tuple)) or not all(isinstance(pair, (list, tuple, torch.Tensor))
+                                                           for pair in pairs):
+            raise TypeError(f"pair_stats must be a list of (b0, b1) pairs or a [P, 2] tensor (one pair: [(b0, b1)]), "
+                            f"got {pairs!r}")
+        if len({len(pair) for pair in pairs}) > 1:
+            raise ValueError(f"pair_stats: every pair must hold two batch indices, got {pairs!r}")
         # Integers only: as_tensor(..., int64) would truncate 1.7 to 1 (and True is no index).
-        pairs_list = [[as_integer(i) for i in pair] for pair in pairs] if isinstance(pairs, (list, tuple)) else None
-        if pairs_list is None or any(i is None for pair in pairs_list for i in pair):
+        pairs_list = [[as_integer(i) for i in pair] for pair in pairs]
+        if any(i is None for pair in pairs_list for i in pair):
             raise TypeError(f"pair_stats must hold integer batch indices, got {pairs!r}")
         pairs = pairs_list
     t = pairs if isinstance(pairs, torch.Tensor) else torch.as_tensor(pairs, dtype=torch.int64)
@@ -316,7 +329,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             through their strides, never copied. ``Nq`` may differ from ``Nk``; D <= 256.
         scale: score scale, default ``1/sqrt(D)``.
         tags: ``(q_tags, k_tags)`` int32/int64 bit sets of shape ``[B, Nq]``/``[B, Nk]``
-            (or ``[N]``, shared by the batch), or a prebuilt :func:`tag_mask`. Query ``i``
+            (or ``[1, N]`` / ``[N]``, shared by the batch), or a prebuilt :func:`tag_mask`. Query ``i``
             may attend key ``j`` iff ``q_tags[i] & k_tags[j] != 0``. Tiles with no allowed
             pair are skipped. A query with no allowed key gets a zero output and LSE -inf.
         head_weights: ``[H]``, ``[B, H]`` or ``[B, H, Nq]``; multiplies each head's output.
@@ -385,6 +398,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     block_multiplier = _validate_multiplier(block_multiplier, b, h, nq, nk, device)
     pairs = _validate_pairs(pair_stats, b, device)
     kernel_options = _validate_kernel_options(kernel_options)
+    for name, flag in (("return_lse", return_lse), ("count_tiles", count_tiles)):
+        if not isinstance(flag, bool):  # a string such as "no" would be truthy
+            raise TypeError(f"{name} must be a bool, got {flag!r} ({type(flag).__name__})")
 
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "reference"
@@ -394,7 +410,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
 
     if backend == "reference":
         res = attention_reference(q, k, v, layout=layout, scale=float(scale),
-                                  tags=(mask.q_tags, mask.k_tags) if mask is not None else None,
+                                  tags=mask.batched(b) if mask is not None else None,
                                   head_weights=head_weights, probes=probes, block_multiplier=block_multiplier,
                                   pair_stats=pairs, compute_dtype=torch.float32)
         res.out = res.out.contiguous()
@@ -414,13 +430,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
                                            count_tiles=count_tiles, kernel_options=kernel_options)
         if signature is not None:
             _keep_replay(kernels, signature, launches, q, k, v, res.out, layout, kernel_options)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            res = _forward_only(res, q, k, v)
+        grad_inputs = _grad_inputs(q, k, v, head_weights, probes, block_multiplier)
+        if grad_inputs:
+            res = _forward_only(res, grad_inputs)
     return res if extras else res.out
 
 
+def _grad_inputs(q, k, v, head_weights, probes, block_multiplier) -> list:
+    """The inputs of a call that ask for a gradient (under grad mode): every tensor the
+    outputs depend on, so none of them silently gets no gradient."""
+    if not torch.is_grad_enabled():
+        return []
+    tensors = [q, k, v, head_weights, block_multiplier.values if block_multiplier is not None else None]
+    tensors += [p.x for p in probes if isinstance(p, ValueProbe)]
+    tensors += [p.heads for p in probes if isinstance(getattr(p, "heads", None), torch.Tensor)]
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
 class _NoBackward(torch.autograd.Function):
-    """Ties a kernel output to q, k, v in the autograd graph with a backward that raises:
+    """Ties a kernel output to the call's inputs that require grad (q, k, v, head weights,
+    multiplier or value-probe tensors) in the autograd graph with a backward that raises:
     without it the output would silently carry no gradient."""
 
     @staticmethod
@@ -435,10 +464,10 @@ class _NoBackward(torch.autograd.Function):
                            "no gradient); call it under torch.no_grad(), or use backend='reference' for gradients")
 
 
-def _forward_only(res: AttentionResult, q, k, v) -> AttentionResult:
+def _forward_only(res: AttentionResult, grad_inputs) -> AttentionResult:
     """The result with every tensor marked as forward-only (see _NoBackward)."""
     def mark(t):
-        return _NoBackward.apply(t, q, k, v) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        return _NoBackward.apply(t, *grad_inputs) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
     res.out = mark(res.out)
     res.lse = mark(res.lse)
     res.probes = tuple(mark(p) for p in res.probes)

@@ -51,7 +51,7 @@ class TokenGroups:
     @staticmethod
     def each(start: int, stop: int) -> "TokenGroups":
         """Every token in ``[start, stop)`` is its own group (group ``t - start``)."""
-        start, stop = int(start), int(stop)
+        start, stop = index_arg(start, "TokenGroups.each: start"), index_arg(stop, "TokenGroups.each: stop")
         if start < 0 or stop <= start:
             raise ValueError(f"TokenGroups.each: expected 0 <= start < stop, got start={start}, stop={stop}")
         return TokenGroups(kind="each", start=start, stop=stop, count=stop - start)
@@ -72,8 +72,9 @@ class TokenGroups:
             raise TypeError(f"TokenGroups.ids: group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
         if group_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"TokenGroups.ids: group_ids must have an integer dtype, got {group_ids.dtype}")
-        if group_ids.dim() not in (1, 2):
-            raise ValueError(f"TokenGroups.ids: group_ids must have shape [N] or [B, N], got {tuple(group_ids.shape)}")
+        if group_ids.dim() not in (1, 2) or group_ids.shape[-1] == 0:
+            raise ValueError(f"TokenGroups.ids: group_ids must have shape [N] or [B, N] with N >= 1, "
+                             f"got {tuple(group_ids.shape)}")
         if num_groups is None or span is None:
             probed = (group_ids >= 0).reshape(-1, group_ids.shape[-1]).any(0)
             where = torch.nonzero(probed).flatten()
@@ -81,10 +82,12 @@ class TokenGroups:
                 num_groups = int(group_ids.max().item()) + 1 if where.numel() else 0
             if span is None:
                 span = (int(where[0]), int(where[-1]) + 1) if where.numel() else (0, 0)
-        num_groups = int(num_groups)
+        num_groups = index_arg(num_groups, "TokenGroups.ids: num_groups")
         if num_groups < 1:
             raise ValueError(f"TokenGroups.ids: need at least one group (an id >= 0), got num_groups={num_groups}")
-        start, stop = int(span[0]), int(span[1])
+        if not isinstance(span, (tuple, list)) or len(span) != 2:
+            raise ValueError(f"TokenGroups.ids: span must be a (start, stop) pair, got {span!r}")
+        start, stop = index_arg(span[0], "TokenGroups.ids: span start"), index_arg(span[1], "TokenGroups.ids: span stop")
         if start < 0 or stop < start or stop > group_ids.shape[-1]:
             raise ValueError(f"TokenGroups.ids: span must satisfy 0 <= start <= stop <= N={group_ids.shape[-1]}, got {span}")
         if group_ids.device.type == "cpu" and group_ids.numel():
@@ -111,10 +114,13 @@ class TokenGroups:
         The ids are built and checked on the host (no device synchronization) and, with
         ``device``, copied there asynchronously.
         """
-        ids = torch.full((int(length),), -1, dtype=torch.int32)
-        lo, hi = int(length), 0
+        length = index_arg(length, "TokenGroups.segments: length")
+        if length < 1:
+            raise ValueError(f"TokenGroups.segments: length must be >= 1, got {length}")
+        ids = torch.full((length,), -1, dtype=torch.int32)
+        lo, hi = length, 0
         for i, (a, b) in enumerate(ranges):
-            a, b = int(a), int(b)
+            a, b = index_arg(a, f"TokenGroups.segments: range {i} start"), index_arg(b, f"TokenGroups.segments: range {i} stop")
             if not 0 <= a < b <= length:
                 raise ValueError(f"TokenGroups.segments: range {i}={(a, b)} must lie in [0, {length}) and be non-empty")
             if (ids[a:b] >= 0).any():
@@ -283,6 +289,15 @@ def as_integer(x) -> Optional[int]:
         return None
 
 
+def index_arg(x, what: str) -> int:
+    """A token index, count or bit set as an int; a TypeError naming ``what`` otherwise
+    (``int(2.7)`` would silently truncate a float to 2)."""
+    i = as_integer(x)
+    if i is None:
+        raise TypeError(f"{what} must be an integer, got {x!r} ({type(x).__name__})")
+    return i
+
+
 # --------------------------------------------------------------------------- multiplier
 @dataclass(frozen=True)
 class BlockMultiplier:
@@ -344,12 +359,25 @@ ALL_BITS = -1  # int64 with every bit set: a key every query sees / a query that
 def tags_from_segments(length: int, segments: Sequence[Tuple[int, int, int]], *, batch: int = 1,
                        default: int = 0, device=None) -> torch.Tensor:
     """Build ``[B, N]`` int64 tags: tokens in ``[start, stop)`` get bit set ``bits`` OR-ed in."""
-    tags = torch.full((int(batch), int(length)), int(default), dtype=torch.int64, device=device)
+    batch, length = index_arg(batch, "tags_from_segments: batch"), index_arg(length, "tags_from_segments: length")
+    tags = torch.full((batch, length), _bit_set(default, "tags_from_segments: default"), dtype=torch.int64,
+                      device=device)
     for i, (start, stop, bits) in enumerate(segments):
-        if not 0 <= int(start) <= int(stop) <= length:
+        start = index_arg(start, f"tags_from_segments: segment {i} start")
+        stop = index_arg(stop, f"tags_from_segments: segment {i} stop")
+        if not 0 <= start <= stop <= length:
             raise ValueError(f"tags_from_segments: segment {i}={(start, stop)} must lie in [0, {length}]")
-        tags[:, int(start):int(stop)] |= int(bits)
+        tags[:, start:stop] |= _bit_set(bits, f"tags_from_segments: segment {i} bits")
     return tags
+
+
+def _bit_set(bits, what: str) -> int:
+    """An int64 bit set: an integer in [-2^63, 2^64); values >= 2^63 are the bits of a
+    negative int64 (ALL_BITS is -1)."""
+    bits = index_arg(bits, what)
+    if not -(1 << 63) <= bits < (1 << 64):
+        raise ValueError(f"{what} must fit in 64 bits, got {bits}")
+    return bits - (1 << 64) if bits >= (1 << 63) else bits
 
 
 def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Sequence[Tuple[int, int]],
@@ -374,14 +402,17 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
     ``region_masks``: bool ``[N_instr, N_img]`` or ``[B, N_instr, N_img]``; at most 62
     instructions. Returns ``(q_tags, k_tags)`` int64 ``[B, N]``.
     """
+    length = index_arg(length, "instruction_tags: length")
     n_instr = len(instructions)
     if not 1 <= n_instr <= 62:
         raise ValueError(f"instruction_tags: need 1..62 instructions, got {n_instr}")
     if background not in ("none", "all"):
         raise ValueError(f"instruction_tags: background must be 'none' or 'all', got {background!r}")
-    img_lo, img_hi = int(image[0]), int(image[1])
+    img_lo, img_hi = index_arg(image[0], "instruction_tags: image start"), index_arg(image[1], "instruction_tags: image stop")
     if not 0 <= img_lo < img_hi <= length:
         raise ValueError(f"instruction_tags: image range {image} must lie in [0, {length})")
+    if not isinstance(region_masks, torch.Tensor):
+        raise TypeError(f"instruction_tags: region_masks must be a bool torch.Tensor, got {type(region_masks).__name__}")
     masks = region_masks
     if masks.dim() == 2:
         masks = masks.unsqueeze(0)
@@ -398,8 +429,11 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
     q_tags = torch.zeros(batch, length, dtype=torch.int64, device=device)
     k_tags = torch.zeros(batch, length, dtype=torch.int64, device=device)
     for i, (a, b) in enumerate(instructions):
-        if not 0 <= int(a) < int(b) <= length:
+        a, b = index_arg(a, f"instruction_tags: instruction {i} start"), index_arg(b, f"instruction_tags: instruction {i} stop")
+        if not 0 <= a < b <= length:
             raise ValueError(f"instruction_tags: instruction {i} range {(a, b)} must lie in [0, {length})")
+        if a < img_hi and img_lo < b:  # an instruction's text would also be image: its bits would mix
+            raise ValueError(f"instruction_tags: instruction {i} range {(a, b)} overlaps the image range {image}")
         q_tags[:, a:b] |= (1 << i) | img_bit  # P_i sees P_i and all image
         k_tags[:, a:b] |= 1 << i  # P_i is seen only by holders of bit i
     region_bits = (masks.long() * instr_bits[None, :, None]).sum(1)  # [B, N_img], distinct bits: sum == OR
@@ -408,10 +442,11 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
     q_tags[:, img_lo:img_hi] |= region_bits | img_bit
     k_tags[:, img_lo:img_hi] |= img_bit
     for a, b in always_visible:
-        if not 0 <= int(a) <= int(b) <= length:
+        a, b = index_arg(a, "instruction_tags: always_visible start"), index_arg(b, "instruction_tags: always_visible stop")
+        if not 0 <= a <= b <= length:
             raise ValueError(f"instruction_tags: always_visible range {(a, b)} must lie in [0, {length}]")
-        q_tags[:, int(a):int(b)] = ALL_BITS
-        k_tags[:, int(a):int(b)] = ALL_BITS
+        q_tags[:, a:b] = ALL_BITS
+        k_tags[:, a:b] = ALL_BITS
     return q_tags, k_tags
 
 

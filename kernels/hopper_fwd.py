@@ -175,9 +175,10 @@ if AVAILABLE:
         in shared memory, and the K/V ring leaves none. P enters as fp16 (one rounding of
         2^-11 per term; P @ V rounds it to the input dtype too): the sums' relative error is
         ~3e-5, where the Triton kernel's hi + lo split costs twice the products and registers
-        this kernel does not have. ``acc_g`` stays relative to ``m_g``, the running max at its
-        last update, so key tiles outside the groups' span never rescale it (the epilogue
-        brings it to the final max); ``m_g = -inf`` (nothing added yet) scales the zeros by 0.
+        this kernel does not have. With key groups P comes scaled by 2^14 (``_softmax_tile``),
+        so a P down to ~4e-9 of the row max is a normal fp16 number, not a subnormal one.
+        ``acc_g`` stays relative to ``m_g``, the running max at its last update, so key tiles
+        outside the groups' span never rescale it (the epilogue brings it to the final max); ``m_g = -inf`` (nothing added yet) scales the zeros by 0.
         ``p`` is relative to ``m_use``: the running max ``m_new``, or 0 on a row that no key
         has reached yet (tags), which keeps ``m_g`` at -inf.
         """
@@ -199,11 +200,21 @@ if AVAILABLE:
         return acc_g, m_new
 
     @gluon.jit
-    def _softmax_tile(s, m_i, l_i, qk_scale, MASKED: gl.constexpr):
+    def _softmax_tile(s, m_i, l_i, qk_scale, MASKED: gl.constexpr, SCALED_P: gl.constexpr):
         """Online-softmax step on a score tile: (p, new running max, its usable value, rescale
         of the old sums, new row sum). On a masked tile a row may have no key yet (tags): its
-        max stays -inf and the exponents use 0 instead, so p and the rescale are 0, not NaN."""
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        max stays -inf and the exponents use 0 instead, so p and the rescale are 0, not NaN.
+
+        ``SCALED_P`` (with key groups): the running max is kept 14 below the true one, so p,
+        and the row sum with it, carry a factor 2^14 (p <= 16384 fits fp16 and bf16). The
+        key-group product takes p as fp16, whose smallest normal is 6.1e-5: unscaled, a group
+        of keys with p ~1e-6 of the row max would be summed from subnormals, some 3% off. Every
+        result is a ratio of such sums or ``m + log2(l)``, so none needs a correction.
+        (Shifting the max is one op per row; shifting p cost registers, and ptxas spills.)"""
+        if SCALED_P:
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale - 14.0)
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         if MASKED:
             m_use = gl.where(m_new == -float("inf"), 0.0, m_new)
         else:
@@ -239,7 +250,7 @@ if AVAILABLE:
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         if MASK:
             s = _mask_tile(s, key_start, n_k, q_tags, kt_base, BLOCK_N, HAS_TAGS, s_layout)
-        p, m_i, m_use, alpha, l_i = _softmax_tile(s, m_i, l_i, qk_scale, MASK)
+        p, m_i, m_use, alpha, l_i = _softmax_tile(s, m_i, l_i, qk_scale, MASK, HAS_KG)
         if HAS_KG:
             if _tile_in_span(kg_rows_hit, key_start, kg_k0, kg_k1, BLOCK_N):
                 acc_g, m_g = _key_group_update(acc_g, m_g, p, m_use, m_i, key_start, kg_base, kg_k0, kg_k1,
@@ -271,7 +282,7 @@ if AVAILABLE:
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
         if MASK:
             s = _mask_tile(s, key_start, n_k, q_tags, kt_base, BLOCK_N, HAS_TAGS, s_layout)
-        p, m_new, m_use, alpha, l_i = _softmax_tile(s, m_i, l_i, qk_scale, MASK)
+        p, m_new, m_use, alpha, l_i = _softmax_tile(s, m_i, l_i, qk_scale, MASK, HAS_KG)
         if HAS_KG:  # while PV_{i-1} is in flight; only tiles in the groups' key span
             if _tile_in_span(kg_rows_hit, key_start, kg_k0, kg_k1, BLOCK_N):
                 acc_g, m_g = _key_group_update(acc_g, m_g, p, m_use, m_new, key_start, kg_base, kg_k0, kg_k1,

@@ -175,8 +175,9 @@ class TagMask:
         self.q_tags, self.k_tags = (t if t.stride(-1) == 1 else t.contiguous() for t in (self.q_tags, self.k_tags))
 
     def batched(self, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The tags as ``[B, N]`` (1-D tags are shared by the batch)."""
-        return tuple(t.expand(batch, t.shape[-1]) if t.dim() == 1 else t for t in (self.q_tags, self.k_tags))
+        """The tags as ``[B, N]`` (``[N]`` and ``[1, N]`` tags are shared by the batch: stride 0)."""
+        return tuple(t.expand(batch, t.shape[-1]) if t.dim() == 1 or t.shape[0] == 1 else t
+                     for t in (self.q_tags, self.k_tags))
 
     def _cached(self, build, block_m: int, block_n: int, batch: int):
         key = (build.__name__, block_m, block_n, batch)

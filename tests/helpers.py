@@ -68,3 +68,18 @@ class RecordSites(AttentionPolicy):
     def request(self, site):
         self.sites.append(site)
         return None
+
+
+def tiny_group_probabilities(b, h, n, d, group_keys, gap, dtype, layout, generator, device="cpu"):
+    """q, k, v where every query's probability on the ``group_keys`` range is ~e^-gap of its
+    largest one (channel 0 carries the gap, the others small random scores)."""
+    q = torch.randn(b, h, n, d, generator=generator) * 0.3
+    k = torch.randn(b, h, n, d, generator=generator) * 0.3
+    q[..., 0] = 1.0
+    k[..., 0] = gap
+    k[:, :, group_keys[0]:group_keys[1], 0] = 0.0
+    v = torch.randn(b, h, n, d, generator=generator)
+    q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+    if layout == "bnhd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return q, k, v

@@ -71,6 +71,12 @@ CASES = [
     ("kernel-option-str", dict(kernel_options={"PROBE_BLOCK_M": "32"}), ValueError, ["PROBE_BLOCK_M", "'32'"]),
     ("kernel-option-flag", dict(kernel_options={"poison": 1}), ValueError, ["kernel_options['poison']", "bool"]),
     ("pairs-float", dict(pair_stats=[(0, 1.7)]), TypeError, ["pair_stats", "integer"]),
+    ("pairs-flat", dict(pair_stats=(0, 1)), TypeError, ["pair_stats", "[(b0, b1)]", "(0, 1)"]),
+    ("pairs-ragged", dict(pair_stats=[(0, 1), (1,)]), ValueError, ["pair_stats", "two batch indices"]),
+    ("return-lse-str", dict(return_lse="yes"), TypeError, ["return_lse", "bool", "'yes'"]),
+    ("count-tiles-str", dict(count_tiles="no"), TypeError, ["count_tiles", "bool", "'no'"]),
+    ("tags-batch-1-q-ok-k-bad", dict(tags=(torch.ones(1, N, dtype=torch.int64), torch.ones(3, N, dtype=torch.int64))),
+     ValueError, ["k_tags", "[1, 10]", "(3, 10)"]),
 ]
 
 
@@ -173,6 +179,57 @@ def test_triton_outputs_refuse_a_backward_instead_of_dropping_gradients():
     assert q.grad is not None and q.grad.abs().sum() > 0
     out = iidkern.attention(q, k, v, backend="triton")
     out.mul_(2)  # callers may change the output in place (a custom Function's view may not be)
+
+
+@pytest.mark.parametrize("extra", ["head_weights", "multiplier", "value_probe", "probe_head_weights"])
+def test_triton_outputs_refuse_a_backward_for_any_input_that_asks_for_gradients(extra):
+    """Not only q, k, v: head weights, multiplier values, a value probe's x and a probe's
+    per-head weights that require grad put the outputs in the graph too (backward raises)."""
+    q, k, v = qkv().values()
+    w = torch.rand(H).requires_grad_()
+    kw = {"head_weights": dict(head_weights=w),
+          "multiplier": dict(block_multiplier=BlockMultiplier(torch.rand(B, 3, 4).requires_grad_(), query_start=2)),
+          "value_probe": dict(probes=[ValueProbe(torch.randn(B, N, 2).requires_grad_(), TG.each(0, 4))]),
+          "probe_head_weights": dict(probes=[Probe(TG.each(0, N), TG.each(0, 4), heads=w)])}[extra]
+    res = iidkern.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    for t in (res.out, *res.probes):
+        assert t.requires_grad
+        with pytest.raises(RuntimeError, match="forward-only"):
+            t.sum().backward()
+    with torch.no_grad():
+        assert not iidkern.attention(q, k, v, backend="triton", return_lse=True, **kw).out.requires_grad
+
+
+def test_spec_builders_refuse_floats_where_they_take_token_indices():
+    """int() would truncate 0.5 to 0 and 3.7 to 3: every token index, count and bit set
+    must be an integer (as BlockMultiplier starts and pair_stats already must)."""
+    from iidkern import instruction_tags, tags_from_segments
+    cases = [lambda: TG.each(0.5, 3), lambda: TG.each(0, 3.7), lambda: TG.segments([(0.9, 2.9)], 4),
+             lambda: TG.segments([(0, 2)], 4.0), lambda: TG.single(0, 2, 4.5),
+             lambda: TG.ids(torch.zeros(4, dtype=torch.int32), num_groups=2.9),
+             lambda: TG.ids(torch.zeros(4, dtype=torch.int32), 1, span=(0, 3.5)),
+             lambda: tags_from_segments(4, [(0, 2, 1.5)]), lambda: tags_from_segments(4, [(0.5, 2, 1)]),
+             lambda: instruction_tags(8, image=(0, 4.0), instructions=[(4, 8)], region_masks=torch.ones(1, 4, dtype=torch.bool)),
+             lambda: instruction_tags(8, image=(0, 4), instructions=[(4, 7.5)], region_masks=torch.ones(1, 4, dtype=torch.bool))]
+    for i, make in enumerate(cases):
+        with pytest.raises(TypeError, match="must be an integer"):
+            make()
+            pytest.fail(f"case {i} accepted a float")
+
+
+def test_spec_builders_refuse_degenerate_input_with_value_and_type_errors():
+    from iidkern import instruction_tags, tags_from_segments
+    with pytest.raises(ValueError, match="group_ids.*N >= 1"):
+        TG.ids(torch.zeros(0, dtype=torch.int32))
+    with pytest.raises(TypeError, match="region_masks.*Tensor"):
+        instruction_tags(10, image=(0, 6), instructions=[(6, 10)], region_masks=[[True] * 6])
+    with pytest.raises(ValueError, match="overlaps the image"):
+        instruction_tags(10, image=(0, 6), instructions=[(5, 10)], region_masks=torch.ones(1, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="64 bits"):
+        tags_from_segments(4, [(0, 2, 2 ** 64)])
+    # A bit set written as an unsigned 64-bit number is the int64 with the same bits.
+    assert tags_from_segments(4, [(0, 2, 2 ** 63)])[0, 0].item() == -(2 ** 63)
+    assert tags_from_segments(4, [(0, 2, 2 ** 64 - 1)])[0, 1].item() == -1
 
 
 def test_integer_like_kernel_options_and_bool_pairs():

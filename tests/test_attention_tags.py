@@ -75,6 +75,40 @@ def test_one_dimensional_tags_are_shared_by_the_batch():
     assert_close_rel(out, ref, 2e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_tags_of_batch_one_are_shared_by_the_batch(backend):
+    """[1, N] tags (what instruction_tags returns for [N_instr, N_img] region masks) apply to
+    every batch row, like [N] tags."""
+    g = torch.Generator().manual_seed(29)
+    q, k, v = make_qkv(3, 2, 30, 30, 16, generator=g)
+    qt, kt = random_tags(1, 30, generator=g), random_tags(3, 30, generator=g)
+    out = iidkern.attention(q, k, v, tags=(qt, kt), backend=backend, kernel_options=TILES if backend == "triton" else None)
+    ref = attention_reference(q, k, v, tags=(qt.expand(3, 30), kt), compute_dtype=torch.float64).out
+    assert_close_rel(out, ref, 2e-5)
+    with pytest.raises(ValueError, match="q_tags"):
+        iidkern.attention(q, k, v, tags=(random_tags(2, 30, generator=g), kt), backend=backend)
+
+
+def test_a_tag_mask_is_a_snapshot_of_its_tags():
+    """The mask copies its tags: changing the tensors afterwards changes neither its cached
+    tile lists nor what the kernels read (a mask on live tags whose lists were cached for
+    the old values would skip tiles the new tags need)."""
+    g = torch.Generator().manual_seed(31)
+    q, k, v = make_qkv(1, 2, 40, 40, 16, generator=g)
+    qt = torch.ones(1, 40, dtype=torch.int64)
+    kt = torch.ones(1, 40, dtype=torch.int64)
+    kt[:, 20:] = 2
+    mask = iidkern.tag_mask(qt, kt)
+    before = iidkern.attention(q, k, v, tags=mask, backend="triton", kernel_options=TILES)
+    ref = attention_reference(q, k, v, tags=(qt.clone(), kt.clone()), compute_dtype=torch.float64).out
+    qt[:] = 3  # would now see every key
+    after = iidkern.attention(q, k, v, tags=mask, backend="triton", kernel_options=TILES)
+    assert torch.equal(before, after)
+    assert_close_rel(after, ref, 2e-5)
+    fresh = iidkern.attention(q, k, v, tags=iidkern.tag_mask(qt, kt), backend="triton", kernel_options=TILES)
+    assert_close_rel(fresh, attention_reference(q, k, v, compute_dtype=torch.float64).out, 2e-5)
+
+
 def test_tile_skipping_counts_exactly_the_meeting_tiles():
     """Block-structured tags: the kernel must visit exactly the key tiles that hold an allowed pair."""
     g = torch.Generator().manual_seed(24)

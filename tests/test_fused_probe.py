@@ -14,7 +14,8 @@ import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.kernels import launch
 from iidkern.reference import attention_reference
-from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_key_groups, random_tags
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_key_groups, random_tags, \
+    tiny_group_probabilities
 
 OPTS = {"poison": True}
 
@@ -177,3 +178,22 @@ def test_group_ids_read_through_a_strided_view(batched):
     ref = attention_reference(q, k, v, probes=[fused, pass_probe])
     for got, want in zip(res.probes, ref.probes):
         assert_close_rel(got, want, PROBE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gap", [9.0, 14.0, 17.0])
+def test_fused_key_group_sums_of_tiny_probabilities_keep_their_relative_precision(no_probe_pass, dtype, gap):
+    """IID's image-to-instruction sums are often ~1e-4..1e-7 of a row's mass. The fused probe
+    folds p into the groups with fp16 products: unscaled, p below fp16's smallest normal
+    (6.1e-5) is subnormal and the sums came out several % off; scaled by 2^14 they keep the
+    ~1e-5 relative precision of larger ones (checked per element against float64)."""
+    g = torch.Generator().manual_seed(67)
+    b, h, n, d = 1, 2, 70, 16
+    q, k, v = tiny_group_probabilities(b, h, n, d, (40, 58), gap, dtype, "bhnd", g)
+    probe = Probe(TG.each(0, n), TG.segments([(40, 46), (46, 52), (52, 58)], n), heads="keep")
+    res = iidkern.attention(q, k, v, scale=1.0, probes=[probe], backend="triton", kernel_options=OPTS)
+    ref = attention_reference(q, k, v, scale=1.0, probes=[probe], compute_dtype=torch.float64).probes[0]
+    got = res.probes[0].double()
+    assert 1e-9 < ref.min() and ref.max() < 1e-2  # the regime under test
+    rel = ((got - ref).abs() / ref).max().item()
+    assert rel < 2e-4, f"largest per-element relative error {rel:.2e}"

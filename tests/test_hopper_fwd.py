@@ -19,7 +19,7 @@ from iidkern.kernels import fast_launch, hopper_fwd, launch, replay
 from iidkern.kernels.kernel_args import MultiplierArgs
 from iidkern.reference import attention_reference
 from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups, random_tags, \
-    rel_err
+    rel_err, tiny_group_probabilities
 
 needs_gluon = pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
 
@@ -295,8 +295,8 @@ def test_launch_arguments_line_up_with_the_kernel_parameters(monkeypatch, extras
         # Tags as [B, N] rows (the shared [N] key tags with a zero batch stride) and the
         # visit lists of the kernel's tile shape: a query tile is both warpgroups' rows.
         lists = tags.visit_lists(2 * hopper_fwd.BLOCK_M, hopper_fwd.BLOCK_N, b)
-        assert arg["qt_ptr"] is q_tags and arg["qt_sb"] == n and arg["kt_sb"] == 0
-        assert arg["kt_ptr"].data_ptr() == k_tags.data_ptr()
+        assert arg["qt_ptr"] is tags.q_tags and arg["qt_sb"] == n and arg["kt_sb"] == 0  # (the mask's copies)
+        assert arg["kt_ptr"].data_ptr() == tags.k_tags.data_ptr() and torch.equal(tags.q_tags, q_tags)
         assert arg["vis_ptr"] is lists.index and arg["vis_full_ptr"] is lists.full_count
         assert arg["vis_count_ptr"] is lists.visit_count
         assert lists.index.shape == (b, -(-n // (2 * hopper_fwd.BLOCK_M)), -(-n // hopper_fwd.BLOCK_N))
@@ -687,6 +687,28 @@ def test_pair_stats_in_a_cuda_graph(hopper_calls):
         torch.testing.assert_close(_stats(res), _pair_sums(res.out, pairs, layout), rtol=1e-5, atol=0)
         assert_close_rel(res.out, attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64).out,
                          OUT_TOL[torch.bfloat16])
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("forced", [None, (2, 3)])
+def test_fused_key_group_sums_of_tiny_probabilities_on_the_hopper_kernel(hopper_calls, no_probe_pass, dtype, forced):
+    """The Hopper kernel's key-group sums (fp16 P, scaled by 2^14 before the cast) keep their
+    relative precision where P is far below fp16's smallest normal, whole tiles and split."""
+    g = torch.Generator().manual_seed(71)
+    b, h, n = 2, 3, 700
+    q, k, v = tiny_group_probabilities(b, h, n, 128, (100, 400), 15.0, dtype, "bnhd", g, device="cuda")
+    probe = Probe(TG.each(0, n), TG.segments([(100, 150), (150, 300), (300, 400)], n), heads="keep")
+    opts = {"poison": True}
+    if forced:
+        opts.update(tail_split_tiles=forced[0], tail_split_pieces=forced[1])
+    res = iidkern.attention(q, k, v, layout="bnhd", scale=1.0, probes=[probe], kernel_options=opts)
+    assert hopper_calls == ["bnhd"]
+    ref = attention_reference(q, k, v, layout="bnhd", scale=1.0, probes=[probe], compute_dtype=torch.float64)
+    assert 1e-9 < ref.probes[0].min() and ref.probes[0].max() < 1e-2
+    rel = ((res.probes[0].double() - ref.probes[0]).abs() / ref.probes[0]).max().item()
+    assert rel < 2e-3, f"largest per-element relative error {rel:.2e}"  # one fp16 rounding a term
 
 
 @pytest.mark.cuda
