@@ -159,7 +159,7 @@ def test_tag_mask_object_is_reusable_and_cached():
 
 def test_instruction_tags_allow_table():
     """The IID allow table of METHODS.md, checked pair by pair against a hand-written rule."""
-    n_txt, n_img, n_cond = 6, 8, 2
+    n_img = 8  # 6 text tokens (two instructions) before the image, 2 conditioning tokens after
     instructions = [(0, 3), (3, 6)]
     image = (6, 14)
     cond = [(14, 16)]
