@@ -54,12 +54,8 @@ def _key_group_update(acc_g, m_g, p, m_new, m_safe, offs_n, kg_base, kg_k0, kg_k
         # p (<= 1, relative to the running max) as the sum of two fp16 numbers, hi + lo: two
         # fp16 products keep ~21 of fp32's 24 mantissa bits (one would keep 11, tf32 11), and
         # fp16 operands come from registers like P @ V (a tf32 one goes through shared memory).
-        # p is scaled by 2^14 first (exact; <= 16384 fits fp16): below fp16's smallest normal,
-        # 6.1e-5, hi and lo would be subnormal and lose their relative precision, and a group
-        # of keys with p ~1e-6 would be summed 3% off; scaled, that starts below ~4e-9.
-        p_scaled = p * 16384.0
-        p_hi = p_scaled.to(tl.float16)
-        p_lo = (p_scaled - p_hi.to(tl.float32)).to(tl.float16)
+        p_hi = p.to(tl.float16)
+        p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
         if UPCAST_DOTS:
             one_hot = hit.to(tl.float32)
             g_sum = tl.dot(p_hi.to(tl.float32), one_hot, input_precision="ieee")
@@ -68,7 +64,6 @@ def _key_group_update(acc_g, m_g, p, m_new, m_safe, offs_n, kg_base, kg_k0, kg_k
             one_hot = hit.to(tl.float16)
             g_sum = tl.dot(p_hi, one_hot)
             g_sum = tl.dot(p_lo, one_hot, g_sum)
-        g_sum = g_sum * (1.0 / 16384.0)
     else:
         g_sum = tl.dot(p, hit.to(tl.float32), input_precision=X_PRECISION)
     acc_g = acc_g * tl.math.exp2(m_g - m_safe)[:, None] + g_sum
@@ -103,11 +98,20 @@ def _attn_tile(acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, star
             k_tags = tl.load(k_tags_base + offs_n, mask=n_ok, other=0)
             allowed = allowed & ((q_tags[:, None] & k_tags[None, :]) != 0)
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    row_max = tl.max(s, 1) * qk_scale
+    if KG_HALF_DOT:
+        # The running max is kept 14 below the true one, so p (and the row sums) carry a
+        # factor 2^14: the key-group sums' fp16 split then sees p down to ~4e-9 of the row
+        # max as normal numbers (fp16's smallest normal is 6.1e-5; a group of keys with p
+        # ~1e-6 was summed from subnormals, some 3% off). The output, LSE (m + log2 l) and
+        # sums are ratios or m + log2 l, so none needs a correction. (Scaling p itself
+        # instead made the D=128 kernel fault on the H100, triton 3.6.)
+        row_max = row_max - 14.0
+    m_new = tl.maximum(m_i, row_max)
+    if MASKED:
         # A row that has seen no allowed key yet has m_new = -inf; shift by 0 instead.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_safe = m_new
     p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)

@@ -287,7 +287,8 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
         HAS_X=bool(value_probes), HAS_KG=key_groups is not None, STORE_LSE=lse is not None,
         COUNT_TILES=count_tiles, DOT_PRECISION=dot_precision,
         EVEN_D=head_dim == block_d, X_PRECISION=_fp32_product_precision(q.dtype),
-        UPCAST_DOTS=upcast_dots, KG_HALF_DOT=bool(cfg.get("kg_half_dot", True)) and q.dtype != torch.float32,
+        UPCAST_DOTS=upcast_dots, KG_HALF_DOT=bool(cfg.get("kg_half_dot", True)) and q.dtype != torch.float32
+        and key_groups is not None,
         KG_SPLIT=bool(cfg.get("kg_split", True)), MULT_SPLIT=bool(cfg.get("mult_split", True)),
         WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)),
         RAGGED_TAIL=tags is not None and n_k % block_n != 0,
