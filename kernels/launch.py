@@ -193,7 +193,10 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     if pair_stats is not None:
         stats = _pair_stats(out, pair_stats, pair_counters, layout, heads, n_q, head_dim, block_d, alloc)
     return AttentionResult(
-        out=out, lse=lse if need_lse else None, probes=tuple(results), pair_stats=stats,
+        # Each probe its own contiguous tensor (as the reference backend gives): a result may be
+        # a slice of a padded kernel buffer, which would keep the whole buffer alive (no copy
+        # where it is contiguous already, as the full-range results of the bench's probes are).
+        out=out, lse=lse if need_lse else None, probes=tuple(r.contiguous() for r in results), pair_stats=stats,
         tiles_visited=tiles.view(batch, heads, cdiv(n_q, block_m)) if count_tiles else None,
         tile_shape=tile_shape,
     )

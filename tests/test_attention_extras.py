@@ -217,3 +217,26 @@ def test_group_sizes_are_counted_once_per_groups_object():
     assert sizes.tolist() == [[2.0, 3.0], [3.0, 1.0]]
     assert groups.group_sizes(2, 6, "cpu") is sizes  # reused, no recount
     assert TG.each(2, 5).group_sizes(1, 6, "cpu").tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_each_probe_result_is_its_own_contiguous_tensor():
+    """Value probes come out of one padded kernel buffer and per-query probes may be slices:
+    every result is returned contiguous and owns its storage (as the reference backend's),
+    so ``.view(-1)`` works and a kept result does not hold the padded buffer alive."""
+    g = torch.Generator().manual_seed(83)
+    b, h, n = 2, 3, 40
+    q, k, v = make_qkv(b, h, n, n, 16, generator=g)
+    ids = torch.randint(-1, 3, (n,), generator=g, dtype=torch.int32)
+    probes = [ValueProbe(torch.randn(b, n, 2, generator=g), TG.each(0, 10), heads="keep"),
+              ValueProbe(torch.randn(b, n, 3, generator=g), TG.each(5, 30), heads="keep"),
+              Probe(TG.each(3, 20), TG.ids(ids, 3), heads="keep"),
+              Probe(TG.each(0, n), TG.each(7, 19), heads="keep")]
+    res = iidkern.attention(q, k, v, probes=probes, backend="triton", kernel_options=OPTS)
+    ref = attention_reference(q, k, v, probes=probes)
+    storages = set()
+    for got, want in zip(res.probes, ref.probes):
+        assert got.is_contiguous() and got.view(-1).numel() == want.numel()
+        assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
+        storages.add(got.untyped_storage().data_ptr())
+        assert_close_rel(got, want, PROBE_TOL[torch.float32])
+    assert len(storages) == len(probes)
