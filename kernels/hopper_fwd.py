@@ -575,9 +575,15 @@ if AVAILABLE:
     _COMBINE = Launcher(combine_kernel)
 
 
+def device_index(device: torch.device) -> int:
+    """A CUDA device's index: a tensor's device always has one; a bare ``"cuda"`` means the
+    current device."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
-def _is_sm90(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) == (9, 0)
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -602,7 +608,7 @@ def _tma_ready(t: torch.Tensor) -> bool:
 
 def on_hopper(device: torch.device) -> bool:
     """Whether ``device`` is a GPU this kernel runs on (sm_90, with a Triton that has Gluon)."""
-    return AVAILABLE and device.type == "cuda" and _is_sm90(device.index if device.index is not None else 0)
+    return AVAILABLE and device.type == "cuda" and _is_sm90(device_index(device))
 
 
 def serves_head_dim(head_dim: int, n_k: int) -> bool:
@@ -616,7 +622,7 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> bo
         return False
     if not serves_head_dim(q.shape[-1], k.shape[2] if layout == "bhnd" else k.shape[1]):
         return False
-    if not _is_sm90(q.device.index if q.device.index is not None else 0):
+    if not _is_sm90(device_index(q.device)):
         return False
     return _tma_ready(q) and _tma_ready(k) and _tma_ready(v)
 
@@ -651,7 +657,7 @@ def split_plan_for(n_tiles: int, n_key_tiles: int, device: torch.device, split="
     if split == "auto":
         if device.type != "cuda":  # launch tests on CPU: no SM count to plan for
             return NO_SPLIT
-        return plan_split(n_tiles, n_key_tiles, sm_count(device.index if device.index is not None else 0))
+        return plan_split(n_tiles, n_key_tiles, sm_count(device_index(device)))
     if not split:
         return NO_SPLIT
     n_split, pieces = split
@@ -659,9 +665,9 @@ def split_plan_for(n_tiles: int, n_key_tiles: int, device: torch.device, split="
 
 
 @functools.lru_cache(maxsize=None)
-def sm_count(device_index: int) -> int:
+def sm_count(index: int) -> int:
     """Streaming multiprocessors of a CUDA device (the split plan's and the pair pass's grids)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=None, head_weight_strides=(0, 0, 0),

@@ -457,4 +457,4 @@ def _pair_stats_programs(n_tiles: int, heads: int, device: torch.device) -> int:
     interpreter takes two, so tests walk the loop."""
     if _INTERPRET or device.type != "cuda":
         return max(1, min(n_tiles, 2))
-    return max(1, min(n_tiles, 4 * hopper_fwd.sm_count(device.index if device.index is not None else 0) // heads))
+    return max(1, min(n_tiles, 4 * hopper_fwd.sm_count(hopper_fwd.device_index(device)) // heads))

@@ -133,6 +133,12 @@ def test_tma_ready_wants_aligned_base_and_strides():
     assert not hopper_fwd.usable(*(torch.randn(1, 2, 64, 128, dtype=torch.bfloat16) for _ in range(3)), "bhnd")
 
 
+def test_device_index_of_a_bare_cuda_device_is_the_current_one(monkeypatch):
+    assert hopper_fwd.device_index(torch.device("cuda", 3)) == 3
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)  # (no GPU needed to check the rule)
+    assert hopper_fwd.device_index(torch.device("cuda")) == 5
+
+
 def test_only_tritons_with_the_gluon_api_it_was_written_for_enable_it():
     assert hopper_fwd.triton_supports_gluon_kernel("3.6.0")
     assert hopper_fwd.triton_supports_gluon_kernel("3.10.0+git1234")
