@@ -199,14 +199,21 @@ if AVAILABLE:
         acc_g = acc_g * gl.convert_layout(rescale, gl.SliceLayout(1, g_layout))[:, None] + g_sum
         return acc_g, m_new
 
+    @gluon.constexpr_function
+    def _scaled_p(has_kg, has_mult, dtype):
+        """Whether p carries 2^14 (``_softmax_tile``): with key groups, unless a block
+        multiplier may push 2^14 * M past fp16's largest value (65504) in the P @ V operand."""
+        return has_kg and not (has_mult and dtype == gl.float16)
+
     @gluon.jit
     def _softmax_tile(s, m_i, l_i, qk_scale, MASKED: gl.constexpr, SCALED_P: gl.constexpr):
         """Online-softmax step on a score tile: (p, new running max, its usable value, rescale
         of the old sums, new row sum). On a masked tile a row may have no key yet (tags): its
         max stays -inf and the exponents use 0 instead, so p and the rescale are 0, not NaN.
 
-        ``SCALED_P`` (with key groups): the running max is kept 14 below the true one, so p,
-        and the row sum with it, carry a factor 2^14 (p <= 16384 fits fp16 and bf16). The
+        ``SCALED_P`` (with key groups; see ``_scaled_p``): the running max is kept 14 below
+        the true one, so p, and the row sum with it, carry a factor 2^14 (p <= 16384 fits fp16
+        and bf16; with a multiplier M on fp16 inputs 2^14 * M may not, so there it is off). The
         key-group product takes p as fp16, whose smallest normal is 6.1e-5: unscaled, a group
         of keys with p ~1e-6 of the row max would be summed from subnormals, some 3% off. Every
         result is a ratio of such sums or ``m + log2(l)``, so none needs a correction.
@@ -250,7 +257,7 @@ if AVAILABLE:
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         if MASK:
             s = _mask_tile(s, key_start, n_k, q_tags, kt_base, BLOCK_N, HAS_TAGS, s_layout)
-        p, m_i, m_use, alpha, l_i = _softmax_tile(s, m_i, l_i, qk_scale, MASK, HAS_KG)
+        p, m_i, m_use, alpha, l_i = _softmax_tile(s, m_i, l_i, qk_scale, MASK, _scaled_p(HAS_KG, HAS_MULT, q.dtype))
         if HAS_KG:
             if _tile_in_span(kg_rows_hit, key_start, kg_k0, kg_k1, BLOCK_N):
                 acc_g, m_g = _key_group_update(acc_g, m_g, p, m_use, m_i, key_start, kg_base, kg_k0, kg_k1,
@@ -282,7 +289,8 @@ if AVAILABLE:
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
         if MASK:
             s = _mask_tile(s, key_start, n_k, q_tags, kt_base, BLOCK_N, HAS_TAGS, s_layout)
-        p, m_new, m_use, alpha, l_i = _softmax_tile(s, m_i, l_i, qk_scale, MASK, HAS_KG)
+        p, m_new, m_use, alpha, l_i = _softmax_tile(s, m_i, l_i, qk_scale, MASK,
+                                                    _scaled_p(HAS_KG, HAS_MULT, q.dtype))
         if HAS_KG:  # while PV_{i-1} is in flight; only tiles in the groups' key span
             if _tile_in_span(kg_rows_hit, key_start, kg_k0, kg_k1, BLOCK_N):
                 acc_g, m_g = _key_group_update(acc_g, m_g, p, m_use, m_new, key_start, kg_base, kg_k0, kg_k1,

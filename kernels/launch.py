@@ -290,8 +290,7 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
         HAS_X=bool(value_probes), HAS_KG=key_groups is not None, STORE_LSE=lse is not None,
         COUNT_TILES=count_tiles, DOT_PRECISION=dot_precision,
         EVEN_D=head_dim == block_d, X_PRECISION=_fp32_product_precision(q.dtype),
-        UPCAST_DOTS=upcast_dots, KG_HALF_DOT=bool(cfg.get("kg_half_dot", True)) and q.dtype != torch.float32
-        and key_groups is not None,
+        UPCAST_DOTS=upcast_dots, KG_HALF_DOT=_kg_half_dot_mode(cfg, q.dtype, key_groups, block_multiplier),
         KG_SPLIT=bool(cfg.get("kg_split", True)), MULT_SPLIT=bool(cfg.get("mult_split", True)),
         WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)),
         RAGGED_TAIL=tags is not None and n_k % block_n != 0,
@@ -308,6 +307,15 @@ def _head_weight_strides(hw: torch.Tensor) -> tuple:
     if hw.dim() == 2:
         return hw.stride(0), hw.stride(1), 0
     return tuple(hw.stride())
+
+
+def _kg_half_dot_mode(cfg: dict, dtype: torch.dtype, key_groups, block_multiplier) -> int:
+    """flash_fwd's ``KG_HALF_DOT``: 0 without key groups, fp32 inputs or ``kg_half_dot=False``
+    (one fp32 product); else the fp16 hi + lo split, with p scaled by 2^14 (2) unless a block
+    multiplier on fp16 inputs could push 2^14 * M past fp16's range in the P @ V operand (1)."""
+    if key_groups is None or dtype == torch.float32 or not cfg.get("kg_half_dot", True):
+        return 0
+    return 1 if block_multiplier is not None and dtype == torch.float16 else 2
 
 
 def _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options) -> bool:

@@ -197,3 +197,27 @@ def test_fused_key_group_sums_of_tiny_probabilities_keep_their_relative_precisio
     assert 1e-9 < ref.min() and ref.max() < 1e-2  # the regime under test
     rel = ((got - ref).abs() / ref).max().item()
     assert rel < 2e-4, f"largest per-element relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [5.0, 60.0])
+def test_fused_key_groups_beside_a_large_multiplier_stay_finite(no_probe_pass, dtype, m):
+    """With key groups p carries 2^14 (the precision fix above); a block multiplier M then
+    makes 2^14 * M, which past ~4 would overflow fp16's P @ V operand: fp16 calls with a
+    multiplier keep p unscaled (flash_fwd KG_HALF_DOT mode 1), bf16 ones keep the scaling."""
+    g = torch.Generator().manual_seed(73)
+    b, h, n = 1, 2, 48
+    q, k, v = make_qkv(b, h, n, n, 16, dtype=dtype, generator=g)
+    probe = Probe(TG.each(0, n), TG.segments([(0, 10), (10, 30)], n), heads="keep")
+    mult = BlockMultiplier(torch.full((b, 20, 30), m), query_start=10, key_start=5)
+    res = iidkern.attention(q, k, v, probes=[probe], block_multiplier=mult, backend="triton", kernel_options=OPTS)
+    ref = attention_reference(q, k, v, probes=[probe], block_multiplier=mult, compute_dtype=torch.float64)
+    assert torch.isfinite(res.out).all()
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[dtype])
+    cfg = {}
+    assert launch._kg_half_dot_mode(cfg, dtype, object(), mult) == (1 if dtype == torch.float16 else 2)
+    assert launch._kg_half_dot_mode(cfg, dtype, object(), None) == 2
+    assert launch._kg_half_dot_mode(cfg, dtype, None, mult) == 0
+    assert launch._kg_half_dot_mode({"kg_half_dot": False}, dtype, object(), None) == 0
+    assert launch._kg_half_dot_mode(cfg, torch.float32, object(), None) == 0

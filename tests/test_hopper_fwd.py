@@ -719,6 +719,26 @@ def test_fused_key_group_sums_of_tiny_probabilities_on_the_hopper_kernel(hopper_
 
 @pytest.mark.cuda
 @needs_hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_key_groups_beside_a_large_multiplier_stay_finite_on_the_hopper_kernel(hopper_calls, no_probe_pass, dtype):
+    """p carries 2^14 with key groups (``_softmax_tile``) except on fp16 with a multiplier,
+    where 2^14 * M (M = 8 here) would overflow the P @ V operand."""
+    b, h, n = 2, 4, 1100
+    q, k, v = _qkv(b, h, n, n, dtype, "bnhd", seed=75)
+    probe = Probe(TG.each(0, n), TG.segments([(0, 100), (100, 300), (300, 400)], n), heads="keep")
+    mult = BlockMultiplier(torch.full((b, 500, 600), 8.0, device="cuda"), query_start=100, key_start=50)
+    res = iidkern.attention(q, k, v, layout="bnhd", probes=[probe], block_multiplier=mult,
+                            kernel_options={"poison": True})
+    assert hopper_calls == ["bnhd"]
+    ref = attention_reference(q, k, v, layout="bnhd", probes=[probe], block_multiplier=mult,
+                              compute_dtype=torch.float64)
+    assert torch.isfinite(res.out).all()
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[dtype])
+
+
+@pytest.mark.cuda
+@needs_hopper
 def test_extras_of_the_triton_kernel_and_the_switch_keep_it(hopper_calls):
     b, h, n = 1, 4, 600
     q, k, v = _qkv(b, h, n, n, torch.bfloat16, "bhnd", seed=12)
