@@ -84,6 +84,25 @@ class AttentionPolicy:
         return None
 
 
+class RunScopedPolicy(AttentionPolicy):
+    """A policy whose state belongs to one sampling run (maps captured at some step, the
+    previous step's maps): :meth:`reset` forgets it, and :meth:`follow_step` calls it when
+    the steps go back, since they only grow within a run, so a policy reused for another
+    run starts clean. One-step runs cannot be told apart that way: call reset() between them."""
+
+    _last_step: Optional[int] = None
+
+    def reset(self) -> None:
+        self._last_step = None
+
+    def follow_step(self, step: Optional[int]) -> None:
+        if step is None:
+            return
+        if self._last_step is not None and step < self._last_step:
+            self.reset()
+        self._last_step = step
+
+
 class CapturePolicy(AttentionPolicy):
     """Attach fixed probes at chosen (step, layer) sites and keep what they return.
 
@@ -127,7 +146,7 @@ class ChainPolicy(AttentionPolicy):
                         raise ValueError(f"ChainPolicy: two policies set {name} for the same call")
                     setattr(merged, name, value)
             merged.probes = tuple(merged.probes) + tuple(req.probes)
-            merged.return_lse = merged.return_lse or req.return_lse
+            merged.return_lse = bool(merged.return_lse or req.return_lse)
         self._owners = owners
         return merged if owners else None
 

@@ -160,3 +160,36 @@ def test_key_regions_reset_between_runs():
     attend(q2, k2, v2, site(0), policy, backend="reference")
     attend(q2, k2, v2, site(0), fresh, backend="reference")
     assert torch.equal(policy.maps, fresh.maps)
+
+
+def test_reused_policies_start_a_new_run_when_the_steps_go_back():
+    """A HeadRouter policy reused for a second run without reset(): step 0 of that run must
+    not get the first run's last-step DTR multiplier, and key-region maps must not add up
+    across runs (steps only grow within a run)."""
+    cfg = HeadRouterConfig(route=False, dtr_image="paper", dtr_heads="mean", alpha=5.0, upsilon=5.0)
+    policy = HeadRouterPolicy(cfg)
+    for step, seed in ((0, 11), (1, 12)):
+        attend(*qkv(seed), site(step), policy, backend="reference")
+    q, k, v = qkv(13)
+    out = attend(q, k, v, site(0), policy, backend="reference")  # run 2, step 0: no multiplier yet
+    assert torch.allclose(out.double(), dense_out(dense_probs(q, k), v), atol=1e-4)
+
+    regions, fresh = KeyRegionPolicy(tokens=[0, (2, 4)], row=1), KeyRegionPolicy(tokens=[0, (2, 4)], row=1)
+    for step, seed in ((0, 21), (1, 22)):
+        attend(*qkv(seed), site(step), regions, backend="reference")
+    attend(*qkv(23), site(0), regions, backend="reference")  # a new run
+    attend(*qkv(23), site(0), fresh, backend="reference")
+    assert torch.equal(regions.maps, fresh.maps)
+
+
+def test_pairs_and_key_region_tokens_must_be_integers():
+    """As ``attention(pair_stats=...)``: a float row would be truncated (1.9 -> 1), True is no row."""
+    with pytest.raises(TypeError, match="pairs"):
+        HeadRouterConfig(pairs=((0, 1.9),))
+    with pytest.raises(TypeError, match="pairs"):
+        HeadRouterConfig(pairs=((0, True),))
+    with pytest.raises(TypeError, match="tokens"):
+        KeyRegionPolicy(tokens=[0.5])
+    with pytest.raises(TypeError, match="tokens"):
+        KeyRegionPolicy(tokens=[(0, 2.5)])
+    assert KeyRegionPolicy(tokens=[torch.tensor(1), (2, 4)]).groups == ((1, 2), (2, 4))

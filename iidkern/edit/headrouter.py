@@ -29,9 +29,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..policy import AttentionPolicy, AttentionRequest, AttentionSite
+from ..policy import AttentionRequest, AttentionSite, RunScopedPolicy
 from ..routing import router_weights
-from ..specs import BlockMultiplier, Probe, TokenGroups
+from ..specs import BlockMultiplier, Probe, TokenGroups, as_integer, index_arg
 from .masks import key_region_masks
 
 DTR_IMAGE_FORMS = ("paper", "code", "off")
@@ -73,7 +73,8 @@ class HeadRouterConfig:
             raise ValueError(f"HeadRouterConfig: dtr_heads must be 'mean' or 'keep', got {self.dtr_heads!r}")
         if self.layout not in ("bnhd", "bhnd"):
             raise ValueError(f"HeadRouterConfig: layout must be 'bnhd' or 'bhnd', got {self.layout!r}")
-        self.pairs = tuple((int(a), int(b)) for a, b in self.pairs)
+        self.pairs = tuple((index_arg(a, "HeadRouterConfig: pairs"), index_arg(b, "HeadRouterConfig: pairs"))
+                           for a, b in self.pairs)
         self._check_pairs()
         if not 0.0 <= self.dtr_text_keep <= 1.0:
             raise ValueError(f"HeadRouterConfig: dtr_text_keep must be in [0, 1], got {self.dtr_text_keep}")
@@ -130,7 +131,7 @@ def scale_heads(out: torch.Tensor, rows: Sequence[int], weights: torch.Tensor, l
     return new
 
 
-class HeadRouterPolicy(AttentionPolicy):
+class HeadRouterPolicy(RunScopedPolicy):
     """IARouter + DTR image-token weighting for the two-branch batch (see the module doc)."""
 
     def __init__(self, config: Optional[HeadRouterConfig] = None):
@@ -140,7 +141,8 @@ class HeadRouterPolicy(AttentionPolicy):
         self.last_router_weights: Dict[Tuple[str, int], torch.Tensor] = {}  # [P, H] of the latest call per block
 
     def reset(self) -> None:
-        """Forget the previous step's maps (call between runs)."""
+        """Forget the previous step's maps (a new run; also when the steps go back)."""
+        super().reset()
         self._maps.clear()
         self.last_router_weights.clear()
 
@@ -176,6 +178,7 @@ class HeadRouterPolicy(AttentionPolicy):
         return BlockMultiplier(values, query_start=site.image[0], key_start=site.text[0])
 
     def request(self, site):
+        self.follow_step(site.step)
         if not self._active(site):
             return None
         cfg = self.config
@@ -246,7 +249,16 @@ class TextResidual:
         return new
 
 
-class KeyRegionPolicy(AttentionPolicy):
+def _token_range(token) -> Tuple[int, int]:
+    """A KeyRegionPolicy token: an int offset or a (start, stop) pair of them."""
+    if as_integer(token) is not None:
+        return as_integer(token), as_integer(token) + 1
+    if not isinstance(token, (tuple, list)) or len(token) != 2:
+        raise TypeError(f"KeyRegionPolicy: tokens must be int offsets or (start, stop) pairs, got {token!r}")
+    return index_arg(token[0], "KeyRegionPolicy: tokens"), index_arg(token[1], "KeyRegionPolicy: tokens")
+
+
+class KeyRegionPolicy(RunScopedPolicy):
     """Key regions of text tokens (HeadRouter step 4): ``sum_h A_h[image rows, token]``.
 
     ``tokens``: text token offsets (relative to the text range start), each an int or a
@@ -258,7 +270,7 @@ class KeyRegionPolicy(AttentionPolicy):
 
     def __init__(self, tokens: Sequence, row: int = 1, steps: Optional[Sequence[int]] = None,
                  block_kinds: Optional[Sequence[str]] = None):
-        self.groups = tuple((int(t), int(t) + 1) if isinstance(t, int) else (int(t[0]), int(t[1])) for t in tokens)
+        self.groups = tuple(_token_range(t) for t in tokens)
         if not self.groups:
             raise ValueError("KeyRegionPolicy: need at least one text token")
         if any(not 0 <= a < b for a, b in self.groups):
@@ -269,10 +281,12 @@ class KeyRegionPolicy(AttentionPolicy):
         self.maps: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
-        """Forget the summed maps (call between runs: they sum over every captured call)."""
+        """Forget the summed maps (a new run; also when the steps go back)."""
+        super().reset()
         self.maps = None
 
     def request(self, site):
+        self.follow_step(site.step)
         if self.steps is not None and site.step not in self.steps:
             return None
         if self.block_kinds is not None and site.block_kind not in self.block_kinds:

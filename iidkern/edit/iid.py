@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..attention import tag_mask
-from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPolicy
+from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPolicy, RunScopedPolicy
 from ..specs import Probe, TokenGroups, ValueProbe, instruction_tags
 from .masks import THRESHOLD_RULES, iid_masks, threshold_value_problem
 
@@ -248,7 +248,7 @@ class BranchIsolationPolicy(AttentionPolicy):
 
 
 # --------------------------------------------------------------------------- capture
-class IIDMapPolicy(AttentionPolicy):
+class IIDMapPolicy(RunScopedPolicy):
     """Capture IID maps at step S and derive the region masks (IID steps 2-3).
 
     After the capture step has run: ``per_head_maps`` ``[H, N_img, N]``, ``soft``
@@ -275,19 +275,12 @@ class IIDMapPolicy(AttentionPolicy):
 
     def reset(self) -> None:
         """Forget the previous run's maps and masks."""
+        super().reset()
         self._sum: Optional[torch.Tensor] = None
         self._count = 0
-        self._last_step: Optional[int] = None
         self.per_head_maps: Optional[torch.Tensor] = None
         self.soft: Optional[torch.Tensor] = None
         self.masks: Optional[torch.Tensor] = None
-
-    def _follow(self, step: Optional[int]) -> None:
-        if step is None:
-            return
-        if self._last_step is not None and step < self._last_step:  # steps went back: a new run
-            self.reset()
-        self._last_step = step
 
     # ---- when
     def is_capture_site(self, site: AttentionSite) -> bool:
@@ -325,7 +318,7 @@ class IIDMapPolicy(AttentionPolicy):
         return ValueProbe(x, TokenGroups.each(img0, img1), heads="keep")
 
     def request(self, site):
-        self._follow(site.step)
+        self.follow_step(site.step)
         if self.config.map_source != "text":  # fail at the first call, not at step S
             _site_range(site, self.config.image_key_range, "image_key_range")
         if not self.is_capture_site(site):
@@ -407,7 +400,7 @@ class IIDMaskPolicy(AttentionPolicy):
 
 
 # --------------------------------------------------------------------------- the sequence
-class IIDPolicy(AttentionPolicy):
+class IIDPolicy(RunScopedPolicy):
     """IID's attention side over a whole run: isolation + capture up to S, masks after S.
 
     ``row_instruction``: per batch row of the steps up to S, the instruction of its
@@ -439,17 +432,16 @@ class IIDPolicy(AttentionPolicy):
         self._early = ChainPolicy(self.isolation, self.capture)
         self._precomputed = masks is not None
         self._last = "none"
-        self._last_step: Optional[int] = None
         if masks is not None:
             self.set_masks(masks)
 
     def reset(self) -> None:
         """Start a new run: drop the captured maps and the masks made from them (precomputed masks stay)."""
         self.capture.reset()
+        super().reset()
         if not self._precomputed:
             self.mask_policy = None
         self._last = "none"
-        self._last_step = None
 
     @property
     def masks(self) -> Optional[torch.Tensor]:
@@ -469,9 +461,7 @@ class IIDPolicy(AttentionPolicy):
     def _phase(self, site) -> str:
         if site.step is None:
             return "none"
-        if self._last_step is not None and site.step < self._last_step:  # steps went back: a new run
-            self.reset()
-        self._last_step = site.step
+        self.follow_step(site.step)
         s = self.config.resolved_map_step(site.num_steps)
         if site.step <= s:
             return "early"
