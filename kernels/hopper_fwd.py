@@ -178,7 +178,8 @@ if AVAILABLE:
         this kernel does not have. With key groups P comes scaled by 2^14 (``_softmax_tile``),
         so a P down to ~4e-9 of the row max is a normal fp16 number, not a subnormal one.
         ``acc_g`` stays relative to ``m_g``, the running max at its last update, so key tiles
-        outside the groups' span never rescale it (the epilogue brings it to the final max); ``m_g = -inf`` (nothing added yet) scales the zeros by 0.
+        outside the groups' span never rescale it (the epilogue brings it to the final max);
+        ``m_g = -inf`` (nothing added yet) scales the zeros by 0.
         ``p`` is relative to ``m_use``: the running max ``m_new``, or 0 on a row that no key
         has reached yet (tags), which keeps ``m_g`` at -inf.
         """
