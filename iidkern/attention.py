@@ -364,7 +364,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             faster on the Triton kernel's 64 x 64 tiles; ``True`` sends those to the Gluon
             kernel too, ``False`` keeps every call on the Triton kernel; naming a
             main-pass option above, ``kg_split``, ``mult_split`` or ``kg_half_dot`` also
-            selects the Triton kernel). ``poison=True`` fills outputs with NaN first (tests).
+            selects the Triton kernel), ``tail_split`` (default True: on the Gluon kernel, a
+            grid's partial last wave runs its last query tiles as pieces over key ranges,
+            joined by a small pass; calls without tags or a block multiplier), and
+            ``tail_split_tiles`` with ``tail_split_pieces`` (together: force that many tiles
+            split into that many pieces each). ``poison=True`` fills outputs with NaN first (tests).
 
     Returns:
         The output (same shape and layout as ``q``), or an :class:`AttentionResult` when
@@ -420,8 +424,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
         from . import kernels  # sets TRITON_INTERPRET before the kernels are decorated on CUDA-less hosts
 
         if device.type != "cuda" and not kernels.INTERPRETING:
-            raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
-                             "before importing iidkern, or use backend='reference'")
+            why = kernels.INTERPRETER_UNAVAILABLE or "on CPU set TRITON_INTERPRET=1 before importing iidkern"
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); {why}, or use backend='reference'")
         # A plain call's first run with its signature is recorded, to be replayed by the next ones.
         with kernels.recording() if signature is not None else contextlib.nullcontext() as launches:
             res = kernels.triton_attention(q, k, v, layout=layout, scale=float(scale), tags=mask,

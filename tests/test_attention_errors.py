@@ -243,3 +243,35 @@ def test_integer_like_kernel_options_and_bool_pairs():
     from iidkern.attention import _validate_kernel_options
     checked = _validate_kernel_options({"BLOCK_M": np.int64(16), "num_stages": torch.tensor(2), "poison": True})
     assert checked == {"BLOCK_M": 16, "num_stages": 2, "poison": True} and type(checked["BLOCK_M"]) is int
+
+
+def test_the_interpreter_needs_triton_imported_after_iidkern_or_the_variable_set():
+    """Without CUDA, importing iidkern sets TRITON_INTERPRET=1; Triton builds its helpers
+    when first imported, so if something (diffusers, torch._inductor) imported it before,
+    the interpreter cannot run the kernels: backend='triton' then raises a ValueError that
+    says what to do (the reference backend still works), instead of failing inside a kernel."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    script = """
+import sys
+if sys.argv[1] == "triton-first":
+    import triton.language
+import torch, iidkern
+q = torch.randn(1, 2, 16, 16)
+iidkern.attention(q, q, q)  # the reference backend works either way
+try:
+    iidkern.attention(q, q, q, backend="triton")
+    print("ran")
+except ValueError as e:
+    print("ValueError:", e)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {order: subprocess.run([sys.executable, "-c", script, order], env=env, cwd=root, capture_output=True,
+                                  text=True, timeout=300) for order in ("iidkern-first", "triton-first")}
+    assert runs["iidkern-first"].stdout.strip() == "ran", runs["iidkern-first"].stderr[-2000:]
+    second = runs["triton-first"].stdout
+    assert "ValueError" in second and "TRITON_INTERPRET=1" in second and "import iidkern first" in second, \
+        runs["triton-first"].stderr[-2000:]
