@@ -38,7 +38,7 @@ import torch
 import triton
 
 from .fast_launch import Launcher, workspace
-from .kernel_args import KeyGroupArgs, MultiplierArgs
+from .kernel_args import KeyGroupArgs, MultiplierArgs, scales_p_for_key_groups
 from .tail_split import NO_SPLIT, SplitPlan, combine_kernel, plan_split
 from .tiles import cdiv, pow2_at_least
 
@@ -202,9 +202,9 @@ if AVAILABLE:
 
     @gluon.constexpr_function
     def _scaled_p(has_kg, has_mult, dtype):
-        """Whether p carries 2^14 (``_softmax_tile``): with key groups, unless a block
-        multiplier may push 2^14 * M past fp16's largest value (65504) in the P @ V operand."""
-        return has_kg and not (has_mult and dtype == gl.float16)
+        """Whether p carries 2^14 (``_softmax_tile``): with key groups, as
+        ``kernel_args.scales_p_for_key_groups`` rules."""
+        return bool(has_kg) and scales_p_for_key_groups(bool(has_mult), dtype == gl.float16)
 
     @gluon.jit
     def _softmax_tile(s, m_i, l_i, qk_scale, MASKED: gl.constexpr, SCALED_P: gl.constexpr):

@@ -10,6 +10,12 @@ from typing import NamedTuple
 
 import torch
 
+try:  # a rule the Gluon kernel also evaluates while compiling (called on the host it is a plain function)
+    from triton.experimental.gluon import constexpr_function as _compile_time_rule
+except ImportError:  # a Triton without Gluon: only the host calls it
+    def _compile_time_rule(fn):
+        return fn
+
 
 class KeyGroupArgs(NamedTuple):
     """A fused key-group probe: per probed query row, the probability mass on each key group."""
@@ -53,3 +59,14 @@ class MultiplierArgs(NamedTuple):
     @classmethod
     def absent(cls, placeholder: torch.Tensor) -> "MultiplierArgs":
         return cls(placeholder, 0, 0, 0, 0, 0, 0, 0, 0)  # an empty sub-block
+
+
+@_compile_time_rule
+def scales_p_for_key_groups(has_multiplier: bool, fp16: bool) -> bool:
+    """Whether a call with a fused key-group probe keeps its running max 14 below the true
+    one, so that p carries 2^14 and the fp16 key-group product sees small p as normal numbers
+    (hopper_fwd._softmax_tile, flash_fwd._attn_tile; bench/NOTES.md 53). Not where a block
+    multiplier M meets fp16 inputs: 2^14 * M could pass fp16's largest value (65504) in the
+    P @ V operand. The one rule both kernels follow."""
+    return not (has_multiplier and fp16)
+

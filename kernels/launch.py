@@ -16,7 +16,7 @@ from iidkern.specs import AttentionResult, BlockMultiplier, PairStats, Probe, Va
 from . import hopper_fwd
 from .fast_launch import Launcher
 from .flash_fwd import LOG2E, attn_fwd_kernel
-from .kernel_args import KeyGroupArgs, MultiplierArgs
+from .kernel_args import KeyGroupArgs, MultiplierArgs, scales_p_for_key_groups
 from .pair_stats import pair_stats_kernel
 from .probe import probe_kernel
 from .tiles import TagMask, cdiv, pow2_at_least
@@ -311,11 +311,11 @@ def _head_weight_strides(hw: torch.Tensor) -> tuple:
 
 def _kg_half_dot_mode(cfg: dict, dtype: torch.dtype, key_groups, block_multiplier) -> int:
     """flash_fwd's ``KG_HALF_DOT``: 0 without key groups, fp32 inputs or ``kg_half_dot=False``
-    (one fp32 product); else the fp16 hi + lo split, with p scaled by 2^14 (2) unless a block
-    multiplier on fp16 inputs could push 2^14 * M past fp16's range in the P @ V operand (1)."""
+    (one fp32 product); else the fp16 hi + lo split, with p scaled by 2^14 (2) where
+    ``kernel_args.scales_p_for_key_groups`` allows it, else unscaled (1)."""
     if key_groups is None or dtype == torch.float32 or not cfg.get("kg_half_dot", True):
         return 0
-    return 1 if block_multiplier is not None and dtype == torch.float16 else 2
+    return 2 if scales_p_for_key_groups(block_multiplier is not None, dtype == torch.float16) else 1
 
 
 def _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options) -> bool:
