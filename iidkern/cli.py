@@ -123,12 +123,10 @@ def _check_run_args(parser, args):
 
 def _check_iid_args(parser, args):
     """The IID options whose range needs no model (--map-layer: :func:`_check_map_layer`)."""
-    import math
+    from .edit.masks import sigma_problem, threshold_value_problem
 
-    from .edit.masks import threshold_value_problem
-
-    if not (math.isfinite(args.sigma) and args.sigma >= 0):
-        parser.error(f"--sigma must be a finite number >= 0 (0: no smoothing), got {args.sigma}")
+    if sigma_problem(args.sigma) is not None:
+        parser.error(f"--sigma {sigma_problem(args.sigma)}")
     problem = threshold_value_problem(args.threshold, args.threshold_value)
     if problem is not None:
         parser.error(f"--threshold-value: {problem} (--threshold {args.threshold})")

@@ -251,8 +251,9 @@ class TextResidual:
 
 def _token_range(token) -> Tuple[int, int]:
     """A KeyRegionPolicy token: an int offset or a (start, stop) pair of them."""
-    if as_integer(token) is not None:
-        return as_integer(token), as_integer(token) + 1
+    offset = as_integer(token)
+    if offset is not None:
+        return offset, offset + 1
     if not isinstance(token, (tuple, list)) or len(token) != 2:
         raise TypeError(f"KeyRegionPolicy: tokens must be int offsets or (start, stop) pairs, got {token!r}")
     return index_arg(token[0], "KeyRegionPolicy: tokens"), index_arg(token[1], "KeyRegionPolicy: tokens")

@@ -27,7 +27,6 @@ step ``S`` produced; masked attention runs in every block of steps ``S+1`` up to
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -37,7 +36,7 @@ import torch
 from ..attention import tag_mask
 from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPolicy, RunScopedPolicy
 from ..specs import Probe, TokenGroups, ValueProbe, instruction_tags
-from .masks import THRESHOLD_RULES, iid_masks, threshold_value_problem
+from .masks import THRESHOLD_RULES, iid_masks, sigma_problem, threshold_value_problem
 
 Range = Tuple[int, int]
 MAP_SOURCES = ("text", "image_colmean", "image_propagation")
@@ -94,8 +93,8 @@ class IIDConfig:
             raise ValueError(f"IIDConfig: background must be 'none' or 'all', got {self.background!r}")
         if self.shared_text not in ("visible", "hidden"):
             raise ValueError(f"IIDConfig: shared_text must be 'visible' or 'hidden', got {self.shared_text!r}")
-        if not (math.isfinite(self.sigma) and self.sigma >= 0):  # NaN / inf would reach the kernel size
-            raise ValueError(f"IIDConfig: sigma must be a finite number >= 0 (0: no smoothing), got {self.sigma}")
+        if sigma_problem(self.sigma) is not None:
+            raise ValueError(f"IIDConfig: sigma {sigma_problem(self.sigma)}")
         if self.kernel_size is not None and (self.kernel_size < 1 or self.kernel_size % 2 == 0):
             raise ValueError(f"IIDConfig: kernel_size must be None or a positive odd int, got {self.kernel_size}")
         problem = threshold_value_problem(self.threshold, self.threshold_value)

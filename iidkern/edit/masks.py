@@ -99,6 +99,14 @@ def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return (maps - lo) / (hi - lo).clamp_min(eps)
 
 
+def sigma_problem(sigma: float) -> Optional[str]:
+    """Why ``sigma`` is no smoothing width (None when it is one; 0 means no smoothing):
+    IIDConfig and the CLI check it, as NaN or inf would reach the kernel size."""
+    if math.isfinite(sigma) and sigma >= 0:
+        return None
+    return f"must be a finite number >= 0 (0: no smoothing), got {sigma}"
+
+
 def threshold_value_problem(rule: str, value: float) -> Optional[str]:
     """Why ``value`` does not suit threshold ``rule`` (None when it does; Otsu ignores it)."""
     if rule not in THRESHOLD_VALUE_RANGES:
