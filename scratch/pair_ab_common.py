@@ -49,3 +49,23 @@ def print_paired_table(cases, comparisons, dev=torch.device("cuda")):
             gr = paired_graph_ratio(fn, base, 2)
             print(f"{shape.name:13s} {label:24s} {statistics.median(r):.4f}x (rounds {min(r):.3f}-{max(r):.3f}) "
                   f"graph {gr:.4f}x", flush=True)
+
+
+def pair_sums(out):
+    """float64 ``[H, 3]``: (<O_0, O_1>, |O_0|^2, |O_1|^2) per head of batch rows 0 and 1 of a bhnd output."""
+    o = out.double()
+    return torch.stack([(o[0] * o[1]).sum((-1, -2)), (o[0] ** 2).sum((-1, -2)), (o[1] ** 2).sum((-1, -2))], -1)
+
+
+def print_interleaved_rounds(variants: dict, plain, rounds: int = 2):
+    """``rounds`` times over every named variant ``fn(i)``: its paired eager ratio over
+    ``plain`` (median and range of 3 rounds x 40 pairs) and its paired graph ratio."""
+    import statistics
+    from bench.timing import paired_graph_ratio, paired_ratios
+    for rnd in range(rounds):
+        for name, fn in variants.items():
+            r = paired_ratios(fn, plain, 2, rounds=3, reps=40)
+            gr = paired_graph_ratio(fn, plain, 2)
+            print(f"round {rnd} {name:9s} {statistics.median(r):.4f}x (rounds {min(r):.3f}-{max(r):.3f}) "
+                  f"graph {gr:.4f}x", flush=True)
+

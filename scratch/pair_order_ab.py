@@ -11,15 +11,13 @@ Variants of the pass (one launch; then ``partial.sum`` unless fused):
   nosum    cur without the slot sum (what the sum kernel costs)
   ticket   rh, and the last program of a head sums the slots (counter per head, reset by it)
 """
-import statistics
-
 import torch
 import triton
 import triton.language as tl
 
 import iidkern
-from bench.timing import paired_graph_ratio, paired_ratios
 from bench.workloads import DTYPES, SHAPES, random_qkv
+from pair_ab_common import pair_sums, print_interleaved_rounds
 
 
 @triton.jit(do_not_specialize=["b0", "b1"])
@@ -125,17 +123,11 @@ def main():
                 "t bt8w4p8": variant(False, False, True, per_sm=8, bt=8, nw=4),
                 "t bt8w4p4": variant(False, False, True, per_sm=4, bt=8, nw=4)}
     # exactness of each variant against float64 sums of the output
-    o = plain(0).double()
-    want = torch.stack([(o[0] * o[1]).sum((-1, -2)), (o[0] * o[0]).sum((-1, -2)), (o[1] * o[1]).sum((-1, -2))], -1)
+    want = pair_sums(plain(0))
     for name in [n for n in variants if n.startswith(("t", "sum2"))]:
         got = variants[name](0).double()
         print(f"{name}: rel err {((got - want).abs().max() / want.abs().max()).item():.1e}", flush=True)
-    for rnd in range(2):
-        for name, fn in variants.items():
-            r = paired_ratios(fn, plain, 2, rounds=3, reps=40)
-            gr = paired_graph_ratio(fn, plain, 2)
-            print(f"round {rnd} {name:8s} {statistics.median(r):.4f}x (rounds {min(r):.3f}-{max(r):.3f}) "
-                  f"graph {gr:.4f}x", flush=True)
+    print_interleaved_rounds(variants, plain)
 
 
 if __name__ == "__main__":

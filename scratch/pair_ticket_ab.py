@@ -3,14 +3,12 @@
 variant of pair_order_ab.py) and against that file's ticket variant (a counter zeroed once
 and reset by the last program), Flux 1024² B=2, bf16, pair (0, 1); paired ratios over the
 plain call (3 rounds x 40 pairs) and the graph ratio, interleaved rounds; then exactness."""
-import statistics
-
 import torch
 import triton
 
 import iidkern
-from bench.timing import paired_graph_ratio, paired_ratios
 from bench.workloads import DTYPES, SHAPES, random_qkv
+from pair_ab_common import pair_sums, print_interleaved_rounds
 from pair_order_ab import pass_kernel
 
 
@@ -40,17 +38,11 @@ def main():
         return iidkern.attention(*sets[i])
 
     res = shipped(0)
-    o = res.out.double()
-    want = torch.stack([(o[0] * o[1]).sum((-1, -2)), (o[0] ** 2).sum((-1, -2)), (o[1] ** 2).sum((-1, -2))], -1)
+    want = pair_sums(res.out)
     got = torch.stack([res.pair_stats.dot[0], res.pair_stats.norm0_sq[0], res.pair_stats.norm1_sq[0]], -1).double()
     print(f"shipped rel err {((got - want).abs().max() / want.abs().max()).item():.1e}", flush=True)
     variants = {"shipped": shipped, "old": old_or_scratch_ticket(False), "ticket51": old_or_scratch_ticket(True)}
-    for rnd in range(2):
-        for name, fn in variants.items():
-            r = paired_ratios(fn, plain, 2, rounds=3, reps=40)
-            gr = paired_graph_ratio(fn, plain, 2)
-            print(f"round {rnd} {name:9s} {statistics.median(r):.4f}x (rounds {min(r):.3f}-{max(r):.3f}) "
-                  f"graph {gr:.4f}x", flush=True)
+    print_interleaved_rounds(variants, plain)
 
 
 if __name__ == "__main__":
