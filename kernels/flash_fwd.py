@@ -217,6 +217,7 @@ def attn_fwd_kernel(
     MULT_SPLIT: tl.constexpr = True,  # the multiplier may own it (it comes first)
     WARP_SPECIALIZE: tl.constexpr = False,  # untagged loop only; see the loop below
     RAGGED_TAIL: tl.constexpr = False,  # tags: n_k is not a multiple of BLOCK_N (the last key tile is ragged)
+    HAS_LISTS: tl.constexpr = True,  # tags: some query tile has a partial or listed full tile (tiles.TileLists)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -253,32 +254,39 @@ def attn_fwd_kernel(
     kg_rows_hit = (pid_m * BLOCK_M < kg_q1) & (pid_m * BLOCK_M + BLOCK_M > kg_q0)
     # Tag lists and the ragged last tile test each tile at run time (mode 1) for both.
     if HAS_TAGS:
-        q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
-        list_row = (b64 * n_q_tiles + pid_m) * n_k_tiles
-        n_partial = tl.load(PART_CNT + b64 * n_q_tiles + pid_m)
-        n_full = tl.load(FULL_CNT + b64 * n_q_tiles + pid_m)
-        # Tile indices are read one iteration ahead (loop-carried), so the next K/V addresses
-        # are known before the current tile's math and the loads can be pipelined.
-        next_n = tl.load(PART_IDX + list_row, mask=n_partial > 0, other=0) * BLOCK_N
-        for i in range(0, n_partial):
-            start_n = next_n
-            next_n = tl.load(PART_IDX + list_row + i + 1, mask=i + 1 < n_partial, other=0) * BLOCK_N
-            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
-                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
-                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
-                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
-                BLOCK_N, BLOCK_D, X_PAD, G_PAD, True, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
-                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
-        next_n = tl.load(FULL_IDX + list_row, mask=n_full > 0, other=0) * BLOCK_N
-        for i in range(0, n_full):
-            start_n = next_n
-            next_n = tl.load(FULL_IDX + list_row + i + 1, mask=i + 1 < n_full, other=0) * BLOCK_N
-            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
-                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
-                stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
-                mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
-                BLOCK_N, BLOCK_D, X_PAD, G_PAD, False, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
-                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+        if HAS_LISTS:
+            q_tags = tl.load(Q_TAGS + b64 * stride_qtb + offs_m, mask=m_ok, other=0)
+            list_row = (b64 * n_q_tiles + pid_m) * n_k_tiles
+            n_partial = tl.load(PART_CNT + b64 * n_q_tiles + pid_m)
+            n_full = tl.load(FULL_CNT + b64 * n_q_tiles + pid_m)
+            # Tile indices are read one iteration ahead (loop-carried), so the next K/V addresses
+            # are known before the current tile's math and the loads can be pipelined.
+            next_n = tl.load(PART_IDX + list_row, mask=n_partial > 0, other=0) * BLOCK_N
+            for i in range(0, n_partial):
+                start_n = next_n
+                next_n = tl.load(PART_IDX + list_row + i + 1, mask=i + 1 < n_partial, other=0) * BLOCK_N
+                acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+                    acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
+                    stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+                    mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                    BLOCK_N, BLOCK_D, X_PAD, G_PAD, True, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
+                    DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+            next_n = tl.load(FULL_IDX + list_row, mask=n_full > 0, other=0) * BLOCK_N
+            for i in range(0, n_full):
+                start_n = next_n
+                next_n = tl.load(FULL_IDX + list_row + i + 1, mask=i + 1 < n_full, other=0) * BLOCK_N
+                acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+                    acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
+                    stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+                    mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+                    BLOCK_N, BLOCK_D, X_PAD, G_PAD, False, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
+                    DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+        else:
+            # Every visited tile is in the run or the ragged full one (tiles.TileLists.has_lists):
+            # no list loops, so the run keeps the registers of untagged attention.
+            q_tags = offs_m  # unused placeholder
+            n_partial = 0
+            n_full = 0
         # The contiguous run of full tiles: a plain range, pipelined like untagged attention.
         run_start = tl.load(RUN_START + b64 * n_q_tiles + pid_m)
         run_stop = tl.load(RUN_STOP + b64 * n_q_tiles + pid_m)

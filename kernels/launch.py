@@ -239,9 +239,11 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
     dummy, dummy_f = _dummies(device)
 
     # ---- token tags -> per-query-tile lists of partial and full key tiles
+    has_lists = True
     if tags is not None:
         q_tags, k_tags = tags.batched(batch)
         lists = tags.tile_lists(block_m, block_n, batch)
+        has_lists = lists.has_lists
         tag_args = (q_tags, k_tags, q_tags.stride(0), k_tags.stride(0),
                     lists.partial_count, lists.partial_index, lists.full_count, lists.full_index,
                     lists.run_start, lists.run_stop, lists.ragged_full)
@@ -293,7 +295,7 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
         UPCAST_DOTS=upcast_dots, KG_HALF_DOT=_kg_half_dot_mode(cfg, q.dtype, key_groups, block_multiplier),
         KG_SPLIT=bool(cfg.get("kg_split", True)), MULT_SPLIT=bool(cfg.get("mult_split", True)),
         WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)),
-        RAGGED_TAIL=tags is not None and n_k % block_n != 0,
+        RAGGED_TAIL=tags is not None and n_k % block_n != 0, HAS_LISTS=has_lists,
         **launch_opts,
     )
     return (tiles if count_tiles else None), x_out

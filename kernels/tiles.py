@@ -45,6 +45,10 @@ class TileLists:
     run_start: torch.Tensor  # [B, Mt] int32
     run_stop: torch.Tensor  # [B, Mt] int32 (== run_start: no run)
     ragged_full: torch.Tensor  # [B, Mt] int32: 1 where the ragged last key tile is full but ragged
+    # False when every list is empty, so every visited tile is in the run or the ragged full
+    # one (block-diagonal tags on tile boundaries, all-allowed tags): the kernel is then
+    # compiled without the list loops (NOTES.md 54). True where that is unknown.
+    has_lists: bool = True
 
 
 def longest_run(sel: torch.Tensor):
@@ -158,7 +162,17 @@ def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, b
     partial[..., -1] &= ~ragged  # the kernel runs such a tile outside the lists
     pc, pi = as_list(partial)
     fc, fi = as_list(full & ~in_run)
-    return TileLists(pc, pi, fc, fi, run_start.contiguous(), run_stop.contiguous(), ragged.to(torch.int32).contiguous())
+    return TileLists(pc, pi, fc, fi, run_start.contiguous(), run_stop.contiguous(), ragged.to(torch.int32).contiguous(),
+                     has_lists=_any_listed(pc, fc))
+
+
+def _any_listed(partial_count: torch.Tensor, full_count: torch.Tensor) -> bool:
+    """Whether some query tile has a listed tile. Reading it back synchronizes once per mask
+    and tile shape (the lists are cached); while a CUDA graph is being captured it cannot,
+    so there the answer is True, which is always correct (the lists are then walked)."""
+    if partial_count.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    return bool(torch.maximum(partial_count.amax(), full_count.amax()).item() > 0) if partial_count.numel() else False
 
 
 @dataclass

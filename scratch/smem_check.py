@@ -15,7 +15,7 @@ for d, bm, bn, w, st, mr in [(64, 64, 64, 4, 3, None), (64, 64, 64, 4, 3, 168), 
     base = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, X_PAD=16, G_PAD=16, STORE_LSE=False, COUNT_TILES=False,
                 DOT_PRECISION="tf32", EVEN_D=True, X_PRECISION="tf32", UPCAST_DOTS=False, HAS_HW=False, HAS_X=False,
                 KG_HALF_DOT=True)
-    for label, extra in [("plain", {}), ("tags", dict(HAS_TAGS=True)), ("tags ragged", dict(HAS_TAGS=True, RAGGED_TAIL=True)), ("mult split", dict(HAS_MULT=True)),
+    for label, extra in [("plain", {}), ("tags", dict(HAS_TAGS=True)), ("tags ragged", dict(HAS_TAGS=True, RAGGED_TAIL=True)), ("tags no lists", dict(HAS_TAGS=True, RAGGED_TAIL=True, HAS_LISTS=False)), ("mult split", dict(HAS_MULT=True)),
                          ("mult per-tile", dict(HAS_MULT=True, MULT_SPLIT=False)), ("kg split", dict(HAS_KG=True, KG_SPLIT=True)),
                          ("kg per-tile", dict(HAS_KG=True, KG_SPLIT=False))]:
         cfg = dict(base, HAS_TAGS=False, HAS_MULT=False, HAS_KG=False)

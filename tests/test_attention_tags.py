@@ -425,3 +425,86 @@ def test_a_tag_mask_built_directly_copies_strided_views():
     qt = torch.arange(12, dtype=torch.int32).view(3, 4).T  # [4, 3] with token stride 4
     mask = TagMask(qt, qt)
     assert mask.q_tags.stride(-1) == 1 and torch.equal(mask.q_tags, qt)
+
+
+def _segment_tags(b, n, cuts, ragged_bits=None):
+    """Block-diagonal tags: segment i of ``cuts`` holds bit i, so each query sees its own
+    segment's keys. With cuts on tile boundaries every visited tile is full (none listed)."""
+    tags = torch.zeros(b, n, dtype=torch.int64)
+    for i, (a, z) in enumerate(zip([0, *cuts], [*cuts, n])):
+        tags[:, a:z] = 1 << i
+    return tags
+
+
+def _tag_launch_flags(**call):
+    """The Triton kernel's HAS_LISTS of a call, read from its launch."""
+    from iidkern.kernels import fast_launch, launch
+    with fast_launch.recording() as launches:
+        res = iidkern.attention(**call)
+    flags = [kw["HAS_LISTS"] for fn, _, _, kw in launches if fn is launch._ATTN]
+    assert len(flags) == 1, launches
+    return res, flags[0]
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extras", ["none", "all"])
+@pytest.mark.parametrize("nk", [45, 48])
+def test_tags_with_nothing_listed_run_without_the_list_loops(layout, dtype, extras, nk):
+    """Block-diagonal tags on tile boundaries (and the all-allowed case) leave every list
+    empty: each visited tile is in the run or is the full-but-ragged last one. The kernel is
+    then compiled without the list loops (HAS_LISTS=False); alone and beside every extra of
+    the tag path it is exact against the float64 reference and visits exactly the meeting
+    tiles. A mask with a listed tile keeps the loops."""
+    from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
+    from helpers import PROBE_TOL, random_key_groups
+    g = torch.Generator().manual_seed(54)
+    b, h, nq = 2, 3, 40
+    q, k, v = make_qkv(b, h, nq, nk, 32, dtype=dtype, layout=layout, generator=g)
+    cases = [(_segment_tags(b, nq, [16]), _segment_tags(b, nk, [16])),  # two segments, the second ragged
+             (torch.full((b, nq), 5), torch.full((b, nk), 4))]  # every key allowed
+    for qt, kt in cases:
+        kw = dict(tags=iidkern.tag_mask(qt, kt))
+        if extras == "all":
+            kw.update(head_weights=torch.rand(b, h, generator=g) + 0.5,
+                      probes=[Probe(TG.each(0, nq), random_key_groups(nk, (20, nk), 3, g), heads="keep"),
+                              ValueProbe(torch.randn(b, nk, 3, generator=g), TG.each(0, nq))],
+                      block_multiplier=BlockMultiplier(0.5 + torch.rand(b, 12, 20, generator=g), query_start=20,
+                                                       key_start=nk - 20))
+        assert kw["tags"].tile_lists(16, 16, b).has_lists is False
+        res, has_lists = _tag_launch_flags(q=q, k=k, v=v, layout=layout, backend="triton", count_tiles=True,
+                                           return_lse=True, kernel_options=TILES, **kw)
+        assert has_lists is False
+        ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64, **{**kw, "tags": (qt, kt)})
+        assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+        assert_lse_equal(res.lse, ref.lse, tol=1e-3 if dtype == torch.float32 else 2e-2)
+        for got, want in zip(res.probes, ref.probes):
+            assert_close_rel(got, want, PROBE_TOL[dtype], "probe")
+        assert_visits_exactly_the_meeting_tiles(res, qt, kt)
+    # A cut inside a key tile makes that tile partial: listed, so the loops are compiled in.
+    qt, kt = _segment_tags(b, nq, [16]), _segment_tags(b, nk, [20])
+    assert iidkern.tag_mask(qt, kt).tile_lists(16, 16, b).has_lists is True
+    res, has_lists = _tag_launch_flags(q=q, k=k, v=v, layout=layout, backend="triton", tags=(qt, kt),
+                                       count_tiles=True, kernel_options=TILES)
+    assert has_lists is True
+    assert_close_rel(res.out, attention_reference(q, k, v, layout=layout, tags=(qt, kt),
+                                                  compute_dtype=torch.float64).out, OUT_TOL[dtype])
+    assert_visits_exactly_the_meeting_tiles(res, qt, kt)
+
+
+def test_has_lists_reads_both_lists():
+    """has_lists is True when only the partial list, or only the full list outside the run,
+    holds a tile, and False for a mask whose query tiles each see one run."""
+    b, n = 1, 64
+    run_only = iidkern.tag_mask(_segment_tags(b, n, [32]), _segment_tags(b, n, [32]))
+    assert run_only.tile_lists(16, 16).has_lists is False
+    partial = iidkern.tag_mask(_segment_tags(b, n, [32]), _segment_tags(b, n, [40]))
+    lists = partial.tile_lists(16, 16)
+    assert lists.partial_count.max() > 0 and lists.has_lists is True
+    # Query tile 0 sees key tiles 0 and 2 (both full, not contiguous): one is in the run,
+    # the other in the full list; nothing is partial.
+    qt = torch.ones(b, n, dtype=torch.int64)
+    kt = torch.full((b, n), 2, dtype=torch.int64)
+    kt[:, :16] = kt[:, 32:48] = 1
+    lists = iidkern.tag_mask(qt, kt).tile_lists(16, 16)
+    assert lists.partial_count.max() == 0 and lists.full_count.max() > 0 and lists.has_lists is True

@@ -58,6 +58,57 @@ def test_tags_and_tile_skipping(layout):
     assert torch.equal(res.tiles_visited, expected[:, None].expand_as(res.tiles_visited).int())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("extras", [False, True])
+def test_tags_with_nothing_listed(dtype, d, extras):
+    """Block-diagonal tags on tile boundaries over a ragged key count (SD3's 333 text tokens
+    after 1024 image tokens): every visited tile is in the run or is the full-but-ragged one,
+    so the Triton kernel runs without its list loops (tiles.TileLists.has_lists). Exact
+    against float64, with and without head weights, LSE and a fused key-group probe."""
+    b, h, n = 2, 3, 1357
+    q, k, v = qkv(b, h, n, n, d, dtype, "bnhd", seed=54 + d)
+    seg = (torch.arange(n, device="cuda") >= 1024).long()
+    tags = iidkern.tag_mask((1 << seg).expand(b, n), (1 << seg).expand(b, n))
+    kw = dict(tags=tags)
+    if extras:
+        instructions = TG.segments([(1024, 1135), (1135, 1246), (1246, 1357)], n, device="cuda")
+        kw.update(head_weights=torch.rand(b, h, device="cuda") + 0.5,
+                  probes=[Probe(TG.each(0, 1024), instructions, heads="keep", normalize="keys")])
+    res = iidkern.attention(q, k, v, layout="bnhd", backend="triton", return_lse=True, count_tiles=True,
+                            kernel_options={"poison": True, "hopper": False}, **kw)  # the Triton kernel at D=128 too
+    cfg = default_config(d, dtype)
+    assert tags.tile_lists(cfg["BLOCK_M"], cfg["BLOCK_N"], b).has_lists is False
+    ref = attention_reference(q, k, v, layout="bnhd", compute_dtype=torch.float64,
+                              **{**kw, "tags": (tags.q_tags, tags.k_tags)})
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_lse_equal(res.lse, ref.lse, tol=1e-3)
+    for got, want in zip(res.probes, ref.probes):
+        assert_close_rel(got, want, GPU_PROBE_TOL, "probe")
+
+
+def test_tags_first_used_inside_a_graph_capture():
+    """A tag mask first used while a CUDA graph is captured cannot read its lists back to
+    the host: it keeps the list loops (always exact) and replays right on fresh inputs."""
+    b, h, n, d = 1, 2, 333 + 256, 64
+    seg = (torch.arange(n, device="cuda") >= 256).long()
+    tags = iidkern.tag_mask((1 << seg)[None], (1 << seg)[None])
+    q, k, v = qkv(b, h, n, n, d, torch.bfloat16, "bhnd", seed=55)
+    iidkern.attention(q, k, v, backend="triton")  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = iidkern.attention(q, k, v, backend="triton", tags=tags)
+    cfg = default_config(d, torch.bfloat16)
+    assert tags.tile_lists(cfg["BLOCK_M"], cfg["BLOCK_N"], b).has_lists is True
+    for seed in (56, 57):
+        for dst, src in zip((q, k, v), qkv(b, h, n, n, d, torch.bfloat16, "bhnd", seed=seed)):
+            dst.copy_(src)
+        graph.replay()
+        ref = attention_reference(q, k, v, tags=(tags.q_tags, tags.k_tags), compute_dtype=torch.float64)
+        assert_close_rel(out, ref.out, OUT_TOL[torch.bfloat16])
+
+
 def test_random_tags_large():
     b, h, n = 2, 3, 2049
     q, k, v = qkv(b, h, n, n, 64, torch.float16, "bnhd", seed=2)
