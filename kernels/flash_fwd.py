@@ -299,15 +299,28 @@ def attn_fwd_kernel(
         visited = n_partial + n_full + run_stop - run_start
         if RAGGED_TAIL:
             # A ragged last key tile that is full for its real keys is in no list (tiles.py):
-            # it runs like untagged attention's, bounds-masked and without tag loads, in a
-            # loop of 0 or 1 tiles (fewer registers than the tile inlined; NOTES.md 48).
+            # it runs like untagged attention's, bounds-masked and without tag loads.
             n_ragged = tl.load(RAGGED_FULL + b64 * n_q_tiles + pid_m)
-            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_range(
-                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, n_k // BLOCK_N,
-                n_k // BLOCK_N + n_ragged, k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale,
-                k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1,
-                x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D,
-                HAS_MULT, HAS_X, HAS_KG, DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, False, True)
+            if HAS_LISTS or HAS_X + HAS_KG > 0:
+                # In a loop of 0 or 1 tiles: fewer registers than the tile inlined, which
+                # beside the list loops pushed the register cap (NOTES.md 48); and the side
+                # accumulators stay out of a tile outside a loop, as untagged attention's do
+                # (NOTES.md 25).
+                acc, acc_x, acc_g, l_i, m_i, m_g = _attn_range(
+                    acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, n_k // BLOCK_N,
+                    n_k // BLOCK_N + n_ragged, k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale,
+                    k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1,
+                    x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, EVEN_D,
+                    HAS_MULT, HAS_X, HAS_KG, DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS, False, True)
+            elif n_ragged > 0:
+                # Without the lists the registers allow the tile inline, as untagged attention
+                # has it: SD3 1024² tags_0 1.05x -> 0.99x plain (NOTES.md 54).
+                acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+                    acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, (n_k // BLOCK_N) * BLOCK_N,
+                    k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base,
+                    stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn,
+                    kg_base, kg_rows_hit, kg_k0, kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, True, EVEN_D, False,
+                    HAS_MULT, HAS_X, HAS_KG, DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
             visited += n_ragged
     else:
         q_tags = offs_m  # unused placeholder
