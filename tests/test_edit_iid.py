@@ -6,6 +6,7 @@ import torch
 from iidkern.edit.iid import (BranchIsolationPolicy, IIDConfig, IIDMapPolicy, IIDMaskPolicy, IIDPolicy,
                               default_map_step)
 from iidkern.mmdit.flux import FluxConfig, FluxTransformer, image_ids
+from iidkern.attention import attention
 from iidkern.policy import AttentionSite, attend
 from iidkern.specs import allowed_pairs
 
@@ -335,3 +336,41 @@ def test_image_x_image_map_sources_equal_dense(source):
 def test_image_sources_need_branch_rows():
     with pytest.raises(ValueError, match="branch_rows"):
         IIDPolicy([(0, 2), (2, 4)], (2, 2), IIDConfig(map_source="image_colmean"), row_instruction=[0, None])
+
+
+def test_a_second_forward_at_the_capture_step_is_not_probed():
+    """True CFG runs the model twice per step (the positive prompt, then the negative one):
+    only the first forward at step S gives maps. A second forward's sites get no probe, the
+    maps and masks equal those of the first forward alone, and the next run probes again."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, (1,))))
+    grid, n_text, heads = (2, 3), 4, 2
+    n = n_text + grid[0] * grid[1]
+    cfg = IIDConfig(map_step=1, map_layer=(0, 1), sigma=0.0, threshold="top", threshold_value=0.5)
+
+    def forward(policy, step, q, k, v):
+        for layer in range(2):
+            site = AttentionSite(block=layer, block_kind="joint", text=(0, n_text), image=(n_text, n), step=step,
+                                 num_steps=3, layer=layer, num_layers=2)
+            req = policy.request(site)
+            if req is not None:
+                policy.receive(site, attention(q[layer], k[layer], v[layer], layout="bhnd", backend="reference",
+                                               probes=req.probes))
+
+    def qkv():
+        return [torch.randn(2, 1, heads, n, 8, generator=g) for _ in range(3)]
+
+    positive, negative = qkv(), qkv()
+    twice, once = (IIDMapPolicy([(0, 2), (2, 4)], grid, cfg) for _ in range(2))
+    for step in range(3):
+        forward(twice, step, *positive)
+        forward(twice, step, *negative)
+        forward(once, step, *positive)
+    assert twice._count == once._count == 2  # two map layers, one forward
+    assert torch.equal(twice.per_head_maps, once.per_head_maps) and torch.equal(twice.masks, once.masks)
+    only_negative = IIDMapPolicy([(0, 2), (2, 4)], grid, cfg)
+    for step in range(3):
+        forward(only_negative, step, *negative)
+    assert not torch.allclose(only_negative.per_head_maps, once.per_head_maps)  # the forwards do differ
+    for step in range(3):  # a new run (the steps go back) probes its first forward again
+        forward(twice, step, *negative)
+    assert torch.equal(twice.per_head_maps, only_negative.per_head_maps)

@@ -254,9 +254,14 @@ class IIDMapPolicy(RunScopedPolicy):
     ``[N, N_img]`` and ``masks`` (bool ``[N, N_img]``). ``branch_rows`` (image x image
     sources only) lists the batch rows of the single-instruction branches, in instruction order.
 
-    The maps of several capture calls of one run are averaged; a new run starts afresh.
-    Call :meth:`reset` between runs (the pipelines do); a step lower than the latest one
-    seen also resets, since steps only grow within a run.
+    The maps of several capture calls of one run are averaged (several map layers); a new
+    run starts afresh. Call :meth:`reset` between runs (the pipelines do); a step lower than
+    the latest one seen also resets, since steps only grow within a run.
+
+    Only the first forward at step S is probed: a later call of a (step, layer) already
+    captured in this run is a second forward of the same step (true CFG in diffusers' Flux
+    pipelines runs the positive prompt, then the negative one, whose text does not hold the
+    instructions), so it is not probed and the first forward's maps stand.
     """
 
     def __init__(self, instructions: Sequence[Range], grid: Tuple[int, int], config: Optional[IIDConfig] = None,
@@ -277,6 +282,7 @@ class IIDMapPolicy(RunScopedPolicy):
         super().reset()
         self._sum: Optional[torch.Tensor] = None
         self._count = 0
+        self._captured: set = set()  # (step, layer) of the calls probed in this run
         self.per_head_maps: Optional[torch.Tensor] = None
         self.soft: Optional[torch.Tensor] = None
         self.masks: Optional[torch.Tensor] = None
@@ -320,7 +326,7 @@ class IIDMapPolicy(RunScopedPolicy):
         self.follow_step(site.step)
         if self.config.map_source != "text":  # fail at the first call, not at step S
             _site_range(site, self.config.image_key_range, "image_key_range")
-        if not self.is_capture_site(site):
+        if not self.is_capture_site(site) or (site.step, site.layer) in self._captured:
             return None
         if not _has_text(site) and self.config.map_source == "text":
             raise ValueError(f"IIDMapPolicy: map layer {site.layer} ({site.block_kind} block {site.block}) has no "
@@ -328,6 +334,7 @@ class IIDMapPolicy(RunScopedPolicy):
         return AttentionRequest(probes=(self.probe_for(site),))
 
     def receive(self, site, result):
+        self._captured.add((site.step, site.layer))
         raw = result.probes[0].float()
         if self.config.map_source == "text":
             maps = raw[self.map_row]  # [H, N_img, N]
