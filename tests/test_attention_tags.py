@@ -448,14 +448,16 @@ def _tag_launch_flags(**call):
 
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("extras", ["none", "all"])
+@pytest.mark.parametrize("extras", ["none", "mult", "all"])
 @pytest.mark.parametrize("nk", [45, 48])
 def test_tags_with_nothing_listed_run_without_the_list_loops(layout, dtype, extras, nk):
     """Block-diagonal tags on tile boundaries (and the all-allowed case) leave every list
     empty: each visited tile is in the run or is the full-but-ragged last one. The kernel is
     then compiled without the list loops (HAS_LISTS=False); alone and beside every extra of
     the tag path it is exact against the float64 reference and visits exactly the meeting
-    tiles. A mask with a listed tile keeps the loops."""
+    tiles. "mult" (head weights and a block multiplier over the ragged tile) runs that tile
+    inline; "all" adds probes, whose side sums keep it in a one-tile loop. A mask with a
+    listed tile keeps the list loops."""
     from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
     from helpers import PROBE_TOL, random_key_groups
     g = torch.Generator().manual_seed(54)
@@ -465,12 +467,13 @@ def test_tags_with_nothing_listed_run_without_the_list_loops(layout, dtype, extr
              (torch.full((b, nq), 5), torch.full((b, nk), 4))]  # every key allowed
     for qt, kt in cases:
         kw = dict(tags=iidkern.tag_mask(qt, kt))
-        if extras == "all":
+        if extras != "none":
             kw.update(head_weights=torch.rand(b, h, generator=g) + 0.5,
-                      probes=[Probe(TG.each(0, nq), random_key_groups(nk, (20, nk), 3, g), heads="keep"),
-                              ValueProbe(torch.randn(b, nk, 3, generator=g), TG.each(0, nq))],
                       block_multiplier=BlockMultiplier(0.5 + torch.rand(b, 12, 20, generator=g), query_start=20,
                                                        key_start=nk - 20))
+        if extras == "all":
+            kw.update(probes=[Probe(TG.each(0, nq), random_key_groups(nk, (20, nk), 3, g), heads="keep"),
+                              ValueProbe(torch.randn(b, nk, 3, generator=g), TG.each(0, nq))])
         assert kw["tags"].tile_lists(16, 16, b).has_lists is False
         res, has_lists = _tag_launch_flags(q=q, k=k, v=v, layout=layout, backend="triton", count_tiles=True,
                                            return_lse=True, kernel_options=TILES, **kw)

@@ -60,18 +60,23 @@ def test_tags_and_tile_skipping(layout):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("extras", [False, True])
+@pytest.mark.parametrize("extras", ["none", "mult", "probe"])
 def test_tags_with_nothing_listed(dtype, d, extras):
     """Block-diagonal tags on tile boundaries over a ragged key count (SD3's 333 text tokens
     after 1024 image tokens): every visited tile is in the run or is the full-but-ragged one,
     so the Triton kernel runs without its list loops (tiles.TileLists.has_lists). Exact
-    against float64, with and without head weights, LSE and a fused key-group probe."""
+    against float64 alone, with head weights and a block multiplier over the ragged tile
+    (which then runs inline), and with a fused key-group probe (in a one-tile loop)."""
     b, h, n = 2, 3, 1357
     q, k, v = qkv(b, h, n, n, d, dtype, "bnhd", seed=54 + d)
     seg = (torch.arange(n, device="cuda") >= 1024).long()
     tags = iidkern.tag_mask((1 << seg).expand(b, n), (1 << seg).expand(b, n))
     kw = dict(tags=tags)
-    if extras:
+    if extras == "mult":
+        kw.update(head_weights=torch.rand(b, h, device="cuda") + 0.5,
+                  block_multiplier=BlockMultiplier(0.5 + torch.rand(b, 1024, 333, device="cuda"), query_start=0,
+                                                   key_start=1024))
+    if extras == "probe":
         instructions = TG.segments([(1024, 1135), (1135, 1246), (1246, 1357)], n, device="cuda")
         kw.update(head_weights=torch.rand(b, h, device="cuda") + 0.5,
                   probes=[Probe(TG.each(0, 1024), instructions, heads="keep", normalize="keys")])
