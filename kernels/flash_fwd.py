@@ -190,6 +190,32 @@ def _attn_range(acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, til
 
 
 @triton.jit
+def _attn_list(acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, index_base, count,
+               k_base, v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base,
+               mult_base, stride_mq, stride_mk, mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1,
+               x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr, G_PAD: tl.constexpr,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_TAGS: tl.constexpr, MULT_MODE: tl.constexpr,
+               HAS_X: tl.constexpr, KG_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, X_PRECISION: tl.constexpr,
+               KG_HALF_DOT: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """The key tiles listed at ``index_base[0:count]`` (a tag list): partial tiles with
+    ``MASKED`` (the tag mask), full ones without."""
+    # Tile indices are read one iteration ahead (loop-carried), so the next K/V addresses
+    # are known before the current tile's math and the loads can be pipelined.
+    next_n = tl.load(index_base, mask=count > 0, other=0) * BLOCK_N
+    for i in range(0, count):
+        start_n = next_n
+        next_n = tl.load(index_base + i + 1, mask=i + 1 < count, other=0) * BLOCK_N
+        acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
+            acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
+            stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
+            mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
+            BLOCK_N, BLOCK_D, X_PAD, G_PAD, MASKED, EVEN_D, HAS_TAGS, MULT_MODE, HAS_X, KG_MODE,
+            DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+    return acc, acc_x, acc_g, l_i, m_i, m_g
+
+
+@triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qn,
@@ -259,28 +285,19 @@ def attn_fwd_kernel(
             list_row = (b64 * n_q_tiles + pid_m) * n_k_tiles
             n_partial = tl.load(PART_CNT + b64 * n_q_tiles + pid_m)
             n_full = tl.load(FULL_CNT + b64 * n_q_tiles + pid_m)
-            # Tile indices are read one iteration ahead (loop-carried), so the next K/V addresses
-            # are known before the current tile's math and the loads can be pipelined.
-            next_n = tl.load(PART_IDX + list_row, mask=n_partial > 0, other=0) * BLOCK_N
-            for i in range(0, n_partial):
-                start_n = next_n
-                next_n = tl.load(PART_IDX + list_row + i + 1, mask=i + 1 < n_partial, other=0) * BLOCK_N
-                acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
-                    acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
-                    stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
-                    mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
-                    BLOCK_N, BLOCK_D, X_PAD, G_PAD, True, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
-                    DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
-            next_n = tl.load(FULL_IDX + list_row, mask=n_full > 0, other=0) * BLOCK_N
-            for i in range(0, n_full):
-                start_n = next_n
-                next_n = tl.load(FULL_IDX + list_row + i + 1, mask=i + 1 < n_full, other=0) * BLOCK_N
-                acc, acc_x, acc_g, l_i, m_i, m_g = _attn_tile(
-                    acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, start_n, k_base, v_base, stride_kn,
-                    stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk, mult_rows_hit,
-                    mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0, kg_k1,
-                    BLOCK_N, BLOCK_D, X_PAD, G_PAD, False, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
-                    DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+            # The partial tiles (tag mask), then the full tiles outside the run.
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_list(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, PART_IDX + list_row, n_partial, k_base,
+                v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
+                mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
+                kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, True, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
+            acc, acc_x, acc_g, l_i, m_i, m_g = _attn_list(
+                acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, FULL_IDX + list_row, n_full, k_base,
+                v_base, stride_kn, stride_vn, n_k, head_dim, qk_scale, k_tags_base, mult_base, stride_mq, stride_mk,
+                mult_rows_hit, mult_q0, mult_q1, mult_k0, mult_k1, x_base, stride_xn, kg_base, kg_rows_hit, kg_k0,
+                kg_k1, BLOCK_N, BLOCK_D, X_PAD, G_PAD, False, EVEN_D, HAS_TAGS, HAS_MULT, HAS_X, HAS_KG,
+                DOT_PRECISION, X_PRECISION, KG_HALF_DOT, UPCAST_DOTS)
         else:
             # Every visited tile is in the run or the ragged full one (tiles.TileLists.has_lists):
             # no list loops, so the run keeps the registers of untagged attention.
