@@ -37,7 +37,10 @@ def tag_mask(q_tags: torch.Tensor, k_tags: torch.Tensor) -> TagMask:
     """Validate a tag pair once and wrap it with a cache of its tile skip lists.
 
     Pass the result as ``tags=`` to every call that shares the mask (IID: every block and
-    step after S), so the tile classification runs once per tile shape, not per call. The
+    step after S), so the tile classification runs once per tile shape, not per call; on a
+    GPU it also reads back once whether any tile needs a list, so that masks without one
+    (block-diagonal on tile boundaries, say) run the Triton kernel without its list loops,
+    which a call's own ``(q_tags, k_tags)`` pair skips (it would synchronize every call). The
     mask holds a copy of the tags: its cached lists always describe the tags it reads, and
     changing the tensors passed in afterwards does not change the mask (build a new one).
     """
@@ -135,7 +138,7 @@ def _validate_tags(tags, b, nq, nk, device) -> Optional[TagMask]:
         mask = tags
     elif isinstance(tags, (tuple, list)) and len(tags) == 2:
         _check_tag_tensors(tags[0], tags[1])
-        mask = TagMask(tags[0], tags[1])  # this call's own: no copy (TagMask copies strided views)
+        mask = TagMask(tags[0], tags[1], reused=False)  # this call's own: no copy (TagMask copies strided views)
     else:
         raise TypeError(f"tags must be a (q_tags, k_tags) pair or an iidkern.tag_mask(...), got {type(tags).__name__}")
     for name, t, n in (("q_tags", mask.q_tags, nq), ("k_tags", mask.k_tags, nk)):

@@ -143,7 +143,10 @@ def build_visit_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, 
                       (~skip).sum(-1, dtype=torch.int32).contiguous())
 
 
-def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int) -> TileLists:
+def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, block_n: int,
+                     read_back: bool = True) -> TileLists:
+    """The Triton kernel's lists. ``read_back``: whether ``has_lists`` may be read back to the
+    host (one synchronization on a GPU); without it, it is True there (the loops are kept)."""
     skip, full = _classify(q_tags, k_tags, block_m, block_n)
     partial = ~skip & ~full
 
@@ -163,14 +166,15 @@ def build_tile_lists(q_tags: torch.Tensor, k_tags: torch.Tensor, block_m: int, b
     pc, pi = as_list(partial)
     fc, fi = as_list(full & ~in_run)
     return TileLists(pc, pi, fc, fi, run_start.contiguous(), run_stop.contiguous(), ragged.to(torch.int32).contiguous(),
-                     has_lists=_any_listed(pc, fc))
+                     has_lists=_any_listed(pc, fc, read_back))
 
 
-def _any_listed(partial_count: torch.Tensor, full_count: torch.Tensor) -> bool:
-    """Whether some query tile has a listed tile. Reading it back synchronizes once per mask
-    and tile shape (the lists are cached); while a CUDA graph is being captured it cannot,
-    so there the answer is True, which is always correct (the lists are then walked)."""
-    if partial_count.is_cuda and torch.cuda.is_current_stream_capturing():
+def _any_listed(partial_count: torch.Tensor, full_count: torch.Tensor, read_back: bool) -> bool:
+    """Whether some query tile has a listed tile. On a GPU, reading it back synchronizes: once
+    per mask and tile shape for a reused mask (its lists are cached), but a call's own tags
+    would pay it per call, and a CUDA graph being captured cannot at all. There the answer is
+    True, which is always correct (the lists are then walked)."""
+    if partial_count.is_cuda and (not read_back or torch.cuda.is_current_stream_capturing()):
         return True
     return bool(torch.maximum(partial_count.amax(), full_count.amax()).item() > 0) if partial_count.numel() else False
 
@@ -181,6 +185,10 @@ class TagMask:
 
     q_tags: torch.Tensor  # [B, Nq] int32/int64
     k_tags: torch.Tensor  # [B, Nk] int32/int64
+    # A mask reused across calls (iidkern.tag_mask) may read its list counts back to the host
+    # once per tile shape to drop empty list loops (TileLists.has_lists); one call's own tags
+    # (a tuple) do not, since that would synchronize every call.
+    reused: bool = True
     _lists: Dict[tuple, object] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -193,15 +201,20 @@ class TagMask:
         return tuple(t.expand(batch, t.shape[-1]) if t.dim() == 1 or t.shape[0] == 1 else t
                      for t in (self.q_tags, self.k_tags))
 
-    def _cached(self, build, block_m: int, block_n: int, batch: int):
+    def _cached(self, build, block_m: int, block_n: int, batch: int, **options):
         key = (build.__name__, block_m, block_n, batch)
-        if key not in self._lists:
-            self._lists[key] = build(*self.batched(batch), block_m, block_n)
-        return self._lists[key]
+        if key in self._lists:
+            return self._lists[key]
+        lists = build(*self.batched(batch), block_m, block_n, **options)
+        # Lists built while a CUDA graph is captured hold their values only once the graph
+        # replays: that graph uses them, but they are not kept for other calls.
+        if not (self.q_tags.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._lists[key] = lists
+        return lists
 
     def tile_lists(self, block_m: int, block_n: int, batch: int = 1) -> TileLists:
         """The Triton kernel's lists for ``(block_m, block_n)`` tiles, built once per shape."""
-        return self._cached(build_tile_lists, block_m, block_n, batch)
+        return self._cached(build_tile_lists, block_m, block_n, batch, read_back=self.reused)
 
     def visit_lists(self, block_m: int, block_n: int, batch: int = 1) -> VisitLists:
         """The one-list form of the tile classes (the Hopper kernel's), cached like tile_lists."""

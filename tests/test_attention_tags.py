@@ -447,7 +447,7 @@ def _tag_launch_flags(**call):
 
 
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("extras", ["none", "mult", "all"])
 @pytest.mark.parametrize("nk", [45, 48])
 def test_tags_with_nothing_listed_run_without_the_list_loops(layout, dtype, extras, nk):
@@ -455,15 +455,18 @@ def test_tags_with_nothing_listed_run_without_the_list_loops(layout, dtype, extr
     empty: each visited tile is in the run or is the full-but-ragged last one. The kernel is
     then compiled without the list loops (HAS_LISTS=False); alone and beside every extra of
     the tag path it is exact against the float64 reference and visits exactly the meeting
-    tiles. "mult" (head weights and a block multiplier over the ragged tile) runs that tile
-    inline; "all" adds probes, whose side sums keep it in a one-tile loop. A mask with a
-    listed tile keeps the list loops."""
+    tiles, with [B, N] int64 tags and with [N] int32 tags shared by the batch, and a head dim
+    that is not a power of two. (A query that sees nothing makes its tiles partial.) "mult" (head weights and a
+    block multiplier over the ragged tile) runs that tile inline; "all" adds probes, whose
+    side sums keep it in a one-tile loop. A mask with a listed tile keeps the list loops."""
     from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
     from helpers import PROBE_TOL, random_key_groups
     g = torch.Generator().manual_seed(54)
     b, h, nq = 2, 3, 40
-    q, k, v = make_qkv(b, h, nq, nk, 32, dtype=dtype, layout=layout, generator=g)
+    d = 24 if extras == "mult" else 32
+    q, k, v = make_qkv(b, h, nq, nk, d, dtype=dtype, layout=layout, generator=g)
     cases = [(_segment_tags(b, nq, [16]), _segment_tags(b, nk, [16])),  # two segments, the second ragged
+             (_segment_tags(1, nq, [16])[0].int(), _segment_tags(1, nk, [16])[0].int()),  # shared by the batch
              (torch.full((b, nq), 5), torch.full((b, nk), 4))]  # every key allowed
     for qt, kt in cases:
         kw = dict(tags=iidkern.tag_mask(qt, kt))
@@ -481,9 +484,10 @@ def test_tags_with_nothing_listed_run_without_the_list_loops(layout, dtype, extr
         ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64, **{**kw, "tags": (qt, kt)})
         assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
         assert_lse_equal(res.lse, ref.lse, tol=1e-3 if dtype == torch.float32 else 2e-2)
+        assert len(res.probes) == len(ref.probes) == len(kw.get("probes", ()))
         for got, want in zip(res.probes, ref.probes):
             assert_close_rel(got, want, PROBE_TOL[dtype], "probe")
-        assert_visits_exactly_the_meeting_tiles(res, qt, kt)
+        assert_visits_exactly_the_meeting_tiles(res, *kw["tags"].batched(b))
     # A cut inside a key tile makes that tile partial: listed, so the loops are compiled in.
     qt, kt = _segment_tags(b, nq, [16]), _segment_tags(b, nk, [20])
     assert iidkern.tag_mask(qt, kt).tile_lists(16, 16, b).has_lists is True
@@ -497,17 +501,40 @@ def test_tags_with_nothing_listed_run_without_the_list_loops(layout, dtype, extr
 
 def test_has_lists_reads_both_lists():
     """has_lists is True when only the partial list, or only the full list outside the run,
-    holds a tile, and False for a mask whose query tiles each see one run."""
+    holds a tile, and False for a mask whose query tiles each see one run. A mask whose only
+    listed tiles are full ones outside the run keeps the loops and is exact."""
     b, n = 1, 64
     run_only = iidkern.tag_mask(_segment_tags(b, n, [32]), _segment_tags(b, n, [32]))
     assert run_only.tile_lists(16, 16).has_lists is False
     partial = iidkern.tag_mask(_segment_tags(b, n, [32]), _segment_tags(b, n, [40]))
     lists = partial.tile_lists(16, 16)
     assert lists.partial_count.max() > 0 and lists.has_lists is True
-    # Query tile 0 sees key tiles 0 and 2 (both full, not contiguous): one is in the run,
-    # the other in the full list; nothing is partial.
+    # Query tiles see key tiles 0 and 2 (both full, not contiguous): one is in the run, the
+    # other in the full list; nothing is partial.
     qt = torch.ones(b, n, dtype=torch.int64)
     kt = torch.full((b, n), 2, dtype=torch.int64)
     kt[:, :16] = kt[:, 32:48] = 1
     lists = iidkern.tag_mask(qt, kt).tile_lists(16, 16)
     assert lists.partial_count.max() == 0 and lists.full_count.max() > 0 and lists.has_lists is True
+    q, k, v = make_qkv(b, 2, n, n, 32, generator=torch.Generator().manual_seed(55))
+    res, has_lists = _tag_launch_flags(q=q, k=k, v=v, backend="triton", tags=iidkern.tag_mask(qt, kt),
+                                       count_tiles=True, kernel_options=TILES)
+    assert has_lists is True
+    assert_close_rel(res.out, attention_reference(q, k, v, tags=(qt, kt), compute_dtype=torch.float64).out,
+                     OUT_TOL[torch.float32])
+    assert_visits_exactly_the_meeting_tiles(res, qt, kt)
+
+
+def test_only_a_reused_mask_reads_its_lists_back_on_a_gpu():
+    """A call's own (q_tags, k_tags) builds a mask for that call alone: on a GPU it must not
+    synchronize to read has_lists back (it would every call), so it keeps the loops there.
+    On the CPU the read costs nothing and both forms drop them."""
+    from iidkern.kernels.tiles import TagMask, _any_listed
+    tags = _segment_tags(1, 64, [32])
+    assert TagMask(tags, tags, reused=False).tile_lists(16, 16).has_lists is False  # CPU tensors
+    empty = torch.zeros(1, 4, dtype=torch.int32)
+    assert _any_listed(empty, empty, read_back=True) is False
+    if torch.cuda.is_available():
+        empty = empty.cuda()
+        assert _any_listed(empty, empty, read_back=False) is True
+        assert _any_listed(empty, empty, read_back=True) is False

@@ -342,7 +342,7 @@ def test_a_second_forward_at_the_capture_step_is_not_probed():
     """True CFG runs the model twice per step (the positive prompt, then the negative one):
     only the first forward at step S gives maps. A second forward's sites get no probe, the
     maps and masks equal those of the first forward alone, and the next run probes again."""
-    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, (1,))))
+    g = torch.Generator().manual_seed(61)
     grid, n_text, heads = (2, 3), 4, 2
     n = n_text + grid[0] * grid[1]
     cfg = IIDConfig(map_step=1, map_layer=(0, 1), sigma=0.0, threshold="top", threshold_value=0.5)

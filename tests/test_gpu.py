@@ -80,10 +80,11 @@ def test_tags_with_nothing_listed(dtype, d, extras):
         instructions = TG.segments([(1024, 1135), (1135, 1246), (1246, 1357)], n, device="cuda")
         kw.update(head_weights=torch.rand(b, h, device="cuda") + 0.5,
                   probes=[Probe(TG.each(0, 1024), instructions, heads="keep", normalize="keys")])
-    res = iidkern.attention(q, k, v, layout="bnhd", backend="triton", return_lse=True, count_tiles=True,
-                            kernel_options={"poison": True, "hopper": False}, **kw)  # the Triton kernel at D=128 too
-    cfg = default_config(d, dtype)
-    assert tags.tile_lists(cfg["BLOCK_M"], cfg["BLOCK_N"], b).has_lists is False
+    from iidkern.kernels import fast_launch, launch
+    with fast_launch.recording() as launches:
+        res = iidkern.attention(q, k, v, layout="bnhd", backend="triton", return_lse=True, count_tiles=True,
+                                kernel_options={"poison": True, "hopper": False}, **kw)  # the Triton kernel at D=128 too
+    assert [kwargs["HAS_LISTS"] for fn, _, _, kwargs in launches if fn is launch._ATTN] == [False]
     ref = attention_reference(q, k, v, layout="bnhd", compute_dtype=torch.float64,
                               **{**kw, "tags": (tags.q_tags, tags.k_tags)})
     assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
@@ -92,9 +93,27 @@ def test_tags_with_nothing_listed(dtype, d, extras):
         assert_close_rel(got, want, GPU_PROBE_TOL, "probe")
 
 
+def test_tuple_tags_keep_the_list_loops_on_a_gpu():
+    """A call's own (q_tags, k_tags) do not read has_lists back (a synchronization per call):
+    the same list-free tags run with the loops, exactly."""
+    from iidkern.kernels import fast_launch, launch
+    b, h, n, d = 1, 2, 333 + 256, 64
+    seg = (torch.arange(n, device="cuda") >= 256).long()
+    q, k, v = qkv(b, h, n, n, d, torch.bfloat16, "bhnd", seed=58)
+    flags = []
+    for tags in ((1 << seg)[None], (1 << seg)[None]), iidkern.tag_mask((1 << seg)[None], (1 << seg)[None]):
+        with fast_launch.recording() as launches:
+            out = iidkern.attention(q, k, v, backend="triton", tags=tags)
+        flags += [kwargs["HAS_LISTS"] for fn, _, _, kwargs in launches if fn is launch._ATTN]
+        ref = attention_reference(q, k, v, tags=((1 << seg)[None], (1 << seg)[None]), compute_dtype=torch.float64)
+        assert_close_rel(out, ref.out, OUT_TOL[torch.bfloat16])
+    assert flags == [True, False]
+
+
 def test_tags_first_used_inside_a_graph_capture():
-    """A tag mask first used while a CUDA graph is captured cannot read its lists back to
-    the host: it keeps the list loops (always exact) and replays right on fresh inputs."""
+    """A tag mask first used while a CUDA graph is captured: the graph builds its own lists
+    (without reading them back, which a capture cannot), replays right on fresh inputs, and
+    keeps none in the mask, whose eager calls (before any replay too) build their own."""
     b, h, n, d = 1, 2, 333 + 256, 64
     seg = (torch.arange(n, device="cuda") >= 256).long()
     tags = iidkern.tag_mask((1 << seg)[None], (1 << seg)[None])
@@ -104,8 +123,11 @@ def test_tags_first_used_inside_a_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = iidkern.attention(q, k, v, backend="triton", tags=tags)
-    cfg = default_config(d, torch.bfloat16)
-    assert tags.tile_lists(cfg["BLOCK_M"], cfg["BLOCK_N"], b).has_lists is True
+    assert not tags._lists  # nothing kept from inside the capture
+    q2, k2, v2 = qkv(b, h, n, n, d, torch.bfloat16, "bhnd", seed=59)
+    eager = iidkern.attention(q2, k2, v2, backend="triton", tags=tags)  # before any replay
+    ref = attention_reference(q2, k2, v2, tags=(tags.q_tags, tags.k_tags), compute_dtype=torch.float64)
+    assert_close_rel(eager, ref.out, OUT_TOL[torch.bfloat16])
     for seed in (56, 57):
         for dst, src in zip((q, k, v), qkv(b, h, n, n, d, torch.bfloat16, "bhnd", seed=seed)):
             dst.copy_(src)
