@@ -125,8 +125,9 @@ def _check_iid_args(parser, args):
     """The IID options whose range needs no model (--map-layer: :func:`_check_map_layer`)."""
     from .edit.masks import sigma_problem, threshold_value_problem
 
-    if sigma_problem(args.sigma) is not None:
-        parser.error(f"--sigma {sigma_problem(args.sigma)}")
+    problem = sigma_problem(args.sigma)
+    if problem is not None:
+        parser.error(f"--sigma {problem}")
     problem = threshold_value_problem(args.threshold, args.threshold_value)
     if problem is not None:
         parser.error(f"--threshold-value: {problem} (--threshold {args.threshold})")

@@ -365,7 +365,7 @@ def test_a_second_forward_at_the_capture_step_is_not_probed():
         forward(twice, step, *positive)
         forward(twice, step, *negative)
         forward(once, step, *positive)
-    assert twice._count == once._count == 2  # two map layers, one forward
+    assert len(twice._captured) == len(once._captured) == 2  # two map layers, one forward
     assert torch.equal(twice.per_head_maps, once.per_head_maps) and torch.equal(twice.masks, once.masks)
     only_negative = IIDMapPolicy([(0, 2), (2, 4)], grid, cfg)
     for step in range(3):

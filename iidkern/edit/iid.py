@@ -93,8 +93,9 @@ class IIDConfig:
             raise ValueError(f"IIDConfig: background must be 'none' or 'all', got {self.background!r}")
         if self.shared_text not in ("visible", "hidden"):
             raise ValueError(f"IIDConfig: shared_text must be 'visible' or 'hidden', got {self.shared_text!r}")
-        if sigma_problem(self.sigma) is not None:
-            raise ValueError(f"IIDConfig: sigma {sigma_problem(self.sigma)}")
+        problem = sigma_problem(self.sigma)
+        if problem is not None:
+            raise ValueError(f"IIDConfig: sigma {problem}")
         if self.kernel_size is not None and (self.kernel_size < 1 or self.kernel_size % 2 == 0):
             raise ValueError(f"IIDConfig: kernel_size must be None or a positive odd int, got {self.kernel_size}")
         problem = threshold_value_problem(self.threshold, self.threshold_value)
@@ -281,8 +282,7 @@ class IIDMapPolicy(RunScopedPolicy):
         """Forget the previous run's maps and masks."""
         super().reset()
         self._sum: Optional[torch.Tensor] = None
-        self._count = 0
-        self._captured: set = set()  # (step, layer) of the calls probed in this run
+        self._captured: set = set()  # (step, layer) of the calls probed in this run: the maps summed
         self.per_head_maps: Optional[torch.Tensor] = None
         self.soft: Optional[torch.Tensor] = None
         self.masks: Optional[torch.Tensor] = None
@@ -343,8 +343,7 @@ class IIDMapPolicy(RunScopedPolicy):
         else:
             maps = raw[list(self.branch_rows)].mean(-1).permute(1, 2, 0)  # [N, H, N_img] -> [H, N_img, N]
         self._sum = maps if self._sum is None else self._sum + maps
-        self._count += 1
-        self.per_head_maps = self._sum / self._count
+        self.per_head_maps = self._sum / len(self._captured)
         cfg = self.config
         self.masks, self.soft = iid_masks(self.per_head_maps, self.grid, sigma=cfg.sigma,
                                           kernel_size=cfg.kernel_size, threshold=cfg.threshold,
