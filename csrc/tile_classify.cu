@@ -5,6 +5,7 @@
 //   full iff AND(q tile tags) & AND(k tile tags) != 0, and the key tile has no padding.
 // Built only with IIDKERN_BUILD_CUDA=1 (see setup.py); loaded by iidkern/_ext.py.
 #include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 namespace {
@@ -42,6 +43,9 @@ std::vector<torch::Tensor> classify_tiles(torch::Tensor q_tags, torch::Tensor k_
                                           int64_t block_n) {
   TORCH_CHECK(q_tags.is_cuda() && k_tags.is_cuda(), "classify_tiles: tags must be CUDA tensors");
   TORCH_CHECK(q_tags.dim() == 2 && k_tags.dim() == 2, "classify_tiles: tags must be [B, N]");
+  TORCH_CHECK(q_tags.device() == k_tags.device(), "classify_tiles: q_tags and k_tags must be on one GPU");
+  // The tags' GPU, not the current one: the launches and the stream below are that device's.
+  const c10::cuda::CUDAGuard guard(q_tags.device());
   auto q = q_tags.to(torch::kInt64).contiguous();
   auto k = k_tags.to(torch::kInt64).contiguous();
   int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1);

@@ -98,6 +98,16 @@ def _plain_signature(q, k, v, layout, scale, backend, kernel_options):
             alignment, q is k, q is v, k is v)
 
 
+def _on_device(device: torch.device):
+    """The tensors' GPU as the current CUDA device for the launches. Triton launches on the
+    current device's current stream, whatever device the pointers are on, so tensors on
+    ``cuda:1`` under a current ``cuda:0`` would run on the wrong GPU (and outside the caller's
+    stream there); torch's own ops guard the device the same way."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _validate_qkv(q, k, v, layout):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -386,8 +396,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             and not return_lse and not count_tiles and type(probes) in (tuple, list) and not probes:
         signature = _plain_signature(q, k, v, layout, scale, backend, kernel_options)
         replay = _REPLAYS.get(signature) if signature is not None else None
-        if replay is not None:
-            return replay(q, k, v)  # this signature passed the checks below on its first call
+        if replay is not None:  # this signature passed the checks below on its first call
+            with _on_device(q.device):
+                return replay(q, k, v)
 
     if layout not in ("bhnd", "bnhd"):
         raise ValueError(f"layout must be 'bhnd' or 'bnhd', got {layout!r}")
@@ -430,7 +441,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             why = kernels.INTERPRETER_UNAVAILABLE or "on CPU set TRITON_INTERPRET=1 before importing iidkern"
             raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); {why}, or use backend='reference'")
         # A plain call's first run with its signature is recorded, to be replayed by the next ones.
-        with kernels.recording() if signature is not None else contextlib.nullcontext() as launches:
+        with _on_device(device), \
+                kernels.recording() if signature is not None else contextlib.nullcontext() as launches:
             res = kernels.triton_attention(q, k, v, layout=layout, scale=float(scale), tags=mask,
                                            head_weights=head_weights, probes=probes,
                                            block_multiplier=block_multiplier, pair_stats=pairs, need_lse=return_lse,

@@ -181,8 +181,14 @@ def _any_listed(partial_count: torch.Tensor, full_count: torch.Tensor, read_back
 
 def _capturing(t: torch.Tensor) -> bool:
     """Whether ``t`` is on a GPU whose current stream is capturing a CUDA graph: what is
-    built then holds values only once the graph replays, and cannot be read back."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    built then holds values only once the graph replays, and cannot be read back. (The
+    current stream of ``t``'s GPU, which need not be the current device.)"""
+    if not t.is_cuda:
+        return False
+    if t.device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(t.device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 @dataclass

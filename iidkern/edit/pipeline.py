@@ -67,13 +67,14 @@ class _Clock:
     """Wall-clock phases, synchronizing CUDA so GPU work is charged to the right phase."""
 
     def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
+        device = torch.device(device)
+        self.cuda_device = device if device.type == "cuda" else None
         self.times: Dict[str, float] = {}
         self._start = time.perf_counter()
 
     def _now(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.cuda_device is not None:
+            torch.cuda.synchronize(self.cuda_device)
         return time.perf_counter()
 
     def phase(self, name):
