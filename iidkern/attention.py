@@ -328,6 +328,10 @@ def _validate_pairs(pairs, b, device):
     return t
 
 
+# Opaque to torch.compile: a compiled model (a diffusers transformer, say) runs each call
+# eagerly at a graph break; tracing into the launchers would fail (Gluon kernels, cached
+# compiled kernels, the interpreter) or trace host checks into the graph.
+@torch.compiler.disable
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bhnd",
               scale: Optional[float] = None, tags: Optional[Tags] = None,
               head_weights: Optional[torch.Tensor] = None, probes: Sequence = (),

@@ -535,3 +535,26 @@ def test_triton_backend_tags_in_interpreter():
     with use_iidkern(case.model, policy=AtLayer(case.layer, make), backend="triton"):
         out = case.run()
     assert_close_rel(out, expected, 1e-4, "triton tags vs manual masked attention")
+
+
+def test_compiled_model_with_iidkern_processors():
+    """``torch.compile`` of a model running iidkern's processors: ``iidkern.attention`` is
+    opaque to dynamo (a graph break at each call, run eagerly), so the compiled forward equals
+    the stock model's, through the Triton kernels (interpreted here) and with a policy's probe."""
+    case = flux_case(num_double=1, num_single=1, rows=3, cols=3)
+    expected = case.run()
+    policy = CapturePolicy(when=lambda s: s.layer == case.layer,
+                           probes=lambda s: [Probe(TokenGroups.each(*s.image), TokenGroups.each(*s.text))])
+    with use_iidkern(case.model, policy=policy, backend="triton"):
+        first_map = None
+        compiled = torch.compile(case.model, backend="aot_eager")
+        for _ in range(2):
+            policy.captured.clear()
+            with torch.no_grad():
+                out = compiled(**case.inputs).sample
+            assert_close_rel(out, expected, 1e-4, "compiled model with iidkern processors vs stock")
+            probe_map = policy.captured[(None, case.layer)][0]
+            if first_map is not None:  # the second call (no recompilation) probes alike
+                assert torch.equal(probe_map, first_map)
+            first_map = probe_map
+    torch._dynamo.reset()

@@ -352,3 +352,23 @@ def test_replays_inside_a_cuda_graph(d, n):
         for s, out in zip(sets, outs):
             ref = attention_reference(*s, layout=layout, compute_dtype=torch.float64).out
             assert_close_rel(out, ref, OUT_TOL[torch.bfloat16])
+
+
+def test_inside_torch_compile():
+    """A compiled function (inductor) around ``iidkern.attention``: the call is opaque to
+    dynamo and runs eagerly at a graph break; plain calls (recorded, then replayed) and a probe
+    call give the eager results."""
+    q, k, v = qkv(2, 4, 1500, 1500, 128, torch.bfloat16, "bnhd", seed=5)
+    probe = Probe(TG.each(100, 1500), TG.segments([(0, 50), (50, 100)], 1500, device="cuda"), heads="keep")
+
+    def f(q, k, v):
+        out = iidkern.attention(q * 0.5, k, v, layout="bnhd")
+        res = iidkern.attention(q, k, v, layout="bnhd", probes=[probe])
+        return out + 1, res.probes[0]
+    compiled = torch.compile(f)
+    for _ in range(3):
+        out, probe_map = compiled(q, k, v)
+        want_out, want_map = f(q, k, v)
+        assert_close_rel(out, want_out, 1e-3)  # inductor's "+ 1" may round unlike eager's
+        assert torch.equal(probe_map, want_map)
+    torch._dynamo.reset()
