@@ -108,6 +108,13 @@ def _on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _without_autocast(device: torch.device):
+    """Autocast off for ``device``'s type, where it is on."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _validate_qkv(q, k, v, layout):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -430,32 +437,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
         raise ValueError("count_tiles=True needs backend='triton'")
     extras = return_lse or bool(probes) or pairs is not None or count_tiles
 
-    if backend == "reference":
-        res = attention_reference(q, k, v, layout=layout, scale=float(scale),
-                                  tags=mask.batched(b) if mask is not None else None,
-                                  head_weights=head_weights, probes=probes, block_multiplier=block_multiplier,
-                                  pair_stats=pairs, compute_dtype=torch.float32)
-        res.out = res.out.contiguous()
-        if not return_lse:
-            res.lse = None
-    else:
-        from . import kernels  # sets TRITON_INTERPRET before the kernels are decorated on CUDA-less hosts
+    # Autocast would round the fp32 math around the kernels (the reference backend, probe
+    # folding) to 16 bits: the inputs' dtypes already say what precision the call runs at.
+    with _without_autocast(device):
+        if backend == "reference":
+            res = attention_reference(q, k, v, layout=layout, scale=float(scale),
+                                      tags=mask.batched(b) if mask is not None else None,
+                                      head_weights=head_weights, probes=probes, block_multiplier=block_multiplier,
+                                      pair_stats=pairs, compute_dtype=torch.float32)
+            res.out = res.out.contiguous()
+            if not return_lse:
+                res.lse = None
+        else:
+            from . import kernels  # sets TRITON_INTERPRET before the kernels are decorated on CUDA-less hosts
 
-        if device.type != "cuda" and not kernels.INTERPRETING:
-            why = kernels.INTERPRETER_UNAVAILABLE or "on CPU set TRITON_INTERPRET=1 before importing iidkern"
-            raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); {why}, or use backend='reference'")
-        # A plain call's first run with its signature is recorded, to be replayed by the next ones.
-        with _on_device(device), \
-                kernels.recording() if signature is not None else contextlib.nullcontext() as launches:
-            res = kernels.triton_attention(q, k, v, layout=layout, scale=float(scale), tags=mask,
-                                           head_weights=head_weights, probes=probes,
-                                           block_multiplier=block_multiplier, pair_stats=pairs, need_lse=return_lse,
-                                           count_tiles=count_tiles, kernel_options=kernel_options)
-        if signature is not None:
-            _keep_replay(kernels, signature, launches, q, k, v, res.out, layout, kernel_options)
-        grad_inputs = _grad_inputs(q, k, v, head_weights, probes, block_multiplier)
-        if grad_inputs:
-            res = _forward_only(res, grad_inputs)
+            if device.type != "cuda" and not kernels.INTERPRETING:
+                why = kernels.INTERPRETER_UNAVAILABLE or "on CPU set TRITON_INTERPRET=1 before importing iidkern"
+                raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); {why}, or use backend='reference'")
+            # A plain call's first run with its signature is recorded, to be replayed by the next ones.
+            with _on_device(device), \
+                    kernels.recording() if signature is not None else contextlib.nullcontext() as launches:
+                res = kernels.triton_attention(q, k, v, layout=layout, scale=float(scale), tags=mask,
+                                               head_weights=head_weights, probes=probes,
+                                               block_multiplier=block_multiplier, pair_stats=pairs, need_lse=return_lse,
+                                               count_tiles=count_tiles, kernel_options=kernel_options)
+            if signature is not None:
+                _keep_replay(kernels, signature, launches, q, k, v, res.out, layout, kernel_options)
+            grad_inputs = _grad_inputs(q, k, v, head_weights, probes, block_multiplier)
+            if grad_inputs:
+                res = _forward_only(res, grad_inputs)
     return res if extras else res.out
 
 

@@ -94,3 +94,24 @@ def test_plain_call_returns_tensor_extras_return_result():
     assert res.lse.dtype == torch.float32
     expected = torch.logsumexp((q @ k.transpose(-1, -2)) / math.sqrt(16), -1)
     assert torch.allclose(res.lse, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_does_not_change_results(backend):
+    """Under autocast (a 16-bit region of a caller's model) a call computes exactly as outside
+    it: fp32 inputs keep fp32 math, also in the fp32 steps around the kernels (the reference
+    backend, probe folding, value probes), which autocast would otherwise round to bf16."""
+    from iidkern import Probe, TokenGroups as TG, ValueProbe
+    g = torch.Generator().manual_seed(8)
+    q, k, v = make_qkv(2, 3, 70, 61, 16, generator=g)
+    x = torch.randn(2, 61, 5, generator=g)
+    probes = [Probe(TG.each(20, 70), TG.segments([(0, 10), (10, 20)], 61), heads="keep"),
+              Probe(TG.segments([(20, 45), (45, 70)], 70), TG.each(0, 20), heads="mean"),
+              ValueProbe(x, TG.segments([(0, 30), (30, 70)], 70))]
+    kw = dict(probes=probes, backend=backend, return_lse=True, head_weights=1 + torch.rand(2, 3, generator=g))
+    plain = iidkern.attention(q, k, v, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = iidkern.attention(q, k, v, **kw)
+    assert torch.equal(auto.out, plain.out) and torch.equal(auto.lse, plain.lse)
+    for a, p in zip(auto.probes, plain.probes):
+        assert torch.equal(a, p)

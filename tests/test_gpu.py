@@ -372,3 +372,20 @@ def test_inside_torch_compile():
         assert_close_rel(out, want_out, 1e-3)  # inductor's "+ 1" may round unlike eager's
         assert torch.equal(probe_map, want_map)
     torch._dynamo.reset()
+
+
+def test_autocast_does_not_change_results():
+    """Under CUDA autocast a call computes exactly as outside it (the fp32 steps around the
+    kernels, value-probe and query-group folding, are not rounded to 16 bits)."""
+    q, k, v = qkv(2, 4, 1200, 1100, 128, torch.bfloat16, "bhnd", seed=9)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(2, 1100, 5, generator=g, device="cuda")
+    probes = [Probe(TG.each(100, 1200), TG.segments([(0, 40), (40, 100)], 1100, device="cuda"), heads="keep"),
+              Probe(TG.segments([(0, 300), (300, 1200)], 1200, device="cuda"), TG.each(0, 100), heads="mean"),
+              ValueProbe(x, TG.segments([(0, 600), (600, 1200)], 1200, device="cuda"))]
+    plain = iidkern.attention(q, k, v, probes=probes, return_lse=True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        auto = iidkern.attention(q, k, v, probes=probes, return_lse=True)
+    assert torch.equal(auto.out, plain.out) and torch.equal(auto.lse, plain.lse)
+    for a, p in zip(auto.probes, plain.probes):
+        assert torch.equal(a, p)
