@@ -16,7 +16,7 @@ import torch
 from .kernels.tiles import TagMask
 from .reference import attention_reference
 from .specs import MAX_VALUE_PROBE_CHANNELS, AttentionResult, BlockMultiplier, PairStats, Probe, TokenGroups, \
-    ValueProbe, as_integer
+    ValueProbe, as_integer, check_data_tensor
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TAG_DTYPES = (torch.int32, torch.int64)
@@ -52,6 +52,7 @@ def _check_tag_tensors(q_tags, k_tags) -> None:
     for name, t in (("q_tags", q_tags), ("k_tags", k_tags)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tags: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_data_tensor(t, f"tags: {name}")
         if t.dtype not in _TAG_DTYPES:
             raise TypeError(f"tags: {name} must be int32 or int64 bit sets, got {t.dtype}")
         if t.dim() not in (1, 2):
@@ -109,8 +110,8 @@ def _on_device(device: torch.device):
 
 
 def _without_autocast(device: torch.device):
-    """Autocast off for ``device``'s type, where it is on."""
-    if torch.is_autocast_enabled(device.type):
+    """Autocast off for ``device``'s type, where it is on (autocast knows no meta device)."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -122,6 +123,8 @@ def _validate_qkv(q, k, v, layout):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D ({'[B, H, N, D]' if layout == 'bhnd' else '[B, N, H, D]'} for "
                              f"layout={layout!r}), got shape {tuple(t.shape)}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
         if t.stride(-1) != 1 and t.shape[-1] > 1:
@@ -172,6 +175,7 @@ def _validate_head_weights(w, b, h, nq, device):
         return None
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"head_weights must be a torch.Tensor, got {type(w).__name__}")
+    check_data_tensor(w, "head_weights")
     if not w.is_floating_point():
         raise TypeError(f"head_weights must be floating point, got {w.dtype}")
     allowed = {1: (h,), 2: (b, h), 3: (b, h, nq)}
@@ -192,7 +196,7 @@ def _validate_groups(g: TokenGroups, n: int, b: int, device, where: str):
         raise ValueError(f"{where}: group ids must have shape [{b}, {n}] or [{n}], got {tuple(ids.shape)}")
     if ids.device != device and ids.device.type != "cpu":
         # Host-built ids (TokenGroups.segments/single) are copied over; another GPU is a mistake.
-        raise ValueError(f"{where}: group ids are on {ids.device}, expected {device} or the CPU")
+        raise ValueError(f"{where}: group ids are on {ids.device}, expected {device} or cpu")
     if g.stop > n:
         raise ValueError(f"{where}: group span [{g.start}, {g.stop}) exceeds the {n} tokens")
 
@@ -200,9 +204,10 @@ def _validate_groups(g: TokenGroups, n: int, b: int, device, where: str):
 def _validate_probe_heads(heads, b, h, device, where):
     if isinstance(heads, torch.Tensor):
         if tuple(heads.shape) not in ((h,), (b, h)):
-            raise ValueError(f"{where}: per-head weights must have shape [{h}] or [{b}, {h}], got {tuple(heads.shape)}")
+            raise ValueError(f"{where}: heads (per-head weights) must have shape [{h}] or [{b}, {h}], "
+                             f"got {tuple(heads.shape)}")
         if heads.device != device:
-            raise ValueError(f"{where}: per-head weights are on {heads.device}, expected {device}")
+            raise ValueError(f"{where}: heads (per-head weights) are on {heads.device}, expected {device}")
 
 
 def _validate_probes(probes, b, h, nq, nk, device):
@@ -222,7 +227,7 @@ def _validate_probes(probes, b, h, nq, nk, device):
             if x.shape[-2] != nk or (x.dim() == 3 and x.shape[0] != b):
                 raise ValueError(f"{where}.x must have shape [{b}, {nk}, C] or [{nk}, C], got {tuple(x.shape)}")
             if x.device != device and x.device.type != "cpu":
-                raise ValueError(f"{where}.x is on {x.device}, expected {device} or the CPU")
+                raise ValueError(f"{where}.x is on {x.device}, expected {device} or cpu")
             channels += x.shape[-1]
         else:
             raise TypeError(f"{where} must be a Probe or ValueProbe, got {type(p).__name__}")
@@ -242,6 +247,7 @@ def _validate_multiplier(m, b, h, nq, nk, device):
     if not isinstance(vals, torch.Tensor) or not vals.is_floating_point():
         raise TypeError(f"block_multiplier.values must be a floating-point tensor, got "
                         f"{getattr(vals, 'dtype', type(vals).__name__)}")
+    check_data_tensor(vals, "block_multiplier.values")
     if vals.dim() not in (3, 4) or vals.shape[0] != b or (vals.dim() == 4 and vals.shape[1] != h):
         raise ValueError(f"block_multiplier.values must have shape [{b}, Mq, Mk] or [{b}, {h}, Mq, Mk], "
                          f"got {tuple(vals.shape)}")
@@ -323,6 +329,7 @@ def _validate_pairs(pairs, b, device):
             raise TypeError(f"pair_stats must hold integer batch indices, got {pairs!r}")
         pairs = pairs_list
     t = pairs if isinstance(pairs, torch.Tensor) else torch.as_tensor(pairs, dtype=torch.int64)
+    check_data_tensor(t, "pair_stats")
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"pair_stats must hold integer batch indices, got {t.dtype}")
     if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] < 1:
@@ -451,6 +458,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
         else:
             from . import kernels  # sets TRITON_INTERPRET before the kernels are decorated on CUDA-less hosts
 
+            if device.type not in ("cuda", "cpu"):
+                raise ValueError(f"backend='triton' needs CUDA tensors (CPU ones under Triton's interpreter), "
+                                 f"got {device}; use backend='reference'")
             if device.type != "cuda" and not kernels.INTERPRETING:
                 why = kernels.INTERPRETER_UNAVAILABLE or "on CPU set TRITON_INTERPRET=1 before importing iidkern"
                 raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); {why}, or use backend='reference'")

@@ -97,6 +97,8 @@ def attention_reference(q, k, v, *, layout: str = "bhnd", scale: Optional[float]
     results = []
     for p in probes:
         results.append(probe_reference(probs, p) if isinstance(p, Probe) else value_probe_reference(probs, p))
+    # The statistics of the output as returned (rounded to the input dtype), as the kernels take them.
+    out = out.to(q.dtype)
     stats = pair_stats_reference(out, pair_stats) if pair_stats is not None else None
     out_layout = out if layout == "bhnd" else out.transpose(1, 2)
-    return AttentionResult(out=out_layout.to(q.dtype), lse=lse.float(), probes=tuple(results), pair_stats=stats)
+    return AttentionResult(out=out_layout, lse=lse.float(), probes=tuple(results), pair_stats=stats)

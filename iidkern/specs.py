@@ -70,6 +70,7 @@ class TokenGroups:
         """
         if not isinstance(group_ids, torch.Tensor):
             raise TypeError(f"TokenGroups.ids: group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
+        check_data_tensor(group_ids, "TokenGroups.ids: group_ids")
         if group_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"TokenGroups.ids: group_ids must have an integer dtype, got {group_ids.dtype}")
         if group_ids.dim() not in (1, 2) or group_ids.shape[-1] == 0:
@@ -117,6 +118,8 @@ class TokenGroups:
         length = index_arg(length, "TokenGroups.segments: length")
         if length < 1:
             raise ValueError(f"TokenGroups.segments: length must be >= 1, got {length}")
+        if len(ranges) == 0:
+            raise ValueError("TokenGroups.segments: ranges must hold at least one (start, stop) range, got none")
         ids = torch.full((length,), -1, dtype=torch.int32)
         lo, hi = length, 0
         for i, (a, b) in enumerate(ranges):
@@ -179,10 +182,11 @@ def _check_heads(heads, where: str):
         if heads not in _HEAD_MODES:
             raise ValueError(f"{where}: heads must be one of {_HEAD_MODES} or a tensor of per-head weights, got {heads!r}")
     elif isinstance(heads, torch.Tensor):
+        check_data_tensor(heads, f"{where}: heads")
         if heads.dim() not in (1, 2):
-            raise ValueError(f"{where}: per-head weights must have shape [H] or [B, H], got {tuple(heads.shape)}")
+            raise ValueError(f"{where}: heads (per-head weights) must have shape [H] or [B, H], got {tuple(heads.shape)}")
         if not heads.is_floating_point():
-            raise TypeError(f"{where}: per-head weights must be floating point, got {heads.dtype}")
+            raise TypeError(f"{where}: heads (per-head weights) must be floating point, got {heads.dtype}")
     else:
         raise TypeError(f"{where}: heads must be a str or a torch.Tensor, got {type(heads).__name__}")
 
@@ -266,6 +270,7 @@ class ValueProbe:
     def __post_init__(self):
         if not isinstance(self.x, torch.Tensor):
             raise TypeError(f"ValueProbe: x must be a torch.Tensor, got {type(self.x).__name__}")
+        check_data_tensor(self.x, "ValueProbe: x")
         if self.x.dim() not in (2, 3):
             raise ValueError(f"ValueProbe: x must have shape [B, Nk, C] or [Nk, C], got {tuple(self.x.shape)}")
         if not 1 <= self.x.shape[-1] <= MAX_VALUE_PROBE_CHANNELS:
@@ -287,6 +292,15 @@ def as_integer(x) -> Optional[int]:
         return operator.index(x)
     except TypeError:
         return None
+
+
+def check_data_tensor(t: torch.Tensor, what: str) -> None:
+    """A tensor whose values a call reads (tags, group ids, weights, multipliers): dense
+    (strided) and holding data, else an error naming ``what`` (torch's own would not)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.device.type == "meta":
+        raise ValueError(f"{what} is a meta tensor (no values); pass a CPU or CUDA tensor")
 
 
 def index_arg(x, what: str) -> int:
@@ -394,10 +408,10 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
     * background image tokens see no instruction (``background="none"``) or every
       instruction (``"all"``);
     * tokens in ``always_visible`` ranges (conditioning: source image, time token, shared
-      text) are seen by every query and see every key;
+      text) are seen by every query and see every key that carries a bit;
     * tokens in none of these ranges (e.g. text padding) carry no bit: they see nothing
-      (zero output, LSE ``-inf``) and no query sees them. Name them in ``always_visible``
-      to keep them in play.
+      (zero output, LSE ``-inf``) and no query sees them, always-visible ones included.
+      Name them in ``always_visible`` to keep them in play.
 
     ``region_masks``: bool ``[N_instr, N_img]`` or ``[B, N_instr, N_img]``; at most 62
     instructions. Returns ``(q_tags, k_tags)`` int64 ``[B, N]``.

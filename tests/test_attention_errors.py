@@ -53,7 +53,7 @@ CASES = [
                                                                   span=(0, N + 2)))]),
      ValueError, ["probes[0].keys", "(12,)"]),
     ("probe-head-weights", dict(probes=[Probe(TG.each(0, 3), TG.each(0, 3), heads=torch.ones(7))]), ValueError,
-     ["probes[0]", "per-head weights", "(7,)"]),
+     ["probes[0]", "heads (per-head weights)", "(7,)"]),
     ("value-probe-x", dict(probes=[ValueProbe(torch.randn(B, N + 1, 2), TG.each(0, 3))]), ValueError,
      ["probes[0].x", "(2, 11, 2)"]),
     ("multiplier-type", dict(block_multiplier=torch.ones(B, 2, 2)), TypeError, ["block_multiplier", "BlockMultiplier"]),
@@ -75,6 +75,16 @@ CASES = [
     ("pairs-ragged", dict(pair_stats=[(0, 1), (1,)]), ValueError, ["pair_stats", "two batch indices"]),
     ("return-lse-str", dict(return_lse="yes"), TypeError, ["return_lse", "bool", "'yes'"]),
     ("count-tiles-str", dict(count_tiles="no"), TypeError, ["count_tiles", "bool", "'no'"]),
+    ("q-sparse", dict(q=torch.randn(B, H, N, D).to_sparse()), TypeError, ["q", "dense (strided)", "sparse_coo"]),
+    ("tags-sparse", dict(tags=(torch.ones(B, N, dtype=torch.int64).to_sparse(), torch.ones(B, N, dtype=torch.int64))),
+     TypeError, ["q_tags", "dense (strided)"]),
+    ("head-weights-sparse", dict(head_weights=torch.ones(H).to_sparse()), TypeError, ["head_weights", "dense"]),
+    ("head-weights-meta", dict(head_weights=torch.ones(H, device="meta")), ValueError, ["head_weights", "meta"]),
+    ("multiplier-sparse", dict(block_multiplier=BlockMultiplier(torch.ones(B, 2, 2).to_sparse())), TypeError,
+     ["block_multiplier.values", "dense"]),
+    ("pairs-meta", dict(pair_stats=torch.tensor([[0, 1]], device="meta")), ValueError, ["pair_stats", "meta"]),
+    ("triton-on-meta", dict(q=torch.randn(B, H, N, D, device="meta"), k=torch.randn(B, H, N, D, device="meta"),
+                            v=torch.randn(B, H, N, D, device="meta")), ValueError, ["backend='triton'", "meta"]),
     ("tags-batch-1-q-ok-k-bad", dict(tags=(torch.ones(1, N, dtype=torch.int64), torch.ones(3, N, dtype=torch.int64))),
      ValueError, ["k_tags", "[1, 10]", "(3, 10)"]),
 ]
@@ -95,6 +105,13 @@ SPEC_CASES = [
     ("ids-float", lambda: TG.ids(torch.zeros(4)), TypeError, ["integer dtype"]),
     ("ids-none-probed", lambda: TG.ids(torch.full((4,), -1)), ValueError, ["at least one group"]),
     ("segments-overlap", lambda: TG.segments([(0, 3), (2, 4)], 5), ValueError, ["overlaps"]),
+    ("segments-none", lambda: TG.segments([], 5), ValueError, ["TokenGroups.segments", "at least one"]),
+    ("ids-meta", lambda: TG.ids(torch.zeros(4, dtype=torch.int32, device="meta")), ValueError,
+     ["TokenGroups.ids: group_ids", "meta"]),
+    ("value-probe-sparse", lambda: ValueProbe(torch.randn(4, 2).to_sparse(), TG.each(0, 2)), TypeError,
+     ["ValueProbe: x", "dense"]),
+    ("probe-heads-sparse", lambda: Probe(TG.each(0, 2), TG.each(0, 2), heads=torch.ones(3).to_sparse()), TypeError,
+     ["heads", "dense"]),
     ("probe-heads", lambda: Probe(TG.each(0, 2), TG.each(0, 2), heads="max"), ValueError, ["heads", "'max'"]),
     ("probe-normalize", lambda: Probe(TG.each(0, 2), TG.each(0, 2), normalize="rows"), ValueError, ["normalize"]),
     ("value-probe-channels", lambda: ValueProbe(torch.randn(4, 17), TG.each(0, 2)), ValueError, ["1..16", "C=17"]),
@@ -275,3 +292,16 @@ except ValueError as e:
     second = runs["triton-first"].stdout
     assert "ValueError" in second and "TRITON_INTERPRET=1" in second and "import iidkern first" in second, \
         runs["triton-first"].stderr[-2000:]
+
+
+def test_reference_pair_stats_are_those_of_the_returned_output():
+    """Pair statistics are taken on the output as returned (rounded to bf16 here) by both
+    backends, as the README says, not on the reference's fp32 output before rounding."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=g).to(torch.bfloat16) for _ in range(3))
+    for backend in ("reference", "triton"):
+        res = iidkern.attention(q, k, v, pair_stats=[(0, 1)], backend=backend)
+        o = res.out.double()
+        want = (o[0] * o[1]).sum((1, 2))
+        torch.testing.assert_close(res.pair_stats.dot.double(), want[None], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(res.pair_stats.norm0_sq.double(), (o[0] * o[0]).sum((1, 2))[None], rtol=1e-6, atol=0)
