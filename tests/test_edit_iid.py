@@ -374,3 +374,23 @@ def test_a_second_forward_at_the_capture_step_is_not_probed():
     for step in range(3):  # a new run (the steps go back) probes its first forward again
         forward(twice, step, *negative)
     assert torch.equal(twice.per_head_maps, only_negative.per_head_maps)
+
+
+def test_without_row_instruction_the_maps_come_from_the_last_batch_row():
+    """``IIDPolicy`` without ``row_instruction`` on a CFG batch ``[uncond; cond]`` (the
+    runner's and diffusers' SD3 order) takes the maps from the last (cond) row, as
+    ``IIDConfig.map_row = -1`` says; with ``row_instruction`` from its last combined row."""
+    g = torch.Generator().manual_seed(62)
+    grid, n_text, heads = (2, 3), 4, 2
+    n = n_text + grid[0] * grid[1]
+    cfg = IIDConfig(map_step=0, map_layer=0, sigma=0.0, threshold="top", threshold_value=0.5)
+    site = AttentionSite(block=0, block_kind="joint", text=(0, n_text), image=(n_text, n), step=0, num_steps=2,
+                         layer=0, num_layers=1)
+    q, k, v = (torch.randn(2, n, heads, 8, generator=g) for _ in range(3))  # [B, N, H, D]
+    probs = torch.softmax(q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / 8 ** 0.5, -1)  # [B, H, N, N]
+    for rows, want_row in ((None, 1), ([None, 0, 1], 0)):
+        policy = IIDPolicy([(0, 2), (2, 4)], grid, cfg, row_instruction=rows)
+        qs, ks, vs = (t if rows is None else torch.cat([t, t[:1]]) for t in (q, k, v))
+        attend(qs, ks, vs, site, policy, backend="reference")
+        image_to_first = probs[want_row, :, n_text:, 0:2].mean(-1)  # [H, N_img], instruction 0 (keys 0..1)
+        torch.testing.assert_close(policy.per_head_maps[..., 0], image_to_first, rtol=1e-5, atol=1e-6)

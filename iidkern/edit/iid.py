@@ -431,7 +431,9 @@ class IIDPolicy(RunScopedPolicy):
             all(i in rows for i in range(len(self.instructions))) else None
         self.isolation = BranchIsolationPolicy(self.instructions, rows, device=device)
         self.capture = IIDMapPolicy(self.instructions, grid, self.config, branch_rows=branch_rows)
-        if None in rows and self.config.map_row == -1:  # text maps come from the (last) combined row
+        # Text maps come from the (last) combined row. Without row_instruction the rows are not
+        # described (a CFG batch [uncond; cond] has two): map_row stays -1, the last (cond) row.
+        if row_instruction is not None and None in rows and self.config.map_row == -1:
             self.capture.map_row = len(rows) - 1 - rows[::-1].index(None)
         self.mask_policy: Optional[IIDMaskPolicy] = None
         self._early = ChainPolicy(self.isolation, self.capture)
