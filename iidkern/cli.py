@@ -115,8 +115,16 @@ def _check_run_args(parser, args):
     if args.device is not None:
         import torch
 
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cuda", "cpu"):
+            parser.error(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: CUDA is not available on this machine")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if getattr(args, "map_step", None) is not None and not 0 <= args.map_step < args.steps:
         parser.error(f"--map-step must be in [0, --steps={args.steps}), got {args.map_step}")
 

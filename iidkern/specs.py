@@ -425,8 +425,11 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
     img_lo, img_hi = index_arg(image[0], "instruction_tags: image start"), index_arg(image[1], "instruction_tags: image stop")
     if not 0 <= img_lo < img_hi <= length:
         raise ValueError(f"instruction_tags: image range {image} must lie in [0, {length})")
-    if not isinstance(region_masks, torch.Tensor):
-        raise TypeError(f"instruction_tags: region_masks must be a bool torch.Tensor, got {type(region_masks).__name__}")
+    if not isinstance(region_masks, torch.Tensor) or region_masks.dtype != torch.bool:
+        # A soft map cast to bool would be "any value > 0": threshold it first.
+        raise TypeError(f"instruction_tags: region_masks must be a bool torch.Tensor, got "
+                        f"{getattr(region_masks, 'dtype', type(region_masks).__name__)}")
+    check_data_tensor(region_masks, "instruction_tags: region_masks")
     masks = region_masks
     if masks.dim() == 2:
         masks = masks.unsqueeze(0)
@@ -434,7 +437,7 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
         raise ValueError(f"instruction_tags: region_masks must have shape [N_instr={n_instr}, N_img={img_hi - img_lo}] "
                          f"or [B, {n_instr}, {img_hi - img_lo}], got {tuple(region_masks.shape)}")
     device = device if device is not None else masks.device
-    masks = masks.to(device=device, dtype=torch.bool)
+    masks = masks.to(device=device)
     batch = masks.shape[0]
     img_bit = 1 << 62
     instr_bits = torch.tensor([1 << i for i in range(n_instr)], dtype=torch.int64, device=device)

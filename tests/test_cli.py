@@ -76,6 +76,8 @@ def test_edit_writes_pngs(tmp_path, input_png, method):
     (["edit", "--image", "{input}", "--instruction", "x", "--model", "/no/such/dir"], "directory not found"),
     (["edit", "--image", "{input}", "--instruction", "x", "--steps", "0"], "--steps"),
     ([], "required"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--device", "tpu"], "--device must be cuda, cuda:N or cpu"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--device", "gpu0"], "--device must be"),
 ])
 def test_bad_arguments_exit_2_with_a_message(input_png, args, message):
     res = run_cli(*[a.replace("{input}", input_png) for a in args], timeout=60)

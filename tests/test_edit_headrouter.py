@@ -135,6 +135,25 @@ def test_config_errors():
         TextResidual(keep=1.5)
 
 
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(gamma="a"), TypeError, ["gamma", "'a'"]), (dict(alpha=float("nan")), ValueError, ["alpha", "finite"]),
+    (dict(route="yes"), TypeError, ["route", "bool"]),
+    (dict(dtr_block_kinds="single"), TypeError, ["dtr_block_kinds", "('single',)"]),
+    (dict(steps=5), TypeError, ["steps", "(start, stop)"]), (dict(steps=(5, 2)), ValueError, ["steps", "start < stop"]),
+    (dict(steps=(-1, 2)), ValueError, ["steps start", ">= 0"]),
+    (dict(pairs=(0, 1)), TypeError, ["pairs", "((0, 1),)", "(0, 1)"]),
+    (dict(pairs=((0, 1.5),)), TypeError, ["pairs", "1.5"]),
+])
+def test_config_refuses_wrong_types_when_built(kwargs, exc, words):
+    """Named when built: a bare string of block kinds would be read letter by letter (DTR
+    silently off), a bare pair as two rows, an empty step window would never run."""
+    with pytest.raises(exc) as info:
+        HeadRouterConfig(**kwargs)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert HeadRouterConfig(dtr_block_kinds=["single"], steps=[0, 3]).dtr_block_kinds == ("single",)
+
+
 @pytest.mark.parametrize("pairs,message", [
     (((0, 1), (2, 1)), r"repeat edit row\(s\) \[1\]"),
     (((0, 1), (1, 2)), r"row\(s\) \[1\] as both a recon row and an edit row"),

@@ -183,6 +183,41 @@ def test_config_refuses_values_outside_their_range(kwargs, field):
     IIDConfig(sigma=0.0, threshold="top", threshold_value=1.0, map_layer=(0, -1))
 
 
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(map_step="3"), TypeError, ["map_step", "'3'"]), (dict(map_step=1.5), TypeError, ["map_step", "1.5"]),
+    (dict(kernel_size=3.0), TypeError, ["kernel_size"]), (dict(sigma="1"), TypeError, ["sigma", "'1'"]),
+    (dict(threshold_value="0.5"), TypeError, ["threshold_value"]), (dict(mask_until=-1), ValueError, ["mask_until"]),
+    (dict(map_row="last"), TypeError, ["map_row", "'last'"]),
+    (dict(visible_ranges="source"), TypeError, ["visible_ranges", "('source',)"]),
+    (dict(image_key_range=("source",)), TypeError, ["image_key_range"]),
+])
+def test_config_refuses_wrong_types_when_built(kwargs, exc, words):
+    """A string or float where an int or names are expected is refused when built, naming the
+    field; a bare string of names would otherwise be read letter by letter (no range matches)."""
+    with pytest.raises(exc) as info:
+        IIDConfig(**kwargs)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert IIDConfig(visible_ranges=["source"]).visible_ranges == ("source",)
+
+
+@pytest.mark.parametrize("build,exc,words", [
+    (lambda: IIDPolicy([(0, 2)], (0, 2)), ValueError, ["grid rows", ">= 1"]),
+    (lambda: IIDPolicy([(0, 2)], "2x2"), TypeError, ["grid", "'2x2'"]),
+    (lambda: IIDPolicy([(0, 3), (2, 6)], (2, 2)), ValueError, ["overlap", "(0, 3)", "(2, 6)"]),
+    (lambda: IIDPolicy([(0, 2.5)], (2, 2)), TypeError, ["instructions", "2.5"]),
+    (lambda: IIDMaskPolicy([(0, 3)], [[True]]), TypeError, ["masks", "bool"]),
+    (lambda: IIDMaskPolicy([(0, 3)], torch.rand(1, 4)), TypeError, ["masks", "bool", "float32"]),
+    (lambda: IIDPolicy([(0, 3)], (2, 2), masks=torch.rand(1, 4)), TypeError, ["masks", "bool"]),
+])
+def test_policies_refuse_bad_arguments_when_built(build, exc, words):
+    """Not at step S, after sampling up to it; a soft map is not silently made a mask."""
+    with pytest.raises(exc) as info:
+        build()
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
 def test_map_layers_outside_the_model_are_refused():
     g = torch.Generator().manual_seed(13)
     n = int(torch.randint(2, 9, (1,), generator=g))

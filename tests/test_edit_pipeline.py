@@ -181,6 +181,22 @@ def test_headrouter_refuses_a_layout_the_runner_does_not_use(t2i_model, picture)
                         config=HeadRouterConfig(layout="bhnd"), progress=False)
 
 
+def test_pipelines_refuse_wrong_arguments_before_encoding(concat_model, t2i_model, picture):
+    """Named, before any work: another method's config, a string step count, and HeadRouter
+    pairs outside the run's two-row batch (found only after the inversion before)."""
+    with pytest.raises(TypeError, match="config must be an instance of IIDConfig .* got HeadRouterConfig"):
+        iid_edit(concat_model, picture, INSTRUCTIONS, num_steps=2, config=HeadRouterConfig(), progress=False)
+    with pytest.raises(TypeError, match="num_steps must be an integer, got '2'"):
+        iid_edit(concat_model, picture, INSTRUCTIONS, num_steps="2", progress=False)
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=0, progress=False)
+    with pytest.raises(TypeError, match="config must be an instance of HeadRouterConfig"):
+        headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=2, config=IIDConfig(), progress=False)
+    with pytest.raises(ValueError, match=r"pairs must be \(\(0, 1\),\) or \(\(1, 0\),\) .* got \(\(0, 2\),\)"):
+        headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=2,
+                        config=HeadRouterConfig(pairs=((0, 2),)), progress=False)
+
+
 def test_hash_encoder_and_pixel_codec():
     enc = HashTextEncoder(24, 20)
     a, b = enc.encode("A red house!"), enc.encode("a RED house")

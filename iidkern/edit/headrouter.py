@@ -32,6 +32,7 @@ import torch
 from ..policy import AttentionRequest, AttentionSite, RunScopedPolicy
 from ..routing import router_weights
 from ..specs import BlockMultiplier, Probe, TokenGroups, as_integer, index_arg
+from . import checks
 from .masks import key_region_masks
 
 DTR_IMAGE_FORMS = ("paper", "code", "off")
@@ -67,14 +68,20 @@ class HeadRouterConfig:
     layout: str = "bnhd"
 
     def __post_init__(self):
+        # Types first: a string of kinds would be read letter by letter, a bare pair as two rows.
+        for name in ("gamma", "delta", "alpha", "upsilon", "dtr_text_keep"):
+            setattr(self, name, checks.real(getattr(self, name), f"HeadRouterConfig: {name}"))
+        for name in ("route", "dtr_text"):
+            checks.flag(getattr(self, name), f"HeadRouterConfig: {name}")
+        self.dtr_block_kinds = checks.names(self.dtr_block_kinds, "HeadRouterConfig: dtr_block_kinds")
+        self.steps = checks.step_window(self.steps, "HeadRouterConfig: steps")
         if self.dtr_image not in DTR_IMAGE_FORMS:
             raise ValueError(f"HeadRouterConfig: dtr_image must be one of {DTR_IMAGE_FORMS}, got {self.dtr_image!r}")
         if self.dtr_heads not in ("mean", "keep"):
             raise ValueError(f"HeadRouterConfig: dtr_heads must be 'mean' or 'keep', got {self.dtr_heads!r}")
         if self.layout not in ("bnhd", "bhnd"):
             raise ValueError(f"HeadRouterConfig: layout must be 'bnhd' or 'bhnd', got {self.layout!r}")
-        self.pairs = tuple((index_arg(a, "HeadRouterConfig: pairs"), index_arg(b, "HeadRouterConfig: pairs"))
-                           for a, b in self.pairs)
+        self.pairs = checks.index_pairs(self.pairs, "HeadRouterConfig: pairs", "((0, 1),)")
         self._check_pairs()
         if not 0.0 <= self.dtr_text_keep <= 1.0:
             raise ValueError(f"HeadRouterConfig: dtr_text_keep must be in [0, 1], got {self.dtr_text_keep}")

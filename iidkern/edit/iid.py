@@ -36,6 +36,7 @@ import torch
 from ..attention import tag_mask
 from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPolicy, RunScopedPolicy
 from ..specs import Probe, TokenGroups, ValueProbe, instruction_tags
+from . import checks
 from .masks import THRESHOLD_RULES, iid_masks, sigma_problem, threshold_value_problem
 
 Range = Tuple[int, int]
@@ -85,6 +86,16 @@ class IIDConfig:
     shared_text: str = "visible"  # text tokens outside every instruction: "visible" (conditioning) | "hidden"
 
     def __post_init__(self):
+        # Types first (a string or a float would fail only at step S, or change the method).
+        self.map_step = checks.optional_integer(self.map_step, "IIDConfig: map_step")
+        self.map_row = checks.integer(self.map_row, "IIDConfig: map_row")
+        self.sigma = checks.real(self.sigma, "IIDConfig: sigma", finite=False)  # sigma_problem words the range
+        self.kernel_size = checks.optional_integer(self.kernel_size, "IIDConfig: kernel_size")
+        self.threshold_value = checks.real(self.threshold_value, "IIDConfig: threshold_value", finite=False)
+        self.mask_until = checks.optional_integer(self.mask_until, "IIDConfig: mask_until", minimum=0)
+        self.visible_ranges = checks.names(self.visible_ranges, "IIDConfig: visible_ranges")
+        if not isinstance(self.image_key_range, str):
+            raise TypeError(f"IIDConfig: image_key_range must be a range name (str), got {self.image_key_range!r}")
         if self.map_source not in MAP_SOURCES:
             raise ValueError(f"IIDConfig: map_source must be one of {MAP_SOURCES}, got {self.map_source!r}")
         if self.threshold not in THRESHOLD_RULES:
@@ -143,14 +154,25 @@ def _layer_tuple(map_layer) -> Tuple[int, ...]:
 
 
 def _check_instructions(instructions: Sequence[Range]) -> Tuple[Range, ...]:
-    out = tuple((int(a), int(b)) for a, b in instructions)
+    out = checks.index_pairs(instructions, "IID: instructions", "[(0, 5), (5, 9)]")
     if not out:
         raise ValueError("IID: need at least one instruction range")
     for i, (a, b) in enumerate(out):
         if not 0 <= a < b:
             raise ValueError(f"IID: instruction {i} range {(a, b)} must satisfy 0 <= start < stop "
                              "(relative to the start of the text range)")
+    for i, (a, b) in enumerate(out):  # a token holds one instruction's id (TokenGroups.segments)
+        for j, (c, d) in enumerate(out[:i]):
+            if a < d and c < b:
+                raise ValueError(f"IID: instruction ranges {j} {(c, d)} and {i} {(a, b)} overlap")
     return out
+
+
+def _check_grid(grid) -> Tuple[int, int]:
+    """The latent token grid ``(rows, cols)``, both >= 1."""
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) != 2:
+        raise TypeError(f"IID: grid must be a (rows, cols) pair of the latent token grid, got {grid!r}")
+    return checks.integer(grid[0], "IID: grid rows", 1), checks.integer(grid[1], "IID: grid cols", 1)
 
 
 def absolute_instruction_ranges(site: AttentionSite, instructions: Sequence[Range]) -> List[Range]:
@@ -268,7 +290,7 @@ class IIDMapPolicy(RunScopedPolicy):
     def __init__(self, instructions: Sequence[Range], grid: Tuple[int, int], config: Optional[IIDConfig] = None,
                  branch_rows: Optional[Sequence[int]] = None):
         self.instructions = _check_instructions(instructions)
-        self.grid = (int(grid[0]), int(grid[1]))
+        self.grid = _check_grid(grid)
         self.config = config or IIDConfig()
         self.branch_rows = tuple(branch_rows) if branch_rows is not None else None
         self.map_row = self.config.map_row
@@ -364,10 +386,14 @@ class IIDMaskPolicy(AttentionPolicy):
     def __init__(self, instructions: Sequence[Range], masks: torch.Tensor, config: Optional[IIDConfig] = None,
                  from_step: Optional[int] = None, until_step: Optional[int] = None):
         self.instructions = _check_instructions(instructions)
+        if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+            # A soft map cast to bool would be "any value > 0": threshold it first (binarize).
+            raise TypeError(f"IIDMaskPolicy: masks must be a bool torch.Tensor, got "
+                            f"{getattr(masks, 'dtype', type(masks).__name__)}")
         if masks.dim() not in (2, 3) or masks.shape[-2] != len(self.instructions):
             raise ValueError(f"IIDMaskPolicy: masks must be [N={len(self.instructions)}, N_img] or "
                              f"[B, N, N_img], got {tuple(masks.shape)}")
-        self.masks = masks.bool()
+        self.masks = masks
         self.config = config or IIDConfig()
         self.from_step = from_step
         self.until_step = until_step
@@ -424,7 +450,7 @@ class IIDPolicy(RunScopedPolicy):
                  row_instruction: Optional[Sequence[Optional[int]]] = None, masks: Optional[torch.Tensor] = None,
                  device=None):
         self.instructions = _check_instructions(instructions)
-        self.grid = grid
+        self.grid = _check_grid(grid)
         self.config = config or IIDConfig()
         rows = tuple(row_instruction) if row_instruction is not None else (None,)
         branch_rows = [rows.index(i) for i in range(len(self.instructions))] if \

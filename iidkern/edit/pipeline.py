@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..mmdit.encoders import PromptEmbeddings
 from ..mmdit.sampling import FluxDenoiser, euler_step, flux_sigmas, initial_noise, sample
 from ..policy import ChainPolicy
+from . import checks
 from .headrouter import HeadRouterConfig, HeadRouterPolicy, KeyRegionPolicy, TextResidual
 from .iid import IIDConfig, IIDPolicy
 from .inversion import RFEditController, RFInversionConfig, invert
@@ -120,6 +121,20 @@ def _source_kwargs(model: EditModel, source_latents: torch.Tensor) -> dict:
                      f"{model.layout!r} (a text-to-image model edits through --method headrouter)")
 
 
+def _check_run(num_steps, seed) -> Tuple[int, int]:
+    return checks.integer(num_steps, "num_steps", minimum=1), checks.integer(seed, "seed")
+
+
+def _check_config(config, kind):
+    """``config``, or the method's defaults for None; another config class is a TypeError."""
+    if config is None:
+        return kind()
+    if not isinstance(config, kind):
+        raise TypeError(f"config must be an instance of {kind.__name__} (or None for the defaults), "
+                        f"got {type(config).__name__}")
+    return config
+
+
 def _check_image(image: torch.Tensor, factor: int):
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[:2] != (1, 3):
         raise ValueError(f"image must be a [1, 3, H, W] tensor in [-1, 1], got "
@@ -154,7 +169,8 @@ def iid_edit(model: EditModel, image: torch.Tensor, instructions: Sequence[str],
     if not instructions or any(not isinstance(s, str) or not s.strip() for s in instructions):
         raise ValueError(f"instructions must be a non-empty list of non-empty strings, got {instructions!r}")
     _check_image(image, model.factor)
-    config = config or IIDConfig()
+    num_steps, seed = _check_run(num_steps, seed)
+    config = _check_config(config, IIDConfig)
     if method == "iid":
         _check_iid_config(model, config, num_steps)  # before encoding anything
     device = model.device
@@ -242,7 +258,11 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
     if model.layout != "t2i":
         raise ValueError(f"HeadRouter inverts a text-to-image model (layout 't2i'), got layout {model.layout!r}")
     _check_image(image, model.factor)
-    config = config or HeadRouterConfig()
+    num_steps, seed = _check_run(num_steps, seed)
+    config = _check_config(config, HeadRouterConfig)
+    if set(map(frozenset, config.pairs)) != {frozenset((0, 1))}:  # the run's batch is [source; target]
+        raise ValueError(f"HeadRouterConfig: pairs must be ((0, 1),) or ((1, 0),) for headrouter_edit (one "
+                         f"(recon_row, edit_row) pair over its two-row batch), got {config.pairs}")
     if config.layout != "bnhd":  # receive() indexes the output by this layout; the runner's is fixed
         raise ValueError(f"HeadRouterConfig: layout must be 'bnhd' for headrouter_edit (the runner attends in "
                          f"[B, N, H, D]), got {config.layout!r}")

@@ -1,0 +1,80 @@
+"""Argument checks shared by the editing configs and pipelines.
+
+Each raises a TypeError / ValueError naming the argument and what it got, at construction:
+a wrong type found only at step S (after sampling up to it) or one that silently changes the
+method (a string where names are expected is iterated letter by letter) is what they stop.
+"""
+import math
+import numbers
+from typing import Optional, Sequence, Tuple
+
+from ..specs import as_integer
+
+
+def integer(value, what: str, minimum: Optional[int] = None) -> int:
+    """``value`` as an int (Python, numpy or 0-d tensor integer; not a bool or a float)."""
+    i = as_integer(value)
+    if i is None:
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    if minimum is not None and i < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {i}")
+    return i
+
+
+def optional_integer(value, what: str, minimum: Optional[int] = None) -> Optional[int]:
+    return None if value is None else integer(value, what, minimum)
+
+
+def real(value, what: str, finite: bool = True) -> float:
+    """``value`` as a float (an int or float, not a bool or a string), finite unless told."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a real number, got {value!r} ({type(value).__name__})")
+    x = float(value)
+    if finite and not math.isfinite(x):
+        raise ValueError(f"{what} must be finite, got {x}")
+    return x
+
+
+def flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def names(value, what: str) -> Optional[Tuple[str, ...]]:
+    """``None`` or a sequence of names as a tuple; a bare string is refused (it would be
+    read letter by letter)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise TypeError(f"{what} must be a sequence of names, e.g. ({value!r},), got the string {value!r}")
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a sequence of names, got {value!r} ({type(value).__name__})") from None
+    if not all(isinstance(n, str) for n in out):
+        raise TypeError(f"{what} must hold strings, got {value!r}")
+    return out
+
+
+def index_pairs(value, what: str, example: str) -> Tuple[Tuple[int, int], ...]:
+    """A sequence of ``(a, b)`` integer pairs, e.g. ``((0, 1),)``."""
+    try:
+        items = [tuple(pair) for pair in value]
+    except TypeError:
+        items = None
+    if items is None or any(len(pair) != 2 for pair in items):
+        raise TypeError(f"{what} must be a sequence of (a, b) pairs, e.g. {example}, got {value!r}")
+    return tuple((integer(a, what), integer(b, what)) for a, b in items)
+
+
+def step_window(value, what: str) -> Optional[Tuple[int, int]]:
+    """``None`` or ``(start, stop)`` with ``0 <= start < stop``."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"{what} must be None or a (start, stop) pair of steps, got {value!r}")
+    start, stop = integer(value[0], f"{what} start", 0), integer(value[1], f"{what} stop", 0)
+    if stop <= start:
+        raise ValueError(f"{what} must satisfy start < stop (no step would run), got {(start, stop)}")
+    return start, stop
