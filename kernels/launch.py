@@ -204,7 +204,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
 
 def _tail_split_option(kernel_options: Optional[dict]):
     """hopper_attention's ``split`` from the kernel options: "auto", False, or a forced plan."""
-    options = kernel_options or {}  # validated: both counts or neither (attention._validate_kernel_options)
+    options = kernel_options or {}  # validated: both counts or neither (validate.check_kernel_options)
     forced = [options.get("tail_split_tiles"), options.get("tail_split_pieces")]
     if not options.get("tail_split", True):
         return False

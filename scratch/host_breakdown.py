@@ -40,7 +40,7 @@ rows.append(("3 descriptors", per_call_us(lambda: (hopper_fwd._descriptor(q, "bh
                                                     hopper_fwd._descriptor(v, "bhnd", 128)))))
 rows.append(("torch.empty like q", per_call_us(lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device))))
 rows.append(("usable()", per_call_us(lambda: hopper_fwd.usable(q, k, v, "bhnd"))))
-rows.append(("_validate_qkv", per_call_us(lambda: iidkern.attention.__globals__["_validate_qkv"](q, k, v, "bhnd"))))
+rows.append(("_validate_qkv", per_call_us(lambda: __import__("iidkern.validate").validate.check_qkv(q, k, v, "bhnd"))))
 rows.append(("default_config", per_call_us(lambda: launch.default_config(128, torch.bfloat16))))
 
 # The launcher pieces: key building and the compiled kernel's own launch.

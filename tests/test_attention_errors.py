@@ -257,8 +257,8 @@ def test_integer_like_kernel_options_and_bool_pairs():
         call(pair_stats=[(0, True)])
     with pytest.raises(ValueError, match="BLOCK_N"):
         call(kernel_options={"BLOCK_N": True})
-    from iidkern.attention import _validate_kernel_options
-    checked = _validate_kernel_options({"BLOCK_M": np.int64(16), "num_stages": torch.tensor(2), "poison": True})
+    from iidkern.validate import check_kernel_options
+    checked = check_kernel_options({"BLOCK_M": np.int64(16), "num_stages": torch.tensor(2), "poison": True})
     assert checked == {"BLOCK_M": 16, "num_stages": 2, "poison": True} and type(checked["BLOCK_M"]) is int
 
 
