@@ -8,6 +8,8 @@ import math
 import numbers
 from typing import Optional, Sequence, Tuple
 
+import torch
+
 from ..specs import as_integer
 
 
@@ -27,7 +29,9 @@ def optional_integer(value, what: str, minimum: Optional[int] = None) -> Optiona
 
 def real(value, what: str, finite: bool = True) -> float:
     """``value`` as a float (an int or float, not a bool or a string), finite unless told."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool \
+        and not value.is_complex()
+    if not scalar_tensor and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{what} must be a real number, got {value!r} ({type(value).__name__})")
     x = float(value)
     if finite and not math.isfinite(x):
