@@ -431,21 +431,20 @@ def _fold_query_groups(per_query: torch.Tensor, groups, row0: int, n_q: int) -> 
 
     Deterministic, as every probe result is: a ``scatter_add`` would add in the order its
     CUDA atomics land (run-to-run differences of ~1e-6). The rows are sorted by group (a
-    stable sort), summed by a float64 running sum, and each group's sum is the difference of
-    the running sum at its two ends: O(B·H·rows·C) memory, like the input.
+    stable sort) and each group's run summed on its own in float64 (``segment_reduce``: one
+    sequential sum per group, so a small group keeps its precision after large ones).
     """
     batch, heads, rows, channels = per_query.shape
     if groups.kind == "each":
         return per_query[:, :, groups.start - row0:groups.stop - row0]
     ids = groups.dense_ids(batch, n_q, per_query.device)[:, row0:row0 + rows].long()
-    slot = torch.where(ids >= 0, ids, groups.count)  # unprobed rows sort last, into a dropped slot
+    slot = torch.where(ids >= 0, ids, groups.count)  # unprobed rows sort last, into a dropped segment
     slot, order = torch.sort(slot, dim=1, stable=True)
     ordered = per_query.double().gather(2, order[:, None, :, None].expand(batch, heads, rows, channels))
-    running = torch.nn.functional.pad(torch.cumsum(ordered, dim=2), (0, 0, 1, 0))  # [..., i, :]: rows before i
-    # Group g holds the sorted rows [starts[g], starts[g + 1]).
-    starts = torch.searchsorted(slot, torch.arange(groups.count + 1, device=slot.device).expand(batch, -1).contiguous())
-    at = running.gather(2, starts[:, None, :, None].expand(batch, heads, groups.count + 1, channels))
-    return (at[:, :, 1:] - at[:, :, :-1]).float()
+    starts = torch.searchsorted(slot, torch.arange(groups.count + 2, device=slot.device).expand(batch, -1).contiguous())
+    lengths = (starts[:, 1:] - starts[:, :-1])[:, None, :].expand(batch, heads, groups.count + 1)
+    sums = torch.segment_reduce(ordered, "sum", lengths=lengths, axis=2)
+    return sums[:, :, :groups.count].float()
 
 
 def _finish_value_probe(vp: ValueProbe, per_query: torch.Tensor, n_q: int) -> torch.Tensor:

@@ -260,3 +260,20 @@ def test_query_group_folding_sums_each_group_in_float64(batched):
     assert got.dtype == torch.float32 and got.shape == (b, h, count, c)
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-5)
     assert torch.equal(got[:, :, count - 1], torch.zeros(b, h, c))
+
+
+def test_query_group_folding_keeps_small_groups_and_non_finite_rows_apart():
+    """Each group is summed on its own: a group of tiny values after large ones keeps its
+    relative precision, and a NaN row spoils its own group only (an empty group stays 0)."""
+    from iidkern.kernels.launch import _fold_query_groups
+    n, count = 4100, 4
+    ids = torch.zeros(n, dtype=torch.int32)
+    ids[4092:4096] = 1  # four tiny rows after 4092 large ones
+    ids[4096:] = 3  # group 2 stays empty
+    per_query = torch.rand(1, 1, n, 1, dtype=torch.float64).float()
+    per_query[0, 0, 4092:4096] = 1e-10 * (1 + torch.arange(4.0))[:, None]
+    got = _fold_query_groups(per_query, TG.ids(ids, num_groups=count, span=(0, n)), 0, n)
+    torch.testing.assert_close(got[0, 0, 1], torch.tensor([1e-9]), rtol=1e-6, atol=0)
+    per_query[0, 0, 5] = float("nan")
+    got = _fold_query_groups(per_query, TG.ids(ids, num_groups=count, span=(0, n)), 0, n)
+    assert torch.isnan(got[0, 0, 0]).all() and torch.isfinite(got[0, 0, 1:]).all() and got[0, 0, 2].item() == 0.0
