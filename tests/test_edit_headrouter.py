@@ -152,6 +152,11 @@ def test_config_refuses_wrong_types_when_built(kwargs, exc, words):
     for word in words:
         assert word in str(info.value), str(info.value)
     assert HeadRouterConfig(dtr_block_kinds=["single"], steps=[0, 3]).dtr_block_kinds == ("single",)
+    import numpy as np  # values computed by numpy or torch stay accepted, as plain Python values
+    c = HeadRouterConfig(route=np.bool_(True), dtr_text=torch.tensor(False), steps=np.array([0, 3]),
+                         gamma=np.array(0.3), alpha=torch.tensor(5.0), pairs=torch.tensor([[0, 1]]))
+    assert (c.route, c.dtr_text, c.steps, c.gamma, c.alpha, c.pairs) == (True, False, (0, 3), 0.3, 5.0, ((0, 1),))
+    assert type(c.route) is bool and type(c.gamma) is float
 
 
 @pytest.mark.parametrize("pairs,message", [

@@ -199,6 +199,10 @@ def test_config_refuses_wrong_types_when_built(kwargs, exc, words):
     for word in words:
         assert word in str(info.value), str(info.value)
     assert IIDConfig(visible_ranges=["source"]).visible_ranges == ("source",)
+    import numpy as np
+    c = IIDConfig(map_step=np.int64(2), sigma=np.array(0.5), threshold_value=torch.tensor(0.25), kernel_size=torch.tensor(3))
+    assert (c.map_step, c.sigma, c.threshold_value, c.kernel_size) == (2, 0.5, 0.25, 3)
+    assert IIDPolicy([(0, 2)], torch.tensor([2, 3])).capture.grid == (2, 3)
 
 
 @pytest.mark.parametrize("build,exc,words", [

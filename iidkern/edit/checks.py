@@ -6,7 +6,7 @@ method (a string where names are expected is iterated letter by letter) is what 
 """
 import math
 import numbers
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -27,11 +27,17 @@ def optional_integer(value, what: str, minimum: Optional[int] = None) -> Optiona
     return None if value is None else integer(value, what, minimum)
 
 
+def _is_scalar_array(value) -> bool:
+    """A 0-d torch tensor or numpy array (a value computed by torch or numpy)."""
+    return getattr(value, "shape", None) in ((), torch.Size([])) and hasattr(value, "dtype")
+
+
 def real(value, what: str, finite: bool = True) -> float:
-    """``value`` as a float (an int or float, not a bool or a string), finite unless told."""
-    scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool \
-        and not value.is_complex()
-    if not scalar_tensor and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+    """``value`` as a float (an int or float, or a 0-d numeric array; not a bool or a string),
+    finite unless told."""
+    numeric = isinstance(value, numbers.Real) or (_is_scalar_array(value) and str(value.dtype) not in ("bool", "torch.bool")
+                                                   and "complex" not in str(value.dtype))
+    if isinstance(value, bool) or not numeric:
         raise TypeError(f"{what} must be a real number, got {value!r} ({type(value).__name__})")
     x = float(value)
     if finite and not math.isfinite(x):
@@ -40,9 +46,12 @@ def real(value, what: str, finite: bool = True) -> float:
 
 
 def flag(value, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{what} must be a bool, got {value!r} ({type(value).__name__})")
-    return value
+    """A bool (numpy's and a 0-d bool tensor count; 0 / 1 and strings do not)."""
+    if isinstance(value, bool):
+        return value
+    if _is_scalar_array(value) and str(value.dtype) in ("bool", "torch.bool"):
+        return bool(value)
+    raise TypeError(f"{what} must be a bool, got {value!r} ({type(value).__name__})")
 
 
 def names(value, what: str) -> Optional[Tuple[str, ...]]:
@@ -72,13 +81,25 @@ def index_pairs(value, what: str, example: str) -> Tuple[Tuple[int, int], ...]:
     return tuple((integer(a, what), integer(b, what)) for a, b in items)
 
 
+def pair(value, what: str, expected: str) -> Tuple[object, object]:
+    """Two items (a tuple, list, 1-D array or tensor of two), not a string."""
+    items = None
+    if not isinstance(value, (str, bytes)):
+        try:
+            items = tuple(value)
+        except TypeError:
+            pass
+    if items is None or len(items) != 2:
+        raise TypeError(f"{what} must be {expected}, got {value!r}")
+    return items
+
+
 def step_window(value, what: str) -> Optional[Tuple[int, int]]:
     """``None`` or ``(start, stop)`` with ``0 <= start < stop``."""
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
-        raise TypeError(f"{what} must be None or a (start, stop) pair of steps, got {value!r}")
-    start, stop = integer(value[0], f"{what} start", 0), integer(value[1], f"{what} stop", 0)
+    first, last = pair(value, what, "None or a (start, stop) pair of steps")
+    start, stop = integer(first, f"{what} start", 0), integer(last, f"{what} stop", 0)
     if stop <= start:
         raise ValueError(f"{what} must satisfy start < stop (no step would run), got {(start, stop)}")
     return start, stop

@@ -72,7 +72,7 @@ class HeadRouterConfig:
         for name in ("gamma", "delta", "alpha", "upsilon", "dtr_text_keep"):
             setattr(self, name, checks.real(getattr(self, name), f"HeadRouterConfig: {name}"))
         for name in ("route", "dtr_text"):
-            checks.flag(getattr(self, name), f"HeadRouterConfig: {name}")
+            setattr(self, name, checks.flag(getattr(self, name), f"HeadRouterConfig: {name}"))
         self.dtr_block_kinds = checks.names(self.dtr_block_kinds, "HeadRouterConfig: dtr_block_kinds")
         self.steps = checks.step_window(self.steps, "HeadRouterConfig: steps")
         if self.dtr_image not in DTR_IMAGE_FORMS:

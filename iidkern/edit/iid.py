@@ -170,9 +170,8 @@ def _check_instructions(instructions: Sequence[Range]) -> Tuple[Range, ...]:
 
 def _check_grid(grid) -> Tuple[int, int]:
     """The latent token grid ``(rows, cols)``, both >= 1."""
-    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) != 2:
-        raise TypeError(f"IID: grid must be a (rows, cols) pair of the latent token grid, got {grid!r}")
-    return checks.integer(grid[0], "IID: grid rows", 1), checks.integer(grid[1], "IID: grid cols", 1)
+    rows, cols = checks.pair(grid, "IID: grid", "a (rows, cols) pair of the latent token grid")
+    return checks.integer(rows, "IID: grid rows", 1), checks.integer(cols, "IID: grid cols", 1)
 
 
 def absolute_instruction_ranges(site: AttentionSite, instructions: Sequence[Range]) -> List[Range]:
