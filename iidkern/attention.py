@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .kernels.fast_launch import on_other_gpu
 from .kernels.tiles import TagMask
 from .reference import attention_reference
 from .specs import AttentionResult, BlockMultiplier, PairStats, ValueProbe
@@ -81,9 +82,7 @@ def _on_device(device: torch.device):
     current device's current stream, whatever device the pointers are on, so tensors on
     ``cuda:1`` under a current ``cuda:0`` would run on the wrong GPU (and outside the caller's
     stream there); torch's own ops guard the device the same way."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return torch.cuda.device(device) if on_other_gpu(device) else contextlib.nullcontext()
 
 
 def _without_autocast(device: torch.device):
@@ -167,7 +166,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
         signature = _plain_signature(q, k, v, layout, scale, backend, kernel_options)
         replay = _REPLAYS.get(signature) if signature is not None else None
         if replay is not None:  # this signature passed the checks below on its first call
-            if q.is_cuda and q.device.index != torch.cuda.current_device():  # (no context on the hot path)
+            if on_other_gpu(q.device):  # (no context manager on the hot path otherwise)
                 with torch.cuda.device(q.device):
                     return replay(q, k, v)
             return replay(q, k, v)

@@ -46,6 +46,12 @@ class Recording(list):
         self.workspaces = []
 
 
+def on_other_gpu(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU other than the current one. Triton launches (and torch's
+    "current stream" queries) go to the current device, so such calls need its guard."""
+    return device.type == "cuda" and device.index != torch.cuda.current_device()
+
+
 @contextlib.contextmanager
 def recording():
     """Note every ``Launcher.launch`` on this thread inside the block, as (launcher, grid, args, kwargs)."""

@@ -31,6 +31,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from .fast_launch import on_other_gpu
+
 
 @dataclass
 class TileLists:
@@ -185,7 +187,7 @@ def _capturing(t: torch.Tensor) -> bool:
     current stream of ``t``'s GPU, which need not be the current device.)"""
     if not t.is_cuda:
         return False
-    if t.device.index == torch.cuda.current_device():
+    if not on_other_gpu(t.device):
         return torch.cuda.is_current_stream_capturing()
     with torch.cuda.device(t.device):
         return torch.cuda.is_current_stream_capturing()

@@ -10,14 +10,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..specs import as_integer
+from ..specs import index_arg
 
 
 def integer(value, what: str, minimum: Optional[int] = None) -> int:
     """``value`` as an int (Python, numpy or 0-d tensor integer; not a bool or a float)."""
-    i = as_integer(value)
-    if i is None:
-        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    i = index_arg(value, what)
     if minimum is not None and i < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {i}")
     return i
@@ -32,11 +30,15 @@ def _is_scalar_array(value) -> bool:
     return getattr(value, "shape", None) in ((), torch.Size([])) and hasattr(value, "dtype")
 
 
+def _is_bool_dtype(value) -> bool:
+    return str(value.dtype) in ("bool", "torch.bool")
+
+
 def real(value, what: str, finite: bool = True) -> float:
     """``value`` as a float (an int or float, or a 0-d numeric array; not a bool or a string),
     finite unless told."""
-    numeric = isinstance(value, numbers.Real) or (_is_scalar_array(value) and str(value.dtype) not in ("bool", "torch.bool")
-                                                   and "complex" not in str(value.dtype))
+    numeric = isinstance(value, numbers.Real) or (
+        _is_scalar_array(value) and not _is_bool_dtype(value) and "complex" not in str(value.dtype))
     if isinstance(value, bool) or not numeric:
         raise TypeError(f"{what} must be a real number, got {value!r} ({type(value).__name__})")
     x = float(value)
@@ -49,7 +51,7 @@ def flag(value, what: str) -> bool:
     """A bool (numpy's and a 0-d bool tensor count; 0 / 1 and strings do not)."""
     if isinstance(value, bool):
         return value
-    if _is_scalar_array(value) and str(value.dtype) in ("bool", "torch.bool"):
+    if _is_scalar_array(value) and _is_bool_dtype(value):
         return bool(value)
     raise TypeError(f"{what} must be a bool, got {value!r} ({type(value).__name__})")
 
