@@ -38,3 +38,15 @@ def interleaved_ratios(variants: Dict[str, Callable[[], object]], baseline: str,
     for name, rs in ratios.items():
         print(f"{label:9s} {name:46s} {statistics.median(rs):.3f}x {baseline} (min {min(rs):.3f}, max {max(rs):.3f})")
     return ratios
+
+
+def bench_inputs(name: str, dtype: str = "bf16", device: str = "cuda"):
+    """The bench's shape ``name``, its dtype, and input sets rotated as the bench rotates them
+    (bench.timing.num_input_sets): ``(shape, dtype, inputs, n_sets)``."""
+    from bench.timing import num_input_sets
+    from bench.workloads import DTYPES, SHAPES, random_qkv
+    shape, torch_dtype, dev = SHAPES[name], DTYPES[dtype], torch.device(device)
+    first = random_qkv(shape, torch_dtype, dev, seed=0)
+    n_sets = num_input_sets(sum(t.numel() * t.element_size() for t in first))
+    inputs = [first] + [random_qkv(shape, torch_dtype, dev, seed=s) for s in range(1, n_sets)]
+    return shape, torch_dtype, inputs, n_sets

@@ -8,8 +8,9 @@ import torch
 
 import iidkern
 from iidkern.kernels import hopper_fwd
-from bench.timing import num_input_sets, paired_graph_ratio, paired_ratios
-from bench.workloads import DTYPES, SHAPES, build_workload, random_qkv
+from ab_timing import bench_inputs
+from bench.timing import paired_graph_ratio, paired_ratios
+from bench.workloads import build_workload
 
 
 def with_rotation(modes, fn):
@@ -25,10 +26,7 @@ def with_rotation(modes, fn):
 shapes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["flux_1024", "flux_edit"]
 dev = torch.device("cuda")
 for name in shapes:
-    shape, dtype = SHAPES[name], DTYPES["bf16"]
-    first = random_qkv(shape, dtype, dev, seed=0)
-    n_sets = num_input_sets(sum(t.numel() * t.element_size() for t in first))
-    inputs = [first] + [random_qkv(shape, dtype, dev, seed=s) for s in range(1, n_sets)]
+    shape, dtype, inputs, n_sets = bench_inputs(name)
 
     def plain(i):
         return iidkern.attention(*inputs[i])
