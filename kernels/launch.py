@@ -29,13 +29,23 @@ _PAIR_STATS = Launcher(pair_stats_kernel)
 PROBE_GROUP_BLOCK = 16  # group ids per output tile on a grouped probe side
 MAX_VALUE_CHANNELS = 64  # all value probes of one call share one padded side channel
 MAX_FUSED_KEY_GROUPS = 32  # a grouped-key probe with at most this many groups rides in the main pass
-# Plain calls with fewer keys than this run on the Triton kernel with SHORT_KEYS_CONFIG where
+# Plain calls with fewer keys than this run on the Triton kernel (SHORT_KEYS_CONFIG, or ONE_WAVE_CONFIG below) where
 # the Hopper kernel would serve them: its 128-row programs spend a short key loop filling and
 # draining their pipeline. H100, bf16, graph replays, Triton time over Hopper time at B=1,
 # 24 heads (NOTES.md 45): 0.66x at 300 keys, 0.88x at 768 (Flux 256²), 0.99x at 1024, 1.04x at
 # 1152, 1.07x at 1536. More programs narrow the gain (768 keys: 0.94x at B=2, 1.01x at B=4).
 HOPPER_MIN_KEYS = 1024
 SHORT_KEYS_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+# Short plain calls (up to SHORT_MAX_KEYS keys) whose 64-row tiles make a grid of more than
+# two programs an SM but at most three: 64 x 32 tiles under a 168-register cap (64 KB of
+# shared memory each) run three programs an SM, so the grid is one wave instead of two. H100,
+# bf16, paired graph ratios against cuDNN over 20 shapes (NOTES.md 59): Flux 256² (288
+# programs) 1.025x -> 0.99x, 1024 keys at 24 heads (384) Hopper 1.14x -> 1.03x, 48 heads on
+# 512 keys 1.11x -> 0.96x; outside that band the 64 x 64 tiles or the Hopper kernel are faster
+# (192 programs 0.97x vs 1.08x, 576 programs 1.15x vs 1.19x). With at most two programs an SM
+# the 64 x 64 tiles also beat the Hopper kernel at 1024 keys (16 heads: 1.04x vs 1.13x).
+ONE_WAVE_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168)
+SHORT_MAX_KEYS = 1024
 # kernel_options that configure the Triton kernel's main pass: naming one selects that kernel
 # (the Hopper kernel has none of them, and would silently ignore them).
 MAIN_PASS_OPTIONS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "warp_specialize",
@@ -107,6 +117,23 @@ def _default_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
+def short_plain_config(batch_heads: int, n_q: int, n_k: int, device: torch.device) -> Optional[dict]:
+    """The Triton kernel's launch options for a plain call that the Hopper kernel could serve
+    but that runs faster on the Triton kernel's small tiles (short key sequences), or None."""
+    sms = _device_sms(device)
+    programs = batch_heads * cdiv(n_q, SHORT_KEYS_CONFIG["BLOCK_M"])
+    if n_k <= SHORT_MAX_KEYS and 2 * sms < programs <= 3 * sms:
+        return ONE_WAVE_CONFIG
+    if n_k < HOPPER_MIN_KEYS or (n_k <= SHORT_MAX_KEYS and programs <= 2 * sms):
+        return SHORT_KEYS_CONFIG
+    return None
+
+
+def _device_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (no wave to fill)."""
+    return hopper_fwd.sm_count(hopper_fwd.device_index(device)) if device.type == "cuda" else 0
+
+
 def _strides_bhn(t: torch.Tensor, layout: str):
     """(batch, head, token) strides of a 4-D tensor in either layout; the channel stride is 1."""
     if layout == "bhnd":
@@ -128,9 +155,12 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
     hopper = _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options)
     plain = tags is None and not probes and head_weights is None and block_multiplier is None and \
         pair_stats is None and not need_lse
-    if hopper and plain and n_k < HOPPER_MIN_KEYS and (kernel_options or {}).get("hopper") is None:
+    short_cfg = None
+    if hopper and plain and (kernel_options or {}).get("hopper") is None:
+        short_cfg = short_plain_config(batch * heads, n_q, n_k, device)
+    if short_cfg is not None:
         hopper = False  # short keys: the Triton kernel's small tiles (hopper=True keeps the Hopper kernel)
-        cfg = dict(SHORT_KEYS_CONFIG)
+        cfg = dict(short_cfg)
     else:
         cfg = default_config(head_dim, q.dtype)
     cfg.update(kernel_options or {})
@@ -325,7 +355,7 @@ def _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options) -
     LSE, a fused key-group probe, a block multiplier, and what runs after the main pass
     (probe-pass probes, pair statistics). Value probes and tile counts live in the Triton
     kernel, and so do calls that configure its main pass or set ``hopper=False``
-    (``triton_attention`` also keeps short plain calls there, see ``HOPPER_MIN_KEYS``)."""
+    (``triton_attention`` also keeps short plain calls there, see ``short_plain_config``)."""
     options = kernel_options or {}
     if not options.get("hopper", True) or MAIN_PASS_OPTIONS.intersection(options):
         return False

@@ -233,6 +233,49 @@ def test_short_plain_calls_stay_on_the_triton_kernel_with_small_tiles(hopper_pre
     assert hopper == ["bhnd"] * 7
 
 
+# (batch, heads, tokens) -> the config that was fastest on the H100 (132 SMs), paired graph
+# ratios against cuDNN (NOTES.md 59): "one" ONE_WAVE_CONFIG, "short" SHORT_KEYS_CONFIG, None the Hopper kernel.
+MEASURED_SHORT_ROUTES = {
+    (1, 24, 768): "one", (1, 24, 896): "one", (1, 24, 1024): "one", (2, 12, 768): "one", (1, 32, 768): "one",
+    (3, 8, 1024): "one", (1, 24, 960): "one", (1, 20, 1024): "one", (1, 48, 512): "one", (1, 24, 832): "one",
+    (1, 24, 512): "short", (1, 24, 300): "short", (2, 24, 768): "short", (1, 8, 768): "short",
+    (1, 16, 1024): "short", (1, 24, 640): "short", (2, 16, 512): "short",
+    (1, 24, 1152): None, (1, 24, 1536): None, (2, 24, 1024): None,
+}
+
+
+@pytest.mark.parametrize("shape, route", MEASURED_SHORT_ROUTES.items(), ids=str)
+def test_short_plain_config_is_what_measured_fastest(monkeypatch, shape, route):
+    """One wave at three programs an SM where two would need two waves; else the 64 x 64 tiles
+    on short keys, the Hopper kernel from SHORT_MAX_KEYS keys or where the tiles need more waves."""
+    monkeypatch.setattr(launch, "_device_sms", lambda device: 132)
+    b, h, n = shape
+    expected = {"one": launch.ONE_WAVE_CONFIG, "short": launch.SHORT_KEYS_CONFIG, None: None}[route]
+    assert launch.short_plain_config(b * h, n, n, torch.device("cuda")) == expected
+
+
+def test_short_plain_config_without_an_sm_count_keeps_the_key_rule():
+    """Off CUDA there is no wave to fill: fewer than HOPPER_MIN_KEYS keys take the small tiles."""
+    cpu = torch.device("cpu")
+    assert launch._device_sms(cpu) == 0
+    assert launch.short_plain_config(24, 768, 768, cpu) == launch.SHORT_KEYS_CONFIG
+    assert launch.short_plain_config(24, 1024, launch.HOPPER_MIN_KEYS, cpu) is None
+
+
+def test_one_wave_calls_run_the_triton_kernel_with_its_tiles(hopper_pretend, monkeypatch):
+    """A plain call whose grid fills one wave at three programs an SM runs ONE_WAVE_CONFIG
+    (interpreted here: the tiles and the key loop of 32-key tiles against the reference)."""
+    monkeypatch.setattr(importlib.import_module("iidkern.attention"), "_REPLAY", False)
+    monkeypatch.setattr(hopper_fwd, "hopper_attention", lambda *a, **kw: pytest.fail("ran the Hopper kernel"))
+    monkeypatch.setattr(launch, "_device_sms", lambda device: 2)  # 2 heads x 3 query tiles: 4 < 6 <= 6
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, n, 128, generator=g) for n in (150, 77, 77))
+    with fast_launch.recording() as launches:
+        out = iidkern.attention(q, k, v, backend="triton")
+    assert {key: launches[0][3][key] for key in launch.ONE_WAVE_CONFIG} == launch.ONE_WAVE_CONFIG
+    assert_close_rel(out, attention_reference(q, k, v, compute_dtype=torch.float64).out, 1e-4)
+
+
 def test_head_dims_served():
     """D=128 always; D=64 only from LONG_MIN_KEYS keys (shorter ones are faster on the Triton kernel)."""
     assert hopper_fwd.serves_head_dim(128, 1) and hopper_fwd.serves_head_dim(128, 100_000)
@@ -478,9 +521,9 @@ def test_interpreter_never_routes_to_gluon():
 def hopper_calls(monkeypatch):
     """The layouts of the calls that run the Hopper kernel: through hopper_attention, or as
     a replay of a plain call's recorded Hopper launch (kernels/replay.py). Plain calls on
-    short key sequences go to it too (not to the Triton kernel, see launch.HOPPER_MIN_KEYS):
+    short key sequences go to it too (not to the Triton kernel, see launch.short_plain_config):
     these tests are about the Hopper kernel, on small shapes."""
-    monkeypatch.setattr(launch, "HOPPER_MIN_KEYS", 0)
+    monkeypatch.setattr(launch, "short_plain_config", lambda *args: None)
     calls = []
     original = hopper_fwd.hopper_attention
     original_replay = replay.LaunchReplay.__call__
@@ -1044,11 +1087,15 @@ def test_head_dim_64_long_sequences_run_on_the_hopper_kernel(hopper_calls, layou
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-@pytest.mark.parametrize("b, h, nq, nk", [(1, 24, 768, 768), (2, 3, 333, 1000), (3, 2, 1100, 1023)])
+@pytest.mark.parametrize("b, h, nq, nk", [(1, 24, 768, 768), (2, 3, 333, 1000), (3, 2, 1100, 1023),
+                                          (1, 32, 768, 1024), (1, 16, 1000, 1024), (2, 24, 333, 700)])
 def test_short_plain_calls_run_the_triton_kernel_on_the_gpu(monkeypatch, dtype, layout, b, h, nq, nk):
-    """Plain calls on fewer than HOPPER_MIN_KEYS keys (Flux 256² among them) run the Triton
-    kernel's small tiles, checked path and replays alike, and match the reference; from
-    HOPPER_MIN_KEYS keys the Hopper kernel takes them."""
+    """Plain calls on short key sequences (Flux 256² among them) run the Triton kernel's small
+    tiles, the one-wave tiles where those fill the GPU in one wave (launch.short_plain_config),
+    checked path and replays alike, and match the reference; from SHORT_MAX_KEYS + 1 keys the
+    Hopper kernel takes them."""
+    expected = launch.short_plain_config(b * h, nq, nk, torch.device("cuda"))
+    assert expected is not None
     api = importlib.import_module("iidkern.attention")
     hopper, replayed = [], []
     original, original_replay = hopper_fwd.hopper_attention, replay.LaunchReplay.__call__
@@ -1062,11 +1109,11 @@ def test_short_plain_calls_run_the_triton_kernel_on_the_gpu(monkeypatch, dtype, 
             out = iidkern.attention(q, k, v, layout=layout)
         if seed == 0:
             assert [rec[0] for rec in launches] == [launch._ATTN]
-            assert {key: launches[0][3][key] for key in launch.SHORT_KEYS_CONFIG} == launch.SHORT_KEYS_CONFIG
+            assert {key: launches[0][3][key] for key in expected} == expected
         ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64).out
         assert_close_rel(out, ref, OUT_TOL[dtype])
     assert hopper == [] and replayed and all(launcher is launch._ATTN for launcher in replayed)
-    q, k, v = _qkv(b, h, nq, launch.HOPPER_MIN_KEYS, dtype, layout, seed=9)
+    q, k, v = _qkv(b, h, nq, launch.SHORT_MAX_KEYS + 1, dtype, layout, seed=9)
     out = iidkern.attention(q, k, v, layout=layout, kernel_options={"poison": True})
     assert hopper == [1]
     assert_close_rel(out, attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64).out, OUT_TOL[dtype])

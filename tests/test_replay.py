@@ -222,7 +222,7 @@ def route(request, monkeypatch):
             pytest.skip("this Triton has no Gluon warp_specialize")
         monkeypatch.setattr(launch, "_INTERPRET", False)
         monkeypatch.setattr(hopper_fwd, "usable", lambda q, k, v, layout: True)
-        monkeypatch.setattr(launch, "HOPPER_MIN_KEYS", 0)  # short plain calls too (these shapes are small)
+        monkeypatch.setattr(launch, "short_plain_config", lambda *args: None)  # short calls too (small shapes)
         stand_in = fast_launch.Launcher(_StandInKernel())
         monkeypatch.setattr(hopper_fwd, "_ATTN_HOPPER", stand_in)
         return stand_in, torch.bfloat16, 128
