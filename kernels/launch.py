@@ -45,7 +45,7 @@ SHORT_KEYS_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 # (192 programs 0.97x vs 1.08x, 576 programs 1.15x vs 1.19x). With at most two programs an SM
 # the 64 x 64 tiles also beat the Hopper kernel at 1024 keys (16 heads: 1.04x vs 1.13x).
 ONE_WAVE_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168)
-SHORT_MAX_KEYS = 1024
+SHORT_MAX_KEYS = HOPPER_MIN_KEYS  # the largest key count measured (1024)
 # kernel_options that configure the Triton kernel's main pass: naming one selects that kernel
 # (the Hopper kernel has none of them, and would silently ignore them).
 MAIN_PASS_OPTIONS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "warp_specialize",
@@ -506,4 +506,4 @@ def _pair_stats_programs(n_tiles: int, heads: int, device: torch.device) -> int:
     interpreter takes two, so tests walk the loop."""
     if _INTERPRET or device.type != "cuda":
         return max(1, min(n_tiles, 2))
-    return max(1, min(n_tiles, 4 * hopper_fwd.sm_count(hopper_fwd.device_index(device)) // heads))
+    return max(1, min(n_tiles, 4 * _device_sms(device) // heads))

@@ -1,6 +1,8 @@
 """Scratch (GPU): candidate tiles for short plain D=128 calls over the key counts, batches and
 head counts that route to SHORT_KEYS_CONFIG (< 1024 keys), and around it, against cuDNN: paired
 CUDA-graph ratios (bench.timing.paired_graph_ratio), bf16 (NOTES.md 59)."""
+import sys
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -16,8 +18,6 @@ CONFIGS = {
     "64x32 s3 r128": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=128),
     "hopper": dict(hopper=True),
 }
-import sys  # noqa: E402
-
 # First run (NOTES.md 59): the bench's and NOTES 45's shapes; "check": shapes that test the rule it suggested.
 SHAPES = [(1, 24, 768), (1, 24, 512), (1, 24, 300), (1, 24, 896), (2, 24, 768), (4, 24, 768), (1, 8, 768),
           (1, 24, 1024), (1, 24, 1152), (1, 24, 1536)]
