@@ -39,7 +39,7 @@ import triton
 
 from .fast_launch import Launcher, workspace
 from .kernel_args import KeyGroupArgs, MultiplierArgs, scales_p_for_key_groups
-from .tail_split import NO_SPLIT, SplitPlan, combine_kernel, plan_split
+from .tail_split import NO_SPLIT, SplitPlan, combine_kernel, combine_shape, plan_split
 from .tiles import cdiv, pow2_at_least
 
 # Gluon is experimental and its API moves between releases: the kernel is written for 3.6
@@ -754,11 +754,11 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
     )
     if plan.active:
-        rows_block = 32
+        pieces_p2, rows_block, combine_warps = combine_shape(plan.pieces, 2 * BLOCK_M, head_dim)
         _COMBINE[(plan.n_split, 2 * BLOCK_M // rows_block)](
             part_o, part_lse, out, lse_arg, hw, o_strides[0], o_strides[1], o_strides[2], *head_weight_strides,
             part_kg, key_groups.sums, key_groups.q0, key_groups.q1, key_groups.n_groups,
             n_whole, n_qp, plan.pieces, heads, n_q,
-            TILE_ROWS=2 * BLOCK_M, BLOCK_R=rows_block, HEAD_DIM=head_dim, G_PAD=g_pad,
-            HAS_HW=head_weights is not None, STORE_LSE=lse is not None, HAS_KG=has_kg, num_warps=4,
+            TILE_ROWS=2 * BLOCK_M, BLOCK_R=rows_block, HEAD_DIM=head_dim, G_PAD=g_pad, PIECES_P2=pieces_p2,
+            HAS_HW=head_weights is not None, STORE_LSE=lse is not None, HAS_KG=has_kg, num_warps=combine_warps,
         )

@@ -21,11 +21,13 @@ import triton.language as tl
 
 # Cost model of plan_split, in units of one key tile of one program (two query tiles against
 # one 128-key tile: ~1.8 us on an H100 at head dim 128). A program's fill and epilogue; a
-# piece's, whose epilogue writes fp32; the join pass, per call and per piece it reads.
+# piece's, whose epilogue writes fp32; the join pass, per call and per piece it reads (its
+# time after the attention, measured against skipping it: ~1.4 units at Flux 512² with 96
+# pieces, ~2.5 at Flux 1024² with 216; bench/NOTES.md 62).
 PROGRAM_OVERHEAD = 0.5
 PIECE_OVERHEAD = 1.0
-COMBINE_OVERHEAD = 1.5
-COMBINE_PER_PIECE = 0.01
+COMBINE_OVERHEAD = 1.0
+COMBINE_PER_PIECE = 0.007
 MAX_PIECES = 16
 # A split must beat the unsplit estimate by this fraction (the model is rough).
 MIN_GAIN = 0.02
@@ -87,11 +89,25 @@ def plan_split(n_tiles: int, n_key_tiles: int, n_sms: int) -> SplitPlan:
     return best if best_time <= unsplit * (1 - MIN_GAIN) else NO_SPLIT
 
 
+# The join's programs: one warp each, holding every piece of its rows at once (64 fp32 of
+# partial output a thread). Many small programs measured faster than few large ones (H100,
+# Flux 512²: 4 rows a warp 1.040x cuDNN, 32 rows with 4 warps 1.062x; bench/NOTES.md 62).
+COMBINE_VALUES_PER_WARP = 2048  # pieces (padded) x rows x head_dim / 128 at head_dim 128
+COMBINE_WARPS = 1
+
+
+def combine_shape(pieces: int, tile_rows: int, head_dim: int) -> tuple:
+    """``(pieces padded to a power of two, rows a program, warps)`` of the join pass."""
+    pieces_p2 = 1 << max(0, pieces - 1).bit_length()
+    rows = max(1, min(tile_rows, COMBINE_VALUES_PER_WARP * COMBINE_WARPS // (pieces_p2 * head_dim)))
+    return pieces_p2, 1 << (rows.bit_length() - 1), COMBINE_WARPS
+
+
 @triton.jit
 def combine_kernel(PART_O, PART_LSE, O, LSE, HW, stride_ob, stride_oh, stride_on, hw_sb, hw_sh, hw_sn,
                    PART_KG, KGO, kg_q0, kg_q1, n_groups, n_whole, n_qp, pieces, n_heads, n_q,
                    TILE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr,
-                   HAS_HW: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KG: tl.constexpr):
+                   PIECES_P2: tl.constexpr, HAS_HW: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KG: tl.constexpr):
     """Join the pieces of split tile ``program_id(0)`` for rows block ``program_id(1)``.
 
     Piece ``j`` of split tile ``t`` holds, for the tile's ``TILE_ROWS`` rows, the output over
@@ -100,7 +116,11 @@ def combine_kernel(PART_O, PART_LSE, O, LSE, HW, stride_ob, stride_oh, stride_on
     average weighted by ``2^lse``; the tile is grid tile ``n_whole + t`` (query-tile pair
     ``% n_qp`` of (batch, head) ``// n_qp``). Key-group sums (a fused probe, ``PART_KG``
     [..., G_PAD] per piece row, normalized over the piece's keys) are joined alike into
-    ``KGO`` [B, H, kg_q1 - kg_q0, n_groups]; head weights do not touch them."""
+    ``KGO`` [B, H, kg_q1 - kg_q0, n_groups]; head weights do not touch them.
+
+    Every piece's rows are loaded at once (``PIECES_P2`` >= ``pieces``, a power of two): the
+    pass is one round trip to memory, not one per piece. Its time after the attention is
+    what the split costs (bench/NOTES.md 62), so programs are small and many."""
     t = tl.program_id(0)
     tile = n_whole + t
     bh = tile // n_qp
@@ -110,21 +130,17 @@ def combine_kernel(PART_O, PART_LSE, O, LSE, HW, stride_ob, stride_oh, stride_on
     rows = (tile % n_qp) * TILE_ROWS + r
     row_ok = rows < n_q
     cols = tl.arange(0, HEAD_DIM)
-    first = t * pieces
-    m = tl.full([BLOCK_R], -float("inf"), tl.float32)
-    for j in range(pieces):
-        m = tl.maximum(m, tl.load(PART_LSE + (first + j) * TILE_ROWS + r))
-    acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
-    total = tl.zeros([BLOCK_R], tl.float32)
-    g_cols = tl.arange(0, G_PAD)
-    acc_g = tl.zeros([BLOCK_R, G_PAD], tl.float32)
-    for j in range(pieces):
-        w = tl.exp2(tl.load(PART_LSE + (first + j) * TILE_ROWS + r) - m)
-        part_rows = ((first + j) * TILE_ROWS + r).to(tl.int64)
-        acc += w[:, None] * tl.load(PART_O + part_rows[:, None] * HEAD_DIM + cols[None, :])
-        total += w
-        if HAS_KG:
-            acc_g += w[:, None] * tl.load(PART_KG + part_rows[:, None] * G_PAD + g_cols[None, :])
+    js = tl.arange(0, PIECES_P2)
+    j_ok = js < pieces
+    part_rows = ((t * pieces + js)[:, None] * TILE_ROWS + r[None, :]).to(tl.int64)  # [PIECES_P2, BLOCK_R]
+    lse = tl.load(PART_LSE + part_rows, mask=j_ok[:, None], other=-float("inf"))
+    part_o = tl.load(PART_O + part_rows[:, :, None] * HEAD_DIM + cols[None, None, :], mask=j_ok[:, None, None],
+                     other=0.0)
+    # Every piece has real keys, so its log2-sum is finite; absent pieces weigh exp2(-inf) = 0.
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - m[None, :])
+    total = tl.sum(w, 0)
+    acc = tl.sum(w[:, :, None] * part_o, 0)
     scale = 1.0 / total
     if HAS_HW:
         scale = scale * tl.load(HW + batch * hw_sb + head * hw_sh + rows * hw_sn, mask=row_ok, other=0.0).to(tl.float32)
@@ -132,6 +148,10 @@ def combine_kernel(PART_O, PART_LSE, O, LSE, HW, stride_ob, stride_oh, stride_on
     tl.store(o_base + rows.to(tl.int64)[:, None] * stride_on + cols[None, :],
              (acc * scale[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
     if HAS_KG:
+        g_cols = tl.arange(0, G_PAD)
+        part_g = tl.load(PART_KG + part_rows[:, :, None] * G_PAD + g_cols[None, None, :], mask=j_ok[:, None, None],
+                         other=0.0)
+        acc_g = tl.sum(w[:, :, None] * part_g, 0)
         g_ok = row_ok & (rows >= kg_q0) & (rows < kg_q1)
         g_row = bh.to(tl.int64) * (kg_q1 - kg_q0) + (rows - kg_q0)
         tl.store(KGO + g_row[:, None] * n_groups + g_cols[None, :], acc_g / total[:, None],

@@ -12,7 +12,8 @@ import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG
 from iidkern.kernels import hopper_fwd, launch, tail_split
 from iidkern.kernels.kernel_args import MultiplierArgs
-from iidkern.kernels.tail_split import NO_SPLIT, SplitPlan, combine_kernel, estimated_time, piece_range, plan_split
+from iidkern.kernels.tail_split import (NO_SPLIT, SplitPlan, combine_kernel, combine_shape, estimated_time,
+                                         piece_range, plan_split)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -132,6 +133,7 @@ def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_
     sums stay, the LSE moves, and the join must weigh the pieces relative to their largest sum."""
     g = torch.Generator().manual_seed(b * 100 + n_q)
     d, tile_rows, block_n, block_r, g_pad = 32, 16, 16, 8, 8
+    pieces_p2 = 1 << (pieces - 1).bit_length()  # the pieces load as one [pieces_p2, rows, d] block
     kg_q0, kg_q1, n_groups = kg or (0, 0, 1)
     ids = torch.randint(-1, n_groups, (n_k,), generator=g)
     onehot = torch.zeros(n_k, g_pad, dtype=torch.float64)
@@ -153,7 +155,7 @@ def test_combine_joins_the_pieces_into_the_tiles_rows(layout, b, h, n_q, n_k, n_
     combine_kernel[(n_split, tile_rows // block_r)](
         part_o, part_lse, out, lse_out, hw, o_bhnd.stride(0), o_bhnd.stride(1), o_bhnd.stride(2), *hw_strides,
         part_kg, kgo, kg_q0, kg_q1, n_groups, n_whole, n_qp, pieces, h, n_q,
-        TILE_ROWS=tile_rows, BLOCK_R=block_r, HEAD_DIM=d, G_PAD=g_pad,
+        TILE_ROWS=tile_rows, BLOCK_R=block_r, HEAD_DIM=d, G_PAD=g_pad, PIECES_P2=pieces_p2,
         HAS_HW=bool(hw_kind), STORE_LSE=lse, HAS_KG=kg is not None)
     s = scale * q.double() @ k.double().transpose(-1, -2)
     want = torch.softmax(s, -1) @ v.double()
@@ -191,6 +193,17 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
+@pytest.mark.parametrize("pieces", range(2, tail_split.MAX_PIECES + 1))
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_combine_shape_holds_every_piece_of_its_rows_in_a_bounded_block(pieces, head_dim):
+    pieces_p2, rows, warps = combine_shape(pieces, 128, head_dim)
+    assert pieces <= pieces_p2 < 2 * pieces and pieces_p2 & (pieces_p2 - 1) == 0
+    assert rows >= 1 and rows & (rows - 1) == 0 and 128 % rows == 0  # whole row blocks of the tile
+    assert pieces_p2 * rows * head_dim <= tail_split.COMBINE_VALUES_PER_WARP * warps  # 64 fp32 a thread
+    # the most rows that bound allows (more programs, each one round trip)
+    assert rows == 128 or 2 * pieces_p2 * rows * head_dim > tail_split.COMBINE_VALUES_PER_WARP * warps
+
+
 @pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
 @pytest.mark.parametrize("extras", [False, True])
 def test_a_forced_split_launches_pieces_then_the_join(monkeypatch, extras):
@@ -221,6 +234,7 @@ def test_a_forced_split_launches_pieces_then_the_join(monkeypatch, extras):
     jarg = dict(zip(jruntime, jargs))
     assert len(jargs) == len(jruntime) and jgrid[0] == 5
     assert jgrid[1] * jkwargs["BLOCK_R"] == jkwargs["TILE_ROWS"] == 2 * hopper_fwd.BLOCK_M
+    assert jkwargs["PIECES_P2"] == 4  # 3 pieces, loaded as one padded block
     assert jarg["PART_O"] is arg["part_o_ptr"] and jarg["PART_LSE"] is arg["part_lse_ptr"] and jarg["O"] is out
     assert (jarg["n_whole"], jarg["n_qp"], jarg["pieces"], jarg["n_heads"], jarg["n_q"]) == (13, 3, 3, h, n)
     assert (jkwargs["HAS_HW"], jkwargs["STORE_LSE"], jkwargs["HAS_KG"]) == (extras, extras, extras)
