@@ -92,7 +92,7 @@ def plan_split(n_tiles: int, n_key_tiles: int, n_sms: int) -> SplitPlan:
 # The join's programs: one warp each, holding every piece of its rows at once (64 fp32 of
 # partial output a thread). Many small programs measured faster than few large ones (H100,
 # Flux 512²: 4 rows a warp 1.040x cuDNN, 32 rows with 4 warps 1.062x; bench/NOTES.md 62).
-COMBINE_VALUES_PER_WARP = 2048  # pieces (padded) x rows x head_dim / 128 at head_dim 128
+COMBINE_VALUES_PER_WARP = 2048  # (pieces padded) x rows x head_dim that one warp holds: 64 a thread
 COMBINE_WARPS = 1
 
 
