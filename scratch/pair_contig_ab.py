@@ -1,6 +1,7 @@
 """Scratch (GPU): the pair-statistics pass with one contiguous run of token tiles a program
 (``CONTIG``) instead of tiles strided by the program count, at 2, 4 and 8 programs an SM
-(``launch.PAIR_CONTIG`` / ``PAIR_PER_SM``, A/B switches); Flux 1024² B=2, bf16, pair (0, 1),
+(``launch.PAIR_CONTIG`` / ``PAIR_PER_SM``, A/B switches of ``scratch/pair_contig.patch``, which must be
+applied; NOTES.md 63); Flux 1024² B=2, bf16, pair (0, 1),
 paired over the plain call (3 rounds x 40 pairs) and graph ratios, two interleaved rounds;
 first the statistics' error against float64 sums (scratch/pair_ab_common.print_pair_errors)."""
 import torch
