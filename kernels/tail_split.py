@@ -19,6 +19,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from .tiles import pow2_at_least
+
 # Cost model of plan_split, in units of one key tile of one program (two query tiles against
 # one 128-key tile: ~1.8 us on an H100 at head dim 128). A program's fill and epilogue; a
 # piece's, whose epilogue writes fp32; the join pass, per call and per piece it reads (its
@@ -98,7 +100,7 @@ COMBINE_WARPS = 1
 
 def combine_shape(pieces: int, tile_rows: int, head_dim: int) -> tuple:
     """``(pieces padded to a power of two, rows a program, warps)`` of the join pass."""
-    pieces_p2 = 1 << max(0, pieces - 1).bit_length()
+    pieces_p2 = pow2_at_least(pieces)
     rows = max(1, min(tile_rows, COMBINE_VALUES_PER_WARP * COMBINE_WARPS // (pieces_p2 * head_dim)))
     return pieces_p2, 1 << (rows.bit_length() - 1), COMBINE_WARPS
 
