@@ -19,9 +19,29 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .attention import Tags, attention
-from .specs import AttentionResult, BlockMultiplier
+from .specs import AttentionResult, BlockMultiplier, as_integer
 
 Range = Tuple[int, int]
+
+
+def check_steps(step, num_steps) -> Tuple[Optional[int], Optional[int]]:
+    """A sampler's ``(step, num_steps)`` as Python ints (numpy and 0-d tensor integers count):
+    ``step >= 0``, ``num_steps >= 1``, ``step < num_steps``, either may be ``None``. A float,
+    a bool or a string is a TypeError, a value out of range a ValueError (each naming it)."""
+    checked = []
+    for name, value, low in (("step", step, 0), ("num_steps", num_steps, 1)):
+        if value is None:
+            checked.append(None)
+            continue
+        i = as_integer(value)
+        if i is None:
+            raise TypeError(f"{name} must be an int >= {low} or None, got {value!r} ({type(value).__name__})")
+        if i < low:
+            raise ValueError(f"{name} must be an int >= {low} or None, got {i}")
+        checked.append(i)
+    if checked[0] is not None and checked[1] is not None and checked[0] >= checked[1]:
+        raise ValueError(f"step must be < num_steps, got step={checked[0]}, num_steps={checked[1]}")
+    return checked[0], checked[1]
 
 
 @dataclass(frozen=True)

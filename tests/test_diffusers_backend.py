@@ -490,9 +490,16 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(TypeError, match="diffusers model"):
         use_iidkern(torch.nn.Linear(2, 2))
     with use_iidkern(case.model) as handle:
-        for bad in ((-1, 10), (3, 0), (10, 10), (1.5, None)):
+        for bad in ((-1, 10), (3, 0), (10, 10)):
             with pytest.raises(ValueError):
                 handle.set_step(*bad)
+        for bad in ((1.5, None), ("1", 4), (True, 4), (1, 4.0)):  # a wrong type is a TypeError, named
+            with pytest.raises(TypeError, match="step"):
+                handle.set_step(*bad)
+        import numpy as np  # integers computed by numpy or torch are integers
+        handle.set_step(np.int64(1), torch.tensor(4))
+        assert (handle.step, handle.num_steps) == (1, 4)
+        assert type(handle.step) is int and type(handle.num_steps) is int
         with pytest.raises(ValueError, match="backend"):
             handle.backend = "cuda"
 

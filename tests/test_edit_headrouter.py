@@ -5,6 +5,7 @@ import torch
 
 from iidkern.edit.headrouter import (HeadRouterConfig, HeadRouterPolicy, KeyRegionPolicy, TextResidual,
                                      dtr_weights)
+from iidkern.edit.iid import IIDConfig
 from iidkern.policy import AttentionSite, attend
 
 N_TEXT, N_IMG, H, D = 5, 12, 3, 8
@@ -75,20 +76,41 @@ def test_dtr_multiplier_from_previous_step_equals_reference(backend, heads):
     assert torch.allclose(dtr_weights(a_zp, 5.0, 5.0).double(), w, atol=1e-6)
 
 
-def test_code_form_weights_image_tokens_of_the_edit_row():
+def test_code_form_weights_image_tokens_of_the_edit_row_from_the_same_call():
     cfg = HeadRouterConfig(route=False, dtr_image="code", alpha=2.0, upsilon=5.0)
     policy = HeadRouterPolicy(cfg)
-    q0, k0, v0 = qkv(3)
-    s0, s1 = site(0, kind="single"), site(1, kind="single")
-    attend(q0, k0, v0, s0, policy, backend="reference")
-    q1, k1, v1 = qkv(4)
-    out = attend(q1, k1, v1, s1, policy, backend="reference")
-    mass = dense_probs(q0, k0)[1][:, N_TEXT:, :N_TEXT].sum(-1).mean(0)  # text mass per image token, head mean
-    w = 2.0 * torch.sigmoid(5.0 * torch.softmax(mass, dim=0))
-    expected = dense_out(dense_probs(q1, k1), v1)
-    expected[1, N_TEXT:] *= w[:, None, None]
-    assert torch.allclose(out.double(), expected, atol=1e-4)
+    for step, seed in ((0, 3), (1, 4)):  # step 0 is weighted too: the weights come from the call itself
+        q, k, v = qkv(seed)
+        out = attend(q, k, v, site(step, kind="single"), policy, backend="reference")
+        mass = dense_probs(q, k)[1][:, N_TEXT:, :N_TEXT].sum(-1).mean(0)  # text mass per image token, head mean
+        w = 2.0 * torch.sigmoid(5.0 * torch.softmax(mass, dim=0))
+        expected = dense_out(dense_probs(q, k), v)
+        expected[1, N_TEXT:] *= w[:, None, None]
+        assert torch.allclose(out.double(), expected, atol=1e-4)
+        assert not torch.allclose(out[1].double(), dense_out(dense_probs(q, k), v)[1], atol=1e-4)
     assert policy.request(site(1, kind="double")) is None  # code form: single blocks only by default
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_paper_form_with_two_forwards_a_step_weights_each_by_its_own_previous_map(backend):
+    """True CFG in diffusers' Flux pipelines: a positive, then a negative forward per step.
+    Each forward of step 1 gets the map of the same forward of step 0, not the other prompt's."""
+    cfg = HeadRouterConfig(route=False, dtr_image="paper", alpha=5.0, upsilon=5.0)
+    policy = HeadRouterPolicy(cfg)
+    inputs = {name: (qkv(seed), qkv(seed + 10)) for name, seed in (("pos", 20), ("neg", 21))}
+    for name in ("pos", "neg"):  # step 0: no multiplier yet
+        q, k, v = inputs[name][0]
+        out = attend(q, k, v, site(0), policy, backend=backend)
+        assert torch.allclose(out.double(), dense_out(dense_probs(q, k), v), atol=1e-4)
+    for name in ("pos", "neg"):
+        q0, k0, _ = inputs[name][0]
+        q1, k1, v1 = inputs[name][1]
+        out = attend(q1, k1, v1, site(1), policy, backend=backend)
+        a_zp = dense_probs(q0, k0)[1][:, N_TEXT:, :N_TEXT].mean(0, keepdim=True)
+        p1 = dense_probs(q1, k1)
+        mult = torch.ones_like(p1)
+        mult[1, :, N_TEXT:, :N_TEXT] = 5.0 * torch.sigmoid(5.0 * torch.softmax(a_zp, dim=-2))
+        assert torch.allclose(out.double(), dense_out(p1 * mult, v1), atol=1e-4), name
 
 
 def test_router_and_multiplier_together_on_several_pairs():
@@ -133,6 +155,29 @@ def test_config_errors():
         HeadRouterConfig(pairs=((1, 1),))
     with pytest.raises(ValueError, match="keep"):
         TextResidual(keep=1.5)
+
+
+@pytest.mark.parametrize("build,exc,words", [
+    (lambda: HeadRouterPolicy(IIDConfig()), TypeError, ["HeadRouterPolicy: config", "HeadRouterConfig", "IIDConfig"]),
+    (lambda: TextResidual("a"), TypeError, ["TextResidual: keep", "'a'"]),
+    (lambda: TextResidual(0.1, rows=[1.5]), TypeError, ["TextResidual: rows", "1.5"]),
+    (lambda: KeyRegionPolicy([0], row="1"), TypeError, ["KeyRegionPolicy: row", "'1'"]),
+    (lambda: KeyRegionPolicy([0], row=-1), ValueError, ["KeyRegionPolicy: row", ">= 0"]),
+    (lambda: KeyRegionPolicy([0], steps=3), TypeError, ["KeyRegionPolicy: steps", "3"]),
+    (lambda: KeyRegionPolicy([0], steps=[0.5]), TypeError, ["KeyRegionPolicy: steps", "0.5"]),
+    (lambda: KeyRegionPolicy([0], block_kinds="double"), TypeError, ["KeyRegionPolicy: block_kinds", "('double',)"]),
+])
+def test_policies_refuse_wrong_arguments_when_built(build, exc, words):
+    with pytest.raises(exc) as info:
+        build()
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_key_regions_name_a_row_outside_the_batch():
+    q, k, v = qkv(8)  # batch 2
+    with pytest.raises(ValueError, match="KeyRegionPolicy: row 5 is out of range for a batch of 2"):
+        attend(q, k, v, site(0), KeyRegionPolicy([1], row=5), backend="reference")
 
 
 @pytest.mark.parametrize("kwargs,exc,words", [

@@ -213,6 +213,18 @@ def test_config_refuses_wrong_types_when_built(kwargs, exc, words):
     (lambda: IIDMaskPolicy([(0, 3)], [[True]]), TypeError, ["masks", "bool"]),
     (lambda: IIDMaskPolicy([(0, 3)], torch.rand(1, 4)), TypeError, ["masks", "bool", "float32"]),
     (lambda: IIDPolicy([(0, 3)], (2, 2), masks=torch.rand(1, 4)), TypeError, ["masks", "bool"]),
+    (lambda: IIDPolicy([(0, 2)], (3, 3), masks=torch.ones(1, 5, dtype=torch.bool)), ValueError,
+     ["IIDPolicy: masks", "grid (3, 3) = 9 columns", "(1, 5)"]),
+    (lambda: IIDPolicy([(0, 2)], (2, 2), row_instruction="01"), TypeError, ["row_instruction", "'01'"]),
+    (lambda: BranchIsolationPolicy([(0, 2)], [0, 1.5]), TypeError, ["row_instruction", "1.5"]),
+    (lambda: BranchIsolationPolicy([(0, 2)], 0), TypeError, ["row_instruction", "0"]),
+    (lambda: BranchIsolationPolicy([(0, 2)], [0], until_step="a"), TypeError, ["until_step", "'a'"]),
+    (lambda: IIDMaskPolicy([(0, 3)], torch.ones(1, 4, dtype=torch.bool), from_step="a"), TypeError,
+     ["from_step", "'a'"]),
+    (lambda: IIDMaskPolicy([(0, 3)], torch.ones(1, 4, dtype=torch.bool), until_step=-2), ValueError,
+     ["until_step", ">= 0"]),
+    (lambda: IIDConfig(propagation_signal=[[1.0]] * 9), TypeError, ["propagation_signal", "torch.Tensor", "list"]),
+    (lambda: IIDConfig(propagation_signal=torch.ones(9)), ValueError, ["propagation_signal", "2-D", "(9,)"]),
 ])
 def test_policies_refuse_bad_arguments_when_built(build, exc, words):
     """Not at step S, after sampling up to it; a soft map is not silently made a mask."""

@@ -160,6 +160,24 @@ def test_controllers_follow_the_formulas():
     assert RFInversionConfig().resolved_stop(28) == 7 and RFInversionConfig(stop=9).resolved_stop(28) == 9
 
 
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(gamma="a"), TypeError, ["RFInversionConfig: gamma", "'a'"]),
+    (dict(eta=1.5), ValueError, ["RFInversionConfig: eta", "[0, 1]"]),
+    (dict(start=1.5), TypeError, ["RFInversionConfig: start", "1.5"]),
+    (dict(start=-3), ValueError, ["RFInversionConfig: start", ">= 0"]),
+    (dict(stop=-1), ValueError, ["RFInversionConfig: stop", ">= 0"]),
+    (dict(start=5, stop=2), ValueError, ["stop must be >= start", "start=5, stop=2"]),
+])
+def test_inversion_config_refuses_wrong_values_when_built(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        RFInversionConfig(**kwargs)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    import numpy as np
+    c = RFInversionConfig(gamma=np.float32(0.25), start=np.int64(1), stop=torch.tensor(4))
+    assert (c.gamma, c.start, c.stop) == (0.25, 1, 4) and type(c.start) is int and type(c.stop) is int
+
+
 # --------------------------------------------------------------------------- HeadRouter
 def test_headrouter_pipeline(t2i_model, picture):
     r = headrouter_edit(t2i_model, picture, "a white house on a hill", "a red castle on a hill", num_steps=4,
@@ -195,6 +213,11 @@ def test_pipelines_refuse_wrong_arguments_before_encoding(concat_model, t2i_mode
     with pytest.raises(ValueError, match=r"pairs must be \(\(0, 1\),\) or \(\(1, 0\),\) .* got \(\(0, 2\),\)"):
         headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=2,
                         config=HeadRouterConfig(pairs=((0, 2),)), progress=False)
+    with pytest.raises(TypeError, match=r"key_words must be a sequence of names, e.g. \('red',\)"):
+        headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=2, key_words="red", progress=False)
+    with pytest.raises(ValueError, match=r"key_words \['blue'\] name no word of the target prompt"):
+        headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=2, key_words=["blue"],
+                        progress=False)
 
 
 def test_hash_encoder_and_pixel_codec():

@@ -138,6 +138,10 @@ def test_bad_inputs_are_named():
         model(x, text, pooled, t, img_ids=image_ids(2, 2), guidance=g, source=x)
     with pytest.raises(ValueError, match="step must be"):
         model(x, text, pooled, t, img_ids=image_ids(2, 2), guidance=g, step=-1)
+    with pytest.raises(TypeError, match="step must be an int >= 0 or None, got 1.5"):
+        model(x, text, pooled, t, img_ids=image_ids(2, 2), guidance=g, step=1.5, num_steps=4)
+    with pytest.raises(ValueError, match="step must be < num_steps, got step=4, num_steps=4"):
+        model(x, text, pooled, t, img_ids=image_ids(2, 2), guidance=g, step=4, num_steps=4)
     sd3 = SD3Transformer.random(SD3Config.tiny())
     latents, stext, spooled, st = sd3_inputs(sd3.config, rows=2, cols=2)
     with pytest.raises(ValueError, match="multiples of patch_size=2"):

@@ -14,9 +14,15 @@ prompt) and an editing row (target prompt); ``pairs`` lists ``(recon_row, edit_r
   reads the exact softmax, untouched by that call's multiplier, so one fused pass per call
   both applies this step's multiplier and measures the next one's map; step 0 runs without
   a multiplier). A same-call (two-pass) form would need ``attend`` to run a second pass,
-  which the policy door does not offer today. ``dtr_image="code"`` is the released-code
-  form: the weighting is applied to the editing row's image-token attention outputs (by
-  default in single blocks), with one weight per image token from its head-mean text mass.
+  which the policy door does not offer today. A step may hold several forwards (true CFG in
+  diffusers' Flux pipelines runs the positive prompt, then the negative one): the maps are
+  kept per forward of a step, so the k-th forward of a step is weighted by the map of the
+  k-th forward of the step before (a step number is needed for that: without one, every
+  call is the next step's). ``dtr_image="code"`` is the released-code form: the weighting is
+  applied to the editing row's image-token attention outputs (by default in single blocks,
+  so on models without them, SD3, name the kinds in ``dtr_block_kinds``), with one weight
+  per image token from its head-mean text mass in the **same** call (the probe comes with
+  the call's output, and the weighting follows the attention).
 * **DTR, text tokens** (step 3) is a model-side residual across double blocks:
   :class:`TextResidual`, called by the runner's per-block hook.
 * **Key regions** (step 4): :class:`KeyRegionPolicy` captures head-summed image x text-token
@@ -142,15 +148,21 @@ class HeadRouterPolicy(RunScopedPolicy):
     """IARouter + DTR image-token weighting for the two-branch batch (see the module doc)."""
 
     def __init__(self, config: Optional[HeadRouterConfig] = None):
+        if config is not None and not isinstance(config, HeadRouterConfig):
+            raise TypeError(f"HeadRouterPolicy: config must be a HeadRouterConfig or None, got {type(config).__name__}")
         self.config = config or HeadRouterConfig()
-        # previous step's A^{ZP} of the edit rows, and the batch size it came with, per block
-        self._maps: Dict[Tuple[str, int], Tuple[torch.Tensor, int]] = {}
+        # previous step's A^{ZP} of the edit rows, and the batch size it came with, per
+        # (block kind, block, forward of the step)
+        self._maps: Dict[Tuple[str, int, int], Tuple[torch.Tensor, int]] = {}
+        # per block: (step, forwards seen at that step), to number a step's forwards
+        self._forwards: Dict[Tuple[str, int], Tuple[Optional[int], int]] = {}
         self.last_router_weights: Dict[Tuple[str, int], torch.Tensor] = {}  # [P, H] of the latest call per block
 
     def reset(self) -> None:
         """Forget the previous step's maps (a new run; also when the steps go back)."""
         super().reset()
         self._maps.clear()
+        self._forwards.clear()
         self.last_router_weights.clear()
 
     def _active(self, site: AttentionSite) -> bool:
@@ -172,8 +184,20 @@ class HeadRouterPolicy(RunScopedPolicy):
             return Probe(TokenGroups.each(img0, img1), TokenGroups.each(t0, t1), heads=self.config.dtr_heads)
         return Probe(TokenGroups.each(img0, img1), TokenGroups.single(t0, t1, site.seq_len), heads="mean")
 
-    def _multiplier(self, site: AttentionSite) -> Optional[BlockMultiplier]:
-        stored = self._maps.get((site.block_kind, site.block))
+    def _map_key(self, site: AttentionSite, count: bool) -> Tuple[str, int, int]:
+        """``(block kind, block, k)`` for the k-th forward of this site's step (0 without a
+        step). ``count``: this call is a new forward (``request``); ``receive`` only looks."""
+        block = (site.block_kind, site.block)
+        step, seen = self._forwards.get(block, (None, 0))
+        if site.step is None or step != site.step:
+            step, seen = site.step, 0
+        if count:
+            self._forwards[block] = (step, seen + 1)
+            return block + (seen,)
+        return block + (max(seen - 1, 0),)
+
+    def _multiplier(self, site: AttentionSite, key) -> Optional[BlockMultiplier]:
+        stored = self._maps.get(key)
         if stored is None or self.config.dtr_image != "paper":
             return None
         prev, batch = stored
@@ -194,7 +218,7 @@ class HeadRouterPolicy(RunScopedPolicy):
             req.pair_stats = list(cfg.pairs)
         if self._dtr_here(site):
             req.probes = (self._probe(site),)
-            req.block_multiplier = self._multiplier(site)
+            req.block_multiplier = self._multiplier(site, self._map_key(site, count=True))
         if req.pair_stats is None and not req.probes:
             return None
         return req
@@ -202,18 +226,18 @@ class HeadRouterPolicy(RunScopedPolicy):
     def receive(self, site, result):
         cfg = self.config
         out = result.out
-        key = (site.block_kind, site.block)
-        prev = self._maps.get(key)  # this step's multiplier came from it (code form: weights it now)
-        if self._dtr_here(site) and result.probes:
-            self._maps[key] = (result.probes[0][list(cfg.edit_rows)].float(), out.shape[0])
+        dtr = self._dtr_here(site) and bool(result.probes)
+        if dtr and cfg.dtr_image == "paper":  # the next step's multiplier at this block and forward
+            self._maps[self._map_key(site, count=False)] = (result.probes[0][list(cfg.edit_rows)].float(),
+                                                            out.shape[0])
         new = None
         if cfg.route and result.pair_stats is not None:
             w = router_weights(result.pair_stats, cfg.gamma, cfg.delta)  # [P, H]
             self.last_router_weights[(site.block_kind, site.block)] = w
             new = scale_heads(out, cfg.edit_rows, w, cfg.layout)
-        if cfg.dtr_image == "code" and self._dtr_here(site) and prev is not None:
+        if dtr and cfg.dtr_image == "code":  # weighted by this call's text mass
             base = new if new is not None else out.clone()
-            new = self._apply_code_form(site, base, prev[0])
+            new = self._apply_code_form(site, base, result.probes[0][list(cfg.edit_rows)].float())
         return new
 
     def _apply_code_form(self, site: AttentionSite, out: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -240,10 +264,11 @@ class TextResidual:
     """
 
     def __init__(self, keep: float = 0.1, rows: Optional[Sequence[int]] = None):
+        keep = checks.real(keep, "TextResidual: keep")
         if not 0.0 <= keep <= 1.0:
             raise ValueError(f"TextResidual: keep must be in [0, 1], got {keep}")
-        self.keep = float(keep)
-        self.rows = tuple(rows) if rows is not None else None
+        self.keep = keep
+        self.rows = None if rows is None else tuple(checks.integer(r, "TextResidual: rows", 0) for r in rows)
 
     def __call__(self, block: int, num_blocks: int, text_in: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:
         if block >= num_blocks - 1:
@@ -283,9 +308,13 @@ class KeyRegionPolicy(RunScopedPolicy):
             raise ValueError("KeyRegionPolicy: need at least one text token")
         if any(not 0 <= a < b for a, b in self.groups):
             raise ValueError(f"KeyRegionPolicy: token ranges must satisfy 0 <= start < stop, got {self.groups}")
-        self.row = row
-        self.steps = None if steps is None else set(steps)
-        self.block_kinds = None if block_kinds is None else tuple(block_kinds)
+        self.row = checks.integer(row, "KeyRegionPolicy: row", 0)
+        if steps is not None:
+            if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+                raise TypeError(f"KeyRegionPolicy: steps must be None or a sequence of step indices, got {steps!r}")
+            steps = {checks.integer(step, "KeyRegionPolicy: steps", 0) for step in steps}
+        self.steps = steps
+        self.block_kinds = checks.names(block_kinds, "KeyRegionPolicy: block_kinds")
         self.maps: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
@@ -313,6 +342,9 @@ class KeyRegionPolicy(RunScopedPolicy):
         return AttentionRequest(probes=tuple(probes))
 
     def receive(self, site, result):
+        batch = result.out.shape[0]
+        if self.row >= batch:
+            raise ValueError(f"KeyRegionPolicy: row {self.row} is out of range for a batch of {batch}")
         m = torch.cat([p[self.row, 0] for p in result.probes], dim=-1).transpose(0, 1).float()  # [T, N_img]
         self.maps = m if self.maps is None else self.maps + m
         return None

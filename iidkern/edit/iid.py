@@ -117,6 +117,13 @@ class IIDConfig:
         if not _layer_tuple(self.map_layer):
             raise ValueError(f"IIDConfig: map_layer must be an int or a non-empty sequence of ints, "
                              f"got {self.map_layer!r}")
+        signal = self.propagation_signal
+        if signal is not None and not isinstance(signal, torch.Tensor):
+            raise TypeError(f"IIDConfig: propagation_signal must be None or a torch.Tensor [N_key_range, C], "
+                            f"got {type(signal).__name__}")
+        if signal is not None and signal.dim() != 2:  # its length is checked against the key range at step S
+            raise ValueError(f"IIDConfig: propagation_signal must be 2-D [N_key_range, C], got shape "
+                             f"{tuple(signal.shape)}")
 
     def resolved_map_step(self, num_steps: Optional[int]) -> int:
         if self.map_step is not None:
@@ -235,12 +242,16 @@ class BranchIsolationPolicy(AttentionPolicy):
     def __init__(self, instructions: Sequence[Range], row_instruction: Sequence[Optional[int]],
                  until_step: Optional[int] = None, device=None):
         self.instructions = _check_instructions(instructions)
-        self.row_instruction = tuple(row_instruction)
+        if isinstance(row_instruction, (str, bytes)) or not hasattr(row_instruction, "__iter__"):
+            raise TypeError(f"BranchIsolationPolicy: row_instruction must be a sequence of instruction indices or "
+                            f"None, one per batch row, got {row_instruction!r}")
+        self.row_instruction = tuple(None if i is None else checks.integer(i, "BranchIsolationPolicy: row_instruction")
+                                     for i in row_instruction)
         for r, i in enumerate(self.row_instruction):
             if i is not None and not 0 <= i < len(self.instructions):
                 raise ValueError(f"BranchIsolationPolicy: row {r} names instruction {i}, "
                                  f"have {len(self.instructions)}")
-        self.until_step = until_step
+        self.until_step = checks.optional_integer(until_step, "BranchIsolationPolicy: until_step", 0)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._masks: Dict[tuple, object] = {}
 
@@ -394,8 +405,8 @@ class IIDMaskPolicy(AttentionPolicy):
                              f"[B, N, N_img], got {tuple(masks.shape)}")
         self.masks = masks
         self.config = config or IIDConfig()
-        self.from_step = from_step
-        self.until_step = until_step
+        self.from_step = checks.optional_integer(from_step, "IIDMaskPolicy: from_step", 0)
+        self.until_step = checks.optional_integer(until_step, "IIDMaskPolicy: until_step", 0)
         self._tags: Dict[tuple, object] = {}
 
     def tags_for(self, site: AttentionSite):
@@ -451,6 +462,9 @@ class IIDPolicy(RunScopedPolicy):
         self.instructions = _check_instructions(instructions)
         self.grid = _check_grid(grid)
         self.config = config or IIDConfig()
+        if isinstance(row_instruction, (str, bytes)):
+            raise TypeError(f"IIDPolicy: row_instruction must be a sequence of instruction indices or None, "
+                            f"got the string {row_instruction!r}")
         rows = tuple(row_instruction) if row_instruction is not None else (None,)
         branch_rows = [rows.index(i) for i in range(len(self.instructions))] if \
             all(i in rows for i in range(len(self.instructions))) else None
@@ -488,6 +502,11 @@ class IIDPolicy(RunScopedPolicy):
         return self.capture.per_head_maps
 
     def set_masks(self, masks: torch.Tensor) -> None:
+        n_grid = self.grid[0] * self.grid[1]
+        if isinstance(masks, torch.Tensor) and masks.dim() in (2, 3) and masks.shape[-1] != n_grid:
+            # as the captured masks are: one column per token of the latent grid
+            raise ValueError(f"IIDPolicy: masks must have grid {self.grid} = {n_grid} columns "
+                             f"([N, {n_grid}] or [B, N, {n_grid}]), got {tuple(masks.shape)}")
         self.mask_policy = IIDMaskPolicy(self.instructions, masks, self.config, until_step=self.config.mask_until)
 
     def _phase(self, site) -> str:

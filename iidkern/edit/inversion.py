@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import checks
+
 PAPER_STEPS = 28
 
 
@@ -35,9 +37,14 @@ class RFInversionConfig:
 
     def __post_init__(self):
         for name in ("gamma", "eta"):
-            value = getattr(self, name)
+            value = checks.real(getattr(self, name), f"RFInversionConfig: {name}")
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"RFInversionConfig: {name} must be in [0, 1], got {value}")
+            setattr(self, name, value)
+        self.start = checks.integer(self.start, "RFInversionConfig: start", 0)
+        self.stop = checks.optional_integer(self.stop, "RFInversionConfig: stop", 0)
+        if self.stop is not None and self.stop < self.start:  # as RFEditController: [start, stop), start <= stop
+            raise ValueError(f"RFInversionConfig: stop must be >= start, got start={self.start}, stop={self.stop}")
 
     def resolved_stop(self, num_steps: int) -> int:
         if self.stop is not None:

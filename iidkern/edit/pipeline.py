@@ -250,7 +250,8 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
     """HeadRouter editing of a real picture (see the module doc).
 
     ``key_words``: target words whose key regions are returned as masks (default: the
-    target's words that the source lacks, else every target word).
+    target's words that the source lacks, else every target word); a ValueError if none of
+    them is a word of the target.
     """
     for name, value in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
         if not isinstance(value, str) or not value.strip():
@@ -260,6 +261,7 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
     _check_image(image, model.factor)
     num_steps, seed = _check_run(num_steps, seed)
     config = _check_config(config, HeadRouterConfig)
+    key_words = checks.names(key_words, "key_words")  # a bare string would match its substrings
     if set(map(frozenset, config.pairs)) != {frozenset((0, 1))}:  # the run's batch is [source; target]
         raise ValueError(f"HeadRouterConfig: pairs must be ((0, 1),) or ((1, 0),) for headrouter_edit (one "
                          f"(recon_row, edit_row) pair over its two-row batch), got {config.pairs}")
@@ -277,7 +279,13 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
         tgt_emb = model.text.encode(target_prompt, length).to(device)
         words = model.text.word_ranges(target_prompt)
         source_words = {w for w, _ in model.text.word_ranges(source_prompt)}
-        chosen = [wr for wr in words if (wr[0] in key_words if key_words else wr[0] not in source_words)] or words
+        if key_words:
+            chosen = [wr for wr in words if wr[0] in key_words]
+            if not chosen:  # a misspelt word would silently give every word's regions
+                raise ValueError(f"key_words {list(key_words)} name no word of the target prompt; its words: "
+                                 f"{[w for w, _ in words]}")
+        else:
+            chosen = [wr for wr in words if wr[0] not in source_words] or words
     with clock.phase("inversion"):
         den = FluxDenoiser(model.transformer, src_emb, guidance=model.guidance, backend=model.backend)
         x1 = invert(den, y0, sigmas, gamma=inversion.gamma, seed=seed, progress=progress)

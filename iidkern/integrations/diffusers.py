@@ -72,7 +72,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..attention import BACKENDS
-from ..policy import AttentionPolicy
+from ..policy import AttentionPolicy, check_steps
 from .diffusers_processors import (FluxIidkernProcessor, IidkernProcessor, LayerInfo, QwenImageIidkernProcessor,
                                    SD3IidkernProcessor, Session)
 
@@ -151,14 +151,6 @@ def _check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
-
-
-def _check_step(step, num_steps):
-    for name, value, low in (("step", step, 0), ("num_steps", num_steps, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f"{name} must be an int >= {low} or None, got {value!r}")
-    if step is not None and num_steps is not None and step >= num_steps:
-        raise ValueError(f"step must be < num_steps, got step={step}, num_steps={num_steps}")
 
 
 # --------------------------------------------------------------------------- hooks
@@ -273,8 +265,7 @@ class IidkernHandle:
 
     def set_step(self, step: Optional[int], num_steps: Optional[int] = None) -> None:
         """The denoising step of the following model calls (``None`` outside a sampler)."""
-        _check_step(step, num_steps)
-        self._session.step, self._session.num_steps = step, num_steps
+        self._session.step, self._session.num_steps = check_steps(step, num_steps)
 
     def callback_on_step_end(self, pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
         """A diffusers ``callback_on_step_end``: the next model call belongs to step ``step + 1``.

@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..policy import AttentionPolicy, AttentionSite
+from ..policy import AttentionPolicy, AttentionSite, check_steps
 from .layers import (ContinuousAdaNorm, FeedForward, JointAttention, Modulation, TimeTextEmbedding, as_batch_vector,
-                     check_backend, check_step, check_tensor, layer_norm, modulate)
+                     check_backend, check_tensor, layer_norm, modulate)
 
 BlockHook = Callable[[str, int, Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
                      Optional[Tuple[torch.Tensor, torch.Tensor]]]
@@ -286,7 +286,7 @@ class FluxTransformer(nn.Module):
         """
         cfg = self.config
         check_backend(backend)
-        check_step(step, num_steps)
+        step, num_steps = check_steps(step, num_steps)
         check_tensor(x, "x", 3, cfg.in_channels, f"[B, N_img, {cfg.in_channels}]")
         b, num_image = x.shape[:2]
         check_tensor(text, "text", 3, cfg.joint_attention_dim, f"[B, N_text, {cfg.joint_attention_dim}]")

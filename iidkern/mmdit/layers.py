@@ -223,12 +223,6 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
 
 
-def check_step(step: Optional[int], num_steps: Optional[int]) -> None:
-    for name, value in (("step", step), ("num_steps", num_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
-
-
 def as_batch_vector(value, batch: int, name: str, device, dtype=torch.float32) -> torch.Tensor:
     """A scalar or ``[B]`` (or ``[1]``) tensor as a ``[B]`` tensor."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):

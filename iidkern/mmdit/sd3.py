@@ -23,9 +23,9 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..policy import AttentionPolicy, AttentionSite
+from ..policy import AttentionPolicy, AttentionSite, check_steps
 from .layers import (ContinuousAdaNorm, FeedForward, JointAttention, Modulation, TimeTextEmbedding, as_batch_vector,
-                     check_backend, check_step, check_tensor, layer_norm, modulate)
+                     check_backend, check_tensor, layer_norm, modulate)
 
 Streams = Tuple[Optional[torch.Tensor], torch.Tensor]  # (text, image); text is None after the last block
 BlockHook = Callable[[str, int, Streams, Streams], Optional[Streams]]
@@ -270,7 +270,7 @@ class SD3Transformer(nn.Module):
         """
         cfg = self.config
         check_backend(backend)
-        check_step(step, num_steps)
+        step, num_steps = check_steps(step, num_steps)
         check_tensor(latents, "latents", 4, shape_hint=f"[B, {cfg.in_channels}, H, W]")
         b, c, h, w = latents.shape
         if c != cfg.in_channels:
