@@ -7,7 +7,6 @@ asked for; when LSE, probes, pair statistics or tile counts are asked for it ret
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Optional, Sequence, Tuple, Union
 
@@ -18,7 +17,7 @@ from .kernels.tiles import TagMask
 from .reference import attention_reference
 from .specs import AttentionResult, BlockMultiplier, PairStats, ValueProbe
 from .validate import check_head_weights, check_kernel_options, check_multiplier, check_pairs, check_probes, \
-    check_qkv, check_tag_tensors, check_tags
+    check_qkv, check_scale, check_tag_tensors, check_tags
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -176,10 +175,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     b, h, nq, nk, d = check_qkv(q, k, v, layout)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    scale = check_scale(scale, d)
     device = q.device
     mask = check_tags(tags, b, nq, nk, device)
     head_weights = check_head_weights(head_weights, b, h, nq, device)

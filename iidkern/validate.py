@@ -6,6 +6,8 @@ Each check returns the argument as the call uses it (``None`` where it was not g
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -214,6 +216,24 @@ KERNEL_OPTIONS = {
     "tail_split": _FLAG, "tail_split_tiles": ("an int in [0, 2**31)", _int_in(0, 2**31 - 1)),
     "tail_split_pieces": ("an int in [2, 64]", _int_in(2, 64)),
 }
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale as a Python float: ``1 / sqrt(head_dim)`` for ``None``; any real
+    number (Python, numpy, a 0-d tensor) that is positive and finite. Anything else is a
+    ValueError naming the argument (a bool, a string, a list, a tensor of several values
+    included: one message for every wrong scale, as since the first release)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    real = isinstance(scale, numbers.Real) or (
+        getattr(scale, "shape", None) in ((), torch.Size([])) and hasattr(scale, "dtype")
+        and not str(scale.dtype).endswith("bool") and "complex" not in str(scale.dtype))
+    if isinstance(scale, bool) or not real:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r} ({type(scale).__name__})")
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {value!r}")
+    return value
 
 
 def check_kernel_options(options) -> Optional[dict]:

@@ -105,9 +105,10 @@ def _attn_tile(acc, acc_x, acc_g, l_i, m_i, m_g, q, q_tags, offs_m, offs_d, star
         # max as normal numbers (fp16's smallest normal is 6.1e-5; a group of keys with p
         # ~1e-6 was summed from subnormals, some 3% off). The output, LSE (m + log2 l) and
         # sums are ratios or m + log2 l, so none needs a correction. (Scaling p itself
-        # instead made the D=128 kernel fault on the H100, triton 3.6.) Mode 1 leaves the
-        # max alone: fp16 inputs with a block multiplier M, where 2^14 * M could pass
-        # fp16's largest value in the P @ V operand.
+        # instead made the D=128 kernel fault on the H100, triton 3.6.) Mode 1 splits p
+        # without the shift; the host no longer picks it: fp16 inputs with a block
+        # multiplier M (where 2^14 * M could pass fp16's largest value in the P @ V
+        # operand) take the fp32 product, mode 0 (launch._kg_half_dot_mode).
         row_max = row_max - 14.0
     m_new = tl.maximum(m_i, row_max)
     if MASKED:
@@ -238,7 +239,7 @@ def attn_fwd_kernel(
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: full tiles load without masks
     X_PRECISION: tl.constexpr,  # precision of fp32-probability products (value probe, key groups)
     UPCAST_DOTS: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, fp32 operands are exact
-    KG_HALF_DOT: tl.constexpr = 0,  # key-group sums as two fp16 products (hi + lo), half inputs: 1, or 2 with p * 2^14
+    KG_HALF_DOT: tl.constexpr = 0,  # key-group sums as two fp16 products (hi + lo): 2 with p * 2^14, 1 without
     KG_SPLIT: tl.constexpr = True,  # key groups may own the branch-free middle key range (below)
     MULT_SPLIT: tl.constexpr = True,  # the multiplier may own it (it comes first)
     WARP_SPECIALIZE: tl.constexpr = False,  # untagged loop only; see the loop below

@@ -167,7 +167,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _key_group_update(acc_g, m_g, p, m_use, m_new, key_start, kg_base, kg_k0, kg_k1,
-                          BLOCK_N: gl.constexpr, G_PAD: gl.constexpr, g_layout: gl.constexpr):
+                          BLOCK_N: gl.constexpr, G_PAD: gl.constexpr, SCALED_P: gl.constexpr,
+                          g_layout: gl.constexpr):
         """Fold this key tile's probabilities into the per-row sums of each key group.
 
         The sums are ``P @ onehot(group id)``: a [BLOCK_N, G_PAD] one-hot built in registers
@@ -177,6 +178,10 @@ if AVAILABLE:
         ~3e-5, where the Triton kernel's hi + lo split costs twice the products and registers
         this kernel does not have. With key groups P comes scaled by 2^14 (``_softmax_tile``),
         so a P down to ~4e-9 of the row max is a normal fp16 number, not a subnormal one.
+        Where it does not (``SCALED_P`` off: fp16 inputs with a block multiplier, see
+        ``_scaled_p``), P is scaled by 2^14 here, just for this product (p <= 1, so p * 2^14
+        fits fp16), and the epilogue takes the factor out: the same range and precision.
+        (A bf16 hi + lo split, fp32's range, doubled ptxas's spills there: 137 -> 277.)
         ``acc_g`` stays relative to ``m_g``, the running max at its last update, so key tiles
         outside the groups' span never rescale it (the epilogue brings it to the final max);
         ``m_g = -inf`` (nothing added yet) scales the zeros by 0.
@@ -195,7 +200,11 @@ if AVAILABLE:
         groups = gl.arange(0, G_PAD, layout=gl.SliceLayout(0, b_layout))
         one_hot = (ids[:, None] == groups[None, :]).to(gl.float16)
         g_sum = gl.zeros([p.shape[0], G_PAD], gl.float32, layout=g_layout)
-        g_sum = mma_v2(gl.convert_layout(p.to(gl.float16), a_layout), one_hot, g_sum)
+        if SCALED_P:
+            p16 = p.to(gl.float16)
+        else:  # the sums carry 2^14 here; the epilogue takes it out (g_scale in _consumer)
+            p16 = (p * 16384.0).to(gl.float16)
+        g_sum = mma_v2(gl.convert_layout(p16, a_layout), one_hot, g_sum)
         rescale = gl.exp2(m_g - m_use)
         acc_g = acc_g * gl.convert_layout(rescale, gl.SliceLayout(1, g_layout))[:, None] + g_sum
         return acc_g, m_new
@@ -262,7 +271,7 @@ if AVAILABLE:
         if HAS_KG:
             if _tile_in_span(kg_rows_hit, key_start, kg_k0, kg_k1, BLOCK_N):
                 acc_g, m_g = _key_group_update(acc_g, m_g, p, m_use, m_i, key_start, kg_base, kg_k0, kg_k1,
-                                               BLOCK_N, G_PAD, g_layout)
+                                               BLOCK_N, G_PAD, _scaled_p(HAS_KG, HAS_MULT, q.dtype), g_layout)
         if HAS_MULT:
             if _tile_in_span(m_rows_hit, key_start, m_k0, m_k1, BLOCK_N):
                 p = p * _multiplier_tile(m_base, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1, row0, key_start,
@@ -295,7 +304,7 @@ if AVAILABLE:
         if HAS_KG:  # while PV_{i-1} is in flight; only tiles in the groups' key span
             if _tile_in_span(kg_rows_hit, key_start, kg_k0, kg_k1, BLOCK_N):
                 acc_g, m_g = _key_group_update(acc_g, m_g, p, m_use, m_new, key_start, kg_base, kg_k0, kg_k1,
-                                               BLOCK_N, G_PAD, g_layout)
+                                               BLOCK_N, G_PAD, _scaled_p(HAS_KG, HAS_MULT, q.dtype), g_layout)
         if HAS_MULT:
             # M's tile loads while PV_{i-1} finishes, and weights P after its sums (l, probes):
             # multiplying before the wait cost more spills and was no faster (NOTES.md 33).
@@ -469,6 +478,8 @@ if AVAILABLE:
                           s_layout, o_layout)
         if HAS_KG:  # kgo [B, H, kg_q1 - kg_q0, n_groups]: the sums at the final max, normalized
             g_scale = gl.exp2(m_g - gl.where(m_g == -float("inf"), 0.0, m_i)) / l_i
+            if not _scaled_p(HAS_KG, HAS_MULT, q.dtype):  # _key_group_update scaled P by 2^14 for the product
+                g_scale = g_scale * (1.0 / 16384.0)
             if HAS_TAGS:
                 g_scale = gl.where(l_i > 0, g_scale, 0.0)
             g_scale = gl.convert_layout(g_scale, gl.SliceLayout(1, g_layout))

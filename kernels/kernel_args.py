@@ -67,6 +67,7 @@ def scales_p_for_key_groups(has_multiplier: bool, fp16: bool) -> bool:
     one, so that p carries 2^14 and the fp16 key-group product sees small p as normal numbers
     (hopper_fwd._softmax_tile, flash_fwd._attn_tile; bench/NOTES.md 53). Not where a block
     multiplier M meets fp16 inputs: 2^14 * M could pass fp16's largest value (65504) in the
-    P @ V operand. The one rule both kernels follow."""
+    P @ V operand. There the Hopper kernel scales p by 2^14 for the group product alone, and
+    the Triton kernel takes the fp32 product (``launch._kg_half_dot_mode``)."""
     return not (has_multiplier and fp16)
 

@@ -343,11 +343,15 @@ def _head_weight_strides(hw: torch.Tensor) -> tuple:
 
 def _kg_half_dot_mode(cfg: dict, dtype: torch.dtype, key_groups, block_multiplier) -> int:
     """flash_fwd's ``KG_HALF_DOT``: 0 without key groups, fp32 inputs or ``kg_half_dot=False``
-    (one fp32 product); else the fp16 hi + lo split, with p scaled by 2^14 (2) where
-    ``kernel_args.scales_p_for_key_groups`` allows it, else unscaled (1)."""
+    (one fp32 product); else the fp16 hi + lo split with p scaled by 2^14 (2) where
+    ``kernel_args.scales_p_for_key_groups`` allows it. Where it does not (fp16 inputs with a
+    block multiplier) also 0: the split of unscaled p (mode 1) loses p below fp16's smallest
+    normal (a group with p ~1e-6 of the row max came out 2-5% off), while the fp32 product
+    (tf32 for half inputs: ~5e-4 a term) has fp32's range. A bf16 split for every half input
+    was slower at SD3 (1.15x -> 1.21x of plain) and faulted on the H100 (NOTES.md 66)."""
     if key_groups is None or dtype == torch.float32 or not cfg.get("kg_half_dot", True):
         return 0
-    return 2 if scales_p_for_key_groups(block_multiplier is not None, dtype == torch.float16) else 1
+    return 2 if scales_p_for_key_groups(block_multiplier is not None, dtype == torch.float16) else 0
 
 
 def _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options) -> bool:

@@ -305,3 +305,17 @@ def test_reference_pair_stats_are_those_of_the_returned_output():
         want = (o[0] * o[1]).sum((1, 2))
         torch.testing.assert_close(res.pair_stats.dot.double(), want[None], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(res.pair_stats.norm0_sq.double(), (o[0] * o[0]).sum((1, 2))[None], rtol=1e-6, atol=0)
+
+
+def test_scale_computed_by_numpy_or_torch_is_a_scale():
+    """A scale from numpy (float32 included) or a 0-d tensor is taken as its float; a tensor
+    of several values, a bool and a complex number are refused, naming the scale."""
+    import numpy as np
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=g) for _ in range(3))
+    want = iidkern.attention(q, k, v, scale=0.5, backend="triton")
+    for scale in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float16)):
+        torch.testing.assert_close(iidkern.attention(q, k, v, scale=scale, backend="triton"), want)
+    for scale in (torch.tensor([0.5, 0.5]), np.bool_(True), 1j, np.float32(-0.5), torch.tensor(float("inf"))):
+        with pytest.raises(ValueError, match="scale must be a positive finite number or None"):
+            iidkern.attention(q, k, v, scale=scale, backend="triton")

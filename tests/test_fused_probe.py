@@ -13,6 +13,7 @@ import torch
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.kernels import launch
+from iidkern.kernels.kernel_args import scales_p_for_key_groups
 from iidkern.reference import attention_reference
 from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_key_groups, random_tags, \
     tiny_group_probabilities
@@ -182,16 +183,23 @@ def test_group_ids_read_through_a_strided_view(batched):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gap", [9.0, 14.0, 17.0])
-def test_fused_key_group_sums_of_tiny_probabilities_keep_their_relative_precision(no_probe_pass, dtype, gap):
+@pytest.mark.parametrize("with_multiplier", [False, True])
+def test_fused_key_group_sums_of_tiny_probabilities_keep_their_relative_precision(no_probe_pass, dtype, gap,
+                                                                                  with_multiplier):
     """IID's image-to-instruction sums are often ~1e-4..1e-7 of a row's mass. The fused probe
     folds p into the groups with fp16 products: unscaled, p below fp16's smallest normal
     (6.1e-5) is subnormal and the sums came out several % off; scaled by 2^14 they keep the
-    ~1e-5 relative precision of larger ones (checked per element against float64)."""
+    ~1e-5 relative precision of larger ones (checked per element against float64). A block
+    multiplier (M = 1 on a corner of the scores here, a no-op) on fp16 inputs rules the
+    scaling out: those calls take the fp32 product (tf32 on a GPU: ~5e-4 a term), whose
+    range is fp32's; they kept the unscaled split before, 2-5% off at p ~1e-6."""
     g = torch.Generator().manual_seed(67)
     b, h, n, d = 1, 2, 70, 16
     q, k, v = tiny_group_probabilities(b, h, n, d, (40, 58), gap, dtype, "bhnd", g)
     probe = Probe(TG.each(0, n), TG.segments([(40, 46), (46, 52), (52, 58)], n), heads="keep")
-    res = iidkern.attention(q, k, v, scale=1.0, probes=[probe], backend="triton", kernel_options=OPTS)
+    mult = BlockMultiplier(torch.ones(b, 3, 4), query_start=2, key_start=60) if with_multiplier else None
+    res = iidkern.attention(q, k, v, scale=1.0, probes=[probe], block_multiplier=mult, backend="triton",
+                            kernel_options=OPTS)
     ref = attention_reference(q, k, v, scale=1.0, probes=[probe], compute_dtype=torch.float64).probes[0]
     got = res.probes[0].double()
     assert 1e-9 < ref.min() and ref.max() < 1e-2  # the regime under test
@@ -204,7 +212,8 @@ def test_fused_key_group_sums_of_tiny_probabilities_keep_their_relative_precisio
 def test_fused_key_groups_beside_a_large_multiplier_stay_finite(no_probe_pass, dtype, m):
     """With key groups p carries 2^14 (the precision fix above); a block multiplier M then
     makes 2^14 * M, which past ~4 would overflow fp16's P @ V operand: fp16 calls with a
-    multiplier keep p unscaled (flash_fwd KG_HALF_DOT mode 1), bf16 ones keep the scaling."""
+    multiplier keep p unscaled and sum the groups with the fp32 product (KG_HALF_DOT mode 0),
+    bf16 ones keep the scaling."""
     g = torch.Generator().manual_seed(73)
     b, h, n = 1, 2, 48
     q, k, v = make_qkv(b, h, n, n, 16, dtype=dtype, generator=g)
@@ -215,9 +224,10 @@ def test_fused_key_groups_beside_a_large_multiplier_stay_finite(no_probe_pass, d
     assert torch.isfinite(res.out).all()
     assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
     assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[dtype])
-    cfg = {}
-    assert launch._kg_half_dot_mode(cfg, dtype, object(), mult) == (1 if dtype == torch.float16 else 2)
-    assert launch._kg_half_dot_mode(cfg, dtype, object(), None) == 2
-    assert launch._kg_half_dot_mode(cfg, dtype, None, mult) == 0
+    assert launch._kg_half_dot_mode({}, dtype, object(), mult) == (0 if dtype == torch.float16 else 2)
+    assert launch._kg_half_dot_mode({}, dtype, object(), None) == 2
+    assert launch._kg_half_dot_mode({}, dtype, None, mult) == 0
     assert launch._kg_half_dot_mode({"kg_half_dot": False}, dtype, object(), None) == 0
-    assert launch._kg_half_dot_mode(cfg, torch.float32, object(), None) == 0
+    assert launch._kg_half_dot_mode({}, torch.float32, object(), None) == 0
+    assert scales_p_for_key_groups(True, dtype == torch.float16) == (dtype != torch.float16)
+    assert scales_p_for_key_groups(False, True) and scales_p_for_key_groups(False, False)

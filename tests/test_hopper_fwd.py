@@ -6,6 +6,7 @@ to it; its results are tested on an H100 against the float64 reference (``cuda``
 """
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -742,20 +743,28 @@ def test_pair_stats_in_a_cuda_graph(hopper_calls):
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("forced", [None, (2, 3)])
-def test_fused_key_group_sums_of_tiny_probabilities_on_the_hopper_kernel(hopper_calls, no_probe_pass, dtype, forced):
+@pytest.mark.parametrize("with_multiplier", [False, True])
+def test_fused_key_group_sums_of_tiny_probabilities_on_the_hopper_kernel(hopper_calls, no_probe_pass, dtype, forced,
+                                                                         with_multiplier):
     """The Hopper kernel's key-group sums (fp16 P, scaled by 2^14 before the cast) keep their
-    relative precision where P is far below fp16's smallest normal, whole tiles and split."""
+    relative precision where P is far below fp16's smallest normal, whole tiles and split.
+    With a block multiplier (M = 1 on a corner here, a no-op; such calls keep whole tiles) fp16
+    inputs keep P unscaled for P @ V and scale it for the group product alone."""
+    gap = 15.0
     g = torch.Generator().manual_seed(71)
     b, h, n = 2, 3, 700
-    q, k, v = tiny_group_probabilities(b, h, n, 128, (100, 400), 15.0, dtype, "bnhd", g, device="cuda")
+    q, k, v = tiny_group_probabilities(b, h, n, 128, (100, 400), gap, dtype, "bnhd", g, device="cuda")
     probe = Probe(TG.each(0, n), TG.segments([(100, 150), (150, 300), (300, 400)], n), heads="keep")
+    mult = BlockMultiplier(torch.ones(b, 5, 7, device="cuda"), query_start=3, key_start=650) \
+        if with_multiplier else None
     opts = {"poison": True}
     if forced:
         opts.update(tail_split_tiles=forced[0], tail_split_pieces=forced[1])
-    res = iidkern.attention(q, k, v, layout="bnhd", scale=1.0, probes=[probe], kernel_options=opts)
+    res = iidkern.attention(q, k, v, layout="bnhd", scale=1.0, probes=[probe], block_multiplier=mult,
+                            kernel_options=opts)
     assert hopper_calls == ["bnhd"]
     ref = attention_reference(q, k, v, layout="bnhd", scale=1.0, probes=[probe], compute_dtype=torch.float64)
-    assert 1e-9 < ref.probes[0].min() and ref.probes[0].max() < 1e-2
+    assert 1e-15 < ref.probes[0].min() and ref.probes[0].max() < math.exp(-gap + 5)
     rel = ((res.probes[0].double() - ref.probes[0]).abs() / ref.probes[0]).max().item()
     assert rel < 2e-3, f"largest per-element relative error {rel:.2e}"  # one fp16 rounding a term
 
