@@ -50,3 +50,13 @@ def bench_inputs(name: str, dtype: str = "bf16", device: str = "cuda"):
     n_sets = num_input_sets(sum(t.numel() * t.element_size() for t in first))
     inputs = [first] + [random_qkv(shape, torch_dtype, dev, seed=s) for s in range(1, n_sets)]
     return shape, torch_dtype, inputs, n_sets
+
+
+def paired_summary(call: Callable[[int], object], plain: Callable[[int], object], n_sets: int, rounds: int = 3) -> str:
+    """``call`` over ``plain`` (each takes an input-set index): the median of ``rounds`` paired
+    ratios with their range, and the paired CUDA-graph ratio, as one line of text."""
+    from bench.timing import paired_graph_ratio, paired_ratios
+    call(0)
+    r = sorted(paired_ratios(call, plain, n_sets, rounds=rounds))
+    g = paired_graph_ratio(call, plain, n_sets)
+    return f"{r[len(r) // 2]:.4f}x plain (min {r[0]:.4f} max {r[-1]:.4f}) graph {g:.4f}x"

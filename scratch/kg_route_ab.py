@@ -11,8 +11,7 @@ import sys
 import torch
 
 import iidkern
-from ab_timing import bench_inputs
-from bench.timing import paired_graph_ratio, paired_ratios
+from ab_timing import bench_inputs, paired_summary
 from bench.workloads import build_workload
 
 shapes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["sd3_1024", "flux_1024", "flux_edit"]
@@ -52,7 +51,5 @@ for name in shapes:
             continue
         errs = [rel_err(res.probes[j], ref[j if len(chosen) == 2 else (0 if chosen[0] is probes[0] else 1)])
                 for j in range(len(chosen))]
-        r = sorted(paired_ratios(call, plain, n_sets, rounds=3))
-        g = paired_graph_ratio(call, plain, n_sets)
-        print(f"{name} {label:28s} {r[len(r) // 2]:.4f}x plain (min {r[0]:.4f} max {r[-1]:.4f}) graph {g:.4f}x "
+        print(f"{name} {label:28s} {paired_summary(call, plain, n_sets)} "
               f"err {' '.join(f'{e:.1e}' for e in errs)}", flush=True)

@@ -13,8 +13,7 @@ import sys
 import torch
 
 import iidkern
-from ab_timing import bench_inputs
-from bench.timing import paired_graph_ratio, paired_ratios
+from ab_timing import bench_inputs, paired_summary
 from bench.workloads import build_workload
 from iidkern import Probe, TokenGroups as TG
 from iidkern.kernels import hopper_map
@@ -75,8 +74,4 @@ for name in shapes:
             def call(i, chosen=chosen, variant=variant):
                 use(variant)
                 return iidkern.attention(*inputs[i], probes=chosen)
-            call(0)
-            r = sorted(paired_ratios(call, plain, n_sets, rounds=3))
-            gr = paired_graph_ratio(call, plain, n_sets)
-            print(f"{name} {variant:19s} {label:5s} {r[len(r) // 2]:.4f}x plain (min {r[0]:.4f} max {r[-1]:.4f}) "
-                  f"graph {gr:.4f}x", flush=True)
+            print(f"{name} {variant:19s} {label:5s} {paired_summary(call, plain, n_sets)}", flush=True)

@@ -12,8 +12,7 @@ import sys
 import torch
 
 import iidkern
-from ab_timing import bench_inputs
-from bench.timing import paired_graph_ratio, paired_ratios
+from ab_timing import bench_inputs, paired_summary
 from bench.workloads import build_workload
 
 switch = sys.argv[1]
@@ -36,8 +35,4 @@ for name in shapes:
     for label, chosen in (("iid probe", probes[:1]), ("both probes", probes)):
         def call(i, chosen=chosen):
             return iidkern.attention(*inputs[i], probes=chosen)
-        call(0)
-        r = sorted(paired_ratios(call, plain, n_sets, rounds=3))
-        g = paired_graph_ratio(call, plain, n_sets)
-        print(f"{tag} {name} {label:11s} {r[len(r) // 2]:.4f}x plain (min {r[0]:.4f} max {r[-1]:.4f}) "
-              f"graph {g:.4f}x", flush=True)
+        print(f"{tag} {name} {label:11s} {paired_summary(call, plain, n_sets)}", flush=True)

@@ -1,4 +1,5 @@
 """Test helpers: random inputs in either layout, tolerances per dtype, error metrics."""
+import pytest
 import torch
 
 from iidkern.policy import AttentionPolicy
@@ -83,3 +84,13 @@ def tiny_group_probabilities(b, h, n, d, group_keys, gap, dtype, layout, generat
     if layout == "bnhd":
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     return q, k, v
+
+
+def assert_raises_naming(exc, words, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` raises ``exc`` whose message holds every one of ``words``
+    (the argument's name, what it expects, what it got)."""
+    with pytest.raises(exc) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"message {message!r} lacks {word!r}"
