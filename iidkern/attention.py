@@ -135,7 +135,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             key groups rides in the main pass; default True), ``kg_split`` /
             ``mult_split`` (the key groups / the multiplier get their own key-tile range
             instead of a per-tile test), ``kg_half_dot`` (key-group sums as two fp16
-            products instead of tf32), ``warp_specialize`` (Triton's automatic warp
+            products instead of tf32; fp16 inputs beside a block multiplier always take
+            exact fp32 products), ``warp_specialize`` (Triton's automatic warp
             specialization), ``hopper`` (unset: on an H100-class GPU (sm_90), fp16/bf16
             calls at head_dim 128 (and at 64 with at least 16384 keys) with no value probes or
             tile counts run the

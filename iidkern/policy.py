@@ -123,12 +123,16 @@ class RunScopedPolicy(AttentionPolicy):
         self._last_step = step
 
 
-class CapturePolicy(AttentionPolicy):
+class CapturePolicy(RunScopedPolicy):
     """Attach fixed probes at chosen (step, layer) sites and keep what they return.
 
     ``when(site) -> bool`` selects the sites; ``probes(site)`` builds the probe specs
     (ranges differ between models, so they are built from the site). Results are stored in
-    ``self.captured[(step, layer)]``.
+    ``self.captured[(step, layer)]``: of a step's **first** forward at that layer, when a
+    step runs several (true CFG in diffusers' Flux pipelines runs the positive prompt, then
+    the negative one; every selected call is still probed); of the latest call for calls
+    without a step number. The captures belong to one run (see :class:`RunScopedPolicy`:
+    :meth:`reset`, or steps going back, clears them).
     """
 
     def __init__(self, when, probes):
@@ -136,13 +140,20 @@ class CapturePolicy(AttentionPolicy):
         self.probes = probes
         self.captured: Dict[Tuple[Optional[int], int], Tuple[torch.Tensor, ...]] = {}
 
+    def reset(self) -> None:
+        super().reset()
+        self.captured = {}
+
     def request(self, site):
+        self.follow_step(site.step)
         if not self.when(site):
             return None
         return AttentionRequest(probes=tuple(self.probes(site)))
 
     def receive(self, site, result):
-        self.captured[(site.step, site.layer)] = result.probes
+        key = (site.step, site.layer)
+        if site.step is None or key not in self.captured:
+            self.captured[key] = result.probes
         return None
 
 
@@ -151,6 +162,12 @@ class ChainPolicy(AttentionPolicy):
 
     def __init__(self, *policies: AttentionPolicy):
         self.policies = policies
+
+    def reset(self) -> None:
+        """Reset every member that keeps per-run state (those with a ``reset``)."""
+        for pol in self.policies:
+            if hasattr(pol, "reset"):
+                pol.reset()
 
     def request(self, site):
         merged, owners = AttentionRequest(), []

@@ -21,6 +21,8 @@ Vocabulary
 """
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -284,13 +286,55 @@ class ValueProbe:
             raise ValueError(f"ValueProbe: normalize must be None or 'queries', got {self.normalize!r}")
 
 
+def _scalar_dtype_kind(x) -> Optional[str]:
+    """For a numpy or torch value: ``"b"`` (bool), ``"i"`` (integer), ``"f"`` (real
+    floating), ``"c"`` (complex) or ``"x"`` (anything else: strings, dates), and ``"n"``
+    for an array or tensor that is not 0-d; None for other objects."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return None
+    if getattr(x, "ndim", 0) != 0:
+        return "n"
+    if isinstance(dtype, torch.dtype):
+        if dtype == torch.bool:
+            return "b"
+        if dtype.is_complex:
+            return "c"
+        return "f" if dtype.is_floating_point else "i"
+    kind = getattr(dtype, "kind", "x")  # numpy: b, i/u, f, c, U/S/M/m/O ...
+    return {"b": "b", "i": "i", "u": "i", "f": "f", "c": "c"}.get(kind, "x")
+
+
 def as_integer(x) -> Optional[int]:
-    """``x`` as an int if it is an integer (Python, numpy, 0-d tensor) and not a bool, else None."""
+    """``x`` as an int if it is an integer (Python, numpy, 0-d tensor) and not a bool, else None
+    (a bool tensor or a tensor of one element but more dims is no index either)."""
     if isinstance(x, bool):
+        return None
+    if type(x) is int:
+        return x
+    if _scalar_dtype_kind(x) not in (None, "i"):
         return None
     try:
         return operator.index(x)
     except TypeError:
+        return None
+
+
+def as_real(x) -> Optional[float]:
+    """``x`` as a float if it is a real number (Python, numpy, 0-d tensor; not a bool, a
+    complex, a string or date array), else None. Too large for a float: ``inf``."""
+    if isinstance(x, bool):
+        return None
+    kind = _scalar_dtype_kind(x)
+    if kind is None and not isinstance(x, numbers.Real):
+        return None
+    if kind not in (None, "i", "f"):
+        return None
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
+    except (TypeError, ValueError):
         return None
 
 

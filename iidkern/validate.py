@@ -7,13 +7,12 @@ Each check returns the argument as the call uses it (``None`` where it was not g
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 
 from .kernels.tiles import TagMask
-from .specs import MAX_VALUE_PROBE_CHANNELS, BlockMultiplier, Probe, TokenGroups, ValueProbe, as_integer, \
+from .specs import MAX_VALUE_PROBE_CHANNELS, BlockMultiplier, Probe, TokenGroups, ValueProbe, as_integer, as_real, \
     check_data_tensor
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -225,12 +224,9 @@ def check_scale(scale, head_dim: int) -> float:
     included: one message for every wrong scale, as since the first release)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    real = isinstance(scale, numbers.Real) or (
-        getattr(scale, "shape", None) in ((), torch.Size([])) and hasattr(scale, "dtype")
-        and not str(scale.dtype).endswith("bool") and "complex" not in str(scale.dtype))
-    if isinstance(scale, bool) or not real:
+    value = as_real(scale)
+    if value is None:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r} ({type(scale).__name__})")
-    value = float(scale)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {value!r}")
     return value

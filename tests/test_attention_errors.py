@@ -310,6 +310,7 @@ def test_scale_computed_by_numpy_or_torch_is_a_scale():
     want = iidkern.attention(q, k, v, scale=0.5, backend="triton")
     for scale in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float16)):
         torch.testing.assert_close(iidkern.attention(q, k, v, scale=scale, backend="triton"), want)
-    for scale in (torch.tensor([0.5, 0.5]), np.bool_(True), 1j, np.float32(-0.5), torch.tensor(float("inf"))):
+    for scale in (torch.tensor([0.5, 0.5]), np.bool_(True), 1j, np.float32(-0.5), torch.tensor(float("inf")),
+                  np.array("0.5"), np.datetime64("2020"), 10 ** 400, torch.tensor(True)):
         with pytest.raises(ValueError, match="scale must be a positive finite number or None"):
             iidkern.attention(q, k, v, scale=scale, backend="triton")

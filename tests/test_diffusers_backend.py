@@ -404,6 +404,14 @@ def test_step_from_handle_and_attention_kwargs(name):
         policy.sites.clear()
         case.run(**{case.kwargs_name: {"iidkern_step": 7, "iidkern_num_steps": 9}})
         assert {(s.step, s.num_steps) for s in policy.sites} == {(7, 9)}
+        policy.sites.clear()
+        case.run(**{case.kwargs_name: {"iidkern_step": torch.tensor(8)}})  # per call, checked as set_step is
+        assert {(s.step, s.num_steps) for s in policy.sites} == {(8, 10)}
+        assert all(type(s.step) is int for s in policy.sites)
+        with pytest.raises(TypeError, match="step must be an int >= 0 or None, got 7.5"):
+            case.run(**{case.kwargs_name: {"iidkern_step": 7.5}})
+        with pytest.raises(ValueError, match="step must be < num_steps, got step=12, num_steps=10"):
+            case.run(**{case.kwargs_name: {"iidkern_step": 12}})
         assert handle.callback_on_step_end(SimpleNamespace(num_timesteps=10), 4, None, {}) == {}
         assert (handle.step, handle.num_steps) == (5, 10)
         handle.callback_on_step_end(SimpleNamespace(num_timesteps=10), 9, None, {})  # the last step: no step 10

@@ -114,6 +114,33 @@ def test_paper_form_with_two_forwards_a_step_weights_each_by_its_own_previous_ma
         assert torch.allclose(out.double(), dense_out(p1 * mult, v1), atol=1e-4), name
 
 
+class _MultiplierSpy(HeadRouterPolicy):
+    """Notes, per call, whether its request carried a block multiplier."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.weighted = []
+
+    def request(self, site):
+        req = super().request(site)
+        self.weighted.append(req.block_multiplier is not None)
+        return req
+
+
+def test_paper_form_never_takes_a_map_older_than_the_step_before():
+    """Steps with 2, then 1, then 2 forwards: the second forward of step 2 has no map from
+    step 1 and runs without a multiplier (not with step 0's); a skipped step number (0, 2)
+    still counts as the step before."""
+    policy = _MultiplierSpy(HeadRouterConfig(route=False, dtr_image="paper"))
+    for i, step in enumerate((0, 0, 1, 2, 2)):
+        attend(*qkv(30 + i), site(step), policy, backend="reference")
+    assert policy.weighted == [False, False, True, True, False]
+    skipping = _MultiplierSpy(HeadRouterConfig(route=False, dtr_image="paper"))
+    for i, step in enumerate((0, 2)):
+        attend(*qkv(40 + i), site(step), skipping, backend="reference")
+    assert skipping.weighted == [False, True]
+
+
 def test_router_and_multiplier_together_on_several_pairs():
     """Batch [recon, edit, recon, edit] (e.g. two images): each pair routed with its own weights."""
     q, k, v = qkv(5, batch=4)
@@ -167,9 +194,32 @@ def test_config_errors():
     (lambda: KeyRegionPolicy([0], steps=3), TypeError, ["KeyRegionPolicy: steps", "3"]),
     (lambda: KeyRegionPolicy([0], steps=[0.5]), TypeError, ["KeyRegionPolicy: steps", "0.5"]),
     (lambda: KeyRegionPolicy([0], block_kinds="double"), TypeError, ["KeyRegionPolicy: block_kinds", "('double',)"]),
+    (lambda: KeyRegionPolicy([0], steps=torch.tensor(3)), TypeError, ["KeyRegionPolicy: steps", "tensor(3)"]),
+    (lambda: KeyRegionPolicy([0], row=torch.tensor(True)), TypeError, ["KeyRegionPolicy: row"]),
+    (lambda: KeyRegionPolicy([0], row=torch.tensor([1])), TypeError, ["KeyRegionPolicy: row"]),
+    (lambda: TextResidual(0.1, rows=3), TypeError, ["TextResidual: rows", "3"]),
 ])
 def test_policies_refuse_wrong_arguments_when_built(build, exc, words):
     assert_raises_naming(exc, words, build)
+
+
+def test_key_regions_sum_a_steps_first_forward_only():
+    """With two forwards a step (true CFG: the negative prompt's tokens are other words) the
+    maps sum the first; without a step number every call counts."""
+    policy = KeyRegionPolicy(tokens=[1, 3], row=1)
+    first, second = qkv(11), qkv(12)
+    attend(*first, site(0), policy, backend="reference")
+    assert policy.request(site(0)) is None  # the second forward of step 0 is not probed
+    attend(*second, site(0), policy, backend="reference")
+    maps = dense_probs(*first[:2])[1][:, N_TEXT:, [1, 3]].sum(0).transpose(0, 1)
+    assert torch.allclose(policy.maps.double(), maps, atol=1e-5)
+    attend(*second, site(1), policy, backend="reference")  # the next step counts again
+    maps = maps + dense_probs(*second[:2])[1][:, N_TEXT:, [1, 3]].sum(0).transpose(0, 1)
+    assert torch.allclose(policy.maps.double(), maps, atol=1e-5)
+    no_steps = KeyRegionPolicy(tokens=[1], row=1)
+    for _ in range(2):
+        attend(*first, site(None), no_steps, backend="reference")
+    assert torch.allclose(no_steps.maps.double(), 2 * dense_probs(*first[:2])[1][:, N_TEXT:, [1]].sum(0).T, atol=1e-5)
 
 
 def test_key_regions_name_a_row_outside_the_batch():

@@ -214,6 +214,7 @@ def test_config_refuses_wrong_types_when_built(kwargs, exc, words):
     (lambda: IIDPolicy([(0, 2)], (3, 3), masks=torch.ones(1, 5, dtype=torch.bool)), ValueError,
      ["IIDPolicy: masks", "grid (3, 3) = 9 columns", "(1, 5)"]),
     (lambda: IIDPolicy([(0, 2)], (2, 2), row_instruction="01"), TypeError, ["row_instruction", "'01'"]),
+    (lambda: IIDPolicy([(0, 2)], (2, 2), row_instruction=0), TypeError, ["IIDPolicy: row_instruction", "0"]),
     (lambda: BranchIsolationPolicy([(0, 2)], [0, 1.5]), TypeError, ["row_instruction", "1.5"]),
     (lambda: BranchIsolationPolicy([(0, 2)], 0), TypeError, ["row_instruction", "0"]),
     (lambda: BranchIsolationPolicy([(0, 2)], [0], until_step="a"), TypeError, ["until_step", "'a'"]),
@@ -440,3 +441,26 @@ def test_without_row_instruction_the_maps_come_from_the_last_batch_row():
         attend(qs, ks, vs, site, policy, backend="reference")
         image_to_first = probs[want_row, :, n_text:, 0:2].mean(-1)  # [H, N_img], instruction 0 (keys 0..1)
         torch.testing.assert_close(policy.per_head_maps[..., 0], image_to_first, rtol=1e-5, atol=1e-6)
+
+
+def test_masks_set_after_construction_are_precomputed_and_apply_without_a_step():
+    """set_masks later is as masks given to the constructor: no capture at S, kept by reset
+    (also the automatic one of a new run); precomputed masks mask a call with no step number."""
+    site = AttentionSite(block=0, block_kind="double", text=(0, 5), image=(5, 9), step=2, num_steps=4,
+                         layer=0, num_layers=2)
+    policy = IIDPolicy([(0, 2), (2, 4)], (2, 2))
+    assert policy.request(AttentionSite(**{**site.__dict__, "step": None})) is None  # nothing to apply yet
+    masks = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    policy.set_masks(masks)
+    policy.reset()
+    assert torch.equal(policy.masks, masks)
+    early = policy.request(site)  # step 2 <= S: isolation only, no capture probes
+    assert early is None or not early.probes
+    late = policy.request(AttentionSite(**{**site.__dict__, "step": None}))
+    assert late is not None and late.tags is not None
+
+
+def test_branch_rows_of_a_cfg_doubled_batch_are_the_conditional_half():
+    """[uncond; cond] rows: the branches, like the combined row of the text maps, are the last."""
+    policy = IIDPolicy([(0, 2), (2, 4)], (2, 2), row_instruction=[0, 1, None, 0, 1, None])
+    assert policy.capture.branch_rows == (3, 4) and policy.capture.map_row == 5

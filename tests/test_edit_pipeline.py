@@ -211,6 +211,12 @@ def test_pipelines_refuse_wrong_arguments_before_encoding(concat_model, t2i_mode
     with pytest.raises(ValueError, match=r"pairs must be \(\(0, 1\),\) or \(\(1, 0\),\) .* got \(\(0, 2\),\)"):
         headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=2,
                         config=HeadRouterConfig(pairs=((0, 2),)), progress=False)
+    with pytest.raises(ValueError, match=r"start=3 is past the editing controller's stop 1 for 4 steps"):
+        headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=4,
+                        inversion=RFInversionConfig(start=3), progress=False)
+    with pytest.raises(TypeError, match="inversion must be an instance of RFInversionConfig"):
+        headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=4, inversion=IIDConfig(),
+                        progress=False)
     with pytest.raises(TypeError, match=r"key_words must be a sequence of names, e.g. \('red',\)"):
         headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=2, key_words="red", progress=False)
     with pytest.raises(ValueError, match=r"key_words \['blue'\] name no word of the target prompt"):

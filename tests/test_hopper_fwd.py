@@ -742,8 +742,7 @@ def test_pair_stats_in_a_cuda_graph(hopper_calls):
 @pytest.mark.cuda
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("forced", [None, (2, 3)])
-@pytest.mark.parametrize("with_multiplier", [False, True])
+@pytest.mark.parametrize("forced,with_multiplier", [(None, False), ((2, 3), False), (None, True)])
 def test_fused_key_group_sums_of_tiny_probabilities_on_the_hopper_kernel(hopper_calls, no_probe_pass, dtype, forced,
                                                                          with_multiplier):
     """The Hopper kernel's key-group sums (fp16 P, scaled by 2^14 before the cast) keep their
@@ -767,6 +766,30 @@ def test_fused_key_group_sums_of_tiny_probabilities_on_the_hopper_kernel(hopper_
     assert 1e-15 < ref.probes[0].min() and ref.probes[0].max() < math.exp(-gap + 5)
     rel = ((res.probes[0].double() - ref.probes[0]).abs() / ref.probes[0]).max().item()
     assert rel < 2e-3, f"largest per-element relative error {rel:.2e}"  # one fp16 rounding a term
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tiny_key_group_sums_beside_a_multiplier_on_the_triton_kernel_gpu(no_probe_pass, dtype, head_dim):
+    """On the GPU the Triton kernel's group products are tensor-core ones: the fp16 split of
+    p * 2^14 (~1e-5 relative precision on groups ~3e-7 of the row max), or beside a
+    multiplier on fp16 inputs fp32 products: exact up to head dim 64, tf32 at 128 (~5e-4 a
+    term; exact ones do not fit the H100's shared memory there). Both have fp32's range."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator().manual_seed(77)
+    b, h, n = 2, 3, 700
+    q, k, v = tiny_group_probabilities(b, h, n, head_dim, (100, 400), 15.0, dtype, "bnhd", g, device="cuda")
+    probe = Probe(TG.each(0, n), TG.segments([(100, 150), (150, 300), (300, 400)], n), heads="keep")
+    mult = BlockMultiplier(torch.ones(b, 5, 7, device="cuda"), query_start=3, key_start=650)
+    res = iidkern.attention(q, k, v, layout="bnhd", scale=1.0, probes=[probe], block_multiplier=mult,
+                            kernel_options={"poison": True, "hopper": False})
+    ref = attention_reference(q, k, v, layout="bnhd", scale=1.0, probes=[probe], compute_dtype=torch.float64)
+    assert 1e-9 < ref.probes[0].min() and ref.probes[0].max() < 1e-2
+    rel = ((res.probes[0].double() - ref.probes[0]).abs() / ref.probes[0]).max().item()
+    tf32 = dtype == torch.float16 and head_dim > 64
+    assert rel < (1e-3 if tf32 else 2e-4), f"largest per-element relative error {rel:.2e}"
 
 
 @pytest.mark.cuda

@@ -176,3 +176,38 @@ def test_flux_dev_size_bf16_on_cuda_runs():
         base = model(x, text, pooled, t, img_ids=image_ids(32, 32, device="cuda"), guidance=g, backend="sdpa")
     assert torch.isfinite(ours).all()
     assert_close_rel(ours.float(), base.float(), 3e-2, "bf16 iidkern vs SDPA")
+
+
+def test_capture_keeps_a_steps_first_forward_and_belongs_to_one_run():
+    """True CFG runs two forwards a step: the first one's probes are kept (both are probed).
+    A run's captures go when the steps go back or on reset (through a ChainPolicy too);
+    without a step number the latest call's probes are kept."""
+    import iidkern
+    from iidkern.policy import AttentionSite, ChainPolicy, attend
+
+    def probes(site):
+        return [Probe(TokenGroups.each(*site.image), TokenGroups.each(*site.text), heads="keep")]
+    capture = CapturePolicy(lambda s: True, probes)
+    chain = ChainPolicy(capture)
+    calls = {}
+
+    def call(step, seed):
+        q, k, v = (torch.randn(1, 9, 2, 8, generator=torch.Generator().manual_seed(seed + i)) for i in range(3))
+        site = AttentionSite(block=0, block_kind="double", text=(0, 4), image=(4, 9), step=step, num_steps=5,
+                             layer=0, num_layers=1)
+        assert chain.request(site).probes  # every selected call is probed
+        attend(q, k, v, site, chain, layout="bnhd", backend="reference")
+        calls[seed] = iidkern.attention(q, k, v, layout="bnhd", probes=probes(site), backend="reference").probes[0]
+
+    call(3, 10)
+    call(3, 20)  # the negative prompt's forward of step 3
+    assert torch.equal(capture.captured[(3, 0)][0], calls[10])
+    call(4, 30)
+    assert set(capture.captured) == {(3, 0), (4, 0)}
+    call(0, 40)  # a new run
+    assert set(capture.captured) == {(0, 0)} and torch.equal(capture.captured[(0, 0)][0], calls[40])
+    chain.reset()
+    assert capture.captured == {}
+    call(None, 50)
+    call(None, 60)
+    assert torch.equal(capture.captured[(None, 0)][0], calls[60])

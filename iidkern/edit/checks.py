@@ -5,12 +5,11 @@ a wrong type found only at step S (after sampling up to it) or one that silently
 method (a string where names are expected is iterated letter by letter) is what they stop.
 """
 import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 
-from ..specs import index_arg
+from ..specs import as_real, index_arg
 
 
 def integer(value, what: str, minimum: Optional[int] = None) -> int:
@@ -35,13 +34,11 @@ def _is_bool_dtype(value) -> bool:
 
 
 def real(value, what: str, finite: bool = True) -> float:
-    """``value`` as a float (an int or float, or a 0-d numeric array; not a bool or a string),
-    finite unless told."""
-    numeric = isinstance(value, numbers.Real) or (
-        _is_scalar_array(value) and not _is_bool_dtype(value) and "complex" not in str(value.dtype))
-    if isinstance(value, bool) or not numeric:
+    """``value`` as a float (an int or float, or a 0-d numeric array; not a bool, a complex
+    or a string), finite unless told."""
+    x = as_real(value)
+    if x is None:
         raise TypeError(f"{what} must be a real number, got {value!r} ({type(value).__name__})")
-    x = float(value)
     if finite and not math.isfinite(x):
         raise ValueError(f"{what} must be finite, got {x}")
     return x
@@ -70,6 +67,14 @@ def names(value, what: str) -> Optional[Tuple[str, ...]]:
     if not all(isinstance(n, str) for n in out):
         raise TypeError(f"{what} must hold strings, got {value!r}")
     return out
+
+
+def sequence(value, what: str, expected: str) -> tuple:
+    """``value``'s items as a tuple: a list, tuple, 1-D array or tensor; not a string (read
+    letter by letter), a number or a 0-d array (a TypeError naming ``what``)."""
+    if isinstance(value, (str, bytes)) or getattr(value, "ndim", 1) == 0 or not hasattr(value, "__iter__"):
+        raise TypeError(f"{what} must be {expected}, got {value!r}")
+    return tuple(value)
 
 
 def index_pairs(value, what: str, example: str) -> Tuple[Tuple[int, int], ...]:

@@ -17,8 +17,8 @@ prompt) and an editing row (target prompt); ``pairs`` lists ``(recon_row, edit_r
   which the policy door does not offer today. A step may hold several forwards (true CFG in
   diffusers' Flux pipelines runs the positive prompt, then the negative one): the maps are
   kept per forward of a step, so the k-th forward of a step is weighted by the map of the
-  k-th forward of the step before (a step number is needed for that: without one, every
-  call is the next step's). ``dtr_image="code"`` is the released-code form: the weighting is
+  k-th forward of the step before, and runs without a multiplier if that step had no k-th
+  forward (a step number is needed for that: without one, every call is the next step's). ``dtr_image="code"`` is the released-code form: the weighting is
   applied to the editing row's image-token attention outputs (by default in single blocks,
   so on models without them, SD3, name the kinds in ``dtr_block_kinds``), with one weight
   per image token from its head-mean text mass in the **same** call (the probe comes with
@@ -151,11 +151,11 @@ class HeadRouterPolicy(RunScopedPolicy):
         if config is not None and not isinstance(config, HeadRouterConfig):
             raise TypeError(f"HeadRouterPolicy: config must be a HeadRouterConfig or None, got {type(config).__name__}")
         self.config = config or HeadRouterConfig()
-        # previous step's A^{ZP} of the edit rows, and the batch size it came with, per
+        # A^{ZP} of the edit rows, the batch size it came with and the step that made it, per
         # (block kind, block, forward of the step)
-        self._maps: Dict[Tuple[str, int, int], Tuple[torch.Tensor, int]] = {}
-        # per block: (step, forwards seen at that step), to number a step's forwards
-        self._forwards: Dict[Tuple[str, int], Tuple[Optional[int], int]] = {}
+        self._maps: Dict[Tuple[str, int, int], Tuple[torch.Tensor, int, Optional[int]]] = {}
+        # per block: (step, forwards seen at that step, the step before it at this block)
+        self._forwards: Dict[Tuple[str, int], Tuple[Optional[int], int, Optional[int]]] = {}
         self.last_router_weights: Dict[Tuple[str, int], torch.Tensor] = {}  # [P, H] of the latest call per block
 
     def reset(self) -> None:
@@ -184,23 +184,28 @@ class HeadRouterPolicy(RunScopedPolicy):
             return Probe(TokenGroups.each(img0, img1), TokenGroups.each(t0, t1), heads=self.config.dtr_heads)
         return Probe(TokenGroups.each(img0, img1), TokenGroups.single(t0, t1, site.seq_len), heads="mean")
 
-    def _map_key(self, site: AttentionSite, count: bool) -> Tuple[str, int, int]:
-        """``(block kind, block, k)`` for the k-th forward of this site's step (0 without a
-        step). ``count``: this call is a new forward (``request``); ``receive`` only looks."""
+    def _map_key(self, site: AttentionSite) -> Tuple[str, int, int]:
+        """Count this call as a forward of its step: ``(block kind, block, k)`` for the k-th
+        forward (0 without a step)."""
         block = (site.block_kind, site.block)
-        step, seen = self._forwards.get(block, (None, 0))
+        step, seen, before = self._forwards.get(block, (None, 0, None))
         if site.step is None or step != site.step:
-            step, seen = site.step, 0
-        if count:
-            self._forwards[block] = (step, seen + 1)
-            return block + (seen,)
-        return block + (max(seen - 1, 0),)
+            step, seen, before = site.step, 0, (step if site.step is not None else None)
+        self._forwards[block] = (step, seen + 1, before)
+        return block + (seen,)
+
+    def _current_key(self, site: AttentionSite) -> Tuple[str, int, int]:
+        """The key :meth:`_map_key` gave this call (``receive`` follows its ``request``)."""
+        block = (site.block_kind, site.block)
+        return block + (max(self._forwards.get(block, (None, 1, None))[1] - 1, 0),)
 
     def _multiplier(self, site: AttentionSite, key) -> Optional[BlockMultiplier]:
         stored = self._maps.get(key)
         if stored is None or self.config.dtr_image != "paper":
             return None
-        prev, batch = stored
+        prev, batch, made_at = stored
+        if made_at != self._forwards[key[:2]][2]:
+            return None  # not the step before this one (that step had fewer forwards): no map yet
         w = dtr_weights(prev, self.config.alpha, self.config.upsilon)  # [P, 1 or H, N_img, N_txt]
         if self.config.dtr_heads == "mean":
             w = w[:, 0]
@@ -218,7 +223,7 @@ class HeadRouterPolicy(RunScopedPolicy):
             req.pair_stats = list(cfg.pairs)
         if self._dtr_here(site):
             req.probes = (self._probe(site),)
-            req.block_multiplier = self._multiplier(site, self._map_key(site, count=True))
+            req.block_multiplier = self._multiplier(site, self._map_key(site))
         if req.pair_stats is None and not req.probes:
             return None
         return req
@@ -228,8 +233,8 @@ class HeadRouterPolicy(RunScopedPolicy):
         out = result.out
         dtr = self._dtr_here(site) and bool(result.probes)
         if dtr and cfg.dtr_image == "paper":  # the next step's multiplier at this block and forward
-            self._maps[self._map_key(site, count=False)] = (result.probes[0][list(cfg.edit_rows)].float(),
-                                                            out.shape[0])
+            self._maps[self._current_key(site)] = (result.probes[0][list(cfg.edit_rows)].float(), out.shape[0],
+                                                   site.step)
         new = None
         if cfg.route and result.pair_stats is not None:
             w = router_weights(result.pair_stats, cfg.gamma, cfg.delta)  # [P, H]
@@ -268,7 +273,9 @@ class TextResidual:
         if not 0.0 <= keep <= 1.0:
             raise ValueError(f"TextResidual: keep must be in [0, 1], got {keep}")
         self.keep = keep
-        self.rows = None if rows is None else tuple(checks.integer(r, "TextResidual: rows", 0) for r in rows)
+        self.rows = None if rows is None else tuple(
+            checks.integer(r, "TextResidual: rows", 0) for r in checks.sequence(rows, "TextResidual: rows",
+                                                                                 "None or a sequence of batch rows"))
 
     def __call__(self, block: int, num_blocks: int, text_in: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:
         if block >= num_blocks - 1:
@@ -297,8 +304,10 @@ class KeyRegionPolicy(RunScopedPolicy):
     ``tokens``: text token offsets (relative to the text range start), each an int or a
     ``(start, stop)`` range (a word of several tokens: its tokens' maps are summed).
     ``steps`` / ``block_kinds``: where to capture (``None`` = everywhere); maps are summed
-    over the captured calls. ``row``: the batch row to keep. After a run: ``maps``
-    ``[T, N_img]`` and :meth:`masks` (min-max normalized, ``>= threshold``).
+    over the captured calls: the first forward of each (step, block) when a step runs
+    several (true CFG's negative prompt holds other words), every call without a step
+    number. ``row``: the batch row to keep. After a run: ``maps`` ``[T, N_img]`` and
+    :meth:`masks` (min-max normalized, ``>= threshold``).
     """
 
     def __init__(self, tokens: Sequence, row: int = 1, steps: Optional[Sequence[int]] = None,
@@ -310,17 +319,18 @@ class KeyRegionPolicy(RunScopedPolicy):
             raise ValueError(f"KeyRegionPolicy: token ranges must satisfy 0 <= start < stop, got {self.groups}")
         self.row = checks.integer(row, "KeyRegionPolicy: row", 0)
         if steps is not None:
-            if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
-                raise TypeError(f"KeyRegionPolicy: steps must be None or a sequence of step indices, got {steps!r}")
-            steps = {checks.integer(step, "KeyRegionPolicy: steps", 0) for step in steps}
+            steps = {checks.integer(step, "KeyRegionPolicy: steps", 0)
+                     for step in checks.sequence(steps, "KeyRegionPolicy: steps", "None or a sequence of step indices")}
         self.steps = steps
         self.block_kinds = checks.names(block_kinds, "KeyRegionPolicy: block_kinds")
         self.maps: Optional[torch.Tensor] = None
+        self._summed = set()
 
     def reset(self) -> None:
         """Forget the summed maps (a new run; also when the steps go back)."""
         super().reset()
         self.maps = None
+        self._summed = set()  # (step, block kind, block) of the forwards summed in this run
 
     def request(self, site):
         self.follow_step(site.step)
@@ -330,6 +340,8 @@ class KeyRegionPolicy(RunScopedPolicy):
             return None
         if site.text[1] <= site.text[0]:
             return None
+        if site.step is not None and (site.step, site.block_kind, site.block) in self._summed:
+            return None  # a later forward of this step (true CFG's negative prompt)
         t0, t1 = site.text
         if any(t0 + b > t1 for _, b in self.groups):
             raise ValueError(f"KeyRegionPolicy: token ranges {self.groups} exceed the text range {site.text}")
@@ -347,6 +359,8 @@ class KeyRegionPolicy(RunScopedPolicy):
             raise ValueError(f"KeyRegionPolicy: row {self.row} is out of range for a batch of {batch}")
         m = torch.cat([p[self.row, 0] for p in result.probes], dim=-1).transpose(0, 1).float()  # [T, N_img]
         self.maps = m if self.maps is None else self.maps + m
+        if site.step is not None:
+            self._summed.add((site.step, site.block_kind, site.block))
         return None
 
     def masks(self, threshold: float = 0.2) -> torch.Tensor:

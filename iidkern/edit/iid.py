@@ -242,11 +242,10 @@ class BranchIsolationPolicy(AttentionPolicy):
     def __init__(self, instructions: Sequence[Range], row_instruction: Sequence[Optional[int]],
                  until_step: Optional[int] = None, device=None):
         self.instructions = _check_instructions(instructions)
-        if isinstance(row_instruction, (str, bytes)) or not hasattr(row_instruction, "__iter__"):
-            raise TypeError(f"BranchIsolationPolicy: row_instruction must be a sequence of instruction indices or "
-                            f"None, one per batch row, got {row_instruction!r}")
+        rows = checks.sequence(row_instruction, "BranchIsolationPolicy: row_instruction",
+                               "a sequence of instruction indices or None, one per batch row")
         self.row_instruction = tuple(None if i is None else checks.integer(i, "BranchIsolationPolicy: row_instruction")
-                                     for i in row_instruction)
+                                     for i in rows)
         for r, i in enumerate(self.row_instruction):
             if i is not None and not 0 <= i < len(self.instructions):
                 raise ValueError(f"BranchIsolationPolicy: row {r} names instruction {i}, "
@@ -446,8 +445,11 @@ class IIDPolicy(RunScopedPolicy):
 
     ``row_instruction``: per batch row of the steps up to S, the instruction of its
     single-instruction branch or ``None`` (combined branch); ``None`` altogether = one
-    combined row only. ``masks``: give precomputed masks to skip the capture. After the
-    capture, ``masks`` / ``soft`` / ``per_head_maps`` hold the result.
+    combined row only; in a CFG batch that repeats the rows ([uncond; cond]) the last row
+    of each instruction is its branch, as the last combined row gives the text maps.
+    ``masks`` (or :meth:`set_masks` later): precomputed masks, which skip the capture, stay
+    across runs and mask every call after S, and every call without a step number. After
+    the capture, ``masks`` / ``soft`` / ``per_head_maps`` hold the result.
 
     One policy serves one run at a time: :meth:`reset` (the pipelines call it at the start
     of each run) forgets the captured maps and masks, keeping precomputed masks. A step
@@ -462,11 +464,11 @@ class IIDPolicy(RunScopedPolicy):
         self.instructions = _check_instructions(instructions)
         self.grid = _check_grid(grid)
         self.config = config or IIDConfig()
-        if isinstance(row_instruction, (str, bytes)):
-            raise TypeError(f"IIDPolicy: row_instruction must be a sequence of instruction indices or None, "
-                            f"got the string {row_instruction!r}")
-        rows = tuple(row_instruction) if row_instruction is not None else (None,)
-        branch_rows = [rows.index(i) for i in range(len(self.instructions))] if \
+        rows = checks.sequence(row_instruction, "IIDPolicy: row_instruction",
+                               "None or a sequence of instruction indices or None, one per batch row") \
+            if row_instruction is not None else (None,)
+        # The last row of each instruction (the conditional half of a [uncond; cond] batch).
+        branch_rows = [len(rows) - 1 - rows[::-1].index(i) for i in range(len(self.instructions))] if \
             all(i in rows for i in range(len(self.instructions))) else None
         self.isolation = BranchIsolationPolicy(self.instructions, rows, device=device)
         self.capture = IIDMapPolicy(self.instructions, grid, self.config, branch_rows=branch_rows)
@@ -502,6 +504,12 @@ class IIDPolicy(RunScopedPolicy):
         return self.capture.per_head_maps
 
     def set_masks(self, masks: torch.Tensor) -> None:
+        """Use precomputed masks from now on (as if given to the constructor): no capture,
+        kept by :meth:`reset`."""
+        self._precomputed = True
+        self._use_masks(masks)
+
+    def _use_masks(self, masks: torch.Tensor) -> None:
         n_grid = self.grid[0] * self.grid[1]
         if isinstance(masks, torch.Tensor) and masks.dim() in (2, 3) and masks.shape[-1] != n_grid:
             # as the captured masks are: one column per token of the latent grid
@@ -510,17 +518,19 @@ class IIDPolicy(RunScopedPolicy):
         self.mask_policy = IIDMaskPolicy(self.instructions, masks, self.config, until_step=self.config.mask_until)
 
     def _phase(self, site) -> str:
-        if site.step is None:
-            return "none"
+        if site.step is None:  # no step to place the call: precomputed masks still apply
+            return "late" if self._precomputed else "none"
         self.follow_step(site.step)
         s = self.config.resolved_map_step(site.num_steps)
         if site.step <= s:
             return "early"
         if self.mask_policy is None:
             if self.capture.masks is None:
-                raise RuntimeError(f"IIDPolicy: step {site.step} > S={s} but no masks were captured at step S "
-                                   f"(did map layer {self.config.map_layer} run? site.num_layers={site.num_layers})")
-            self.set_masks(self.capture.masks)
+                raise RuntimeError(f"IIDPolicy: step {site.step} > S={s} but no masks were captured at step S: "
+                                   f"step S did not run in this run (a sampler skipping it; set "
+                                   f"IIDConfig.map_step to a step it runs), or map layer {self.config.map_layer} "
+                                   f"did not (site.num_layers={site.num_layers})")
+            self._use_masks(self.capture.masks)
         return "late"
 
     def request(self, site):

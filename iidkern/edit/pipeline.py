@@ -125,12 +125,12 @@ def _check_run(num_steps, seed) -> Tuple[int, int]:
     return checks.integer(num_steps, "num_steps", minimum=1), checks.integer(seed, "seed")
 
 
-def _check_config(config, kind):
+def _check_config(config, kind, name: str = "config"):
     """``config``, or the method's defaults for None; another config class is a TypeError."""
     if config is None:
         return kind()
     if not isinstance(config, kind):
-        raise TypeError(f"config must be an instance of {kind.__name__} (or None for the defaults), "
+        raise TypeError(f"{name} must be an instance of {kind.__name__} (or None for the defaults), "
                         f"got {type(config).__name__}")
     return config
 
@@ -268,7 +268,11 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
     if config.layout != "bnhd":  # receive() indexes the output by this layout; the runner's is fixed
         raise ValueError(f"HeadRouterConfig: layout must be 'bnhd' for headrouter_edit (the runner attends in "
                          f"[B, N, H, D]), got {config.layout!r}")
-    inversion = inversion or RFInversionConfig()
+    inversion = _check_config(inversion, RFInversionConfig, "inversion")
+    if inversion.start > inversion.resolved_stop(num_steps):  # RFEditController would refuse it after the inversion
+        raise ValueError(f"RFInversionConfig: start={inversion.start} is past the editing controller's stop "
+                         f"{inversion.resolved_stop(num_steps)} for {num_steps} steps (stop=None scales 7/28 of "
+                         f"the steps); give a stop >= start")
     recon_row, edit_row = config.pairs[0]
     device = model.device
     clock = _Clock(device)

@@ -27,7 +27,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..kernels.tiles import TagMask
-from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, attend
+from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, attend, check_steps
 from ..specs import ALL_BITS
 
 STEP_KWARGS = ("iidkern_step", "iidkern_num_steps")
@@ -122,11 +122,14 @@ class IidkernProcessor:
             raise ValueError(f"{self.layer.name}: {source} source tokens do not fit the {stop - start} image-stream "
                              "tokens of this call (was the model called with other inputs than its forward saw?)")
         extra = (("source", (stop - source, stop)),) if source else ()
+        if step is not None or num_steps is not None:  # per-call values (iidkern_step ...) pass set_step's checks
+            step, num_steps = check_steps(self.session.step if step is None else step,
+                                          self.session.num_steps if num_steps is None else num_steps)
+        else:
+            step, num_steps = self.session.step, self.session.num_steps
         return AttentionSite(
             block=self.layer.block, block_kind=self.layer.block_kind, text=text, image=(start, stop - source),
-            step=self.session.step if step is None else step,
-            num_steps=self.session.num_steps if num_steps is None else num_steps,
-            layer=self.layer.layer, num_layers=self.layer.num_layers, extra=extra)
+            step=step, num_steps=num_steps, layer=self.layer.layer, num_layers=self.layer.num_layers, extra=extra)
 
     def _attend(self, q, k, v, site_fn, key_tags: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``site_fn()`` builds the site only when someone listens (a policy or a padding mask)."""
