@@ -127,6 +127,30 @@ def _check_run_args(parser, args):
             parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if getattr(args, "map_step", None) is not None and not 0 <= args.map_step < args.steps:
         parser.error(f"--map-step must be in [0, --steps={args.steps}), got {args.map_step}")
+    if not -2**63 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        parser.error(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+    _check_out_dir(parser, args.out)
+
+
+def _make_out_dir(parser, out: str):
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {out!r}: cannot create the directory ({e.strerror or e})")
+
+
+def _check_out_dir(parser, out: str):
+    """``--out`` can be made and written: a file there or an unwritable place is named before
+    any sampling, not after it (nothing is created until the results are written)."""
+    if not out:
+        parser.error("--out must name a directory, got ''")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        parser.error(f"--out {out!r}: {existing!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--out {out!r}: cannot write in {existing!r}")
 
 
 def _check_iid_args(parser, args):
@@ -242,6 +266,7 @@ def cmd_edit(parser, args) -> int:
             parser.error(f"--model {args.model!r}: {e}")
     load_s = time.perf_counter() - t0
     _check_map_layer(parser, args, model)
+    _make_out_dir(parser, args.out)  # every option checked: before any sampling
     try:
         image = load_image(args.image, args.size)
     except Exception as e:  # PIL cannot read it
@@ -274,7 +299,7 @@ def cmd_demo(parser, args) -> int:
     size = args.size or 128
     size = max(32, size // 16 * 16)
     image = demo_picture(size)
-    os.makedirs(args.out, exist_ok=True)
+    _make_out_dir(parser, args.out)
     save_png(to_uint8(image), os.path.join(args.out, "demo_input.png"))
     summary = {}
     runs = [("iid", "concat"), ("step", "concat"), ("combined", "concat"), ("headrouter", "t2i")]

@@ -78,6 +78,9 @@ def test_edit_writes_pngs(tmp_path, input_png, method):
     ([], "required"),
     (["edit", "--image", "{input}", "--instruction", "x", "--device", "tpu"], "--device must be cuda, cuda:N or cpu"),
     (["edit", "--image", "{input}", "--instruction", "x", "--device", "gpu0"], "--device must be"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--out", "{input}"], "is a file, not a directory"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--out", ""], "--out must name a directory"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--seed", str(2**70)], "--seed must be in [-2**63, 2**64)"),
 ])
 def test_bad_arguments_exit_2_with_a_message(input_png, args, message):
     res = run_cli(*[a.replace("{input}", input_png) for a in args], timeout=60)
@@ -137,3 +140,13 @@ def test_edit_with_a_local_model_directory(tmp_path, input_png):
     (tmp_path / "model" / "transformer" / "config.json").write_text(_json.dumps({**cfg.to_dict(), "num_layers": 3}))
     res = run_cli(*common, "--allow-stand-ins")  # weights that do not fit the config: the strict loader's report
     assert res.returncode == 2 and "missing keys" in res.stderr
+    (tmp_path / "model" / "transformer" / "config.json").write_text(_json.dumps(cfg.to_dict()))
+    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):  # present but empty
+        (tmp_path / "model" / name).mkdir()
+    res = run_cli(*common, "--allow-stand-ins")  # (the VAE is a stand-in; the text encoders are not)
+    assert res.returncode == 2 and "cannot load its text encoders or VAE" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    weights = tmp_path / "model" / "transformer" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    res = run_cli(*common, "--allow-stand-ins")
+    assert res.returncode == 2 and "cannot read the weights file" in res.stderr and "Traceback" not in res.stderr

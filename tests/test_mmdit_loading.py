@@ -139,3 +139,57 @@ def test_missing_paths_are_clear(tmp_path):
         load_sd3(lone)
     with pytest.raises(ValueError, match="layout must be"):
         load_weights(_fresh(), lone / "model.safetensors", layout="original")
+
+
+def test_a_folder_reads_its_index_or_its_plain_files_not_a_variant(flux_state, tmp_path):
+    """As diffusers reads a folder: the shards its ``*.safetensors.index.json`` names (a stale
+    shard beside them is not read), else the plain files, skipping a ``variant``
+    (``model.fp16.safetensors``, ``model.fp16-00001-of-00002.safetensors``) beside them; a
+    folder of one variant only is read as it is."""
+    import json
+    keys = sorted(flux_state)
+    half = {k: v.half() for k, v in flux_state.items()}
+    folder = tmp_path / "both"
+    folder.mkdir()
+    _write(folder, flux_state, "diffusion_pytorch_model.safetensors")
+    _write(folder, half, "diffusion_pytorch_model.fp16.safetensors")
+    _write(folder, {k: half[k] for k in keys[:3]}, "diffusion_pytorch_model.fp16-00001-of-00002.safetensors")
+    model = load_weights(_fresh(), folder)
+    assert all(torch.equal(flux_state[k], v) for k, v in model.state_dict().items())
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = {k: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, k in enumerate(keys)}
+    for name in set(names.values()):
+        _write(sharded, {k: flux_state[k] for k in keys if names[k] == name}, name)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
+    _write(sharded, {keys[0]: flux_state[keys[0]]}, "stale.safetensors")  # not in the index
+    model = load_weights(_fresh(), sharded)
+    assert all(torch.equal(flux_state[k], v) for k, v in model.state_dict().items())
+    only = tmp_path / "only_fp16"
+    only.mkdir()
+    _write(only, half, "diffusion_pytorch_model.fp16.safetensors")
+    model = load_weights(_fresh().half(), only)
+    assert all(torch.equal(half[k], v) for k, v in model.state_dict().items())
+
+
+def test_broken_files_and_configs_are_named(flux_state, tmp_path):
+    import json
+    path = _write(tmp_path, flux_state)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read the weights file .*broken.safetensors"):
+        load_weights(_fresh(), broken)
+    with pytest.raises(ValueError, match="the config is of a 'SD3Transformer2DModel', not of a FluxTransformer2DModel"):
+        FluxConfig.from_dict({"_class_name": "SD3Transformer2DModel", "num_layers": 1})
+    with pytest.raises(ValueError, match="SD3Config: the config is of a 'AutoencoderKL'"):
+        SD3Config.from_dict({"_class_name": "AutoencoderKL"})
+    with pytest.raises(ValueError, match="FluxConfig: a config field has the wrong type"):
+        FluxConfig.from_dict({**FluxConfig.tiny().to_dict(), "axes_dims_rope": None})
+    assert FluxConfig.from_dict({**FluxConfig.tiny().to_dict(), "_class_name": "FluxTransformer2DModel"}) == \
+        FluxConfig.tiny()
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**FluxConfig.tiny().to_dict(), "_class_name": "UNet2DModel"}))
+    _write(folder, flux_state)
+    with pytest.raises(ValueError, match="'UNet2DModel'"):
+        load_flux(folder)

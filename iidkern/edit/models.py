@@ -122,10 +122,13 @@ class EditModel:
             raise FileNotFoundError(f"model directory {path!r} has the transformer but no " + " and no ".join(missing)
                                     + "; add them (a diffusers Flux pipeline layout), or allow the tiny model's "
                                       "stand-ins (hash word vectors, pixel codec; CLI: --allow-stand-ins) for test models")
-        text = FluxPromptEncoder.from_pretrained(path, device=device, dtype=dtype) if has_text else \
-            HashTextEncoder(cfg.joint_attention_dim, cfg.pooled_projection_dim)
-        codec = VaeCodec.from_pretrained(path, device=device, dtype=torch.float32) if has_vae else \
-            PixelCodec(cfg.out_channels // 4, factor=8)
+        try:  # transformers / diffusers raise OSError for a folder without its weights or config
+            text = FluxPromptEncoder.from_pretrained(path, device=device, dtype=dtype) if has_text else \
+                HashTextEncoder(cfg.joint_attention_dim, cfg.pooled_projection_dim)
+            codec = VaeCodec.from_pretrained(path, device=device, dtype=torch.float32) if has_vae else \
+                PixelCodec(cfg.out_channels // 4, factor=8)
+        except OSError as exc:
+            raise ValueError(f"model directory {path!r}: cannot load its text encoders or VAE ({exc})") from None
         return cls(transformer, text, codec, layout, backend=backend, name=os.path.basename(os.path.normpath(path)),
                    is_tiny_random=False)
 
@@ -135,11 +138,9 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 
 def checkpoint_dtype(path) -> torch.dtype:
     """The floating dtype of a checkpoint's first tensor (no tensor is read)."""
-    from safetensors import safe_open
+    from ..mmdit.loading import open_safetensors, safetensors_files
 
-    from ..mmdit.loading import safetensors_files
-
-    with safe_open(safetensors_files(path)[0], framework="pt") as f:
+    with open_safetensors(safetensors_files(path)[0]) as f:
         for key in f.keys():
             kind = f.get_slice(key).get_dtype()
             if kind in _SAFETENSORS_DTYPES:

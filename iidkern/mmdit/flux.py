@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..policy import AttentionPolicy, AttentionSite, check_steps
 from .layers import (ContinuousAdaNorm, FeedForward, JointAttention, Modulation, TimeTextEmbedding, as_batch_vector,
-                     check_backend, check_tensor, layer_norm, modulate)
+                     check_backend, check_tensor, config_from_dict, layer_norm, modulate)
 
 BlockHook = Callable[[str, int, Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
                      Optional[Tuple[torch.Tensor, torch.Tensor]]]
@@ -94,8 +94,9 @@ class FluxConfig:
     # ------------------------------------------------------------------ diffusers' config.json
     @classmethod
     def from_dict(cls, config: dict) -> "FluxConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        """From a diffusers config dict (other keys are ignored). Another model's config
+        (``_class_name``) or a field of the wrong type is a ValueError naming it."""
+        return config_from_dict(cls, config, ("FluxTransformer2DModel",))
 
     @classmethod
     def from_json(cls, path: str) -> "FluxConfig":

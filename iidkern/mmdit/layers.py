@@ -11,6 +11,7 @@ to PyTorch's SDPA with ``backend="sdpa"``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Tuple
 
@@ -221,6 +222,22 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Opt
 def check_backend(backend: str) -> None:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+
+
+def config_from_dict(cls, config: dict, class_names: Tuple[str, ...]):
+    """A config dataclass from a diffusers ``config.json`` dict: its known fields, the rest
+    ignored. A ``_class_name`` other than ``class_names`` (another model's config) or a value
+    the dataclass refuses by type is a ValueError saying which."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{cls.__name__}: a model config must be a JSON object, got {type(config).__name__}")
+    found = config.get("_class_name")
+    if found is not None and found not in class_names:
+        raise ValueError(f"{cls.__name__}: the config is of a {found!r}, not of a {' or '.join(class_names)}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in config.items() if k in names})
+    except TypeError as exc:  # e.g. "axes_dims_rope": null
+        raise ValueError(f"{cls.__name__}: a config field has the wrong type ({exc})") from None
 
 
 def as_batch_vector(value, batch: int, name: str, device, dtype=torch.float32) -> torch.Tensor:

@@ -15,6 +15,7 @@ the final layer's (shift, scale) swapped to diffusers' (scale, shift).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from typing import Dict, Iterable, List, Sequence, Tuple, Union
@@ -60,35 +61,70 @@ class WeightLoadError(ValueError):
 
 
 def safetensors_files(path: Union[PathLike, Sequence[PathLike]]) -> List[str]:
-    """A file, a list of files, or a directory whose ``*.safetensors`` (shards) are all read."""
+    """A file, a list of files, or a directory's weights: the files its
+    ``*.safetensors.index.json`` names (the shards of one checkpoint), else its
+    ``*.safetensors`` files. As diffusers reads a folder by default, files of a ``variant``
+    (``model.fp16.safetensors``, ``model.fp16-00001-of-00002.safetensors``) are skipped
+    beside plain ones; a folder of one variant only is read as it is."""
     if isinstance(path, (list, tuple)):
         files = [os.fspath(p) for p in path]
     else:
         path = os.fspath(path)
-        if os.path.isdir(path):
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors file in the directory {path!r}")
-        else:
-            files = [path]
+        files = _directory_weights(path) if os.path.isdir(path) else [path]
     for f in files:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"weights file not found: {f!r}")
     return files
 
 
+def _is_variant(name: str, suffix: str) -> bool:
+    """``model.fp16.safetensors`` / ``model.fp16-00001-of-00002.safetensors`` (or the index
+    ``model.safetensors.index.fp16.json``): a name with a variant tag."""
+    if suffix == ".json":
+        return not name.endswith(".safetensors.index.json")
+    return "." in name[:-len(suffix)]
+
+
+def _directory_weights(path: str) -> List[str]:
+    indexes = sorted(f for f in glob.glob(os.path.join(path, "*.safetensors.index*.json"))
+                     if not _is_variant(os.path.basename(f), ".json"))
+    if len(indexes) > 1:
+        raise ValueError(f"the directory {path!r} holds several checkpoint indexes {indexes}: pass the files")
+    if indexes:
+        try:
+            with open(indexes[0]) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot read the checkpoint index {indexes[0]!r}: {exc}") from None
+        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in the directory {path!r}")
+    plain = [f for f in files if not _is_variant(os.path.basename(f), ".safetensors")]
+    return plain or files
+
+
 def read_safetensors(path) -> Dict[str, torch.Tensor]:
     """All tensors of one or more safetensors files (memory-mapped on CPU); duplicate keys are an error."""
-    from safetensors import safe_open
-
     tensors: Dict[str, torch.Tensor] = {}
     for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 if key in tensors:
-                    raise ValueError(f"key {key!r} appears in more than one shard (second: {file!r})")
+                    raise ValueError(f"key {key!r} appears in more than one shard (second: {file!r}); a folder "
+                                     f"holding two checkpoints? pass the files")
                 tensors[key] = f.get_tensor(key)
     return tensors
+
+
+def open_safetensors(file: str):
+    """``safe_open`` on CPU; a file that is not a safetensors file is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as exc:
+        raise ValueError(f"cannot read the weights file {file!r} (not a safetensors file, or truncated): {exc}") \
+            from None
 
 
 def is_bfl_flux_layout(keys: Iterable[str]) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..policy import AttentionPolicy, AttentionSite, check_steps
 from .layers import (ContinuousAdaNorm, FeedForward, JointAttention, Modulation, TimeTextEmbedding, as_batch_vector,
-                     check_backend, check_tensor, layer_norm, modulate)
+                     check_backend, check_tensor, config_from_dict, layer_norm, modulate)
 
 Streams = Tuple[Optional[torch.Tensor], torch.Tensor]  # (text, image); text is None after the last block
 BlockHook = Callable[[str, int, Streams, Streams], Optional[Streams]]
@@ -99,9 +99,12 @@ class SD3Config:
     # ------------------------------------------------------------------ diffusers' config.json
     @classmethod
     def from_dict(cls, config: dict) -> "SD3Config":
-        """From a diffusers config dict (unknown keys such as ``_class_name`` are ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "dual_attention_layers" else v) for k, v in config.items() if k in names})
+        """From a diffusers config dict (other keys are ignored). Another model's config
+        (``_class_name``) or a field of the wrong type is a ValueError naming it."""
+        config = dict(config)
+        if isinstance(config.get("dual_attention_layers"), list):
+            config["dual_attention_layers"] = tuple(config["dual_attention_layers"])
+        return config_from_dict(cls, config, ("SD3Transformer2DModel",))
 
     @classmethod
     def from_json(cls, path: str) -> "SD3Config":
