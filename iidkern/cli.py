@@ -141,7 +141,7 @@ def _make_out_dir(parser, out: str):
 
 def _check_out_dir(parser, out: str):
     """``--out`` can be made and written: a file there or an unwritable place is named before
-    any sampling, not after it (nothing is created until the results are written)."""
+    any sampling, not after it (``_make_out_dir`` creates it once every option is checked)."""
     if not out:
         parser.error("--out must name a directory, got ''")
     existing = os.path.abspath(out)

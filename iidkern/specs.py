@@ -286,7 +286,7 @@ class ValueProbe:
             raise ValueError(f"ValueProbe: normalize must be None or 'queries', got {self.normalize!r}")
 
 
-def _scalar_dtype_kind(x) -> Optional[str]:
+def scalar_dtype_kind(x) -> Optional[str]:
     """For a numpy or torch value: ``"b"`` (bool), ``"i"`` (integer), ``"f"`` (real
     floating), ``"c"`` (complex) or ``"x"`` (anything else: strings, dates), and ``"n"``
     for an array or tensor that is not 0-d; None for other objects."""
@@ -312,7 +312,7 @@ def as_integer(x) -> Optional[int]:
         return None
     if type(x) is int:
         return x
-    if _scalar_dtype_kind(x) not in (None, "i"):
+    if scalar_dtype_kind(x) not in (None, "i"):
         return None
     try:
         return operator.index(x)
@@ -325,7 +325,7 @@ def as_real(x) -> Optional[float]:
     complex, a string or date array), else None. Too large for a float: ``inf``."""
     if isinstance(x, bool):
         return None
-    kind = _scalar_dtype_kind(x)
+    kind = scalar_dtype_kind(x)
     if kind is None and not isinstance(x, numbers.Real):
         return None
     if kind not in (None, "i", "f"):

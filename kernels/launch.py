@@ -264,17 +264,7 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
         launch_opts["maxnreg"] = int(maxnreg)
     upcast_dots = _INTERPRET and q.dtype == torch.bfloat16
     value_probes = [p for p in probes if isinstance(p, ValueProbe)]
-    kg_mode = _kg_half_dot_mode(cfg, q.dtype, key_groups, block_multiplier)
-    x_precision = _fp32_product_precision(q.dtype)
-    if kg_mode == 0 and key_groups is not None and q.dtype != torch.float32 and cfg.get("kg_half_dot", True) \
-            and block_d <= 64 and device.type == "cuda" and hopper_fwd._is_sm90(hopper_fwd.device_index(device)):
-        # fp16 with a multiplier (see _kg_half_dot_mode): exact fp32 group products, as the
-        # fp16 split has for other calls (tf32 is ~5e-4 a term); value probes beside them get
-        # them too. Only the tiles that hold grouped keys pay for it. At head dim 128 the
-        # fp32 products' staging needs more shared memory than the H100 has (233984 of
-        # 232448 bytes, measured), and GPUs with less shared memory were not tried: there
-        # they stay tf32.
-        x_precision = "ieee"
+    kg_mode, x_precision = _key_group_products(cfg, q.dtype, key_groups, block_multiplier, block_d, device)
     n_q_tiles = cdiv(n_q, block_m)
     n_k_tiles = cdiv(n_k, block_n)
     dummy, dummy_f = _dummies(device)
@@ -351,14 +341,33 @@ def _head_weight_strides(hw: torch.Tensor) -> tuple:
     return tuple(hw.stride())
 
 
+def _key_group_products(cfg: dict, dtype: torch.dtype, key_groups, block_multiplier, block_d: int,
+                        device: torch.device) -> tuple:
+    """flash_fwd's ``(KG_HALF_DOT, X_PRECISION)``: the key-group sums' mode
+    (:func:`_kg_half_dot_mode`) and the precision of fp32-probability products.
+
+    fp16 inputs with a multiplier take the fp32 product (mode 0, not by ``kg_half_dot=False``):
+    there the products are exact, as the fp16 split is for other calls (tf32 is ~5e-4 a term;
+    value probes beside them get them too; only the tiles that hold grouped keys pay for it),
+    up to head dim 64 on an H100. At head dim 128 the exact products' staging needs more shared
+    memory than the H100 has (233984 of 232448 bytes, measured), and GPUs with less shared
+    memory were not tried: there they stay tf32."""
+    mode = _kg_half_dot_mode(cfg, dtype, key_groups, block_multiplier)
+    precision = _fp32_product_precision(dtype)
+    if mode == 0 and key_groups is not None and dtype != torch.float32 and cfg.get("kg_half_dot", True) \
+            and block_d <= 64 and device.type == "cuda" and hopper_fwd._is_sm90(hopper_fwd.device_index(device)):
+        precision = "ieee"
+    return mode, precision
+
+
 def _kg_half_dot_mode(cfg: dict, dtype: torch.dtype, key_groups, block_multiplier) -> int:
     """flash_fwd's ``KG_HALF_DOT``: 0 without key groups, fp32 inputs or ``kg_half_dot=False``
     (one fp32 product); else the fp16 hi + lo split with p scaled by 2^14 (2) where
     ``kernel_args.scales_p_for_key_groups`` allows it. Where it does not (fp16 inputs with a
     block multiplier) also 0: the split of unscaled p (mode 1) loses p below fp16's smallest
     normal (a group with p ~1e-6 of the row max came out 2-7% off), while the fp32 product
-    has fp32's range (``_triton_main_pass`` makes it exact up to head dim 64 on an H100, else
-    tf32). A bf16 split for every half input was slower at SD3 (1.15x -> 1.21x of plain) and
+    has fp32's range (:func:`_key_group_products` makes it exact up to head dim 64 on an H100,
+    else tf32). A bf16 split for every half input was slower at SD3 (1.15x -> 1.21x of plain) and
     faulted on the H100 (NOTES.md 66)."""
     if key_groups is None or dtype == torch.float32 or not cfg.get("kg_half_dot", True):
         return 0

@@ -7,9 +7,7 @@ method (a string where names are expected is iterated letter by letter) is what 
 import math
 from typing import Optional, Tuple
 
-import torch
-
-from ..specs import as_real, index_arg
+from ..specs import as_real, index_arg, scalar_dtype_kind
 
 
 def integer(value, what: str, minimum: Optional[int] = None) -> int:
@@ -22,15 +20,6 @@ def integer(value, what: str, minimum: Optional[int] = None) -> int:
 
 def optional_integer(value, what: str, minimum: Optional[int] = None) -> Optional[int]:
     return None if value is None else integer(value, what, minimum)
-
-
-def _is_scalar_array(value) -> bool:
-    """A 0-d torch tensor or numpy array (a value computed by torch or numpy)."""
-    return getattr(value, "shape", None) in ((), torch.Size([])) and hasattr(value, "dtype")
-
-
-def _is_bool_dtype(value) -> bool:
-    return str(value.dtype) in ("bool", "torch.bool")
 
 
 def real(value, what: str, finite: bool = True) -> float:
@@ -48,7 +37,7 @@ def flag(value, what: str) -> bool:
     """A bool (numpy's and a 0-d bool tensor count; 0 / 1 and strings do not)."""
     if isinstance(value, bool):
         return value
-    if _is_scalar_array(value) and _is_bool_dtype(value):
+    if scalar_dtype_kind(value) == "b":  # a 0-d bool array or tensor, numpy's bool
         return bool(value)
     raise TypeError(f"{what} must be a bool, got {value!r} ({type(value).__name__})")
 
@@ -90,13 +79,8 @@ def index_pairs(value, what: str, example: str) -> Tuple[Tuple[int, int], ...]:
 
 def pair(value, what: str, expected: str) -> Tuple[object, object]:
     """Two items (a tuple, list, 1-D array or tensor of two), not a string."""
-    items = None
-    if not isinstance(value, (str, bytes)):
-        try:
-            items = tuple(value)
-        except TypeError:
-            pass
-    if items is None or len(items) != 2:
+    items = sequence(value, what, expected)
+    if len(items) != 2:
         raise TypeError(f"{what} must be {expected}, got {value!r}")
     return items
 

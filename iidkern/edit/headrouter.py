@@ -18,11 +18,12 @@ prompt) and an editing row (target prompt); ``pairs`` lists ``(recon_row, edit_r
   diffusers' Flux pipelines runs the positive prompt, then the negative one): the maps are
   kept per forward of a step, so the k-th forward of a step is weighted by the map of the
   k-th forward of the step before, and runs without a multiplier if that step had no k-th
-  forward (a step number is needed for that: without one, every call is the next step's). ``dtr_image="code"`` is the released-code form: the weighting is
-  applied to the editing row's image-token attention outputs (by default in single blocks,
-  so on models without them, SD3, name the kinds in ``dtr_block_kinds``), with one weight
-  per image token from its head-mean text mass in the **same** call (the probe comes with
-  the call's output, and the weighting follows the attention).
+  forward (a step number is needed for that: without one, every call is the next step's).
+  ``dtr_image="code"`` is the released-code form: the weighting is applied to the editing
+  row's image-token attention outputs (by default in single blocks, so on models without
+  them, SD3, name the kinds in ``dtr_block_kinds``), with one weight per image token from
+  its head-mean text mass in the **same** call (the probe comes with the call's output,
+  and the weighting follows the attention).
 * **DTR, text tokens** (step 3) is a model-side residual across double blocks:
   :class:`TextResidual`, called by the runner's per-block hook.
 * **Key regions** (step 4): :class:`KeyRegionPolicy` captures head-summed image x text-token
@@ -323,13 +324,12 @@ class KeyRegionPolicy(RunScopedPolicy):
                      for step in checks.sequence(steps, "KeyRegionPolicy: steps", "None or a sequence of step indices")}
         self.steps = steps
         self.block_kinds = checks.names(block_kinds, "KeyRegionPolicy: block_kinds")
-        self.maps: Optional[torch.Tensor] = None
-        self._summed = set()
+        self.reset()
 
     def reset(self) -> None:
         """Forget the summed maps (a new run; also when the steps go back)."""
         super().reset()
-        self.maps = None
+        self.maps: Optional[torch.Tensor] = None
         self._summed = set()  # (step, block kind, block) of the forwards summed in this run
 
     def request(self, site):

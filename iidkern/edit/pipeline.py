@@ -269,10 +269,11 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
         raise ValueError(f"HeadRouterConfig: layout must be 'bnhd' for headrouter_edit (the runner attends in "
                          f"[B, N, H, D]), got {config.layout!r}")
     inversion = _check_config(inversion, RFInversionConfig, "inversion")
-    if inversion.start > inversion.resolved_stop(num_steps):  # RFEditController would refuse it after the inversion
+    edit_stop = inversion.resolved_stop(num_steps)
+    if inversion.start > edit_stop:  # RFEditController would refuse it after the inversion
         raise ValueError(f"RFInversionConfig: start={inversion.start} is past the editing controller's stop "
-                         f"{inversion.resolved_stop(num_steps)} for {num_steps} steps (stop=None scales 7/28 of "
-                         f"the steps); give a stop >= start")
+                         f"{edit_stop} for {num_steps} steps (stop=None scales 7/28 of the steps); "
+                         f"give a stop >= start")
     recon_row, edit_row = config.pairs[0]
     device = model.device
     clock = _Clock(device)
@@ -301,7 +302,7 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
     policy = ChainPolicy(router, regions)
     hook = _text_residual_hook(model, config, edit_row)
     prompts = PromptEmbeddings.cat([src_emb, tgt_emb] if recon_row < edit_row else [tgt_emb, src_emb])
-    controller = RFEditController(y0, inversion.eta, inversion.start, inversion.resolved_stop(num_steps))
+    controller = RFEditController(y0, inversion.eta, inversion.start, edit_stop)
     with clock.phase("sampling"):
         den = FluxDenoiser(model.transformer, prompts, guidance=model.guidance, policy=policy, backend=model.backend,
                            block_hook=hook)

@@ -77,17 +77,15 @@ def safetensors_files(path: Union[PathLike, Sequence[PathLike]]) -> List[str]:
     return files
 
 
-def _is_variant(name: str, suffix: str) -> bool:
-    """``model.fp16.safetensors`` / ``model.fp16-00001-of-00002.safetensors`` (or the index
-    ``model.safetensors.index.fp16.json``): a name with a variant tag."""
-    if suffix == ".json":
-        return not name.endswith(".safetensors.index.json")
-    return "." in name[:-len(suffix)]
+def _is_variant(file: str) -> bool:
+    """``model.fp16.safetensors`` / ``model.fp16-00001-of-00002.safetensors``: a weights file
+    name with a variant tag."""
+    return "." in os.path.basename(file)[:-len(".safetensors")]
 
 
 def _directory_weights(path: str) -> List[str]:
-    indexes = sorted(f for f in glob.glob(os.path.join(path, "*.safetensors.index*.json"))
-                     if not _is_variant(os.path.basename(f), ".json"))
+    # A variant's index is model.safetensors.index.fp16.json: this pattern leaves it out.
+    indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
     if len(indexes) > 1:
         raise ValueError(f"the directory {path!r} holds several checkpoint indexes {indexes}: pass the files")
     if indexes:
@@ -100,7 +98,7 @@ def _directory_weights(path: str) -> List[str]:
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in the directory {path!r}")
-    plain = [f for f in files if not _is_variant(os.path.basename(f), ".safetensors")]
+    plain = [f for f in files if not _is_variant(f)]
     return plain or files
 
 
