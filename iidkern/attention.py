@@ -138,7 +138,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             products instead of tf32; fp16 inputs beside a block multiplier always take
             exact fp32 products), ``warp_specialize`` (Triton's automatic warp
             specialization), ``hopper`` (unset: on an H100-class GPU (sm_90), fp16/bf16
-            calls at head_dim 128 (and at 64 with at least 16384 keys) with no value probes or
+            calls at head_dim 128 (and at 64 with at least 16384 keys, or 4096 with a block
+            multiplier or a fused key-group probe and no tags) with no value probes or
             tile counts run the
             warp-specialized Gluon kernel of ``iidkern/kernels/hopper_fwd.py``, which also
             skips and masks tag tiles, accumulates the fused key-group probe and applies a
@@ -209,11 +210,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             from . import kernels  # sets TRITON_INTERPRET before the kernels are decorated on CUDA-less hosts
 
             if device.type not in ("cuda", "cpu"):
-                raise ValueError(f"backend='triton' needs CUDA tensors (CPU ones under Triton's interpreter), "
-                                 f"got {device}; use backend='reference'")
+                raise ValueError(f"backend='triton' needs q, k and v on CUDA (on CPU under Triton's interpreter), "
+                                 f"got q on {device}; use backend='reference'")
             if device.type != "cuda" and not kernels.INTERPRETING:
                 why = kernels.INTERPRETER_UNAVAILABLE or "on CPU set TRITON_INTERPRET=1 before importing iidkern"
-                raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); {why}, or use backend='reference'")
+                raise ValueError(f"backend='triton' needs q, k and v on CUDA (got q on {device}); {why}, "
+                                 f"or use backend='reference'")
             # A plain call's first run with its signature is recorded, to be replayed by the next ones.
             with _on_device(device), \
                     kernels.recording() if signature is not None else contextlib.nullcontext() as launches:

@@ -145,17 +145,16 @@ class TokenGroups:
             return ids.expand(batch, length)
         # Kept on this object like group_sizes (a per-call probe pays it once): ``group_ids``
         # must not change in place afterwards.
-        key = (batch, length, str(device))
-        cache = self.__dict__.setdefault("_dense_cache", {})
-        if key not in cache:
-            ids = self.group_ids.to(device=device, dtype=torch.int32)
-            ids = ids.expand(batch, length) if ids.dim() == 1 else ids
-            # As the kernels read them: ids outside [0, count) or tokens outside the span are
-            # not probed (device ids are not checked at construction: that would synchronize).
-            tokens = torch.arange(length, device=device)
-            probed = (ids >= 0) & (ids < self.count) & (tokens >= self.start) & (tokens < self.stop)
-            cache[key] = torch.where(probed, ids, -1)
-        return cache[key]
+        return self._cached("_dense_cache", batch, length, device, lambda: self._probed_ids(batch, length, device))
+
+    def _probed_ids(self, batch: int, length: int, device) -> torch.Tensor:
+        ids = self.group_ids.to(device=device, dtype=torch.int32)
+        ids = ids.expand(batch, length) if ids.dim() == 1 else ids
+        # As the kernels read them: ids outside [0, count) or tokens outside the span are
+        # not probed (device ids are not checked at construction: that would synchronize).
+        tokens = torch.arange(length, device=device)
+        probed = (ids >= 0) & (ids < self.count) & (tokens >= self.start) & (tokens < self.stop)
+        return torch.where(probed, ids, -1)
 
     def group_sizes(self, batch: int, length: int, device) -> torch.Tensor:
         """Number of tokens per group, ``[B, G]`` float32.
@@ -164,19 +163,39 @@ class TokenGroups:
         built once and reused (the usual case in a policy) normalizes without extra kernels.
         Like the object itself, ``group_ids`` must not change in place afterwards.
         """
+        return self._cached("_sizes_cache", batch, length, device,
+                            lambda: self._count_group_sizes(batch, length, device))
+
+    def size_divisors(self, batch: int, length: int, device) -> torch.Tensor:
+        """What ``normalize`` divides a group's sum by: ``max(size, 1)`` (an empty group's
+        zero sum stays zero), ``[B, G]`` float32, kept on this object like group_sizes."""
+        return self._cached("_divisors_cache", batch, length, device,
+                            lambda: self.group_sizes(batch, length, device).clamp_min(1))
+
+    def inverse_sizes(self, batch: int, length: int, device) -> torch.Tensor:
+        """``1 / size_divisors``: the fused key-group probe multiplies its sums by it in the
+        kernel's epilogue, so a normalized probe costs no kernel after the attention."""
+        return self._cached("_inverse_cache", batch, length, device,
+                            lambda: 1.0 / self.size_divisors(batch, length, device))
+
+    def _cached(self, name: str, batch: int, length: int, device, make):
+        cache = self.__dict__.setdefault(name, {})
         key = (batch, length, str(device))
-        cache = self.__dict__.setdefault("_sizes_cache", {})
         if key not in cache:
-            cache[key] = self._count_group_sizes(batch, length, device)
+            cache[key] = make()
         return cache[key]
 
     def _count_group_sizes(self, batch: int, length: int, device) -> torch.Tensor:
         if self.kind == "each":
             return torch.ones(batch, self.count, device=device)
-        ids = self.dense_ids(batch, length, device).long()
-        sizes = torch.zeros(batch, self.count + 1, device=device)
+        # Host-built ids (segments, single) are counted on the host and the counts copied:
+        # a policy that rebuilds its groups every call then launches no counting kernels.
+        on_host = self.group_ids.device.type == "cpu" and torch.device(device).type != "cpu"
+        ids = self.dense_ids(batch, length, "cpu" if on_host else device).long()
+        sizes = torch.zeros(batch, self.count + 1, device=ids.device)
         sizes.scatter_add_(1, torch.where(ids >= 0, ids, self.count), torch.ones_like(ids, dtype=sizes.dtype))
-        return sizes[:, : self.count]
+        sizes = sizes[:, : self.count]
+        return sizes.to(device, non_blocking=True) if on_host else sizes
 
 
 def _check_heads(heads, where: str):
@@ -223,12 +242,13 @@ def reduce_heads(per_head: torch.Tensor, heads) -> torch.Tensor:
 
 def normalize_groups(out: torch.Tensor, queries: TokenGroups, keys: Optional[TokenGroups],
                      normalize: Optional[str], n_q: int, n_k: int) -> torch.Tensor:
-    """Divide a ``[B, H, Gq, Gk]`` probe result by query and/or key group sizes."""
+    """Divide a ``[B, H, Gq, Gk]`` probe result by query and/or key group sizes (groups of
+    one token, ``TokenGroups.each``, leave it as it is)."""
     b = out.shape[0]
-    if normalize in ("queries", "both"):
-        out = out / queries.group_sizes(b, n_q, out.device).to(out.dtype).clamp_min(1)[:, None, :, None]
-    if normalize in ("keys", "both"):
-        out = out / keys.group_sizes(b, n_k, out.device).to(out.dtype).clamp_min(1)[:, None, None, :]
+    if normalize in ("queries", "both") and queries.kind != "each":
+        out = out / queries.size_divisors(b, n_q, out.device).to(out.dtype)[:, None, :, None]
+    if normalize in ("keys", "both") and keys.kind != "each":
+        out = out / keys.size_divisors(b, n_k, out.device).to(out.dtype)[:, None, None, :]
     return out
 
 

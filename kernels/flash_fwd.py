@@ -229,7 +229,7 @@ def attn_fwd_kernel(
     HW, stride_hwb, stride_hwh, stride_hwn,
     MULT, stride_mb, stride_mh, stride_mq, stride_mk, mult_q0, mult_q1, mult_k0, mult_k1,
     X, stride_xb, stride_xn, XO,
-    KG_IDS, stride_kgb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, KGO,
+    KG_IDS, stride_kgb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, KGO, KG_COL_SCALE, stride_kgcb,
     TILES,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_PAD: tl.constexpr,
     G_PAD: tl.constexpr,  # key-group columns of a fused probe, padded to a power of two >= 16
@@ -435,7 +435,9 @@ def attn_fwd_kernel(
         offs_g = tl.arange(0, G_PAD)
         g_row = (b64 * num_heads + h64) * (kg_q1 - kg_q0) + (offs_m - kg_q0)
         g_rows_ok = (offs_m >= kg_q0) & (offs_m < kg_q1)
-        tl.store(KGO + g_row[:, None] * n_groups + offs_g[None, :], acc_g * g_scale[:, None],
+        # per group column: 1 / its size under normalize="keys", else 1
+        col_scale = tl.load(KG_COL_SCALE + b64 * stride_kgcb + offs_g, mask=offs_g < n_groups, other=0.0)
+        tl.store(KGO + g_row[:, None] * n_groups + offs_g[None, :], acc_g * g_scale[:, None] * col_scale[None, :],
                  mask=g_rows_ok[:, None] & (offs_g < n_groups)[None, :])
     if COUNT_TILES:
         tl.store(TILES + pid_bh * n_q_tiles + pid_m, visited)

@@ -39,7 +39,7 @@ import triton
 
 from .fast_launch import Launcher, workspace
 from .kernel_args import KeyGroupArgs, MultiplierArgs, scales_p_for_key_groups
-from .tail_split import NO_SPLIT, SplitPlan, combine_kernel, combine_shape, plan_split
+from .tail_split import MAX_PIECES, NO_SPLIT, SplitPlan, combine_kernel, combine_shape, plan_split
 from .tiles import cdiv, pow2_at_least
 
 # Gluon is experimental and its API moves between releases: the kernel is written for 3.6
@@ -71,6 +71,12 @@ HEAD_DIMS = (128,)
 # Triton kernel's three programs per SM hide more latency, 0.91x at 16717 keys (2048²).
 LONG_HEAD_DIMS = (64,)
 LONG_MIN_KEYS = 16384
+# ... but a call whose extras run inside the kernel (a block multiplier or a fused key-group
+# probe, no tags) is faster here from far fewer keys (NOTES.md 68; ratios to the Triton plain
+# call at SD3 1024², 4429 keys: multiplier 1.30x -> 1.26x, IID probe 1.14x -> 1.10x). At 1357
+# keys graph replays were faster too but eager calls mixed, so the measured winning point is kept.
+LONG_EXTRAS_MIN_KEYS = 4096
+LIGHT_SPLIT_PIECES = 2  # the tail split's pieces a tile for those calls (hopper_attention)
 BLOCK_M = 64  # query rows per consumer warpgroup (one wgmma M)
 BLOCK_N = 128  # keys per tile
 NUM_BUFFERS = 3  # K/V ring slots: 2 x 32 KB each at D=128, 224 KB shared memory in all
@@ -363,7 +369,7 @@ if AVAILABLE:
     @gluon.jit
     def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                   o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
-                  kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                  kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr, kgc_ptr, kgc_sb,
                   m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                   qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
                   batch, head, n_heads, q_start, n_q, n_k, qk_scale, kt0, n_kt, piece, part_o_ptr, part_lse_ptr,
@@ -487,7 +493,9 @@ if AVAILABLE:
             g_cols = gl.arange(0, G_PAD, layout=gl.SliceLayout(0, g_layout))
             g_row = (batch * n_heads + head).to(gl.int64) * (kg_q1 - kg_q0) + (g_rows - kg_q0)
             g_ok = (g_rows >= kg_q0) & (g_rows < kg_q1)
-            sums = acc_g * g_scale[:, None]
+            # per group column: 1 / its size under normalize="keys", else 1 (pieces too: the join is linear)
+            col_scale = gl.load(kgc_ptr + batch.to(gl.int64) * kgc_sb + g_cols, mask=g_cols < n_groups, other=0.0)
+            sums = acc_g * g_scale[:, None] * col_scale[None, :]
             if SPLIT and piece >= 0:  # normalized over the piece's keys: the join weighs them like its output
                 p_rows = piece * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, g_layout))
                 gl.store(part_kg_ptr + p_rows.to(gl.int64)[:, None] * G_PAD + g_cols[None, :], sums)
@@ -497,7 +505,7 @@ if AVAILABLE:
 
     @gluon.jit
     def attn_fwd_hopper(q_desc, k_desc, v_desc, o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
-                        kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                        kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr, kgc_ptr, kgc_sb,
                         m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                         qt_ptr, qt_sb, kt_ptr, kt_sb, vis_ptr, vis_full_ptr, vis_count_ptr,
                         n_heads, n_q, n_k, qk_scale, part_o_ptr, part_lse_ptr, part_kg_ptr, n_whole, n_qp,
@@ -569,7 +577,7 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
-                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr, kgc_ptr, kgc_sb,
                          m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                          qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
                          batch, head, n_heads, q_start, n_q, n_k, qk_scale, kt0, n_kt, piece, part_o_ptr, part_lse_ptr,
@@ -577,7 +585,7 @@ if AVAILABLE:
                          SPLIT)),  # default partition: 4 warps
             (_consumer, (1, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn_bar,
                          o_ptr, o_sb, o_sh, o_sn, lse_ptr, hw_ptr, hw_sb, hw_sh, hw_sn,
-                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr,
+                         kg_ptr, kg_sb, kg_q0, kg_q1, kg_k0, kg_k1, n_groups, kgo_ptr, kgc_ptr, kgc_sb,
                          m_ptr, m_sb, m_sh, m_sq, m_sk, m_q0, m_q1, m_k0, m_k1,
                          qt_ptr, qt_sb, kt_ptr, kt_sb, vis_base, vis_full_ptr, vis_count_ptr, list_row,
                          batch, head, n_heads, q_start, n_q, n_k, qk_scale, kt0, n_kt, piece, part_o_ptr, part_lse_ptr,
@@ -631,16 +639,20 @@ def on_hopper(device: torch.device) -> bool:
     return AVAILABLE and device.type == "cuda" and _is_sm90(device_index(device))
 
 
-def serves_head_dim(head_dim: int, n_k: int) -> bool:
-    """Whether calls of this head dim and key count belong here (where this kernel is faster)."""
-    return head_dim in HEAD_DIMS or (head_dim in LONG_HEAD_DIMS and n_k >= LONG_MIN_KEYS)
+def serves_head_dim(head_dim: int, n_k: int, in_kernel_extras: bool = False) -> bool:
+    """Whether calls of this head dim and key count belong here (where this kernel is faster);
+    ``in_kernel_extras``: the call has a block multiplier or a fused key-group probe and no tags."""
+    if head_dim in HEAD_DIMS:
+        return True
+    return head_dim in LONG_HEAD_DIMS and n_k >= (LONG_EXTRAS_MIN_KEYS if in_kernel_extras else LONG_MIN_KEYS)
 
 
-def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> bool:
-    """Whether this kernel can serve a call on these tensors (the caller checks the extras)."""
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, in_kernel_extras: bool = False) -> bool:
+    """Whether this kernel can serve a call on these tensors (the caller checks the extras;
+    ``in_kernel_extras`` as in :func:`serves_head_dim`)."""
     if not (AVAILABLE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         return False
-    if not serves_head_dim(q.shape[-1], k.shape[2] if layout == "bhnd" else k.shape[1]):
+    if not serves_head_dim(q.shape[-1], k.shape[2] if layout == "bhnd" else k.shape[1], in_kernel_extras):
         return False
     if not _is_sm90(device_index(q.device)):
         return False
@@ -670,14 +682,16 @@ def tag_tile_shape() -> tuple:
     return 2 * BLOCK_M, BLOCK_N
 
 
-def split_plan_for(n_tiles: int, n_key_tiles: int, device: torch.device, split="auto") -> SplitPlan:
+def split_plan_for(n_tiles: int, n_key_tiles: int, device: torch.device, split="auto",
+                   max_pieces: int = MAX_PIECES) -> SplitPlan:
     """The tail split of a grid of ``n_tiles`` programs: ``split`` "auto" (the cost model's
-    plan for this GPU's SM count), False / None (none), or a forced ``(n_split, pieces)``,
-    clamped to the grid (at most every tile, at most one piece per key tile)."""
+    plan for this GPU's SM count, at most ``max_pieces`` a tile), False / None (none), or a
+    forced ``(n_split, pieces)``, clamped to the grid (at most every tile, at most one piece
+    per key tile)."""
     if split == "auto":
         if device.type != "cuda":  # launch tests on CPU: no SM count to plan for
             return NO_SPLIT
-        return plan_split(n_tiles, n_key_tiles, sm_count(device_index(device)))
+        return plan_split(n_tiles, n_key_tiles, sm_count(device_index(device)), max_pieces)
     if not split:
         return NO_SPLIT
     n_split, pieces = split
@@ -700,13 +714,15 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     weights come with their (batch, head, query) broadcast strides. ``key_groups`` (a fused
     key-group probe) is a ``kernel_args.KeyGroupArgs``: int32 group ids per key (``-1`` = none,
     read in ``[k0, k1)``), and ``sums`` [B, H, q1 - q0, n_groups] fp32 receives each probed
-    query row's probability mass per group (``n_groups`` up to ``launch.MAX_FUSED_KEY_GROUPS``, 32).
+    query row's probability mass per group (``n_groups`` up to ``launch.MAX_FUSED_KEY_GROUPS``, 32),
+    times the group's ``column_scale`` factor (1 / its size under ``normalize="keys"``).
     ``multiplier`` (a block multiplier) is a ``kernel_args.MultiplierArgs``: the values with their
     (batch, head, query, key) strides and the sub-block's query and key ranges. ``tags`` (a
     ``tiles.TagMask``): query ``i`` sees key ``j`` iff their tags share a bit; key tiles are
     visited from the mask's ``visit_lists`` for this kernel's tile shape (:func:`tag_tile_shape`).
 
-    ``split``: the last wave's key split (``tail_split``; calls without a multiplier or tags): "auto", False, or a forced ``(n_split, pieces)`` (see :func:`split_plan_for`).
+    ``split``: the last wave's key split (``tail_split``; calls without a multiplier or tags): "auto", False, or a forced ``(n_split, pieces)`` (see :func:`split_plan_for`);
+    "auto" takes at most ``LIGHT_SPLIT_PIECES`` pieces a tile where a plain call of the shape would not come here.
     ``zero_counters``: a contiguous int32 tensor that the kernel sets to zero, for a pass
     launched after it on the same stream (the pair statistics' tickets).
     """
@@ -737,7 +753,12 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     # other, but with it ptxas spills 38 instructions' worth instead of 4 (triton 3.6), and
     # the split multiplier call ran 1% slower than the unsplit one (bench s18, NOTES.md 50).
     if not (has_mult or tags is not None):
-        plan = split_plan_for(n_tiles, n_key_tiles, q.device, split)
+        # A call that comes here only for its key-group probe (head dim 64, fewer keys than
+        # a plain call needs) takes the plan with the least scratch: its plain counterpart
+        # runs on the Triton kernel with none (SD3 1024²: 2 pieces, 3.4 MiB, against the
+        # model's 5, 8.6 MiB, which it ranks within 1%).
+        light = not serves_head_dim(head_dim, n_k)
+        plan = split_plan_for(n_tiles, n_key_tiles, q.device, split, LIGHT_SPLIT_PIECES if light else MAX_PIECES)
     if plan.active:
         # A piece without key tiles would wait forever on the ring (split_plan_for clamps).
         assert plan.n_split <= n_tiles and plan.pieces <= n_key_tiles, plan

@@ -28,10 +28,14 @@ class KeyGroupArgs(NamedTuple):
     k1: int
     n_groups: int
     sums: torch.Tensor  # [B, H, q1 - q0, n_groups] fp32, written by the main pass
+    # fp32 factor per group column, [B or 1, >= n_groups] (1 / group size for normalize="keys",
+    # else ones): the epilogue applies it, so no kernel divides the sums afterwards
+    column_scale: torch.Tensor
+    column_scale_batch_stride: int
 
     @classmethod
     def absent(cls, ids_placeholder: torch.Tensor, sums_placeholder: torch.Tensor) -> "KeyGroupArgs":
-        return cls(ids_placeholder, 0, 0, 0, 0, 0, 1, sums_placeholder)
+        return cls(ids_placeholder, 0, 0, 0, 0, 0, 1, sums_placeholder, sums_placeholder, 0)
 
 
 class MultiplierArgs(NamedTuple):

@@ -68,6 +68,7 @@ def _fp32_product_precision(dtype: torch.dtype) -> str:
 # Host cost matters at small shapes (a Flux 256^2 call is ~30 us of GPU work), so the hot
 # path uses plain integer helpers (tiles.cdiv / pow2_at_least) and caches what does not change.
 _DUMMIES = {}
+_UNIT_SCALES = {}  # per device: ones for the key-group columns of a probe without key normalization
 
 
 def placeholders() -> tuple:
@@ -152,7 +153,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         batch, n_q, heads, head_dim = q.shape
         n_k = k.shape[1]
     device = q.device
-    hopper = _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options)
+    hopper = _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options, block_multiplier)
     plain = tags is None and not probes and head_weights is None and block_multiplier is None and \
         pair_stats is None and not need_lse
     short_cfg = None
@@ -209,7 +210,9 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
             del key_groups  # free the raw sums (unless they are the result) before the probe pass
             folded = _fold_query_groups(kgo, p.queries, kg_q0, n_q)
             del kgo
-            results.append(normalize_groups(reduce_heads(folded, p.heads), p.queries, p.keys, p.normalize, n_q, n_k))
+            # the kernel divided by the key groups' sizes (KeyGroupArgs.column_scale)
+            rest = {"keys": None, "both": "queries"}.get(p.normalize, p.normalize)
+            results.append(normalize_groups(reduce_heads(folded, p.heads), p.queries, p.keys, rest, n_q, n_k))
             del folded
         elif isinstance(p, Probe):
             results.append(_run_probe(p, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_dim, qk_scale,
@@ -245,7 +248,18 @@ def _key_group_args(probe: Probe, batch: int, heads: int, n_k: int, device, allo
     _, k0, k1, ids, ids_stride, n_groups = _group_side(probe.keys, batch, n_k, device)
     q0, q1 = probe.queries.start, probe.queries.stop
     sums = alloc((batch, heads, q1 - q0, n_groups), dtype=torch.float32, device=device)
-    return KeyGroupArgs(ids, ids_stride, q0, q1, k0, k1, n_groups, sums)
+    if probe.normalize in ("keys", "both"):
+        scale = probe.keys.inverse_sizes(batch, n_k, device)
+        return KeyGroupArgs(ids, ids_stride, q0, q1, k0, k1, n_groups, sums, scale, scale.stride(0))
+    return KeyGroupArgs(ids, ids_stride, q0, q1, k0, k1, n_groups, sums, _unit_column_scale(device), 0)
+
+
+def _unit_column_scale(device) -> torch.Tensor:
+    """Ones for every key-group column, one row shared by the batch (a probe without key normalization)."""
+    key = (device.type, device.index)
+    if key not in _UNIT_SCALES:
+        _UNIT_SCALES[key] = torch.ones(1, MAX_FUSED_KEY_GROUPS, dtype=torch.float32, device=device)
+    return _UNIT_SCALES[key]
 
 
 def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, block_multiplier, key_groups,
@@ -374,12 +388,14 @@ def _kg_half_dot_mode(cfg: dict, dtype: torch.dtype, key_groups, block_multiplie
     return 2 if scales_p_for_key_groups(block_multiplier is not None, dtype == torch.float16) else 0
 
 
-def _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options) -> bool:
+def _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options, block_multiplier=None) -> bool:
     """The Hopper kernel (hopper_fwd.py) takes calls whose extras it has: tags, head weights,
     LSE, a fused key-group probe, a block multiplier, and what runs after the main pass
     (probe-pass probes, pair statistics). Value probes and tile counts live in the Triton
     kernel, and so do calls that configure its main pass or set ``hopper=False``
-    (``triton_attention`` also keeps short plain calls there, see ``short_plain_config``)."""
+    (``triton_attention`` also keeps short plain calls there, see ``short_plain_config``).
+    At head dim 64 the key count that takes the Hopper kernel depends on whether the
+    call's extras run inside the main pass (``hopper_fwd.serves_head_dim``)."""
     options = kernel_options or {}
     if not options.get("hopper", True) or MAIN_PASS_OPTIONS.intersection(options):
         return False
@@ -387,7 +403,9 @@ def _hopper_serves(q, k, v, layout, tags, probes, count_tiles, kernel_options) -
         return False
     if any(not isinstance(p, Probe) for p in probes):  # value probes accumulate A @ x in the main pass
         return False
-    return hopper_fwd.usable(q, k, v, layout)
+    in_kernel_extras = tags is None and (block_multiplier is not None or
+                                         _fused_probe_index(probes, options) is not None)
+    return hopper_fwd.usable(q, k, v, layout, in_kernel_extras)
 
 
 def _probe_config(spread_and_reduced: bool, block_d: int, dtype: torch.dtype) -> dict:

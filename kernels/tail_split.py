@@ -73,17 +73,18 @@ def estimated_time(n_tiles: int, n_key_tiles: int, n_sms: int, plan: SplitPlan) 
 
 
 @functools.lru_cache(maxsize=1024)
-def plan_split(n_tiles: int, n_key_tiles: int, n_sms: int) -> SplitPlan:
+def plan_split(n_tiles: int, n_key_tiles: int, n_sms: int, max_pieces: int = MAX_PIECES) -> SplitPlan:
     """The split of the grid's last tiles that the cost model finds fastest, or ``NO_SPLIT``
     where none gains ``MIN_GAIN`` (no tail, a tail that fills most of a wave, few key tiles).
     Only the tail itself is split: splitting one more wave's tiles too never won, in the model
-    (over 3328 grids) or on the H100 (Flux 1024²: (204, 3) 1.068x cuDNN, (72, 3) 1.023x)."""
+    (over 3328 grids) or on the H100 (Flux 1024²: (204, 3) 1.068x cuDNN, (72, 3) 1.023x).
+    ``max_pieces`` bounds the pieces of a tile (each holds fp32 rows of scratch)."""
     tail = n_tiles % n_sms
     if tail == 0 or n_key_tiles < 2:
         return NO_SPLIT
     best, best_time = NO_SPLIT, estimated_time(n_tiles, n_key_tiles, n_sms, NO_SPLIT)
     unsplit = best_time
-    for pieces in range(2, min(n_key_tiles, MAX_PIECES) + 1):
+    for pieces in range(2, min(n_key_tiles, max_pieces) + 1):
         plan = SplitPlan(tail, pieces)
         t = estimated_time(n_tiles, n_key_tiles, n_sms, plan)
         if t < best_time:

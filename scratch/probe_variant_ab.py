@@ -32,7 +32,7 @@ for name in shapes:
 
     def plain(i):
         return iidkern.attention(*inputs[i])
-    for label, chosen in (("iid probe", probes[:1]), ("both probes", probes)):
+    for label, chosen in (("iid probe", probes[:1]), ("map probe", probes[1:]), ("both probes", probes)):
         def call(i, chosen=chosen):
             return iidkern.attention(*inputs[i], probes=chosen)
         print(f"{tag} {name} {label:11s} {paired_summary(call, plain, n_sets)}", flush=True)

@@ -48,7 +48,7 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, h
                  "v_desc": desc(hopper_fwd.BLOCK_N), "o_ptr": f"*{dtype}", "o_sb": "i32", "o_sh": "i32",
                  "o_sn": "i32", "lse_ptr": "*fp32", "hw_ptr": "*fp32", "hw_sb": "i32", "hw_sh": "i32",
                  "hw_sn": "i32", "kg_ptr": "*i32", "kg_sb": "i32", "kg_q0": "i32", "kg_q1": "i32", "kg_k0": "i32",
-                 "kg_k1": "i32", "n_groups": "i32", "kgo_ptr": "*fp32",
+                 "kg_k1": "i32", "n_groups": "i32", "kgo_ptr": "*fp32", "kgc_ptr": "*fp32", "kgc_sb": "i32",
                  "m_ptr": "*fp32", "m_sb": "i32", "m_sh": "i32", "m_sq": "i32", "m_sk": "i32", "m_q0": "i32",
                  "m_q1": "i32", "m_k0": "i32", "m_k1": "i32",
                  "qt_ptr": f"*{tags or 'i32'}", "qt_sb": "i32", "kt_ptr": f"*{tags or 'i32'}", "kt_sb": "i32",

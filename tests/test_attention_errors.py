@@ -85,7 +85,7 @@ CASES = [
      ["block_multiplier.values", "dense"]),
     ("pairs-meta", dict(pair_stats=torch.tensor([[0, 1]], device="meta")), ValueError, ["pair_stats", "meta"]),
     ("triton-on-meta", dict(q=torch.randn(B, H, N, D, device="meta"), k=torch.randn(B, H, N, D, device="meta"),
-                            v=torch.randn(B, H, N, D, device="meta")), ValueError, ["backend='triton'", "meta"]),
+                            v=torch.randn(B, H, N, D, device="meta")), ValueError, ["backend='triton'", "q", "meta"]),
     ("tags-batch-1-q-ok-k-bad", dict(tags=(torch.ones(1, N, dtype=torch.int64), torch.ones(3, N, dtype=torch.int64))),
      ValueError, ["k_tags", "[1, 10]", "(3, 10)"]),
 ]

@@ -33,13 +33,15 @@ def _query_groups(kind, nq, g, b):
 @pytest.mark.parametrize("query_kind", ["each", "single", "ids"])
 @pytest.mark.parametrize("heads", ["keep", "mean", "sum", "weights"])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-def test_fused_probe_matches_reference(no_probe_pass, query_kind, heads, layout):
+@pytest.mark.parametrize("normalize", ["keys", None, "both"])
+def test_fused_probe_matches_reference(no_probe_pass, query_kind, heads, layout, normalize):
+    # The key groups' sizes divide in the kernel's epilogue; the query side's after it.
     g = torch.Generator().manual_seed(61)
     b, h, nq, nk, d = 2, 3, 53, 61, 32  # several 16-token tiles and a ragged last tile
     q, k, v = make_qkv(b, h, nq, nk, d, layout=layout, generator=g)
     head_mode = torch.rand(b, h, generator=g) if heads == "weights" else heads
     probe = Probe(_query_groups(query_kind, nq, g, b), random_key_groups(nk, (5, 40), 4, g),
-                  heads=head_mode, normalize="keys")
+                  heads=head_mode, normalize=normalize)
     res = iidkern.attention(q, k, v, layout=layout, probes=[probe], backend="triton", kernel_options=OPTS)
     ref = attention_reference(q, k, v, layout=layout, probes=[probe])
     assert_close_rel(res.out, ref.out, OUT_TOL[torch.float32])

@@ -165,7 +165,7 @@ def test_tag_and_head_dim_64_variants_compile(compiled_variants, variant):
 def hopper_pretend(monkeypatch):
     """Routing as on an H100: the kernel usable, the interpreter off."""
     monkeypatch.setattr(launch, "_INTERPRET", False)
-    monkeypatch.setattr(hopper_fwd, "usable", lambda q, k, v, layout: True)
+    monkeypatch.setattr(hopper_fwd, "usable", lambda q, k, v, layout, in_kernel_extras=False: True)
 
 
 def _serves(q, **kw):
@@ -278,12 +278,43 @@ def test_one_wave_calls_run_the_triton_kernel_with_its_tiles(hopper_pretend, mon
 
 
 def test_head_dims_served():
-    """D=128 always; D=64 only from LONG_MIN_KEYS keys (shorter ones are faster on the Triton kernel)."""
+    """D=128 always; D=64 only from LONG_MIN_KEYS keys (shorter ones are faster on the Triton
+    kernel), or from LONG_EXTRAS_MIN_KEYS with a multiplier or fused key-group probe."""
     assert hopper_fwd.serves_head_dim(128, 1) and hopper_fwd.serves_head_dim(128, 100_000)
     assert not hopper_fwd.serves_head_dim(64, 4429)
     assert not hopper_fwd.serves_head_dim(64, hopper_fwd.LONG_MIN_KEYS - 1)
     assert hopper_fwd.serves_head_dim(64, hopper_fwd.LONG_MIN_KEYS)
+    assert hopper_fwd.serves_head_dim(64, 4429, in_kernel_extras=True)
+    assert hopper_fwd.serves_head_dim(64, hopper_fwd.LONG_EXTRAS_MIN_KEYS, in_kernel_extras=True)
+    assert not hopper_fwd.serves_head_dim(64, hopper_fwd.LONG_EXTRAS_MIN_KEYS - 1, in_kernel_extras=True)
     assert not any(hopper_fwd.serves_head_dim(d, 100_000) for d in (32, 80, 96, 256))
+    assert not any(hopper_fwd.serves_head_dim(d, 100_000, in_kernel_extras=True) for d in (32, 80, 96, 256))
+
+
+@pytest.mark.parametrize("extras, expected", [
+    ({}, False), ({"multiplier": True}, True), ({"key_groups": True}, True),
+    ({"key_groups": True, "fuse_key_groups": False}, False), ({"map": True}, False),
+    ({"multiplier": True, "tags": True}, False), ({"key_groups": True, "tags": True}, False)])
+def test_head_dim_64_routing_follows_the_in_kernel_extras(monkeypatch, extras, expected):
+    """At head dim 64 and 4429 keys (SD3 1024²) a block multiplier or a fused key-group probe
+    takes the Hopper kernel; plain calls, probe-pass probes and tagged calls do not."""
+    seen = []
+    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(hopper_fwd, "usable", lambda q, k, v, layout, in_kernel_extras=False:
+                        seen.append(in_kernel_extras) or hopper_fwd.serves_head_dim(64, 4429, in_kernel_extras))
+    n = 4429
+    q = torch.empty(1, 2, n, 64)
+    groups = TG.segments([(4096, 4200), (4200, n)], n)
+    probes = []
+    if extras.get("key_groups"):
+        probes.append(Probe(TG.each(0, 4096), groups, heads="keep", normalize="keys"))
+    if extras.get("map"):
+        probes.append(Probe(TG.each(4096, n), TG.each(0, 4096)))
+    mult = BlockMultiplier(torch.ones(1, 4096, 333), 0, 4096) if extras.get("multiplier") else None
+    tags = (torch.ones(1, n, dtype=torch.int32), torch.ones(1, n, dtype=torch.int32)) if extras.get("tags") else None
+    options = {"fuse_key_groups": extras["fuse_key_groups"]} if "fuse_key_groups" in extras else None
+    assert launch._hopper_serves(q, q, q, "bhnd", tags, probes, False, options, mult) is expected
+    assert seen == [expected]
 
 
 def test_tag_calls_are_routed_to_the_hopper_kernel(hopper_pretend):
@@ -398,13 +429,15 @@ def _hopper_contract(q, k, v, out, *, layout, scale, head_weights, head_weight_s
     if lse is not None:
         lse.copy_(scores.logsumexp(-1))
     if key_groups is not None:
-        ids, ids_batch_stride, q0, q1, k0, k1, n_groups, sums = key_groups
+        ids, ids_batch_stride, q0, q1, k0, k1, n_groups, sums, column_scale, column_scale_stride = key_groups
         b, n_k = probs.shape[0], probs.shape[-1]
         keys = torch.arange(n_k)
         dense = ids.flatten().as_strided((b, n_k), (ids_batch_stride, 1)).long()
         dense = torch.where((keys >= k0) & (keys < k1), dense, -1)
         one_hot = (dense[..., None] == torch.arange(n_groups)).double()  # [B, Nk, G]
-        sums.copy_(probs[:, :, q0:q1] @ one_hot[:, None])
+        # each group column times its factor (1 / group size under normalize="keys"), read as handed
+        factor = column_scale.flatten().as_strided((b, n_groups), (column_scale_stride, 1)).double()
+        sums.copy_(probs[:, :, q0:q1] @ (one_hot * factor[:, None, :])[:, None])
 
 
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
@@ -1113,6 +1146,39 @@ def test_head_dim_64_long_sequences_run_on_the_hopper_kernel(hopper_calls, layou
     short = make_qkv(1, 2, 4429, 4429, 64, torch.bfloat16, layout, device="cuda", generator=g)
     iidkern.attention(*short, layout=layout)
     assert hopper_calls == [layout, layout]
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_head_dim_64_in_kernel_extras_run_on_the_hopper_kernel(monkeypatch, hopper_calls, dtype, layout):
+    """SD3 at 1024²-like lengths (text last, ragged last key tile, fewer than LONG_MIN_KEYS
+    keys): a block multiplier or IID's fused key-group probe takes the Hopper kernel at head
+    dim 64, alone and together, and matches the float64 oracle; a tagged call does not. The
+    probe's tail split has at most LIGHT_SPLIT_PIECES pieces a tile (its scratch)."""
+    plans = []
+    plan_for = hopper_fwd.split_plan_for
+    monkeypatch.setattr(hopper_fwd, "split_plan_for", lambda *args: plans.append(plan_for(*args)) or plans[-1])
+    b, h, n_img, n_txt = 2, 2, hopper_fwd.LONG_EXTRAS_MIN_KEYS, 333  # 140 tiles: the model would take 12 pieces
+    n = n_img + n_txt
+    g = torch.Generator().manual_seed(92)
+    q, k, v = make_qkv(b, h, n, n, 64, dtype, layout, device="cuda", generator=g)
+    instructions = [(n_img, n_img + 100), (n_img + 100, n_img + 200), (n_img + 200, n)]
+    iid = Probe(TG.each(0, n_img), TG.segments(instructions, n, device="cuda"), heads="keep", normalize="keys")
+    mult = BlockMultiplier(0.5 + torch.rand(b, 700, n_txt, generator=g).cuda(), query_start=50, key_start=n_img)
+    for kw in (dict(block_multiplier=mult), dict(probes=[iid]), dict(block_multiplier=mult, probes=[iid])):
+        res = iidkern.attention(q, k, v, layout=layout, kernel_options={"poison": True}, **kw)
+        ref = attention_reference(q, k, v, layout=layout, compute_dtype=torch.float64, **kw)
+        out = res if isinstance(res, torch.Tensor) else res.out
+        assert_close_rel(out, ref.out, OUT_TOL[dtype])
+        for got, want in zip(getattr(res, "probes", ()), ref.probes):
+            assert_close_rel(got, want, PROBE_TOL[dtype], what="probe")
+    assert hopper_calls == [layout] * 3
+    assert plans and all(p.active and p.pieces <= hopper_fwd.LIGHT_SPLIT_PIECES for p in plans), plans
+    tags = (torch.ones(b, n, dtype=torch.int32, device="cuda"), torch.ones(b, n, dtype=torch.int32, device="cuda"))
+    iidkern.attention(q, k, v, layout=layout, tags=tags, block_multiplier=mult)
+    assert hopper_calls == [layout] * 3
 
 
 @pytest.mark.cuda

@@ -221,7 +221,7 @@ def route(request, monkeypatch):
         if not hopper_fwd.AVAILABLE:
             pytest.skip("this Triton has no Gluon warp_specialize")
         monkeypatch.setattr(launch, "_INTERPRET", False)
-        monkeypatch.setattr(hopper_fwd, "usable", lambda q, k, v, layout: True)
+        monkeypatch.setattr(hopper_fwd, "usable", lambda q, k, v, layout, in_kernel_extras=False: True)
         monkeypatch.setattr(launch, "short_plain_config", lambda *args: None)  # short calls too (small shapes)
         stand_in = fast_launch.Launcher(_StandInKernel())
         monkeypatch.setattr(hopper_fwd, "_ATTN_HOPPER", stand_in)

@@ -75,6 +75,16 @@ def test_plans_of_the_flux_shapes_on_an_h100():
     assert plan_split(3168, 132, 132) == NO_SPLIT  # 2048²: 24 whole waves
 
 
+def test_max_pieces_bounds_the_plan():
+    """SD3 1024² (840 tiles of 35 key tiles): the model's best is 5 pieces; bounded to 2
+    (hopper_fwd.LIGHT_SPLIT_PIECES, calls that come to the Hopper kernel for a key-group probe)
+    it splits the same tail into 2, the best plan under the bound."""
+    assert plan_split(840, 35, 132) == SplitPlan(48, 5)
+    light = plan_split(840, 35, 132, max_pieces=hopper_fwd.LIGHT_SPLIT_PIECES)
+    assert light == SplitPlan(48, 2)
+    assert estimated_time(840, 35, 132, light) < estimated_time(840, 35, 132, NO_SPLIT)
+
+
 def test_forced_plans_are_clamped_to_the_grid():
     cpu = torch.device("cpu")
     assert hopper_fwd.split_plan_for(10, 4, cpu, (100, 64)) == SplitPlan(10, 4)
