@@ -666,6 +666,35 @@ def test_tail_split_at_head_dim_64(hopper_calls, forced):
 
 @pytest.mark.cuda
 @needs_hopper
+@pytest.mark.parametrize("forced", [None, (7, 3), (14, 35)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tail_split_with_a_block_multiplier_at_head_dim_64(hopper_calls, forced, dtype):
+    """At head dim 64 a block multiplier call splits its tail too (the pieces weigh (P*M)V,
+    the join is linear): SD3-like lengths with text last, a sub-block crossing piece
+    boundaries and the ragged last key tile, per-head values, head weights and LSE; the
+    model's plan, a forced one, and every tile in one piece a key tile."""
+    b, h, n = 2, 2, 4096 + 333  # 4 x 35 query tiles of 35 key tiles: the model splits the last 8
+    q, k, v = make_qkv(b, h, n, n, 64, dtype, "bnhd", device="cuda", generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(9)
+    # the split tiles are the grid's last: the last query rows of the last batch row and head
+    mult = BlockMultiplier(0.5 + torch.rand(b, h, 1529, 2929, generator=g).cuda(), query_start=2900, key_start=1500)
+    hw = torch.rand(b, h, generator=g).cuda() + 0.5
+    opts = {"poison": True}
+    if forced:
+        opts.update(tail_split_tiles=forced[0], tail_split_pieces=forced[1])
+    with fast_launch.recording() as launches:
+        res = iidkern.attention(q, k, v, layout="bnhd", block_multiplier=mult, head_weights=hw, return_lse=True,
+                                kernel_options=opts)
+    assert hopper_calls == ["bnhd"]
+    assert launches[0][3]["SPLIT"] is True and launches[0][3]["HAS_MULT"] is True
+    ref = attention_reference(q, k, v, layout="bnhd", block_multiplier=mult, head_weights=hw,
+                              compute_dtype=torch.float64)
+    assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
+    assert_lse_equal(res.lse, ref.lse)
+
+
+@pytest.mark.cuda
+@needs_hopper
 def test_strided_views_of_a_fused_qkv_projection(hopper_calls):
     """diffusers' fused QKV: q, k, v are strided views of one [B, N, 3, H, D] buffer."""
     b, n, h, d = 2, 777, 6, 128
