@@ -1196,8 +1196,8 @@ def test_head_dim_64_long_sequences_run_on_the_hopper_kernel(hopper_calls, layou
 def test_head_dim_64_in_kernel_extras_run_on_the_hopper_kernel(monkeypatch, hopper_calls, dtype, layout):
     """SD3 at 1024²-like lengths (text last, ragged last key tile, fewer than LONG_MIN_KEYS
     keys): a block multiplier or IID's fused key-group probe takes the Hopper kernel at head
-    dim 64, alone and together, and matches the float64 oracle; a tagged call does not. The
-    probe's tail split has at most LIGHT_SPLIT_PIECES pieces a tile (its scratch)."""
+    dim 64, alone and together, and matches the float64 oracle; a tagged call does not. Their
+    tail splits have at most LIGHT_SPLIT_PIECES pieces a tile (the scratch)."""
     plans = []
     plan_for = hopper_fwd.split_plan_for
     monkeypatch.setattr(hopper_fwd, "split_plan_for", lambda *args: plans.append(plan_for(*args)) or plans[-1])
