@@ -169,33 +169,40 @@ class TokenGroups:
     def size_divisors(self, batch: int, length: int, device) -> torch.Tensor:
         """What ``normalize`` divides a group's sum by: ``max(size, 1)`` (an empty group's
         zero sum stays zero), ``[B, G]`` float32, kept on this object like group_sizes."""
-        return self._cached("_divisors_cache", batch, length, device,
-                            lambda: self.group_sizes(batch, length, device).clamp_min(1))
+        return self._per_group("_divisors_cache", batch, length, device, lambda sizes: sizes.clamp_min(1))
 
     def inverse_sizes(self, batch: int, length: int, device) -> torch.Tensor:
         """``1 / size_divisors``: the fused key-group probe multiplies its sums by it in the
         kernel's epilogue, so a normalized probe costs no kernel after the attention."""
-        return self._cached("_inverse_cache", batch, length, device,
-                            lambda: 1.0 / self.size_divisors(batch, length, device))
+        return self._per_group("_inverse_cache", batch, length, device, lambda sizes: 1.0 / sizes.clamp_min(1))
+
+    def _per_group(self, name: str, batch: int, length: int, device, derive) -> torch.Tensor:
+        """``derive(group sizes)``, kept on this object. Host-built ids (segments, single) bound
+        for a GPU are counted and derived on the host and copied, so a policy that rebuilds
+        its groups every call launches no kernels for them."""
+        if self.kind != "each" and self.group_ids.device.type == "cpu" and torch.device(device).type != "cpu":
+            return self._cached(name, batch, length, device,
+                                lambda: derive(self.group_sizes(batch, length, "cpu")).to(device, non_blocking=True))
+        return self._cached(name, batch, length, device, lambda: derive(self.group_sizes(batch, length, device)))
 
     def _cached(self, name: str, batch: int, length: int, device, make):
         cache = self.__dict__.setdefault(name, {})
         key = (batch, length, str(device))
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
+        if key in cache:
+            return cache[key]
+        value = make()
+        from .kernels.fast_launch import capturing  # (the kernels import this module)
+        if not capturing(value):  # built in a CUDA graph capture, it holds values only once the graph replays
+            cache[key] = value
+        return value
 
     def _count_group_sizes(self, batch: int, length: int, device) -> torch.Tensor:
         if self.kind == "each":
-            return torch.ones(batch, self.count, device=device)
-        # Host-built ids (segments, single) are counted on the host and the counts copied:
-        # a policy that rebuilds its groups every call then launches no counting kernels.
-        on_host = self.group_ids.device.type == "cpu" and torch.device(device).type != "cpu"
-        ids = self.dense_ids(batch, length, "cpu" if on_host else device).long()
-        sizes = torch.zeros(batch, self.count + 1, device=ids.device)
+            return torch.ones(batch, self.count, dtype=torch.float32, device=device)
+        ids = self.dense_ids(batch, length, device).long()
+        sizes = torch.zeros(batch, self.count + 1, dtype=torch.float32, device=device)
         sizes.scatter_add_(1, torch.where(ids >= 0, ids, self.count), torch.ones_like(ids, dtype=sizes.dtype))
-        sizes = sizes[:, : self.count]
-        return sizes.to(device, non_blocking=True) if on_host else sizes
+        return sizes[:, : self.count]
 
 
 def _check_heads(heads, where: str):

@@ -52,6 +52,19 @@ def on_other_gpu(device: torch.device) -> bool:
     return device.type == "cuda" and device.index != torch.cuda.current_device()
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether ``t`` is on a GPU whose current stream is capturing a CUDA graph: what is
+    built then holds values only once the graph replays, and cannot be read back. (The
+    current stream of ``t``'s GPU, which need not be the current device.) Caches must not
+    keep such tensors for other calls."""
+    if not t.is_cuda:
+        return False
+    if not on_other_gpu(t.device):
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(t.device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 @contextlib.contextmanager
 def recording():
     """Note every ``Launcher.launch`` on this thread inside the block, as (launcher, grid, args, kwargs)."""

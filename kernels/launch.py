@@ -14,7 +14,7 @@ from iidkern.specs import AttentionResult, BlockMultiplier, PairStats, Probe, Va
     head_coefficients, normalize_groups, uniform_head_coefficient
 
 from . import hopper_fwd
-from .fast_launch import Launcher
+from .fast_launch import Launcher, capturing
 from .flash_fwd import LOG2E, attn_fwd_kernel
 from .kernel_args import KeyGroupArgs, MultiplierArgs, scales_p_for_key_groups
 from .pair_stats import pair_stats_kernel
@@ -257,9 +257,12 @@ def _key_group_args(probe: Probe, batch: int, heads: int, n_k: int, device, allo
 def _unit_column_scale(device) -> torch.Tensor:
     """Ones for every key-group column, one row shared by the batch (a probe without key normalization)."""
     key = (device.type, device.index)
-    if key not in _UNIT_SCALES:
-        _UNIT_SCALES[key] = torch.ones(1, MAX_FUSED_KEY_GROUPS, dtype=torch.float32, device=device)
-    return _UNIT_SCALES[key]
+    if key in _UNIT_SCALES:
+        return _UNIT_SCALES[key]
+    ones = torch.ones(1, MAX_FUSED_KEY_GROUPS, dtype=torch.float32, device=device)
+    if not capturing(ones):  # built in a CUDA graph capture, it holds ones only once the graph replays
+        _UNIT_SCALES[key] = ones
+    return ones
 
 
 def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, block_multiplier, key_groups,

@@ -31,7 +31,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .fast_launch import on_other_gpu
+from .fast_launch import capturing
 
 
 @dataclass
@@ -176,21 +176,9 @@ def _any_listed(partial_count: torch.Tensor, full_count: torch.Tensor, read_back
     per mask and tile shape for a reused mask (its lists are cached), but a call's own tags
     would pay it per call, and a CUDA graph being captured cannot at all. There the answer is
     True, which is always correct (the lists are then walked)."""
-    if partial_count.is_cuda and (not read_back or _capturing(partial_count)):
+    if partial_count.is_cuda and (not read_back or capturing(partial_count)):
         return True
     return bool(torch.maximum(partial_count.amax(), full_count.amax()).item() > 0) if partial_count.numel() else False
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    """Whether ``t`` is on a GPU whose current stream is capturing a CUDA graph: what is
-    built then holds values only once the graph replays, and cannot be read back. (The
-    current stream of ``t``'s GPU, which need not be the current device.)"""
-    if not t.is_cuda:
-        return False
-    if not on_other_gpu(t.device):
-        return torch.cuda.is_current_stream_capturing()
-    with torch.cuda.device(t.device):
-        return torch.cuda.is_current_stream_capturing()
 
 
 @dataclass
@@ -222,7 +210,7 @@ class TagMask:
         lists = build(*self.batched(batch), block_m, block_n, **options)
         # Lists built while a CUDA graph is captured hold their values only once the graph
         # replays: that graph uses them, but they are not kept for other calls.
-        if not _capturing(self.q_tags):
+        if not capturing(self.q_tags):
             self._lists[key] = lists
         return lists
 

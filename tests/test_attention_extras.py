@@ -5,6 +5,7 @@ import torch
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.reference import attention_probs, attention_reference
+from iidkern.kernels import launch
 from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_tags
 
 OPTS = {"poison": True}
@@ -217,6 +218,37 @@ def test_group_sizes_are_counted_once_per_groups_object():
     assert sizes.tolist() == [[2.0, 3.0], [3.0, 1.0]]
     assert groups.group_sizes(2, 6, "cpu") is sizes  # reused, no recount
     assert TG.each(2, 5).group_sizes(1, 6, "cpu").tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_normalization_factors_are_kept_per_groups_object():
+    """``normalize`` divides by max(size, 1) and the fused probe multiplies by its inverse:
+    float32, an empty group's factor 1, both computed once per TokenGroups object."""
+    ids = torch.tensor([[0, 0, 2, -1, 2, 2], [2, -1, -1, 0, 0, 0]], dtype=torch.int32)  # group 1 is empty
+    groups = TG.ids(ids, 3)
+    divisors, inverse = groups.size_divisors(2, 6, "cpu"), groups.inverse_sizes(2, 6, "cpu")
+    assert divisors.dtype == inverse.dtype == torch.float32
+    assert divisors.tolist() == [[2.0, 1.0, 3.0], [3.0, 1.0, 1.0]]
+    assert torch.equal(inverse, 1.0 / divisors)
+    assert groups.size_divisors(2, 6, "cpu") is divisors and groups.inverse_sizes(2, 6, "cpu") is inverse
+
+
+def test_nothing_built_during_a_graph_capture_is_kept(monkeypatch):
+    """A tensor built while a CUDA graph is captured holds its values only once the graph
+    replays: the per-group factors and the fused probe's unit row are then used by that call
+    but not kept for others (on a GPU: every later eager call would read unset memory)."""
+    from iidkern.kernels import fast_launch
+    monkeypatch.setattr(fast_launch, "capturing", lambda t: True)
+    monkeypatch.setattr(launch, "capturing", lambda t: True)
+    monkeypatch.setattr(launch, "_UNIT_SCALES", {})
+    groups = TG.ids(torch.tensor([0, 0, 1, -1], dtype=torch.int32), 2)
+    first = groups.inverse_sizes(1, 4, "cpu")
+    assert groups.inverse_sizes(1, 4, "cpu") is not first and torch.equal(groups.inverse_sizes(1, 4, "cpu"), first)
+    assert launch._unit_column_scale(torch.device("cpu")) is not launch._unit_column_scale(torch.device("cpu"))
+    assert launch._UNIT_SCALES == {}
+    monkeypatch.setattr(fast_launch, "capturing", lambda t: False)
+    monkeypatch.setattr(launch, "capturing", lambda t: False)
+    assert groups.inverse_sizes(1, 4, "cpu") is groups.inverse_sizes(1, 4, "cpu")
+    assert launch._unit_column_scale(torch.device("cpu")) is launch._unit_column_scale(torch.device("cpu"))
 
 
 def test_each_probe_result_is_its_own_contiguous_tensor():

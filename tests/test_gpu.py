@@ -7,9 +7,10 @@ import torch
 
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
+from iidkern.kernels import launch
 from iidkern.kernels.launch import default_config
 from iidkern.reference import attention_reference
-from helpers import OUT_TOL, assert_close_rel, assert_lse_equal, random_tags
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, random_tags
 
 pytestmark = pytest.mark.cuda
 GPU_PROBE_TOL = 2e-3  # probe recompute uses bf16/fp16 tensor-core products like the main pass
@@ -134,6 +135,35 @@ def test_tags_first_used_inside_a_graph_capture():
         graph.replay()
         ref = attention_reference(q, k, v, tags=(tags.q_tags, tags.k_tags), compute_dtype=torch.float64)
         assert_close_rel(out, ref.out, OUT_TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("normalize", [None, "keys"])
+def test_fused_probe_factors_first_made_inside_a_graph_capture(monkeypatch, normalize):
+    """The fused key-group probe's column factors (1 / group size, or the shared unit row)
+    first made while a CUDA graph is captured serve that graph but are not kept: eager calls
+    before any replay make their own (a kept one would hold unset memory until the replay)."""
+    b, h, n, d = 1, 2, 700, 128
+    q, k, v = qkv(b, h, n, n, d, torch.bfloat16, "bhnd", seed=61)
+    ranges = [(0, 8), (8, 20), (20, 77)]
+    warm = Probe(TG.each(77, n), TG.segments(ranges, n, device="cuda"), heads="keep", normalize=normalize)
+    iidkern.attention(q, k, v, backend="triton", probes=[warm])  # compile outside the capture
+    torch.cuda.synchronize()
+    monkeypatch.setattr(launch, "_UNIT_SCALES", {})  # as if no unnormalized probe had run yet
+    groups = TG.segments(ranges, n, device="cuda")  # a new object: no factors made yet
+    probe = Probe(TG.each(77, n), groups, heads="keep", normalize=normalize)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = iidkern.attention(q, k, v, backend="triton", probes=[probe])
+    assert launch._UNIT_SCALES == {} and not groups.__dict__.get("_inverse_cache")
+    q2, k2, v2 = qkv(b, h, n, n, d, torch.bfloat16, "bhnd", seed=62)
+    eager = iidkern.attention(q2, k2, v2, backend="triton", probes=[probe])  # before any replay
+    ref = attention_reference(q2, k2, v2, probes=[probe], compute_dtype=torch.float64)
+    assert_close_rel(eager.probes[0], ref.probes[0], PROBE_TOL[torch.bfloat16])
+    for dst, src in zip((q, k, v), qkv(b, h, n, n, d, torch.bfloat16, "bhnd", seed=63)):
+        dst.copy_(src)
+    graph.replay()
+    ref = attention_reference(q, k, v, probes=[probe], compute_dtype=torch.float64)
+    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[torch.bfloat16])
 
 
 def test_random_tags_large():
