@@ -248,10 +248,11 @@ def _key_group_args(probe: Probe, batch: int, heads: int, n_k: int, device, allo
     _, k0, k1, ids, ids_stride, n_groups = _group_side(probe.keys, batch, n_k, device)
     q0, q1 = probe.queries.start, probe.queries.stop
     sums = alloc((batch, heads, q1 - q0, n_groups), dtype=torch.float32, device=device)
-    if probe.normalize in ("keys", "both"):
-        scale = probe.keys.inverse_sizes(batch, n_k, device)
-        return KeyGroupArgs(ids, ids_stride, q0, q1, k0, k1, n_groups, sums, scale, scale.stride(0))
-    return KeyGroupArgs(ids, ids_stride, q0, q1, k0, k1, n_groups, sums, _unit_column_scale(device), 0)
+    # the kernel divides by the groups' sizes (the rest of the normalization follows it)
+    scale = probe.keys.inverse_sizes(batch, n_k, device) if probe.normalize in ("keys", "both") \
+        else _unit_column_scale(device)
+    scale_stride = scale.stride(0) if scale.shape[0] > 1 else 0  # one row: shared by the batch
+    return KeyGroupArgs(ids, ids_stride, q0, q1, k0, k1, n_groups, sums, scale, scale_stride)
 
 
 def _unit_column_scale(device) -> torch.Tensor:
