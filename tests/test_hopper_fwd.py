@@ -1030,6 +1030,10 @@ def test_iid_and_text_image_probes_around_the_hopper_kernel(hopper_calls, probe_
     (1, 2, 800, 13, 501, 130, 517, False, torch.bfloat16),  # odd ranges across key tiles: scalar loads
     (1, 2, 4608, 512, 4096, 0, 512, False, torch.float32),  # Flux 1024^2: aligned (vector-load specialization)
     (1, 1, 5, 0, 5, 0, 5, True, torch.float16),  # one key tile holds everything
+    # The key loop's three ranges (before, on, after the sub-block's key tiles, NOTES.md 70):
+    (1, 2, 1000, 0, 1000, 0, 1000, True, torch.float32),  # every key tile multiplied
+    (2, 1, 1000, 64, 900, 896, 104, False, torch.bfloat16),  # the last (ragged) tile only
+    (1, 2, 1200, 129, 1000, 256, 384, False, torch.float32),  # middle tiles, whole: none before or after is
 ])
 def test_block_multiplier_in_the_hopper_kernel(hopper_calls, dtype, layout, b, h, n, q0, mq, k0, mk, per_head,
                                                m_dtype):
