@@ -33,9 +33,10 @@ def spill_instructions(cubin: bytes) -> int:
 
 
 def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, has_mult: bool = False,
-                    head_dim: int = 128, tags: str = "", split: bool = False, zero: bool = False) -> dict:
+                    head_dim: int = 128, tags: str = "", split: bool = False, zero: bool = False,
+                    m_dtype: str = "fp32") -> dict:
     """One specialization; ``g_pad`` > 0 adds a fused key-group probe with that many columns,
-    ``has_mult`` a block multiplier (fp32 values), ``tags`` a tag mask of that int type ("i32"/"i64"),
+    ``has_mult`` a block multiplier (values of ``m_dtype``), ``tags`` a tag mask of that int type ("i32"/"i64"),
     ``split`` the last wave's key split (pieces writing partial outputs), ``zero`` the zeroed
     counters of the pair statistics' pass."""
     gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
@@ -49,7 +50,7 @@ def compile_variant(dtype: str, has_hw: bool, store_lse: bool, g_pad: int = 0, h
                  "o_sn": "i32", "lse_ptr": "*fp32", "hw_ptr": "*fp32", "hw_sb": "i32", "hw_sh": "i32",
                  "hw_sn": "i32", "kg_ptr": "*i32", "kg_sb": "i32", "kg_q0": "i32", "kg_q1": "i32", "kg_k0": "i32",
                  "kg_k1": "i32", "n_groups": "i32", "kgo_ptr": "*fp32", "kgc_ptr": "*fp32", "kgc_sb": "i32",
-                 "m_ptr": "*fp32", "m_sb": "i32", "m_sh": "i32", "m_sq": "i32", "m_sk": "i32", "m_q0": "i32",
+                 "m_ptr": f"*{m_dtype}", "m_sb": "i32", "m_sh": "i32", "m_sq": "i32", "m_sk": "i32", "m_q0": "i32",
                  "m_q1": "i32", "m_k0": "i32", "m_k1": "i32",
                  "qt_ptr": f"*{tags or 'i32'}", "qt_sb": "i32", "kt_ptr": f"*{tags or 'i32'}", "kt_sb": "i32",
                  "vis_ptr": "*i32", "vis_full_ptr": "*i32", "vis_count_ptr": "*i32",
@@ -104,6 +105,8 @@ if __name__ == "__main__":
     results["bf16-d64-split"] = compile_variant("bf16", True, True, head_dim=64, split=True)
     # A block multiplier's pieces split only at head dim 64, where they compile without spills (NOTES.md 69).
     results["bf16-d64-split-mult"] = compile_variant("bf16", True, True, has_mult=True, head_dim=64, split=True)
+    # ... and at head dim 128 with 16-bit values, half the registers of fp32 ones (NOTES.md 71).
+    results["bf16-split-mult16"] = compile_variant("bf16", False, False, has_mult=True, split=True, m_dtype="bf16")
     # Zeroed counters for the pair statistics' pass (HeadRouter's branch pairs), whole tiles and split.
     results["bf16-zero"] = compile_variant("bf16", False, False, zero=True)
     results["bf16-split-zero"] = compile_variant("bf16", False, False, split=True, zero=True)

@@ -108,14 +108,18 @@ def test_tail_split_variants_compile_into_the_same_schedule(compiled_variants, v
 
 
 @needs_gluon
-def test_block_multiplier_pieces_at_head_dim_64_compile_without_spills(compiled_variants):
-    """hopper_attention splits a multiplier call's last wave only at head dim 64: there its
-    split variant spills no more than the plain split at 128, which every plain Flux call runs
-    (triton 3.6, the H100's: 0 and 2; at 128 the multiplier's pieces spill 38, NOTES.md 50, 69).
-    Spill counts move between Tritons (3.9: 45 and 151), so the test compares the two."""
-    info = compiled_variants["bf16-d64-split-mult"]
+@pytest.mark.parametrize("variant", ["bf16-d64-split-mult", "bf16-split-mult16"])
+def test_block_multiplier_pieces_compile_without_spills(compiled_variants, variant):
+    """hopper_attention splits a multiplier call's last wave at head dim 64, and at 128 with
+    16-bit values: there its split variant spills no more than the plain split at 128, which
+    every plain Flux call runs (triton 3.6, the H100's: 0, 0 and 2; at 128 with fp32 values the
+    multiplier's pieces spill 38, NOTES.md 50, 69, 71). Spill counts move between Tritons (3.9:
+    45 and 151 for the first and the plain split), so the test compares the two."""
+    info = compiled_variants[variant]
     assert info["wgmma_wait_1"] > 0 and info["setmaxnreg"] > 0
-    assert info["global_loads_vector"] > 0  # M's tiles, read straight into the score layout
+    assert info["global_loads"] > 0  # M's tiles, read straight into the score layout
+    if variant == "bf16-d64-split-mult":  # fp32 values: two a thread, one 8-byte vector load
+        assert info["global_loads_vector"] > 0
     assert info["spills"] <= compiled_variants["bf16-split"]["spills"]
 
 
@@ -680,16 +684,20 @@ def test_tail_split_at_head_dim_64(hopper_calls, forced):
 @needs_hopper
 @pytest.mark.parametrize("forced", [None, (7, 3), (14, 35)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_tail_split_with_a_block_multiplier_at_head_dim_64(hopper_calls, forced, dtype):
-    """At head dim 64 a block multiplier call splits its tail too (the pieces weigh (P*M)V,
-    the join is linear): SD3-like lengths with text last, a sub-block crossing piece
-    boundaries and the ragged last key tile, per-head values, head weights and LSE; the
-    model's plan, a forced one, and every tile in one piece a key tile."""
+@pytest.mark.parametrize("head_dim, half_values", [(64, False), (128, True), (128, False)])
+def test_tail_split_with_a_block_multiplier(hopper_calls, forced, dtype, head_dim, half_values):
+    """A block multiplier call splits its tail too at head dim 64, and at 128 with 16-bit
+    values (the pieces weigh (P*M)V, the join is linear); at 128 fp32 values keep whole
+    tiles, forced plans included (NOTES.md 50, 71). SD3-like lengths with text last, a
+    sub-block crossing piece boundaries and the ragged last key tile, per-head values, head
+    weights and LSE; the model's plan, a forced one, and every tile in one piece a key tile."""
     b, h, n = 2, 2, 4096 + 333  # 4 x 35 query tiles of 35 key tiles: the model splits the last 8
-    q, k, v = make_qkv(b, h, n, n, 64, dtype, "bnhd", device="cuda", generator=torch.Generator().manual_seed(8))
+    q, k, v = make_qkv(b, h, n, n, head_dim, dtype, "bnhd", device="cuda",
+                       generator=torch.Generator().manual_seed(8))
     g = torch.Generator().manual_seed(9)
     # the split tiles are the grid's last: the last query rows of the last batch row and head
-    mult = BlockMultiplier(0.5 + torch.rand(b, h, 1529, 2929, generator=g).cuda(), query_start=2900, key_start=1500)
+    values = (0.5 + torch.rand(b, h, 1529, 2929, generator=g)).to("cuda", dtype if half_values else torch.float32)
+    mult = BlockMultiplier(values, query_start=2900, key_start=1500)
     hw = torch.rand(b, h, generator=g).cuda() + 0.5
     opts = {"poison": True}
     if forced:
@@ -698,7 +706,7 @@ def test_tail_split_with_a_block_multiplier_at_head_dim_64(hopper_calls, forced,
         res = iidkern.attention(q, k, v, layout="bnhd", block_multiplier=mult, head_weights=hw, return_lse=True,
                                 kernel_options=opts)
     assert hopper_calls == ["bnhd"]
-    assert launches[0][3]["SPLIT"] is True and launches[0][3]["HAS_MULT"] is True
+    assert launches[0][3]["SPLIT"] is (head_dim == 64 or half_values) and launches[0][3]["HAS_MULT"] is True
     ref = attention_reference(q, k, v, layout="bnhd", block_multiplier=mult, head_weights=hw,
                               compute_dtype=torch.float64)
     assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
