@@ -212,9 +212,9 @@ def build_workload(shape: Shape, dtype: torch.dtype, feature: str, device, seed:
         w.head_weights = 1.0 + 0.2 * torch.rand(b, h, generator=g, device=device)
     elif feature == "block_mult":
         # HeadRouter's DTR: alpha * sigmoid(.) on the image-query x text-key block, alpha = 2,
-        # in the call's dtype as HeadRouterPolicy builds it (bench/NOTES.md 71; fp32 until s26).
+        # float32 as HeadRouterPolicy builds it (16-bit values round its weights away, NOTES.md 71).
         img, txt = shape.image_range, shape.text_range
-        values = (2.0 * torch.rand(b, shape.image, shape.text, generator=g, device=device)).to(dtype)
+        values = 2.0 * torch.rand(b, shape.image, shape.text, generator=g, device=device)
         w.multiplier = BlockMultiplier(values, query_start=img[0], key_start=txt[0])
     elif feature == "pair_stats":
         if b < 2:

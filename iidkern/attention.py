@@ -149,7 +149,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             main-pass option above, ``kg_split``, ``mult_split`` or ``kg_half_dot`` also
             selects the Triton kernel), ``tail_split`` (default True: on the Gluon kernel, a
             grid's partial last wave runs its last query tiles as pieces over key ranges,
-            joined by a small pass; calls without tags, and at head dim 128 without a block multiplier), and
+            joined by a small pass; calls without tags, and at head dim 128 without a block multiplier or with
+            one of fp16/bf16 values), and
             ``tail_split_tiles`` with ``tail_split_pieces`` (together: force that many tiles
             split into that many pieces each). ``poison=True`` fills outputs with NaN first (tests).
 

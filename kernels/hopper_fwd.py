@@ -77,6 +77,8 @@ LONG_MIN_KEYS = 16384
 # keys graph replays were faster too but eager calls mixed, so the measured winning point is kept.
 LONG_EXTRAS_MIN_KEYS = 4096
 LIGHT_SPLIT_PIECES = 2  # the tail split's pieces a tile for those calls (hopper_attention)
+# Block multiplier values that a head-dim-128 call may split with (two a register; NOTES.md 71).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_M = 64  # query rows per consumer warpgroup (one wgmma M)
 BLOCK_N = 128  # keys per tile
 NUM_BUFFERS = 3  # K/V ring slots: 2 x 32 KB each at D=128, 224 KB shared memory in all
@@ -722,7 +724,7 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     visited from the mask's ``visit_lists`` for this kernel's tile shape (:func:`tag_tile_shape`).
 
     ``split``: the last wave's key split (``tail_split``; calls without tags, and at head dim 128
-    without a multiplier or with 16-bit multiplier values): "auto", False, or a forced ``(n_split, pieces)`` (see
+    without a multiplier or with fp16/bf16 multiplier values): "auto", False, or a forced ``(n_split, pieces)`` (see
     :func:`split_plan_for`); "auto" takes at most ``LIGHT_SPLIT_PIECES`` pieces a tile where a
     plain call of the shape would not come here.
     ``zero_counters``: a contiguous int32 tensor that the kernel sets to zero, for a pass
@@ -751,12 +753,12 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
     n_qp = cdiv(n_q, 2 * BLOCK_M)
     n_tiles, n_key_tiles = n_qp * batch * heads, cdiv(n_k, BLOCK_N)
     plan = NO_SPLIT
-    # Tag lists keep whole tiles. So does an fp32 multiplier at head dim 128: a piece weighs
-    # (P*M)V like any other, but there ptxas spills 38 instructions' worth instead of 4 (triton
-    # 3.6) and the split multiplier call ran 1% slower than the unsplit one (bench s18, NOTES.md
-    # 50). At 64 (NOTES.md 69), or with 16-bit values (half M's registers, NOTES.md 71), the
-    # split variant compiles without spills.
-    if tags is None and not (has_mult and head_dim > 64 and multiplier.values.element_size() > 2):
+    # Tag lists keep whole tiles. So does a multiplier of fp32 (or wider) values at head dim
+    # 128: a piece weighs (P*M)V like any other, but there ptxas spills 38 instructions' worth
+    # instead of 4 (triton 3.6) and the split multiplier call ran 1% slower than the unsplit one
+    # (bench s18, NOTES.md 50). At 64 (NOTES.md 69), or with fp16/bf16 values (half M's
+    # registers, NOTES.md 71), the split variant compiles without spills.
+    if tags is None and not (has_mult and head_dim > 64 and multiplier.values.dtype not in HALF_DTYPES):
         # A call that comes here only for its extras (head dim 64, fewer keys than a plain
         # call needs) takes the plan with the least scratch: its plain counterpart runs on
         # the Triton kernel with none (SD3 1024²: 2 pieces, 3.4 MiB, against the model's 5,

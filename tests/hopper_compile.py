@@ -103,10 +103,12 @@ if __name__ == "__main__":
     results["bf16-split-hw-lse"] = compile_variant("bf16", True, True, split=True)
     results["bf16-split-kg8"] = compile_variant("bf16", False, True, g_pad=8, split=True)
     results["bf16-d64-split"] = compile_variant("bf16", True, True, head_dim=64, split=True)
-    # A block multiplier's pieces split only at head dim 64, where they compile without spills (NOTES.md 69).
+    # A block multiplier's pieces: at head dim 64 they compile without spills (NOTES.md 69) ...
     results["bf16-d64-split-mult"] = compile_variant("bf16", True, True, has_mult=True, head_dim=64, split=True)
-    # ... and at head dim 128 with 16-bit values, half the registers of fp32 ones (NOTES.md 71).
+    # ... and at head dim 128 with 16-bit values, half the registers of fp32 ones (NOTES.md 71),
+    # which keep whole tiles there: their split variant is compiled to compare.
     results["bf16-split-mult16"] = compile_variant("bf16", False, False, has_mult=True, split=True, m_dtype="bf16")
+    results["bf16-split-mult32"] = compile_variant("bf16", False, False, has_mult=True, split=True)
     # Zeroed counters for the pair statistics' pass (HeadRouter's branch pairs), whole tiles and split.
     results["bf16-zero"] = compile_variant("bf16", False, False, zero=True)
     results["bf16-split-zero"] = compile_variant("bf16", False, False, split=True, zero=True)

@@ -121,6 +121,8 @@ def test_block_multiplier_pieces_compile_without_spills(compiled_variants, varia
     if variant == "bf16-d64-split-mult":  # fp32 values: two a thread, one 8-byte vector load
         assert info["global_loads_vector"] > 0
     assert info["spills"] <= compiled_variants["bf16-split"]["spills"]
+    if variant == "bf16-split-mult16":  # why fp32 values keep whole tiles at 128 (3.6: 38 against 0)
+        assert compiled_variants["bf16-split-mult32"]["spills"] > info["spills"]
 
 
 @needs_gluon

@@ -258,9 +258,31 @@ def test_a_forced_split_launches_pieces_then_the_join(monkeypatch, extras):
 
 
 @pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("m_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_block_multiplier_splits_by_head_dim_and_value_dtype(monkeypatch, head_dim, m_dtype):
+    """A block multiplier call takes a forced plan at head dim 64 with any values, and at 128
+    only with fp16/bf16 values: wider ones spill registers there (NOTES.md 50, 69, 71)."""
+    attn, join = _Recorder(), _Recorder()
+    monkeypatch.setattr(hopper_fwd, "_ATTN_HOPPER", attn)
+    monkeypatch.setattr(hopper_fwd, "_COMBINE", join)
+    b, h, n = 2, 3, 300
+    q = torch.randn(b, h, n, head_dim, dtype=torch.bfloat16)
+    mult = MultiplierArgs.of(BlockMultiplier(torch.rand(b, 150, 40).to(m_dtype), query_start=50, key_start=0))
+    hopper_fwd.hopper_attention(q, q, q, torch.empty_like(q), layout="bhnd", scale=0.1, split=(5, 3),
+                                multiplier=mult)
+    splits = head_dim == 64 or m_dtype in (torch.float16, torch.bfloat16)
+    (grid, _, kwargs), = attn.calls
+    assert kwargs["SPLIT"] is splits and kwargs["HAS_MULT"] is True
+    assert len(join.calls) == splits
+    if not splits:
+        assert grid == (3, b * h)
+
+
+@pytest.mark.skipif(not hopper_fwd.AVAILABLE, reason="this Triton has no Gluon warp_specialize")
 def test_no_split_keeps_the_two_axis_grid_and_tile_extras_never_split(monkeypatch):
-    """Tags (per-tile visit lists) and a block multiplier keep whole tiles, whatever the
-    split asked for."""
+    """Tags (per-tile visit lists) and, at head dim 128, a block multiplier of fp32 values
+    keep whole tiles, whatever the split asked for."""
     attn, join = _Recorder(), _Recorder()
     monkeypatch.setattr(hopper_fwd, "_ATTN_HOPPER", attn)
     monkeypatch.setattr(hopper_fwd, "_COMBINE", join)

@@ -152,9 +152,9 @@ class HeadRouterPolicy(RunScopedPolicy):
         if config is not None and not isinstance(config, HeadRouterConfig):
             raise TypeError(f"HeadRouterPolicy: config must be a HeadRouterConfig or None, got {type(config).__name__}")
         self.config = config or HeadRouterConfig()
-        # A^{ZP} of the edit rows, the batch size it came with, the step that made it and the
-        # call's dtype, per (block kind, block, forward of the step)
-        self._maps: Dict[Tuple[str, int, int], Tuple[torch.Tensor, int, Optional[int], torch.dtype]] = {}
+        # A^{ZP} of the edit rows, the batch size it came with and the step that made it, per
+        # (block kind, block, forward of the step)
+        self._maps: Dict[Tuple[str, int, int], Tuple[torch.Tensor, int, Optional[int]]] = {}
         # per block: (step, forwards seen at that step, the step before it at this block)
         self._forwards: Dict[Tuple[str, int], Tuple[Optional[int], int, Optional[int]]] = {}
         self.last_router_weights: Dict[Tuple[str, int], torch.Tensor] = {}  # [P, H] of the latest call per block
@@ -204,17 +204,18 @@ class HeadRouterPolicy(RunScopedPolicy):
         stored = self._maps.get(key)
         if stored is None or self.config.dtr_image != "paper":
             return None
-        prev, batch, made_at, dtype = stored
+        prev, batch, made_at = stored
         if made_at != self._forwards[key[:2]][2]:
             return None  # not the step before this one (that step had fewer forwards): no map yet
         w = dtr_weights(prev, self.config.alpha, self.config.upsilon)  # [P, 1 or H, N_img, N_txt]
         if self.config.dtr_heads == "mean":
             w = w[:, 0]
-        # In the call's dtype: P * M is rounded to it for P @ V anyway, and 16-bit values halve
-        # M's registers, which lets the Hopper kernel split the last wave at head dim 128
-        # (bench/NOTES.md 71: Flux 1024² 1.087x -> 1.070x of plain, Flux-edit 1.074x -> 1.034x).
-        values = torch.ones((batch,) + tuple(w.shape[1:]), dtype=dtype, device=w.device)
-        values[list(self.config.edit_rows)] = w.to(dtype)
+        # float32 whatever the call's dtype: over thousands of image tokens the softmax keeps w
+        # within ~0.1% of alpha / 2, a variation that bf16 rounds away entirely (every weight
+        # becomes alpha / 2) and fp16 to one or two steps. Rounding M is a fixed bias per key,
+        # not noise that P @ V averages out (bench/NOTES.md 71; 16-bit values would be faster).
+        values = torch.ones((batch,) + tuple(w.shape[1:]), dtype=torch.float32, device=w.device)
+        values[list(self.config.edit_rows)] = w
         return BlockMultiplier(values, query_start=site.image[0], key_start=site.text[0])
 
     def request(self, site):
@@ -238,7 +239,7 @@ class HeadRouterPolicy(RunScopedPolicy):
         dtr = self._dtr_here(site) and bool(result.probes)
         if dtr and cfg.dtr_image == "paper":  # the next step's multiplier at this block and forward
             self._maps[self._current_key(site)] = (result.probes[0][list(cfg.edit_rows)].float(), out.shape[0],
-                                                   site.step, out.dtype)
+                                                   site.step)
         new = None
         if cfg.route and result.pair_stats is not None:
             w = router_weights(result.pair_stats, cfg.gamma, cfg.delta)  # [P, H]
