@@ -212,7 +212,7 @@ KERNEL_OPTIONS = {
     # The Hopper kernel's last-wave key split (kernels/tail_split.py): False turns it off; the
     # two counts force a plan (both or neither): split the last tiles into pieces. Calls that
     # do not run the Hopper kernel, or carry tags, or at head dim 128 a block multiplier of
-    # values wider than 16 bits, never split.
+    # values other than fp16/bf16, never split.
     "tail_split": _FLAG, "tail_split_tiles": ("an int in [0, 2**31)", _int_in(0, 2**31 - 1)),
     "tail_split_pieces": ("an int in [2, 64]", _int_in(2, 64)),
 }
