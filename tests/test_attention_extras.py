@@ -6,7 +6,7 @@ import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.reference import attention_probs, attention_reference
 from iidkern.kernels import launch
-from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_tags
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_tags, rel_err
 
 OPTS = {"poison": True}
 B, H, NQ, NK, D = 2, 3, 45, 38, 32
@@ -111,6 +111,23 @@ def test_block_multiplier(per_head, dtype):
     m[:, :, 20:37, 9:20] = vals
     want = ((m * probs) @ v.transpose(1, 2).double()).transpose(1, 2)
     assert_close_rel(out, want, OUT_TOL[dtype])
+
+
+@pytest.mark.parametrize("m_dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_multiplier_values_of_any_float_dtype(m_dtype, dtype):
+    """The kernel reads the multiplier's values in their own dtype (no copy to float32): 16-bit
+    values (which let the Hopper kernel split a head-dim-128 call's last wave, bench/NOTES.md
+    71) and float64 ones give the reference's output for the same values."""
+    g = torch.Generator().manual_seed(37)
+    q, k, v = make_qkv(B, H, NQ, NK, D, dtype=dtype, layout="bhnd", generator=g)
+    values = (0.25 + 3 * torch.rand(B, 23, 13, generator=g)).to(m_dtype)
+    mult = BlockMultiplier(values, query_start=7, key_start=20)
+    out = iidkern.attention(q, k, v, block_multiplier=mult, backend="triton", kernel_options=OPTS)
+    want = attention_reference(q, k, v, layout="bhnd", block_multiplier=mult, compute_dtype=torch.float64).out
+    assert_close_rel(out, want, OUT_TOL[dtype])
+    plain = attention_reference(q, k, v, layout="bhnd", compute_dtype=torch.float64).out
+    assert rel_err(plain, want) > 5 * OUT_TOL[dtype]  # the values did act
 
 
 # Sub-block placements against 16x16 interpreter tiles (NQ=45, NK=70): at the first key,
