@@ -183,6 +183,9 @@ def test_broken_files_and_configs_are_named(flux_state, tmp_path):
         FluxConfig.from_dict({"_class_name": "SD3Transformer2DModel", "num_layers": 1})
     with pytest.raises(ValueError, match="SD3Config: the config is of a 'AutoencoderKL'"):
         SD3Config.from_dict({"_class_name": "AutoencoderKL"})
+    for config_class in (FluxConfig, SD3Config):  # a JSON array, not an object
+        with pytest.raises(ValueError, match=f"{config_class.__name__}: a model config must be a JSON object"):
+            config_class.from_dict([["num_layers", 1]])
     with pytest.raises(ValueError, match="FluxConfig: a config field has the wrong type"):
         FluxConfig.from_dict({**FluxConfig.tiny().to_dict(), "axes_dims_rope": None})
     assert FluxConfig.from_dict({**FluxConfig.tiny().to_dict(), "_class_name": "FluxTransformer2DModel"}) == \

@@ -101,9 +101,8 @@ class SD3Config:
     def from_dict(cls, config: dict) -> "SD3Config":
         """From a diffusers config dict (other keys are ignored). Another model's config
         (``_class_name``) or a field of the wrong type is a ValueError naming it."""
-        config = dict(config)
-        if isinstance(config.get("dual_attention_layers"), list):
-            config["dual_attention_layers"] = tuple(config["dual_attention_layers"])
+        if isinstance(config, dict) and isinstance(config.get("dual_attention_layers"), list):
+            config = {**config, "dual_attention_layers": tuple(config["dual_attention_layers"])}
         return config_from_dict(cls, config, ("SD3Transformer2DModel",))
 
     @classmethod
