@@ -725,8 +725,8 @@ def hopper_attention(q, k, v, out, *, layout: str, scale: float, head_weights=No
 
     ``split``: the last wave's key split (``tail_split``; calls without tags, and at head dim 128
     without a multiplier or with fp16/bf16 multiplier values): "auto", False, or a forced
-    ``(n_split, pieces)`` (see :func:`split_plan_for`); "auto" takes at most ``LIGHT_SPLIT_PIECES`` pieces a tile where a
-    plain call of the shape would not come here.
+    ``(n_split, pieces)`` (see :func:`split_plan_for`); "auto" takes at most
+    ``LIGHT_SPLIT_PIECES`` pieces a tile where a plain call of the shape would not come here.
     ``zero_counters``: a contiguous int32 tensor that the kernel sets to zero, for a pass
     launched after it on the same stream (the pair statistics' tickets).
     """

@@ -69,6 +69,9 @@ def _fp32_product_precision(dtype: torch.dtype) -> str:
 # path uses plain integer helpers (tiles.cdiv / pow2_at_least) and caches what does not change.
 _DUMMIES = {}
 _UNIT_SCALES = {}  # per device: ones for the key-group columns of a probe without key normalization
+# A fused key-group probe's ``normalize``: the kernel's epilogue divides by the key groups'
+# sizes (KeyGroupArgs.column_scale) where it names keys; this is what is left to do after it.
+_NORMALIZE_AFTER_KERNEL = {"keys": None, "both": "queries"}
 
 
 def placeholders() -> tuple:
@@ -210,8 +213,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
             del key_groups  # free the raw sums (unless they are the result) before the probe pass
             folded = _fold_query_groups(kgo, p.queries, kg_q0, n_q)
             del kgo
-            # the kernel divided by the key groups' sizes (KeyGroupArgs.column_scale)
-            rest = {"keys": None, "both": "queries"}.get(p.normalize, p.normalize)
+            rest = _NORMALIZE_AFTER_KERNEL.get(p.normalize, p.normalize)
             results.append(normalize_groups(reduce_heads(folded, p.heads), p.queries, p.keys, rest, n_q, n_k))
             del folded
         elif isinstance(p, Probe):
@@ -249,7 +251,7 @@ def _key_group_args(probe: Probe, batch: int, heads: int, n_k: int, device, allo
     q0, q1 = probe.queries.start, probe.queries.stop
     sums = alloc((batch, heads, q1 - q0, n_groups), dtype=torch.float32, device=device)
     # the kernel divides by the groups' sizes (the rest of the normalization follows it)
-    scale = probe.keys.inverse_sizes(batch, n_k, device) if probe.normalize in ("keys", "both") \
+    scale = probe.keys.inverse_sizes(batch, n_k, device) if probe.normalize in _NORMALIZE_AFTER_KERNEL \
         else _unit_column_scale(device)
     scale_stride = scale.stride(0) if scale.shape[0] > 1 else 0  # one row: shared by the batch
     return KeyGroupArgs(ids, ids_stride, q0, q1, k0, k1, n_groups, sums, scale, scale_stride)
