@@ -107,9 +107,12 @@ def _check_edit_args(parser, args):
         parser.error(f"--model: directory not found: {args.model!r} (a local Flux pipeline folder, or 'tiny')")
 
 
+MAX_STEPS = 10_000  # iidkern.edit.pipeline.MAX_STEPS (not imported: --help stays free of torch)
+
+
 def _check_run_args(parser, args):
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if not 1 <= args.steps <= MAX_STEPS:
+        parser.error(f"--steps must be in [1, {MAX_STEPS}], got {args.steps}")
     if args.size < 0 or 0 < args.size < 32:
         parser.error(f"--size must be 0 (keep) or >= 32, got {args.size}")
     if args.device is not None:
@@ -119,7 +122,7 @@ def _check_run_args(parser, args):
             device = torch.device(args.device)
         except RuntimeError:
             device = None
-        if device is None or device.type not in ("cuda", "cpu"):
+        if device is None or device.type not in ("cuda", "cpu") or (device.type == "cpu" and device.index):
             parser.error(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: CUDA is not available on this machine")

@@ -361,7 +361,7 @@ def as_real(x) -> Optional[float]:
         return float(x)
     except OverflowError:
         return math.inf if x > 0 else -math.inf
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a meta tensor has no value
         return None
 
 

@@ -136,6 +136,8 @@ def _check_probe_heads(heads, b, h, device, where):
 
 
 def check_probes(probes, b, h, nq, nk, device):
+    if probes is None:  # as the default, ()
+        return ()
     if isinstance(probes, (Probe, ValueProbe)):
         probes = (probes,)
     if not isinstance(probes, (tuple, list)):
@@ -230,7 +232,17 @@ def check_scale(scale, head_dim: int) -> float:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r} ({type(scale).__name__})")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {value!r}")
+    # The kernels fold log2(e) into the scale in float32: a product that underflows to 0 turns
+    # masked scores (-inf * 0) into NaN, one that overflows makes every score inf.
+    if not _FP32_NORMAL_MIN <= value * _LOG2E <= _FP32_MAX:
+        raise ValueError(f"scale must make scale * log2(e) a normal float32 number, i.e. lie in "
+                         f"[{_FP32_NORMAL_MIN / _LOG2E:.3g}, {_FP32_MAX / _LOG2E:.3g}], got {value!r}")
     return value
+
+
+_LOG2E = 1.4426950408889634
+_FP32_NORMAL_MIN = 2.0 ** -126  # GPUs flush float32 subnormals to zero
+_FP32_MAX = 3.4028234663852886e38
 
 
 def check_kernel_options(options) -> Optional[dict]:

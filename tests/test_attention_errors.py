@@ -311,6 +311,28 @@ def test_scale_computed_by_numpy_or_torch_is_a_scale():
     for scale in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float16)):
         torch.testing.assert_close(iidkern.attention(q, k, v, scale=scale, backend="triton"), want)
     for scale in (torch.tensor([0.5, 0.5]), np.bool_(True), 1j, np.float32(-0.5), torch.tensor(float("inf")),
-                  np.array("0.5"), np.datetime64("2020"), 10 ** 400, torch.tensor(True)):
+                  np.array("0.5"), np.datetime64("2020"), 10 ** 400, torch.tensor(True),
+                  torch.tensor(0.5, device="meta")):  # a meta tensor has no value (it raised a RuntimeError)
         with pytest.raises(ValueError, match="scale must be a positive finite number or None"):
             iidkern.attention(q, k, v, scale=scale, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_scales_the_kernels_cannot_hold_are_refused(backend):
+    """The kernels multiply the scale by log2(e) in float32: 1e-300 became 0 there, and 0 times a
+    masked score (-inf) made NaN rows (a ragged last key tile, or tags); 3e38 became inf. Such
+    scales are a ValueError naming the range; its ends still give finite outputs."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 1, 20, 16, generator=g) for _ in range(3))  # 20 keys: a ragged tile
+    for scale in (1e-300, 5e-39, 3e38, 1e300):
+        with pytest.raises(ValueError, match=r"scale \* log2\(e\) a normal float32 number.*\[8.15e-39, 2.36e\+38\]"):
+            iidkern.attention(q, k, v, scale=scale, backend=backend)
+    out = iidkern.attention(q, k, v, scale=1e-38, backend=backend)  # near-uniform attention
+    torch.testing.assert_close(out, v.mean(2, keepdim=True).expand_as(v), rtol=1e-4, atol=1e-5)
+
+
+def test_probes_none_is_no_probes():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=g) for _ in range(3))
+    res = iidkern.attention(q, k, v, probes=None, return_lse=True, backend="triton")
+    assert res.probes == () and torch.equal(res.out, iidkern.attention(q, k, v, backend="triton"))

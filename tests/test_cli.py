@@ -81,6 +81,8 @@ def test_edit_writes_pngs(tmp_path, input_png, method):
     (["edit", "--image", "{input}", "--instruction", "x", "--out", "{input}"], "is a file, not a directory"),
     (["edit", "--image", "{input}", "--instruction", "x", "--out", ""], "--out must name a directory"),
     (["edit", "--image", "{input}", "--instruction", "x", "--seed", str(2**70)], "--seed must be in [-2**63, 2**64)"),
+    (["demo", "--steps", str(10**20)], "--steps must be in [1, 10000], got 100000000000000000000"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--device", "cpu:5"], "--device must be cuda, cuda:N or cpu"),
 ])
 def test_bad_arguments_exit_2_with_a_message(input_png, args, message):
     res = run_cli(*[a.replace("{input}", input_png) for a in args], timeout=60)
@@ -114,6 +116,12 @@ def test_layout_with_headrouter_is_refused(input_png):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message only shows without CUDA")
+def test_the_cli_bounds_steps_as_the_pipelines_do():
+    from iidkern import cli
+    from iidkern.edit import pipeline
+    assert cli.MAX_STEPS == pipeline.MAX_STEPS
+
+
 def test_bench_on_cpu_says_it_needs_a_gpu():
     res = run_cli("bench", timeout=60)
     assert res.returncode == 1 and "GPU" in res.stderr

@@ -201,6 +201,9 @@ def test_config_errors():
         HeadRouterConfig(pairs=((1, 1),))
     with pytest.raises(ValueError, match="keep"):
         TextResidual(keep=1.5)
+    for alpha in (0.0, -1.0):  # DTR's weights alpha * sigmoid(.) multiply probabilities
+        with pytest.raises(ValueError, match=f"HeadRouterConfig: alpha must be > 0, got {alpha}"):
+            HeadRouterConfig(alpha=alpha)
 
 
 @pytest.mark.parametrize("build,exc,words", [

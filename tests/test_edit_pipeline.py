@@ -82,12 +82,30 @@ def test_iid_rejects_bad_input(concat_model, picture):
         iid_edit(concat_model, torch.rand(1, 3, 40, 40) * 2 - 1, INSTRUCTIONS)
     with pytest.raises(ValueError, match="headrouter"):
         iid_edit(EditModel.tiny("t2i", device="cpu"), picture, INSTRUCTIONS)
+    # pictures outside the [-1, 1] contract: 0..255 bytes, a [0, 255] float picture, NaN
+    with pytest.raises(TypeError, match=r"image must be a floating-point tensor in \[-1, 1\], got torch.uint8"):
+        iid_edit(concat_model, ((picture + 1) * 127.5).to(torch.uint8), INSTRUCTIONS)
+    with pytest.raises(ValueError, match=r"image must hold values in \[-1, 1\], got values in"):
+        iid_edit(concat_model, (picture + 1) * 127.5, INSTRUCTIONS)
+    with pytest.raises(ValueError, match=r"image must hold values in \[-1, 1\], got values in \[nan"):
+        iid_edit(concat_model, torch.full_like(picture, float("nan")), INSTRUCTIONS)
+    with pytest.raises(TypeError, match="instructions must be a sequence of names, got None"):
+        iid_edit(concat_model, picture, None)
+    with pytest.raises(TypeError, match=r"instructions must be a sequence of names, e.g. \('make it red',\)"):
+        iid_edit(concat_model, picture, "make it red")
+    with pytest.raises(ValueError, match=r"num_steps must be <= 10000, got 100000000000000000000"):
+        iid_edit(concat_model, picture, INSTRUCTIONS, num_steps=10 ** 20)
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\), got 2361183241434822606848"):
+        iid_edit(concat_model, picture, INSTRUCTIONS, seed=2 ** 71)
 
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(map_layer=4), r"map_layer 4 is out of range .* 4 attention layers"),  # tiny: 2 double + 2 single
     (dict(map_layer=-5), r"map_layer -5 is out of range"),
     (dict(map_step=3), r"map_step must be in \[0, num_steps=3\), got 3"),
+    # two instructions: rows 0, 1 (their branches) and 2 (combined)
+    (dict(map_row=5), r"map_row must index this run's batch of 3 rows .* \[-3, 3\), got 5"),
+    (dict(map_row=-4), r"map_row must index this run's batch of 3 rows .* got -4"),
 ])
 def test_iid_checks_the_config_against_the_run_before_sampling(concat_model, picture, monkeypatch, kwargs, message):
     import iidkern.edit.pipeline as pipeline
@@ -183,6 +201,10 @@ def test_headrouter_pipeline(t2i_model, picture):
     assert r.image.shape == picture.shape and r.extra["reconstruction"].shape == picture.shape
     assert r.mask_labels == ["red", "castle"] and r.masks.shape == (2, 16)
     assert not torch.allclose(r.image, r.extra["reconstruction"], atol=1e-3)
+    # key_words in any case: the prompt's words are compared lowercased ("Castle" was "no word")
+    named = headrouter_edit(t2i_model, picture, "a white house on a hill", "a red castle on a hill", num_steps=2,
+                            key_words=["Castle"], progress=False)
+    assert named.mask_labels == ["castle"] and named.masks.shape == (1, 16)
     # Routing, DTR and the text residual off, same prompt in both rows: the branches coincide.
     plain = HeadRouterConfig(route=False, dtr_image="off", dtr_text=False)
     same = headrouter_edit(t2i_model, picture, "a house", "a house", num_steps=3, config=plain, progress=False)

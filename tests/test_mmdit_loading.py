@@ -186,8 +186,23 @@ def test_broken_files_and_configs_are_named(flux_state, tmp_path):
     for config_class in (FluxConfig, SD3Config):  # a JSON array, not an object
         with pytest.raises(ValueError, match=f"{config_class.__name__}: a model config must be a JSON object"):
             config_class.from_dict([["num_layers", 1]])
-    with pytest.raises(ValueError, match="FluxConfig: a config field has the wrong type"):
-        FluxConfig.from_dict({**FluxConfig.tiny().to_dict(), "axes_dims_rope": None})
+    # Values of the wrong JSON type are refused by field name, not left to crash in the model
+    # (2.0 layers reached range(), "true" passed as truthy, null heads a bare TypeError).
+    tiny_flux, tiny_sd3 = FluxConfig.tiny().to_dict(), SD3Config.tiny().to_dict()
+    for config_class, base, field, value, expected in [
+            (FluxConfig, tiny_flux, "axes_dims_rope", None, "a list of 3 non-negative integers"),
+            (FluxConfig, tiny_flux, "axes_dims_rope", [2, 2.0, 4], "a list of 3 non-negative integers"),
+            (FluxConfig, tiny_flux, "num_layers", 2.0, "a non-negative integer"),
+            (FluxConfig, tiny_flux, "num_layers", "2", "a non-negative integer"),
+            (FluxConfig, tiny_flux, "num_single_layers", -1, "a non-negative integer"),
+            (FluxConfig, tiny_flux, "num_attention_heads", None, "a non-negative integer"),
+            (FluxConfig, tiny_flux, "guidance_embeds", "true", "a boolean"),
+            (FluxConfig, tiny_flux, "out_channels", True, "a non-negative integer or null"),
+            (SD3Config, tiny_sd3, "dual_attention_layers", ["0"], "a list of non-negative integers"),
+            (SD3Config, tiny_sd3, "qk_norm", 3, "a string or null")]:
+        with pytest.raises(ValueError, match=f"{config_class.__name__}: config field '{field}' must be {expected}"):
+            config_class.from_dict({**base, field: value})
+    assert FluxConfig.from_dict({**tiny_flux, "out_channels": None, "unknown_field": 2.5}) == FluxConfig.tiny()
     assert FluxConfig.from_dict({**FluxConfig.tiny().to_dict(), "_class_name": "FluxTransformer2DModel"}) == \
         FluxConfig.tiny()
     folder = tmp_path / "cfg"

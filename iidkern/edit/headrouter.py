@@ -92,6 +92,8 @@ class HeadRouterConfig:
         self._check_pairs()
         if not 0.0 <= self.dtr_text_keep <= 1.0:
             raise ValueError(f"HeadRouterConfig: dtr_text_keep must be in [0, 1], got {self.dtr_text_keep}")
+        if self.alpha <= 0.0:  # DTR's weights alpha * sigmoid(.) multiply attention probabilities
+            raise ValueError(f"HeadRouterConfig: alpha must be > 0, got {self.alpha}")
 
     def _check_pairs(self):
         if not self.pairs or any(a == b for a, b in self.pairs):

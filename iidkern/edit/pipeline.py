@@ -23,6 +23,7 @@ controller on ``[start, stop)``.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -121,8 +122,17 @@ def _source_kwargs(model: EditModel, source_latents: torch.Tensor) -> dict:
                      f"{model.layout!r} (a text-to-image model edits through --method headrouter)")
 
 
+MAX_STEPS = 10_000  # far past any sampler's schedule; a bound, so a typo is an error, not an allocation
+
+
 def _check_run(num_steps, seed) -> Tuple[int, int]:
-    return checks.integer(num_steps, "num_steps", minimum=1), checks.integer(seed, "seed")
+    num_steps = checks.integer(num_steps, "num_steps", minimum=1)
+    if num_steps > MAX_STEPS:
+        raise ValueError(f"num_steps must be <= {MAX_STEPS}, got {num_steps}")
+    seed = checks.integer(seed, "seed")
+    if not -2 ** 63 <= seed < 2 ** 64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
+    return num_steps, seed
 
 
 def _check_config(config, kind, name: str = "config"):
@@ -141,6 +151,14 @@ def _check_image(image: torch.Tensor, factor: int):
                          f"{getattr(image, 'shape', type(image).__name__)}")
     if image.shape[2] % (2 * factor) or image.shape[3] % (2 * factor):
         raise ValueError(f"image height and width must be multiples of {2 * factor}, got {tuple(image.shape[2:])}")
+    if not image.is_floating_point():
+        raise TypeError(f"image must be a floating-point tensor in [-1, 1], got {image.dtype} (a uint8 picture "
+                        "in [0, 255] is x / 127.5 - 1)")
+    if image.numel():
+        lo, hi = image.min().item(), image.max().item()
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+            raise ValueError(f"image must hold values in [-1, 1], got values in [{lo}, {hi}] (a [0, 1] picture "
+                             "is 2 * x - 1)")
 
 
 def _encode_source(model: EditModel, image: torch.Tensor, num_steps: int):
@@ -165,14 +183,16 @@ def iid_edit(model: EditModel, image: torch.Tensor, instructions: Sequence[str],
     """Apply ``instructions`` to ``image`` with IID or a baseline (see the module doc)."""
     if method not in IID_METHODS:
         raise ValueError(f"method must be one of {IID_METHODS}, got {method!r}")
-    instructions = [s for s in instructions]
-    if not instructions or any(not isinstance(s, str) or not s.strip() for s in instructions):
+    if instructions is None:
+        raise TypeError("instructions must be a sequence of names, got None")
+    instructions = list(checks.names(instructions, "instructions"))
+    if not instructions or any(not s.strip() for s in instructions):
         raise ValueError(f"instructions must be a non-empty list of non-empty strings, got {instructions!r}")
     _check_image(image, model.factor)
     num_steps, seed = _check_run(num_steps, seed)
     config = _check_config(config, IIDConfig)
     if method == "iid":
-        _check_iid_config(model, config, num_steps)  # before encoding anything
+        _check_iid_config(model, config, num_steps, len(instructions) + 1)  # before encoding anything
     device = model.device
     clock = _Clock(device)
     with clock.phase("encode"):
@@ -204,13 +224,17 @@ def iid_edit(model: EditModel, image: torch.Tensor, instructions: Sequence[str],
     return result
 
 
-def _check_iid_config(model: EditModel, config: IIDConfig, num_steps: int) -> int:
-    """S, after checking S and the map layers against this run: a wrong one would otherwise
-    show only as "no maps captured" after sampling up to S."""
+def _check_iid_config(model: EditModel, config: IIDConfig, num_steps: int, batch: int) -> int:
+    """S, after checking S, the map layers and the map row against this run (``batch`` rows:
+    one per instruction's branch, then the combined one): a wrong one would otherwise show
+    only after sampling up to S, as "no maps captured" or an IndexError."""
     s = config.resolved_map_step(num_steps)
     if not 0 <= s < num_steps:
         raise ValueError(f"IIDConfig: map_step must be in [0, num_steps={num_steps}), got {s}")
     config.map_layers(model.transformer.num_attention_layers)  # raises on a layer the model lacks
+    if not -batch <= config.map_row < batch:
+        raise ValueError(f"IIDConfig: map_row must index this run's batch of {batch} rows (one per instruction, "
+                         f"then the combined branch), i.e. lie in [{-batch}, {batch}), got {config.map_row}")
     return s
 
 
@@ -220,7 +244,7 @@ def _iid_run(model, text, ranges, instructions, noise, sigmas, src, grid, config
     n = len(instructions)
     device = model.device
     num_steps = len(sigmas) - 1
-    s = _check_iid_config(model, config, num_steps)
+    s = _check_iid_config(model, config, num_steps, n + 1)
     pooled = torch.cat([model.text.pooled(p).to(device) for p in instructions] + [text.pooled])
     branches = PromptEmbeddings(text.text.expand(n + 1, -1, -1), pooled)
     policy = IIDPolicy(ranges, grid, config, row_instruction=list(range(n)) + [None], device=device)
@@ -249,7 +273,7 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
                     progress: bool = True) -> EditResult:
     """HeadRouter editing of a real picture (see the module doc).
 
-    ``key_words``: target words whose key regions are returned as masks (default: the
+    ``key_words``: target words (any case) whose key regions are returned as masks (default: the
     target's words that the source lacks, else every target word); a ValueError if none of
     them is a word of the target.
     """
@@ -285,7 +309,8 @@ def headrouter_edit(model: EditModel, image: torch.Tensor, source_prompt: str, t
         words = model.text.word_ranges(target_prompt)
         source_words = {w for w, _ in model.text.word_ranges(source_prompt)}
         if key_words:
-            chosen = [wr for wr in words if wr[0] in key_words]
+            wanted = {w.lower() for w in key_words}  # word_ranges lowercases the prompt's words
+            chosen = [wr for wr in words if wr[0] in wanted]
             if not chosen:  # a misspelt word would silently give every word's regions
                 raise ValueError(f"key_words {list(key_words)} name no word of the target prompt; its words: "
                                  f"{[w for w, _ in words]}")

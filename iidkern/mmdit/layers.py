@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Optional, Tuple
 
 import torch
@@ -233,11 +234,50 @@ def config_from_dict(cls, config: dict, class_names: Tuple[str, ...]):
     found = config.get("_class_name")
     if found is not None and found not in class_names:
         raise ValueError(f"{cls.__name__}: the config is of a {found!r}, not of a {' or '.join(class_names)}")
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    for name, value in config.items():
+        expected = _json_mismatch(value, fields[name]) if name in fields else None
+        if expected is not None:  # 2.0 layers, "2" heads, null heads: refused here, by name
+            raise ValueError(f"{cls.__name__}: config field {name!r} must be {expected}, got {value!r}")
     try:
-        return cls(**{k: v for k, v in config.items() if k in names})
+        return cls(**{k: v for k, v in config.items() if k in fields})
     except TypeError as exc:  # e.g. "axes_dims_rope": null
         raise ValueError(f"{cls.__name__}: a config field has the wrong type ({exc})") from None
+
+
+def _json_mismatch(value, hint) -> Optional[str]:
+    """What a config value should have been for a field annotated ``hint``, or None when it
+    fits: ints are non-negative integers (not bools, not 2.0), bools are JSON booleans (not
+    "true"), tuples are lists of such items; other annotations are left to the dataclass."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(rest) != 1:
+            return None
+        inner = _json_mismatch(value, rest[0])
+        return None if inner is None else f"{inner} or null"
+    if hint is bool:
+        return None if isinstance(value, bool) else "a boolean (true or false)"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else \
+            "a non-negative integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        fixed = Ellipsis not in typing.get_args(hint) and len(args) > 0
+        what = f"a list of {len(args)} " if fixed else "a list of "
+        item = "non-negative integers" if args and args[0] is int else "items"
+        if not isinstance(value, (list, tuple)) or (fixed and len(value) != len(args)):
+            return what + item
+        if args and any(_json_mismatch(v, args[0]) is not None for v in value):
+            return what + item
+    return None
 
 
 def as_batch_vector(value, batch: int, name: str, device, dtype=torch.float32) -> torch.Tensor:
