@@ -108,7 +108,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
         q, k, v: ``[B, H, N, D]`` (``layout="bhnd"``) or ``[B, N, H, D]`` (``"bnhd"``,
             diffusers' layout), float16 / bfloat16 / float32, last dim contiguous; read
             through their strides, never copied. ``Nq`` may differ from ``Nk``; D <= 256.
-        scale: score scale, default ``1/sqrt(D)``.
+        scale: score scale, default ``1/sqrt(D)``; a positive real whose product with log2(e) is a
+            normal float32 number (about 8.2e-39 to 2.4e38), as the kernels compute in float32.
         tags: ``(q_tags, k_tags)`` int32/int64 bit sets of shape ``[B, Nq]``/``[B, Nk]``
             (or ``[1, N]`` / ``[N]``, shared by the batch), or a prebuilt :func:`tag_mask`. Query ``i``
             may attend key ``j`` iff ``q_tags[i] & k_tags[j] != 0``. Tiles with no allowed

@@ -222,9 +222,10 @@ KERNEL_OPTIONS = {
 
 def check_scale(scale, head_dim: int) -> float:
     """The softmax scale as a Python float: ``1 / sqrt(head_dim)`` for ``None``; any real
-    number (Python, numpy, a 0-d tensor) that is positive and finite. Anything else is a
-    ValueError naming the argument (a bool, a string, a list, a tensor of several values
-    included: one message for every wrong scale, as since the first release)."""
+    number (Python, numpy, a 0-d tensor) that is positive and finite, and whose product with
+    log2(e) is a normal float32 number (about 8.2e-39 to 2.4e38: the kernels' exp2 form).
+    Anything else is a ValueError naming the argument (a bool, a string, a list, a tensor of
+    several values, a meta tensor included: one message for every wrong scale)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     value = as_real(scale)
