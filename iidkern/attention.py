@@ -136,19 +136,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             key groups rides in the main pass; default True), ``kg_split`` /
             ``mult_split`` (the key groups / the multiplier get their own key-tile range
             instead of a per-tile test), ``kg_half_dot`` (key-group sums as two fp16
-            products instead of tf32; fp16 inputs beside a block multiplier always take
-            exact fp32 products), ``warp_specialize`` (Triton's automatic warp
+            products instead of tf32; fp16 inputs beside a block multiplier skip the fp16
+            split: their products are exact fp32 at head dim <= 64 on an sm_90 GPU, tf32
+            elsewhere), ``warp_specialize`` (Triton's automatic warp
             specialization), ``hopper`` (unset: on an H100-class GPU (sm_90), fp16/bf16
             calls at head_dim 128 (and at 64 with at least 16384 keys, or 4096 with a block
             multiplier or a fused key-group probe and no tags) with no value probes or
             tile counts run the
             warp-specialized Gluon kernel of ``iidkern/kernels/hopper_fwd.py``, which also
             skips and masks tag tiles, accumulates the fused key-group probe and applies a
-            block multiplier, except calls without extras on fewer than 1024 keys, which are
-            faster on the Triton kernel's 64 x 64 tiles; ``True`` sends those to the Gluon
-            kernel too, ``False`` keeps every call on the Triton kernel; naming a
-            main-pass option above, ``kg_split``, ``mult_split`` or ``kg_half_dot`` also
-            selects the Triton kernel), ``tail_split`` (default True: on the Gluon kernel, a
+            block multiplier, except calls without extras on up to 1024 keys that
+            ``launch.short_plain_config`` picks for the Triton kernel's small tiles (64 x 64,
+            or 64 x 32 under a register cap where that makes the grid one wave); ``True``
+            sends those to the Gluon kernel too, ``False`` keeps every call on the Triton
+            kernel; naming a main-pass option above, ``warp_specialize``, ``kg_split``,
+            ``mult_split`` or ``kg_half_dot`` also selects the Triton kernel; the Gluon
+            kernel also needs Triton >= 3.6 and 16-byte-aligned pointers and strides),
+            ``tail_split`` (default True: on the Gluon kernel, a
             grid's partial last wave runs its last query tiles as pieces over key ranges,
             joined by a small pass; calls without tags, and at head dim 128 without a block multiplier or with
             one of fp16/bf16 values), and

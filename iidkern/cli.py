@@ -3,11 +3,15 @@
 * ``iidkern edit --image in.png --instruction "..." --instruction "..." --method iid|step|combined``
 * ``iidkern edit --image in.png --source "..." --target "..." --method headrouter``
 * ``iidkern demo`` — the whole thing on an embedded tiny random model (no downloads).
-* ``iidkern bench`` — the attention timing table on the current GPU.
+* ``iidkern bench`` — a quick 3-shape attention timing table on the current GPU (iidkern plain, with
+  IID's probe and with IID's tags, against PyTorch SDPA); the full benchmark suite behind
+  ``bench/RESULTS.md`` is ``bench/gpu_run.sh`` (pytest-benchmark, in the repository).
 
-``edit`` and ``demo`` write, into ``--out``: ``edited.png``, ``source.png``, one
-``mask_<i>_<label>.png`` per mask, ``overlay.png`` (masks tinted over the source) and
-``timings.json``. Bad arguments exit with code 2 and a message saying what is wrong.
+``edit`` writes, into ``--out``: ``edited.png``, ``source.png``, one ``mask_<i>_<label>.png`` per
+mask, ``overlay.png`` (masks tinted over the source) and ``timings.json``; HeadRouter adds
+``reconstruction.png``. ``demo`` writes the same set into ``--out/<method>/`` for each method,
+with ``demo_input.png`` and ``summary.json`` at the top. Bad arguments exit with code 2 and a
+message saying what is wrong.
 """
 from __future__ import annotations
 
@@ -25,27 +29,34 @@ METHODS = ("iid", "step", "combined", "headrouter")
 
 
 # --------------------------------------------------------------------------- arguments
-def _add_run_options(p: argparse.ArgumentParser, default_steps: int, default_size: int):
+def _add_run_options(p: argparse.ArgumentParser, default_steps: int, default_size: int, size_help: str):
     p.add_argument("--out", default="iidkern_out", help="output directory (default: %(default)s)")
     p.add_argument("--steps", type=int, default=default_steps, help="denoising steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed, shared by every method (default: %(default)s)")
-    p.add_argument("--size", type=int, default=default_size,
-                   help="resize the longer side to this many pixels, rounded to a multiple of 16 (0: keep)")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--size", type=int, default=default_size, help=size_help)
+    p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                    help="iidkern attention backend (default: triton on CUDA, the reference on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+# The IID options' defaults, filled in after parsing: parsed as None, an option that was given
+# is told apart from one that was not (they belong to --method iid only).
+IID_DEFAULTS = dict(map_layer=-2, sigma=1.0, threshold="otsu", threshold_value=0.5, background="none")
+
+
 def _add_iid_options(p: argparse.ArgumentParser):
-    g = p.add_argument_group("IID")
+    g = p.add_argument_group("IID (--method iid only)")
     g.add_argument("--map-step", type=int, default=None, help="step S of the maps (default: 27/50 of the steps)")
-    g.add_argument("--map-layer", type=int, default=-2, help="attention layer of the maps (default: -2, penultimate)")
-    g.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing of the maps, in tokens (0: off)")
-    g.add_argument("--threshold", default="otsu", choices=("otsu", "fixed", "top"), help="mask threshold rule")
-    g.add_argument("--threshold-value", type=float, default=0.5, help="value of the 'fixed' / 'top' rules")
-    g.add_argument("--background", default="none", choices=("none", "all"),
-                   help="what image tokens outside every mask see after S")
+    g.add_argument("--map-layer", type=int, default=None, help="attention layer of the maps (default: -2, penultimate)")
+    g.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps, in tokens (0: off; "
+                   "default: 1)")
+    g.add_argument("--threshold", default=None, choices=("otsu", "fixed", "top"),
+                   help="mask threshold rule (default: otsu)")
+    g.add_argument("--threshold-value", type=float, default=None,
+                   help="value of the 'fixed' / 'top' rules (default: 0.5)")
+    g.add_argument("--background", default=None, choices=("none", "all"),
+                   help="what image tokens outside every mask see after S (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,14 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--layout", default=None, choices=("concat", "kontext"),
                       help="how the source enters an instruction-editing model (default: concat for a channel-concat "
                            "model, else kontext)")
-    _add_run_options(edit, default_steps=28, default_size=512)
+    _add_run_options(edit, default_steps=28, default_size=512,
+                     size_help="resize the longer side to this many pixels (>= 32), both sides then rounded down to "
+                               "a multiple of 16 (0: keep the size, still rounded down; default: %(default)s)")
     _add_iid_options(edit)
 
     demo = sub.add_parser("demo", help="run every method on an embedded tiny random model (no downloads)")
-    _add_run_options(demo, default_steps=12, default_size=128)
+    _add_run_options(demo, default_steps=12, default_size=128,
+                     size_help="side of the generated demo picture, >= 32 (0: the default, %(default)s)")
     demo.set_defaults(out="iidkern_demo")
 
-    bench = sub.add_parser("bench", help="attention timing table on the current GPU")
+    bench = sub.add_parser("bench", help="quick attention timing table on the current GPU (the full suite: "
+                           "bench/gpu_run.sh)")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions")
     return parser
 
@@ -157,9 +172,18 @@ def _check_out_dir(parser, out: str):
 
 
 def _check_iid_args(parser, args):
-    """The IID options whose range needs no model (--map-layer: :func:`_check_map_layer`)."""
+    """The IID options: given only with --method iid (the other methods would ignore them), then
+    their defaults filled in, and the ranges that need no model checked (--map-layer:
+    :func:`_check_map_layer`)."""
     from .edit.masks import sigma_problem, threshold_value_problem
 
+    given = [name for name in ("map_step", *IID_DEFAULTS) if getattr(args, name) is not None]
+    if given and args.method != "iid":
+        options = ", ".join("--" + name.replace("_", "-") for name in given)
+        parser.error(f"{options}: IID options belong to --method iid, not --method {args.method}")
+    for name, default in IID_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     problem = sigma_problem(args.sigma)
     if problem is not None:
         parser.error(f"--sigma {problem}")
@@ -338,31 +362,8 @@ def cmd_bench(parser, args) -> int:
               "(the CPU runs them only under Triton's slow interpreter). Run it on a machine with an NVIDIA GPU.",
               file=sys.stderr)
         return 1
-    table = _find_bench_table()
-    if table is not None:
-        print(f"iidkern bench: running {table.__file__}")
-        return int(table.main(["--quick"] if args.quick else []) or 0)
     _builtin_bench(quick=args.quick)
     return 0
-
-
-BENCH_CANDIDATES = ("attention_table.py", "bench_attention.py", "attention.py")
-
-
-def _find_bench_table():
-    """The repository's benchmark table script (``bench/<candidate>.py`` with a ``main(argv)``), if checked out."""
-    import importlib.util
-
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-    for name in BENCH_CANDIDATES:
-        path = os.path.join(root, name)
-        if os.path.isfile(path):
-            spec = importlib.util.spec_from_file_location(f"iidkern_bench_{name[:-3]}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            if callable(getattr(module, "main", None)):
-                return module
-    return None
 
 
 BENCH_SHAPES = (  # name, heads, text tokens, image tokens, head dim

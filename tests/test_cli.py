@@ -57,9 +57,9 @@ def test_demo_writes_every_output(tmp_path):
 def test_edit_writes_pngs(tmp_path, input_png, method):
     out = tmp_path / method
     text = (["--source", "a house on a hill", "--target", "a castle on a hill"] if method == "headrouter" else
-            ["--instruction", "make the sky red", "--instruction", "add a tree"])
+            ["--instruction", "make the sky red", "--instruction", "add a tree", "--sigma", "0.5"])
     res = run_cli("edit", "--image", input_png, *text, "--method", method, "--steps", "3", "--size", "64",
-                  "--out", str(out), "--no-progress", "--device", "cpu", "--sigma", "0.5")
+                  "--out", str(out), "--no-progress", "--device", "cpu")
     assert res.returncode == 0, res.stderr
     assert "meaningless" in res.stderr  # no --model: the embedded tiny model, said so
     for name in ("edited.png", "source.png", "overlay.png"):
@@ -82,6 +82,11 @@ def test_edit_writes_pngs(tmp_path, input_png, method):
     (["edit", "--image", "{input}", "--instruction", "x", "--out", ""], "--out must name a directory"),
     (["edit", "--image", "{input}", "--instruction", "x", "--seed", str(2**70)], "--seed must be in [-2**63, 2**64)"),
     (["demo", "--steps", str(10**20)], "--steps must be in [1, 10000], got 100000000000000000000"),
+    # IID's options with another method, which would ignore them
+    (["edit", "--image", "{input}", "--method", "headrouter", "--source", "a", "--target", "b", "--map-step", "3"],
+     "--map-step: IID options belong to --method iid, not --method headrouter"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--method", "step", "--sigma", "0", "--threshold", "top"],
+     "--sigma, --threshold: IID options belong to --method iid, not --method step"),
     (["edit", "--image", "{input}", "--instruction", "x", "--device", "cpu:5"], "--device must be cuda, cuda:N or cpu"),
 ])
 def test_bad_arguments_exit_2_with_a_message(input_png, args, message):
