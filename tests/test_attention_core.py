@@ -65,9 +65,11 @@ def test_custom_scale_and_strided_views():
 def test_kernel_tile_shapes_agree():
     g = torch.Generator().manual_seed(11)
     q, k, v = make_qkv(1, 2, 70, 90, 32, generator=g)
-    a = iidkern.attention(q, k, v, backend="triton", kernel_options={"BLOCK_M": 16, "BLOCK_N": 32})
-    b = iidkern.attention(q, k, v, backend="triton", kernel_options={"BLOCK_M": 32, "BLOCK_N": 16})
+    a = iidkern.attention(q, k, v, backend="triton", kernel_options={"BLOCK_M": 16, "BLOCK_N": 32, "poison": True})
+    b = iidkern.attention(q, k, v, backend="triton", kernel_options={"BLOCK_M": 32, "BLOCK_N": 16, "poison": True})
     assert_close_rel(a, b, 1e-5)
+    want = attention_reference(q, k, v, compute_dtype=torch.float64).out
+    assert_close_rel(a, want, OUT_TOL[torch.float32])
 
 
 def test_auto_backend_on_cpu_is_reference():
@@ -88,8 +90,10 @@ def test_reference_backend_matches_sdpa_both_layouts():
 
 def test_plain_call_returns_tensor_extras_return_result():
     q, k, v = make_qkv(1, 1, 4, 4, 16)
-    assert isinstance(iidkern.attention(q, k, v, backend="triton"), torch.Tensor)
-    res = iidkern.attention(q, k, v, backend="triton", return_lse=True)
+    out = iidkern.attention(q, k, v, backend="triton", kernel_options={"poison": True})
+    assert isinstance(out, torch.Tensor)
+    assert_close_rel(out, attention_reference(q, k, v, compute_dtype=torch.float64).out, OUT_TOL[torch.float32])
+    res = iidkern.attention(q, k, v, backend="triton", return_lse=True, kernel_options={"poison": True})
     assert isinstance(res, iidkern.AttentionResult) and res.lse.shape == (1, 1, 4)
     assert res.lse.dtype == torch.float32
     expected = torch.logsumexp((q @ k.transpose(-1, -2)) / math.sqrt(16), -1)

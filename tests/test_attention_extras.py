@@ -6,7 +6,8 @@ import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.reference import attention_probs, attention_reference
 from iidkern.kernels import launch
-from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_tags, rel_err
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups, random_tags, \
+    rel_err
 
 OPTS = {"poison": True}
 B, H, NQ, NK, D = 2, 3, 45, 38, 32
@@ -71,15 +72,23 @@ def test_grouped_probe_with_many_groups_spans_several_chunks():
     assert_close_rel(res.probes[0], ref.probes[0], 2e-5)
 
 
-def test_probe_ignores_head_weights_and_multiplier():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probe_ignores_head_weights_and_multiplier(dtype):
+    """Probes read the softmax before head weights or a multiplier touch it: a probe-pass map
+    and a fused key-group probe (whose sums the main pass takes beside P @ V), against the
+    float64 probabilities of the plain attention."""
     g = torch.Generator().manual_seed(34)
-    q, k, v = make_qkv(1, 2, 25, 25, 16, generator=g)
-    probe = Probe(TG.each(0, 25), TG.each(0, 25), heads="keep")
-    plain = iidkern.attention(q, k, v, probes=[probe], backend="triton").probes[0]
-    mult = BlockMultiplier(torch.rand(1, 10, 10, generator=g) * 3, 5, 5)
-    extra = iidkern.attention(q, k, v, probes=[probe], head_weights=torch.rand(2, generator=g) + 0.5,
-                              block_multiplier=mult, backend="triton").probes[0]
-    assert torch.allclose(plain, extra, atol=1e-6)
+    q, k, v = make_qkv(1, 2, 25, 29, 16, dtype=dtype, generator=g)
+    probes = [Probe(TG.each(0, 25), TG.each(0, 29), heads="keep"),
+              Probe(TG.each(2, 25), random_key_groups(29, (3, 20), 3, g), heads="keep", normalize="keys")]
+    plain = attention_reference(q, k, v, probes=probes, compute_dtype=torch.float64).probes
+    mult = BlockMultiplier(torch.rand(1, 10, 12, generator=g) * 3, 5, 4)
+    extra = iidkern.attention(q, k, v, probes=probes, head_weights=torch.rand(2, generator=g) + 0.5,
+                              block_multiplier=mult, backend="triton", kernel_options=OPTS)
+    for got, want in zip(extra.probes, plain):
+        assert_close_rel(got, want, PROBE_TOL[dtype])
+    # the extras did act on the output
+    assert rel_err(extra.out, attention_reference(q, k, v, compute_dtype=torch.float64).out) > 5 * OUT_TOL[dtype]
 
 
 @pytest.mark.parametrize("shape", ["h", "bh", "bhq"])
@@ -194,8 +203,15 @@ def test_everything_at_once_matches_reference():
     ref = attention_reference(q, k, v, pair_stats=torch.tensor([[0, 1]]), **{k_: v_ for k_, v_ in kw.items()
                                                                                if k_ != "pair_stats"})
     assert_close_rel(res.out, ref.out, OUT_TOL[torch.float16])
+    assert_lse_equal(res.lse, ref.lse, 1e-3)
     for got, want in zip(res.probes, ref.probes):
         assert_close_rel(got, want, PROBE_TOL[torch.float16])
+    # the statistics of the output the call returned (fp16: the reference's own output differs
+    # by its rounding, so it is the returned one that the sums must match closely)
+    o = res.out.double().transpose(1, 2)  # [B, H, N, D]
+    torch.testing.assert_close(res.pair_stats.dot[0].double(), (o[0] * o[1]).sum((1, 2)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.pair_stats.norm0_sq[0].double(), (o[0] ** 2).sum((1, 2)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.pair_stats.norm1_sq[0].double(), (o[1] ** 2).sum((1, 2)), rtol=1e-5, atol=1e-6)
     assert torch.allclose(res.pair_stats.dot, ref.pair_stats.dot, rtol=1e-2)
 
 

@@ -12,7 +12,7 @@ import torch
 
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
-from iidkern.kernels import launch
+from iidkern.kernels import fast_launch, launch
 from iidkern.kernels.kernel_args import scales_p_for_key_groups
 from iidkern.reference import attention_reference
 from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, make_qkv, random_key_groups, random_tags, \
@@ -140,29 +140,56 @@ def test_only_the_first_eligible_probe_is_fused_and_the_rest_run_as_before(probe
         assert_close_rel(got, want, PROBE_TOL[torch.float32], what=f"probe {i}")
 
 
-def test_fusion_can_be_turned_off_with_the_same_result():
+def test_fusion_can_be_turned_off_with_the_same_result(probe_pass_calls):
+    """``fuse_key_groups=False`` moves the probe to the probe pass (the option is obeyed, not
+    just harmless), and both routes give the reference's map."""
     g = torch.Generator().manual_seed(66)
     q, k, v = make_qkv(2, 2, 33, 35, 16, generator=g)
     probe = Probe(TG.each(1, 33), random_key_groups(35, (2, 20), 3, g), heads="mean", normalize="keys")
+    want = attention_reference(q, k, v, probes=[probe], compute_dtype=torch.float64).probes[0]
     fused = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options=OPTS).probes[0]
+    assert probe_pass_calls == []  # it rode in the main pass
     second = iidkern.attention(q, k, v, probes=[probe], backend="triton",
                                kernel_options={**OPTS, "fuse_key_groups": False}).probes[0]
+    assert probe_pass_calls == [probe]  # and now in the probe pass
+    assert_close_rel(fused, want, PROBE_TOL[torch.float32])
+    assert_close_rel(second, want, PROBE_TOL[torch.float32])
     assert_close_rel(fused, second, 1e-5)
+
+
+@pytest.mark.parametrize("option,flag", [("kg_split", "KG_SPLIT"), ("mult_split", "MULT_SPLIT")])
+def test_split_options_reach_the_launch(option, flag):
+    """``kg_split`` / ``mult_split`` give the same results either way, so only the launch can
+    show that they are obeyed: its constexpr follows the option."""
+    g = torch.Generator().manual_seed(68)
+    q, k, v = make_qkv(1, 2, 40, 50, 16, generator=g)
+    probe = Probe(TG.each(0, 40), random_key_groups(50, (5, 30), 3, g), heads="keep")
+    mult = BlockMultiplier(torch.rand(1, 20, 10, generator=g) * 2, query_start=3, key_start=7)
+    for value in (True, False):
+        with fast_launch.recording() as launches:
+            iidkern.attention(q, k, v, probes=[probe], block_multiplier=mult, backend="triton",
+                              kernel_options={**OPTS, option: value})
+        assert launches[0][3][flag] is value
 
 
 @pytest.mark.parametrize("options", [{"kg_half_dot": False, "kg_split": True}, {"kg_half_dot": False, "kg_split": False},
                                      {"kg_half_dot": True, "kg_split": True}, {"kg_half_dot": True, "kg_split": False}])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_probe_kernel_variants(no_probe_pass, options, dtype):
     # fp16 or fp32/tf32 products for the group sums, and the key-range split or a per-tile
     # test, compute the same map (the defaults depend on the head dim: pin each one here).
+    # (fp32 inputs always take fp32 products: kg_half_dot applies to 16-bit inputs.)
     g = torch.Generator().manual_seed(67)
     q, k, v = make_qkv(2, 2, 41, 57, 32, dtype=dtype, generator=g)
     probe = Probe(TG.each(0, 41), random_key_groups(57, (9, 40), 3, g), heads="keep", normalize="keys")
     res = iidkern.attention(q, k, v, probes=[probe], backend="triton", kernel_options={**OPTS, **options})
-    ref = attention_reference(q, k, v, probes=[probe])
+    ref = attention_reference(q, k, v, probes=[probe], compute_dtype=torch.float64)
     assert_close_rel(res.out, ref.out, OUT_TOL[dtype])
     assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[dtype])
+    # Per element, the sums keep fp32-level precision (the interpreter measures ~5e-7): the
+    # fp16 split's low half matters, one fp16 product alone would be ~5e-4 off.
+    got, want = res.probes[0].double(), ref.probes[0].double()
+    assert ((got - want).abs() <= 2e-5 * want.abs() + 1e-12).all()
 
 
 @pytest.mark.parametrize("batched", [False, True])
