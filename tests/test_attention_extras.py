@@ -46,6 +46,30 @@ def test_every_probe_kind(layout, dtype, with_tags):
         assert_close_rel(got, want, PROBE_TOL[dtype], what=f"probe {i}")
 
 
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_probes_summed_weighted_and_wide(layout, dtype):
+    """Value probes reduced over heads by "sum" and by per-(batch, head) weights, 20 channels in
+    all (the side channel pads to 32, not 16), on odd query groups, against the float64
+    attention times x written out here (not through the reference's helpers)."""
+    g = torch.Generator().manual_seed(39)
+    q, k, v = make_qkv(B, H, NQ, NK, D, dtype=dtype, layout=layout, generator=g)
+    x1, x2 = torch.randn(B, NK, 12, generator=g), torch.randn(NK, 8, generator=g)
+    weights = torch.rand(B, H, generator=g) + 0.25
+    qgroups = torch.randint(-1, 3, (B, NQ), generator=g, dtype=torch.int32)
+    probes = [ValueProbe(x1, TG.each(4, NQ - 3), heads="sum"), ValueProbe(x2, TG.ids(qgroups), heads=weights)]
+    res = iidkern.attention(q, k, v, layout=layout, probes=probes, backend="triton", kernel_options=OPTS)
+    qh, kh = (t if layout == "bhnd" else t.transpose(1, 2) for t in (q, k))
+    a = attention_probs(qh.double(), kh.double(), D ** -0.5, None)[0]  # [B, H, NQ, NK]
+    want_sum = (a @ x1.double()[:, None]).sum(1)[:, 4:NQ - 3]  # [B, rows, 12]
+    per_head = a @ x2.double()  # [B, H, NQ, 8]
+    weighted = (per_head * weights.double()[:, :, None, None]).sum(1)  # [B, NQ, 8]
+    want_ids = torch.stack([torch.stack([weighted[b][qgroups[b] == grp].sum(0) for grp in range(3)])
+                            for b in range(B)])  # [B, 3, 8]
+    assert_close_rel(res.probes[0].reshape(want_sum.shape), want_sum, PROBE_TOL[dtype])
+    assert_close_rel(res.probes[1].reshape(want_ids.shape), want_ids, PROBE_TOL[dtype])
+
+
 def test_probe_shapes_and_row_sums():
     """A full-range, each x each probe with heads='keep' is the attention matrix: rows sum to 1."""
     g = torch.Generator().manual_seed(32)
