@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .kernels.flash_fwd import LOG2E
 from .kernels.tiles import TagMask
 from .specs import MAX_VALUE_PROBE_CHANNELS, BlockMultiplier, Probe, TokenGroups, ValueProbe, as_integer, as_real, \
     check_data_tensor
@@ -235,13 +236,12 @@ def check_scale(scale, head_dim: int) -> float:
         raise ValueError(f"scale must be a positive finite number or None, got {value!r}")
     # The kernels fold log2(e) into the scale in float32: a product that underflows to 0 turns
     # masked scores (-inf * 0) into NaN, one that overflows makes every score inf.
-    if not _FP32_NORMAL_MIN <= value * _LOG2E <= _FP32_MAX:
+    if not _FP32_NORMAL_MIN <= value * LOG2E <= _FP32_MAX:
         raise ValueError(f"scale must make scale * log2(e) a normal float32 number, i.e. lie in "
-                         f"[{_FP32_NORMAL_MIN / _LOG2E:.3g}, {_FP32_MAX / _LOG2E:.3g}], got {value!r}")
+                         f"[{_FP32_NORMAL_MIN / LOG2E:.3g}, {_FP32_MAX / LOG2E:.3g}], got {value!r}")
     return value
 
 
-_LOG2E = 1.4426950408889634
 _FP32_NORMAL_MIN = 2.0 ** -126  # GPUs flush float32 subnormals to zero
 _FP32_MAX = 3.4028234663852886e38
 

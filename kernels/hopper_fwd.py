@@ -40,6 +40,7 @@ import torch
 import triton
 
 from .fast_launch import Launcher, workspace
+from .flash_fwd import LOG2E
 from .kernel_args import KeyGroupArgs, MultiplierArgs, scales_p_for_key_groups
 from .tail_split import MAX_PIECES, NO_SPLIT, SplitPlan, combine_kernel, combine_shape, plan_split
 from .tiles import cdiv, pow2_at_least
@@ -66,7 +67,6 @@ try:
 except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
     AVAILABLE = False
 
-LOG2E = 1.4426950408889634
 HEAD_DIMS = (128,)
 # Head dim 64 (SD3) runs here only for long key sequences: H100, bf16, interleaved A/B against
 # the Triton kernel (bench/NOTES.md 38): 1.07x slower at 4429 keys (SD3 1024²), where the

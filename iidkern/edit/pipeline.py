@@ -155,7 +155,7 @@ def _check_image(image: torch.Tensor, factor: int):
         raise TypeError(f"image must be a floating-point tensor in [-1, 1], got {image.dtype} (a uint8 picture "
                         "in [0, 255] is x / 127.5 - 1)")
     if image.numel():
-        lo, hi = image.min().item(), image.max().item()
+        lo, hi = (x.item() for x in torch.aminmax(image))  # one pass over the picture
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
             raise ValueError(f"image must hold values in [-1, 1], got values in [{lo}, {hi}] (a [0, 1] picture "
                              "is 2 * x - 1)")
