@@ -59,8 +59,11 @@ def _poisoned(shape, dtype, device):
 def _fp32_product_precision(dtype: torch.dtype) -> str:
     """Precision of products of fp32 probabilities (value probes, group folding).
 
-    fp32 inputs get true fp32 products; half inputs get tf32 (about 5e-4 relative per
-    term), far cheaper than fp32 FMAs and well inside the error their inputs carry.
+    fp32 inputs get true fp32 products; half inputs get one tf32 product, far cheaper than
+    fp32 FMAs. The tensor cores read an fp32 operand's top 19 bits (a truncation, not a
+    rounding): up to 1e-3 a term, biased toward zero (a value probe on one key came out 6e-4
+    low on an H200). tf32x3 (three products) measured ~1e-7 but was not verified beside the
+    fused key-group probe's fp16 split on the GPU (NOTES.md 74, ``scratch/tf32x3_products.patch``).
     """
     return "ieee" if dtype == torch.float32 or _INTERPRET else "tf32"
 
@@ -284,7 +287,8 @@ def _triton_main_pass(q, k, v, out, lse, layout, tags, head_weights, probes, blo
         launch_opts["maxnreg"] = int(maxnreg)
     upcast_dots = _INTERPRET and q.dtype == torch.bfloat16
     value_probes = [p for p in probes if isinstance(p, ValueProbe)]
-    kg_mode, x_precision = _key_group_products(cfg, q.dtype, key_groups, block_multiplier, block_d, device)
+    kg_mode, x_precision = _key_group_products(cfg, q.dtype, key_groups, block_multiplier, block_d, device,
+                                               even_d=head_dim == block_d)
     n_q_tiles = cdiv(n_q, block_m)
     n_k_tiles = cdiv(n_k, block_n)
     dummy, dummy_f = _dummies(device)
@@ -362,7 +366,7 @@ def _head_weight_strides(hw: torch.Tensor) -> tuple:
 
 
 def _key_group_products(cfg: dict, dtype: torch.dtype, key_groups, block_multiplier, block_d: int,
-                        device: torch.device) -> tuple:
+                        device: torch.device, even_d: bool = True) -> tuple:
     """flash_fwd's ``(KG_HALF_DOT, X_PRECISION)``: the key-group sums' mode
     (:func:`_kg_half_dot_mode`) and the precision of fp32-probability products.
 
@@ -371,16 +375,17 @@ def _key_group_products(cfg: dict, dtype: torch.dtype, key_groups, block_multipl
     value probes beside them get them too; only the tiles that hold grouped keys pay for it),
     up to head dim 64 on an H100. At head dim 128 the exact products' staging needs more shared
     memory than the H100 has (233984 of 232448 bytes, measured), and GPUs with less shared
-    memory were not tried: there they stay tf32."""
-    mode = _kg_half_dot_mode(cfg, dtype, key_groups, block_multiplier)
+    memory were not tried: there they stay tf32, as they do at a head dim that is not a power
+    of two (``even_d=False``), where the exact products were not tried on the GPU."""
+    mode = _kg_half_dot_mode(cfg, dtype, key_groups, block_multiplier, even_d)
     precision = _fp32_product_precision(dtype)
-    if mode == 0 and key_groups is not None and dtype != torch.float32 and cfg.get("kg_half_dot", True) \
+    if mode == 0 and key_groups is not None and dtype != torch.float32 and cfg.get("kg_half_dot", True) and even_d \
             and block_d <= 64 and device.type == "cuda" and hopper_fwd._is_sm90(hopper_fwd.device_index(device)):
         precision = "ieee"
     return mode, precision
 
 
-def _kg_half_dot_mode(cfg: dict, dtype: torch.dtype, key_groups, block_multiplier) -> int:
+def _kg_half_dot_mode(cfg: dict, dtype: torch.dtype, key_groups, block_multiplier, even_d: bool = True) -> int:
     """flash_fwd's ``KG_HALF_DOT``: 0 without key groups, fp32 inputs or ``kg_half_dot=False``
     (one fp32 product); else the fp16 hi + lo split with p scaled by 2^14 (2) where
     ``kernel_args.scales_p_for_key_groups`` allows it. Where it does not (fp16 inputs with a
@@ -388,8 +393,16 @@ def _kg_half_dot_mode(cfg: dict, dtype: torch.dtype, key_groups, block_multiplie
     normal (a group with p ~1e-6 of the row max came out 2-7% off), while the fp32 product
     has fp32's range (:func:`_key_group_products` makes it exact up to head dim 64 on an H100,
     else tf32). A bf16 split for every half input was slower at SD3 (1.15x -> 1.21x of plain) and
-    faulted on the H100 (NOTES.md 66)."""
-    if key_groups is None or dtype == torch.float32 or not cfg.get("kg_half_dot", True):
+    faulted on the H100 (NOTES.md 66).
+
+    A head dim that is not a power of two (``even_d=False``: K and V loaded with a channel
+    mask) also takes mode 0: there Triton 3.6 miscompiled the fp16 split on an H200 (the group
+    sums 50-110% off, and an out-of-bounds shared-memory read in the second fp16 product at
+    head dim 40, found by tests/test_attention_fuzz_extras.py; the same call at head dim 64,
+    and mode 0 at head dim 40 with tf32x3 products, were exact; mode 0 with the tf32 product
+    shipped here was not run there, NOTES.md 74). The interpreter takes the same route, so CPU
+    tests cover what the GPU runs."""
+    if key_groups is None or dtype == torch.float32 or not cfg.get("kg_half_dot", True) or not even_d:
         return 0
     return 2 if scales_p_for_key_groups(block_multiplier is not None, dtype == torch.float16) else 0
 

@@ -157,6 +157,23 @@ def test_fusion_can_be_turned_off_with_the_same_result(probe_pass_calls):
     assert_close_rel(fused, second, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,split", [(32, 2), (40, 0), (24, 0)])
+def test_key_group_fp16_split_only_at_power_of_two_head_dims(no_probe_pass, dtype, head_dim, split):
+    """Where K and V are loaded with a channel mask (a head dim that is not a power of two),
+    Triton 3.6 miscompiled the key groups' fp16 split on an H200 (sums 50-110% off, an
+    out-of-bounds shared read): those calls take the fp32 product (mode 0). The launch's
+    constexpr shows the route; the sums still match float64."""
+    g = torch.Generator().manual_seed(74)
+    q, k, v = make_qkv(2, 2, 37, 45, head_dim, dtype=dtype, layout="bnhd", generator=g)
+    probe = Probe(TG.each(0, 37), random_key_groups(45, (3, 41), 4, g), heads="keep")
+    with fast_launch.recording() as launches:
+        res = iidkern.attention(q, k, v, layout="bnhd", probes=[probe], backend="triton", kernel_options=OPTS)
+    assert launches[0][3]["KG_HALF_DOT"] == split
+    ref = attention_reference(q, k, v, layout="bnhd", probes=[probe], compute_dtype=torch.float64)
+    assert_close_rel(res.probes[0], ref.probes[0], PROBE_TOL[dtype])
+
+
 @pytest.mark.parametrize("option,flag", [("kg_split", "KG_SPLIT"), ("mult_split", "MULT_SPLIT")])
 def test_split_options_reach_the_launch(option, flag):
     """``kg_split`` / ``mult_split`` give the same results either way, so only the launch can

@@ -1,0 +1,292 @@
+"""Hypothesis fuzz of every extra at once against the independent float64 oracle (tests/oracle.py).
+
+Each example draws shapes (odd sizes, several batch and head counts, any head dim), a layout,
+a dtype, strided (packed) or contiguous inputs, a scale, and any mix of tags (tensors of
+either rank or a prebuilt tag mask), head weights (each shape, each dtype), probes of every
+kind (ranges, ids, segments; every head rule and normalization; value probes), a block
+multiplier (shared or per head, each dtype, anywhere in the score matrix), pair statistics,
+the LSE and tile counts. Outputs are poisoned before the run. On CPU the kernels run under
+Triton's interpreter with small tiles; the CUDA variant draws longer sequences and head dims
+64 / 128 in 16-bit, so that calls also reach the Hopper kernel and its tail split.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import iidkern
+from iidkern import BlockMultiplier, Probe, TokenGroups, ValueProbe
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal
+from oracle import oracle, tiles_visited
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# A deeper run: IIDKERN_FUZZ_EXAMPLES=1000 pytest tests/test_attention_fuzz_extras.py --hypothesis-seed=N
+EXAMPLES = int(os.environ.get("IIDKERN_FUZZ_EXAMPLES", "0"))
+
+
+def draw_groups(draw, n, b, rng):
+    """A random TokenGroups over n tokens: a range, ids (shared or per batch row), or segments."""
+    kind = draw(st.sampled_from(["each", "ids", "segments"]))
+    if kind == "each":
+        start = draw(st.integers(0, n - 1))
+        return TokenGroups.each(start, draw(st.integers(start + 1, n)))
+    if kind == "segments":
+        cuts = sorted(set(draw(st.lists(st.integers(0, n), min_size=2, max_size=6))))
+        if len(cuts) < 2:
+            cuts = [0, n]
+        ranges = [(a, c) for a, c in zip(cuts[:-1], cuts[1:]) if draw(st.booleans())] or [(cuts[0], cuts[1])]
+        return TokenGroups.segments(ranges, n)
+    count = draw(st.integers(1, 5))
+    shape = (b, n) if draw(st.booleans()) else (n,)
+    ids = torch.randint(-1, count, shape, generator=rng, dtype=torch.int64)
+    ids[..., int(torch.randint(0, n, (1,), generator=rng))] = count - 1  # at least one probed token
+    dtype = draw(st.sampled_from([torch.int32, torch.int64, torch.int16]))
+    tight = draw(st.booleans())  # the default (tight) span and count, or given ones
+    return TokenGroups.ids(ids.to(dtype)) if tight else TokenGroups.ids(ids.to(dtype), count, span=(0, n))
+
+
+def draw_heads(draw, b, h, rng):
+    rule = draw(st.sampled_from(["mean", "sum", "keep", "weights_h", "weights_bh"]))
+    if rule == "weights_h":
+        return torch.rand(h, generator=rng) * 2 - 0.5
+    if rule == "weights_bh":
+        return torch.rand(b, h, generator=rng) * 2 - 0.5
+    return rule
+
+
+@st.composite
+def calls(draw, gpu=False):
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = torch.Generator().manual_seed(seed)
+    b, h = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    if gpu and draw(st.integers(0, 5)) == 0:
+        # Long key sequences: head dim 64 with in-kernel extras takes the Hopper kernel from 4096 keys.
+        b, h = 1, draw(st.integers(1, 2))
+        nq, nk = draw(st.integers(1, 300)), draw(st.integers(4096, 4700))
+        d = draw(st.sampled_from([64, 128]))
+        dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
+    elif gpu:
+        nq, nk = draw(st.integers(1, 700)), draw(st.integers(1, 700))
+        d = draw(st.sampled_from([64, 128, 128, 96, 40]))
+        dtype = draw(st.sampled_from([torch.bfloat16, torch.float16, torch.bfloat16, torch.float32]))
+    else:
+        nq, nk = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+        d = draw(st.sampled_from([1, 5, 8, 16, 24, 32, 64]))
+        dtype = draw(st.sampled_from(DTYPES))
+    call = dict(layout=draw(st.sampled_from(["bhnd", "bnhd"])), packed=draw(st.booleans()),
+                b=b, h=h, nq=nq, nk=nk, d=d, dtype=dtype, rng=rng, seed=seed)
+    call["scale"] = draw(st.one_of(st.none(), st.floats(0.02, 1.0)))
+
+    tags = draw(st.sampled_from([None, "bn", "n", "mask"]))
+    if tags is not None:
+        density = draw(st.floats(0.1, 0.9))
+        rows = b if tags != "n" else 1
+
+        def bits(n):
+            t = ((torch.rand(rows, n, 3, generator=rng) < density).long() * torch.tensor([1, 2, 4])).sum(-1)
+            return t if tags != "n" else t[0]
+        tags = (tags, bits(nq), bits(nk))
+    call["tags"] = tags
+
+    hw = draw(st.sampled_from([None, "h", "bh", "bhn"]))
+    if hw is not None:
+        shape = {"h": (h,), "bh": (b, h), "bhn": (b, h, nq)}[hw]
+        hw = (torch.rand(shape, generator=rng) * 2 - 0.5).to(draw(st.sampled_from(DTYPES)))
+    call["head_weights"] = hw
+
+    probes = []
+    for _ in range(draw(st.integers(0, 3))):
+        if draw(st.integers(0, 3)) == 0:
+            channels = draw(st.integers(1, 16))
+            x = torch.randn((b, nk, channels) if draw(st.booleans()) else (nk, channels), generator=rng)
+            probes.append(ValueProbe(x.to(draw(st.sampled_from(DTYPES))), draw_groups(draw, nq, b, rng),
+                                     heads=draw_heads(draw, b, h, rng),
+                                     normalize=draw(st.sampled_from([None, "queries"]))))
+        else:
+            probes.append(Probe(draw_groups(draw, nq, b, rng), draw_groups(draw, nk, b, rng),
+                                heads=draw_heads(draw, b, h, rng),
+                                normalize=draw(st.sampled_from([None, "queries", "keys", "both"]))))
+    call["probes"] = probes
+
+    mult = None
+    if draw(st.booleans()):
+        mq, mk = draw(st.integers(1, nq)), draw(st.integers(1, nk))
+        q0, k0 = draw(st.integers(0, nq - mq)), draw(st.integers(0, nk - mk))
+        shape = (b, h, mq, mk) if draw(st.booleans()) else (b, mq, mk)
+        values = (torch.rand(shape, generator=rng) * 3).to(draw(st.sampled_from(DTYPES)))
+        mult = BlockMultiplier(values, query_start=q0, key_start=k0)
+    call["block_multiplier"] = mult
+
+    call["pair_stats"] = None
+    if draw(st.booleans()):
+        call["pair_stats"] = [(draw(st.integers(0, b - 1)), draw(st.integers(0, b - 1)))
+                              for _ in range(draw(st.integers(1, 3)))]
+    call["return_lse"] = draw(st.booleans())
+    call["count_tiles"] = draw(st.booleans())
+    tiles = None if gpu else draw(st.sampled_from([(16, 16), (16, 32), (32, 16), (32, 32)]))
+    call["tiles"] = tiles
+    return call
+
+
+def make_inputs(call, device):
+    """q, k, v in the call's layout; ``packed`` takes them as strided views of one buffer
+    holding q, k and v side by side per token (a fused QKV projection's output)."""
+    b, h, nq, nk, d, rng = call["b"], call["h"], call["nq"], call["nk"], call["d"], call["rng"]
+    n = max(nq, nk)
+    if call["packed"]:
+        buf = torch.randn(b, n, 3, h, d, generator=rng).to(device=device, dtype=call["dtype"])
+        q, k, v = buf[:, :nq, 0], buf[:, :nk, 1], buf[:, :nk, 2]  # [B, N, H, D] views
+        if call["layout"] == "bhnd":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return q, k, v
+    shapes = [(b, h, nq, d), (b, h, nk, d), (b, h, nk, d)]
+    out = [torch.randn(s, generator=rng).to(device=device, dtype=call["dtype"]) for s in shapes]
+    if call["layout"] == "bnhd":
+        out = [t.transpose(1, 2).contiguous() for t in out]
+    return tuple(out)
+
+
+def on(device, call):
+    """The call's extras moved to ``device`` (specs hold CPU tensors when drawn)."""
+    tags = call["tags"]
+    if tags is not None:
+        kind, qt, kt = tags
+        tags = iidkern.tag_mask(qt.to(device), kt.to(device)) if kind == "mask" else (qt.to(device), kt.to(device))
+    hw = call["head_weights"].to(device) if call["head_weights"] is not None else None
+
+    def move_heads(heads):
+        return heads.to(device) if isinstance(heads, torch.Tensor) else heads
+
+    def move_groups(g):
+        if g.kind == "each" or device.type == "cpu":
+            return g
+        return TokenGroups.ids(g.group_ids.to(device), g.count, span=(g.start, g.stop))
+
+    probes = []
+    for p in call["probes"]:
+        if isinstance(p, ValueProbe):
+            probes.append(ValueProbe(p.x.to(device), move_groups(p.queries), heads=move_heads(p.heads),
+                                     normalize=p.normalize))
+        else:
+            probes.append(Probe(move_groups(p.queries), move_groups(p.keys), heads=move_heads(p.heads),
+                                normalize=p.normalize))
+    m = call["block_multiplier"]
+    if m is not None:
+        m = BlockMultiplier(m.values.to(device), query_start=m.query_start, key_start=m.key_start)
+    return tags, hw, probes, m
+
+
+def describe(call) -> str:
+    """One line naming everything a call draws (tensors by shape and dtype), for the log."""
+    def t(x):
+        return f"{x.dtype}{tuple(x.shape)}".replace("torch.", "") if isinstance(x, torch.Tensor) else repr(x)
+
+    def groups(g):
+        return f"{g.kind}[{g.start},{g.stop})x{g.count}" + (f":{t(g.group_ids)}" if g.group_ids is not None else "")
+    parts = [f"{k}={call[k]!r}" for k in ("b", "h", "nq", "nk", "d", "dtype", "layout", "packed", "scale",
+                                           "pair_stats", "return_lse", "count_tiles", "tiles", "seed")]
+    if call["tags"] is not None:
+        parts.append(f"tags={call['tags'][0]}:{t(call['tags'][1])},{t(call['tags'][2])}")
+    parts.append(f"head_weights={t(call['head_weights'])}")
+    for p in call["probes"]:
+        keys = groups(p.keys) if isinstance(p, Probe) else f"x={t(p.x)}"
+        parts.append(f"{type(p).__name__}({groups(p.queries)},{keys},{t(p.heads)},{p.normalize})")
+    m = call["block_multiplier"]
+    if m is not None:
+        parts.append(f"mult={t(m.values)}@({m.query_start},{m.key_start})")
+    return " ".join(parts)
+
+
+def check_call(call, device, backend="triton"):
+    log = os.environ.get("IIDKERN_FUZZ_LOG")  # with CUDA_LAUNCH_BLOCKING=1 its last line names a faulting call
+    if log:
+        with open(log, "a") as f:
+            f.write(describe(call) + "\n")
+    q, k, v = make_inputs(call, device)
+    tags, hw, probes, mult = on(device, call)
+    options = {"poison": True}
+    if call["tiles"] is not None:
+        options.update(BLOCK_M=call["tiles"][0], BLOCK_N=call["tiles"][1])
+    res = iidkern.attention(q, k, v, layout=call["layout"], scale=call["scale"], tags=tags, head_weights=hw,
+                            probes=probes, block_multiplier=mult, pair_stats=call["pair_stats"],
+                            return_lse=True if call["return_lse"] else False, count_tiles=call["count_tiles"],
+                            backend=backend, kernel_options=options)
+    raw_tags = None if call["tags"] is None else call["tags"][1:]
+    want = oracle(q, k, v, layout=call["layout"], scale=call["scale"], tags=raw_tags, head_weights=hw,
+                  probes=call["probes"], block_multiplier=call["block_multiplier"], pair_stats=call["pair_stats"])
+    extras = call["return_lse"] or probes or call["pair_stats"] is not None or call["count_tiles"]
+    out = res.out if extras else res
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
+    got = (out if call["layout"] == "bhnd" else out.transpose(1, 2)).float().cpu()
+    assert torch.isfinite(got).all(), "output holds NaN/inf (an unwritten, poisoned element?)"
+    if want.out.abs().max() > 0:
+        assert_close_rel(got, want.out, OUT_TOL[call["dtype"]])
+    else:
+        assert (got == 0).all()
+    if not extras:
+        return
+    if call["return_lse"]:
+        assert_lse_equal(res.lse.cpu(), want.lse, tol=1e-3)
+    else:
+        assert res.lse is None
+    assert len(res.probes) == len(probes)
+    # On a GPU, 16-bit calls multiply fp32 probabilities as tf32 (value probes, group folding):
+    # the tensor cores truncate each operand to 10 mantissa bits, up to 1e-3 a term (launch.
+    # _fp32_product_precision), as tests/test_gpu.py's GPU_PROBE_TOL allows.
+    probe_tol = PROBE_TOL[call["dtype"]] if device.type == "cpu" or call["dtype"] == torch.float32 else 2e-3
+    for i, (g, w) in enumerate(zip(res.probes, want.probes)):
+        g = g.cpu()
+        assert g.dtype == torch.float32 and g.shape == w.shape, f"probe {i}: {g.dtype} {tuple(g.shape)} vs {tuple(w.shape)}"
+        if w.abs().max() > 0:
+            assert_close_rel(g, w, probe_tol, what=f"probe {i}")
+        else:
+            assert (g == 0).all(), f"probe {i} should be zero"
+    if call["pair_stats"] is not None:
+        # Of the returned output (the kernels read what they wrote), to fp32 summation error.
+        o = got.double()
+        pairs = torch.as_tensor(call["pair_stats"])
+        a, c = o[pairs[:, 0]], o[pairs[:, 1]]
+        n0, n1, dot = (a * a).sum((2, 3)), (c * c).sum((2, 3)), (a * c).sum((2, 3))
+        ps = res.pair_stats
+        for name, g, w, size in (("norm0_sq", ps.norm0_sq, n0, n0), ("norm1_sq", ps.norm1_sq, n1, n1),
+                                 ("dot", ps.dot, dot, (n0 * n1).sqrt())):
+            assert g.shape == w.shape and g.dtype == torch.float32, name
+            assert ((g.cpu().double() - w).abs() <= 1e-5 * size + 1e-30).all(), f"pair stats {name}: {g} vs {w}"
+    else:
+        assert res.pair_stats is None
+    if call["count_tiles"]:
+        bm, bn = res.tile_shape
+        b, nq, nk = call["b"], call["nq"], call["nk"]
+        if raw_tags is None:
+            allowed = torch.ones(b, nq, nk, dtype=torch.bool)
+        else:
+            qt, kt = (t.reshape(-1, n).expand(b, n) for t, n in zip(raw_tags, (nq, nk)))
+            allowed = (qt[:, :, None] & kt[:, None, :]) != 0
+        expected = tiles_visited(allowed, bm, bn)
+        assert torch.equal(res.tiles_visited.cpu().long(), expected[:, None].expand(-1, call["h"], -1)), \
+            f"tiles visited {res.tiles_visited.tolist()} vs {expected.tolist()}"
+    else:
+        assert res.tiles_visited is None
+
+
+@settings(max_examples=EXAMPLES or 40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(calls())
+def test_fuzz_every_extra_against_float64(call):
+    check_call(call, torch.device("cpu"))
+
+
+@settings(max_examples=EXAMPLES or 40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(calls())
+def test_fuzz_reference_backend_against_float64(call):
+    """The dense reference backend is public too (and the package's own oracle): it answers
+    to the independent one as well (no tile counts: those need the Triton backend)."""
+    call["count_tiles"] = False
+    check_call(call, torch.device("cpu"), backend="reference")
+
+
+@pytest.mark.cuda
+@settings(max_examples=EXAMPLES or 150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(calls(gpu=True))
+def test_fuzz_every_extra_against_float64_cuda(call):
+    check_call(call, torch.device("cuda"))
