@@ -120,11 +120,38 @@ def test_layout_with_headrouter_is_refused(input_png):
     assert res.returncode == 2 and "--layout" in res.stderr and "headrouter" in res.stderr, res.stderr
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message only shows without CUDA")
 def test_the_cli_bounds_steps_as_the_pipelines_do():
     from iidkern import cli
     from iidkern.edit import pipeline
     assert cli.MAX_STEPS == pipeline.MAX_STEPS
+
+
+@pytest.mark.parametrize("seed", [-2**63 - 1, -2**63, -1, 0, 2**63, 2**64 - 1, 2**64])
+def test_the_cli_bounds_seeds_as_the_pipelines_do(tmp_path, seed):
+    """The CLI keeps its own copy of the seed range (``--help`` imports no torch): at and
+    around both ends it accepts exactly the seeds the pipelines accept."""
+    import argparse
+
+    from iidkern import cli
+    from iidkern.edit import pipeline
+
+    class Refuse(argparse.ArgumentParser):
+        def error(self, message):
+            raise ValueError(message)
+
+    args = argparse.Namespace(steps=1, size=0, device=None, seed=seed, out=str(tmp_path / "out"))
+    try:
+        cli._check_run_args(Refuse(), args)
+        cli_accepts = True
+    except ValueError as e:
+        assert "--seed" in str(e)
+        cli_accepts = False
+    try:
+        pipeline._check_run(1, seed)
+        pipeline_accepts = True
+    except ValueError:
+        pipeline_accepts = False
+    assert cli_accepts == pipeline_accepts == (-2**63 <= seed < 2**64)
 
 
 def test_bench_on_cpu_says_it_needs_a_gpu():
