@@ -6,8 +6,10 @@ either rank or a prebuilt tag mask), head weights (each shape, each dtype), prob
 kind (ranges, ids, segments; every head rule and normalization; value probes), a block
 multiplier (shared or per head, each dtype, anywhere in the score matrix), pair statistics,
 the LSE and tile counts. Outputs are poisoned before the run. On CPU the kernels run under
-Triton's interpreter with small tiles; the CUDA variant draws longer sequences and head dims
-64 / 128 in 16-bit, so that calls also reach the Hopper kernel and its tail split.
+Triton's interpreter with small tiles, and the dense reference backend answers to the same
+oracle; the CUDA variant draws longer sequences (some past 4096 keys), head dims 40, 64, 96
+and 128, mostly 16-bit, so that calls also reach the Hopper kernel and its tail split (it
+found NOTES.md 74's miscompile; run it with scratch/device_fuzz.sh, which logs each call).
 """
 import os
 
@@ -132,7 +134,8 @@ def calls(draw, gpu=False):
 def make_inputs(call, device):
     """q, k, v in the call's layout; ``packed`` takes them as strided views of one buffer
     holding q, k and v side by side per token (a fused QKV projection's output)."""
-    b, h, nq, nk, d, rng = call["b"], call["h"], call["nq"], call["nk"], call["d"], call["rng"]
+    b, h, nq, nk, d = call["b"], call["h"], call["nq"], call["nk"], call["d"]
+    rng = torch.Generator().manual_seed(call["seed"] + 1)  # its own: a saved call rebuilds the same inputs
     n = max(nq, nk)
     if call["packed"]:
         buf = torch.randn(b, n, 3, h, d, generator=rng).to(device=device, dtype=call["dtype"])
@@ -199,10 +202,26 @@ def describe(call) -> str:
 
 
 def check_call(call, device, backend="triton"):
+    if os.environ.get("IIDKERN_FUZZ_LOG"):
+        try:
+            return _check_call(call, device, backend)
+        except RuntimeError as e:  # torch.AcceleratorError is one
+            if "illegal" in str(e) or "misaligned" in str(e):
+                # A fault leaves the CUDA context dead: every later call would fail too, and
+                # hypothesis's shrinking would overwrite the saved call. Stop here, keeping it.
+                print(f"CUDA fault in the saved call: {e}", flush=True)
+                os._exit(3)
+            raise
+    return _check_call(call, device, backend)
+
+
+def _check_call(call, device, backend):
     log = os.environ.get("IIDKERN_FUZZ_LOG")  # with CUDA_LAUNCH_BLOCKING=1 its last line names a faulting call
     if log:
         with open(log, "a") as f:
             f.write(describe(call) + "\n")
+        # ... and LOG.last.pt holds it whole, for scratch/replay_fuzz_call.py (compute-sanitizer)
+        torch.save({key: value for key, value in call.items() if key != "rng"}, log + ".last.pt")
     q, k, v = make_inputs(call, device)
     tags, hw, probes, mult = on(device, call)
     options = {"poison": True}
