@@ -138,11 +138,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             instead of a per-tile test), ``kg_half_dot`` (key-group sums as two fp16
             products instead of tf32; fp16 inputs beside a block multiplier skip the fp16
             split: their products are exact fp32 at head dim <= 64 on an sm_90 GPU, tf32
-            elsewhere; a head dim that is not a power of two always takes the tf32 product), ``warp_specialize`` (Triton's automatic warp
-            specialization), ``hopper`` (unset: on an H100-class GPU (sm_90), fp16/bf16
-            calls at head_dim 128 (and at 64 with at least 16384 keys, or 4096 with a block
-            multiplier or a fused key-group probe and no tags) with no value probes or
-            tile counts run the
+            elsewhere; a head dim that is not a power of two always takes the tf32
+            product), ``warp_specialize`` (Triton's automatic warp specialization),
+            ``hopper`` (unset: on an H100-class GPU (sm_90), fp16/bf16 calls at head_dim 128
+            (and at 64 with at least 16384 keys, or 4096 with a block multiplier or a fused
+            key-group probe and no tags) with no value probes or tile counts run the
             warp-specialized Gluon kernel of ``iidkern/kernels/hopper_fwd.py``, which also
             skips and masks tag tiles, accumulates the fused key-group probe and applies a
             block multiplier, except calls without extras on up to 1024 keys that

@@ -147,5 +147,6 @@ def tiles_visited(allowed_rows: torch.Tensor, block_m: int, block_n: int) -> tor
     counts = torch.zeros(b, mt, dtype=torch.int64)
     for i in range(mt):
         for j in range(nt):
-            counts[:, i] += allowed_rows[:, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n].flatten(1).any(1)
+            tile = allowed_rows[:, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
+            counts[:, i] += tile.flatten(1).any(1)
     return counts

@@ -25,6 +25,7 @@ from oracle import oracle, tiles_visited
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # A deeper run: IIDKERN_FUZZ_EXAMPLES=1000 pytest tests/test_attention_fuzz_extras.py --hypothesis-seed=N
 EXAMPLES = int(os.environ.get("IIDKERN_FUZZ_EXAMPLES", "0"))
+SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
 def draw_groups(draw, n, b, rng):
@@ -256,7 +257,8 @@ def _check_call(call, device, backend):
     probe_tol = PROBE_TOL[call["dtype"]] if device.type == "cpu" or call["dtype"] == torch.float32 else 2e-3
     for i, (g, w) in enumerate(zip(res.probes, want.probes)):
         g = g.cpu()
-        assert g.dtype == torch.float32 and g.shape == w.shape, f"probe {i}: {g.dtype} {tuple(g.shape)} vs {tuple(w.shape)}"
+        assert g.dtype == torch.float32 and g.shape == w.shape, \
+            f"probe {i}: {g.dtype} {tuple(g.shape)} vs {tuple(w.shape)}"
         if w.abs().max() > 0:
             assert_close_rel(g, w, probe_tol, what=f"probe {i}")
         else:
@@ -289,13 +291,13 @@ def _check_call(call, device, backend):
         assert res.tiles_visited is None
 
 
-@settings(max_examples=EXAMPLES or 40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=EXAMPLES or 40, deadline=None, suppress_health_check=SLOW_OK)
 @given(calls())
 def test_fuzz_every_extra_against_float64(call):
     check_call(call, torch.device("cpu"))
 
 
-@settings(max_examples=EXAMPLES or 40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=EXAMPLES or 40, deadline=None, suppress_health_check=SLOW_OK)
 @given(calls())
 def test_fuzz_reference_backend_against_float64(call):
     """The dense reference backend is public too (and the package's own oracle): it answers
@@ -305,7 +307,7 @@ def test_fuzz_reference_backend_against_float64(call):
 
 
 @pytest.mark.cuda
-@settings(max_examples=EXAMPLES or 150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=EXAMPLES or 150, deadline=None, suppress_health_check=SLOW_OK)
 @given(calls(gpu=True))
 def test_fuzz_every_extra_against_float64_cuda(call):
     check_call(call, torch.device("cuda"))
