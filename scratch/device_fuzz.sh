@@ -1,5 +1,5 @@
 #!/bin/bash
-# Device run: targeted GPU tests (TARGETS), then the every-extra fuzz against the float64
+# Device run: targeted GPU tests (TARGETS; only those marked cuda), then the every-extra fuzz against the float64
 # oracle on the GPU (SEEDS in parallel, each call logged and saved first; with
 # CUDA_LAUNCH_BLOCKING=1 a faulting call stops its run and stays in /tmp/callsS.log.last.pt,
 # which then runs once more under compute-sanitizer).
@@ -8,7 +8,7 @@ nvidia-smi -L
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > /dev/null 2>&1
 mkdir -p $OUT
 if [ -n "$TARGETS" ]; then
-  PYTHONPATH=/tmp/site:$PWD timeout ${TARGET_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -n 4 $TARGETS 2>&1 \
+  PYTHONPATH=/tmp/site:$PWD timeout ${TARGET_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -n 4 -m cuda $TARGETS 2>&1 \
     | grep -E "^E  |passed|failed" | head -20
 fi
 START=$(date +%s)
