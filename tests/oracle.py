@@ -81,13 +81,7 @@ def oracle(q, k, v, *, layout="bhnd", scale=None, tags=None, head_weights=None, 
     nk = kd.shape[2]
     scale = d ** -0.5 if scale is None else float(scale)
     scores = torch.einsum("bhqd,bhkd->bhqk", qd, kd) * scale
-    allowed = torch.ones(b, 1, nq, nk, dtype=torch.bool)
-    if tags is not None:
-        qt, kt = (torch.as_tensor(t).cpu().long() for t in tags)
-        qt = qt.reshape(-1, nq).expand(b, nq)
-        kt = kt.reshape(-1, nk).expand(b, nk)
-        allowed = ((qt[:, :, None] & kt[:, None, :]) != 0)[:, None]
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = scores.masked_fill(~allowed_pairs(tags, b, nq, nk)[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     seen = torch.isfinite(lse)
     probs = torch.where(seen[..., None], torch.exp(scores - torch.where(seen, lse, 0.0)[..., None]), 0.0)
@@ -131,22 +125,32 @@ def oracle(q, k, v, *, layout="bhnd", scale=None, tags=None, head_weights=None, 
         res.probes.append(head_reduce(per_head, p.heads))
 
     if pair_stats is not None:
-        pairs = torch.as_tensor(pair_stats).long().reshape(-1, 2)
-        a, c = out[pairs[:, 0]], out[pairs[:, 1]]  # [P, H, Nq, D]
-        res.pair_dot = (a * c).sum((2, 3))
-        res.pair_norm0 = (a * a).sum((2, 3))
-        res.pair_norm1 = (c * c).sum((2, 3))
+        res.pair_dot, res.pair_norm0, res.pair_norm1 = pair_sums(out, pair_stats)
     return res
+
+
+def allowed_pairs(tags, batch: int, nq: int, nk: int) -> torch.Tensor:
+    """``[B, Nq, Nk]`` bool: query i may attend key j iff its tags meet j's (all with no tags).
+    ``tags`` is ``(q_tags, k_tags)`` of ``[B or 1, N]`` / ``[N]``, or None."""
+    if tags is None:
+        return torch.ones(batch, nq, nk, dtype=torch.bool)
+    qt, kt = (torch.as_tensor(t).cpu().long().reshape(-1, n).expand(batch, n) for t, n in zip(tags, (nq, nk)))
+    return (qt[:, :, None] & kt[:, None, :]) != 0
+
+
+def pair_sums(out: torch.Tensor, pairs):
+    """``(dot, norm0_sq, norm1_sq)``, each ``[P, H]``: the pair statistics of a ``[B, H, N, D]``
+    output, in its dtype (float64 for the oracle's and a returned output's comparison)."""
+    pairs = torch.as_tensor(pairs).long().reshape(-1, 2)
+    a, c = out[pairs[:, 0]], out[pairs[:, 1]]  # [P, H, Nq, D]
+    return (a * c).sum((2, 3)), (a * a).sum((2, 3)), (c * c).sum((2, 3))
 
 
 def tiles_visited(allowed_rows: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
     """Key tiles a query tile must visit: those holding at least one allowed pair.
-    ``allowed_rows``: ``[B, Nq, Nk]`` bool. Returns ``[B, query tiles]`` int64."""
+    ``allowed_rows``: ``[B, Nq, Nk]`` bool, on any device. Returns ``[B, query tiles]`` int64."""
     b, nq, nk = allowed_rows.shape
     mt, nt = -(-nq // block_m), -(-nk // block_n)
-    counts = torch.zeros(b, mt, dtype=torch.int64)
-    for i in range(mt):
-        for j in range(nt):
-            tile = allowed_rows[:, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
-            counts[:, i] += tile.flatten(1).any(1)
-    return counts
+    padded = torch.zeros(b, mt * block_m, nt * block_n, dtype=torch.bool, device=allowed_rows.device)
+    padded[:, :nq, :nk] = allowed_rows
+    return padded.view(b, mt, block_m, nt, block_n).any(4).any(2).sum(-1)

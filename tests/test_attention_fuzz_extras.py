@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups, ValueProbe
-from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal
-from oracle import oracle, tiles_visited
+from helpers import GPU_PROBE_TOL, OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal
+from oracle import allowed_pairs, oracle, pair_sums, tiles_visited
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # A deeper run: IIDKERN_FUZZ_EXAMPLES=1000 pytest tests/test_attention_fuzz_extras.py --hypothesis-seed=N
@@ -230,7 +230,7 @@ def _check_call(call, device, backend):
         options.update(BLOCK_M=call["tiles"][0], BLOCK_N=call["tiles"][1])
     res = iidkern.attention(q, k, v, layout=call["layout"], scale=call["scale"], tags=tags, head_weights=hw,
                             probes=probes, block_multiplier=mult, pair_stats=call["pair_stats"],
-                            return_lse=True if call["return_lse"] else False, count_tiles=call["count_tiles"],
+                            return_lse=call["return_lse"], count_tiles=call["count_tiles"],
                             backend=backend, kernel_options=options)
     raw_tags = None if call["tags"] is None else call["tags"][1:]
     want = oracle(q, k, v, layout=call["layout"], scale=call["scale"], tags=raw_tags, head_weights=hw,
@@ -253,8 +253,8 @@ def _check_call(call, device, backend):
     assert len(res.probes) == len(probes)
     # On a GPU, 16-bit calls multiply fp32 probabilities as tf32 (value probes, group folding):
     # the tensor cores truncate each operand to 10 mantissa bits, up to 1e-3 a term (launch.
-    # _fp32_product_precision), as tests/test_gpu.py's GPU_PROBE_TOL allows.
-    probe_tol = PROBE_TOL[call["dtype"]] if device.type == "cpu" or call["dtype"] == torch.float32 else 2e-3
+    # _fp32_product_precision), as GPU_PROBE_TOL allows.
+    probe_tol = PROBE_TOL[call["dtype"]] if device.type == "cpu" or call["dtype"] == torch.float32 else GPU_PROBE_TOL
     for i, (g, w) in enumerate(zip(res.probes, want.probes)):
         g = g.cpu()
         assert g.dtype == torch.float32 and g.shape == w.shape, \
@@ -265,10 +265,7 @@ def _check_call(call, device, backend):
             assert (g == 0).all(), f"probe {i} should be zero"
     if call["pair_stats"] is not None:
         # Of the returned output (the kernels read what they wrote), to fp32 summation error.
-        o = got.double()
-        pairs = torch.as_tensor(call["pair_stats"])
-        a, c = o[pairs[:, 0]], o[pairs[:, 1]]
-        n0, n1, dot = (a * a).sum((2, 3)), (c * c).sum((2, 3)), (a * c).sum((2, 3))
+        dot, n0, n1 = pair_sums(got.double(), call["pair_stats"])
         ps = res.pair_stats
         for name, g, w, size in (("norm0_sq", ps.norm0_sq, n0, n0), ("norm1_sq", ps.norm1_sq, n1, n1),
                                  ("dot", ps.dot, dot, (n0 * n1).sqrt())):
@@ -277,14 +274,7 @@ def _check_call(call, device, backend):
     else:
         assert res.pair_stats is None
     if call["count_tiles"]:
-        bm, bn = res.tile_shape
-        b, nq, nk = call["b"], call["nq"], call["nk"]
-        if raw_tags is None:
-            allowed = torch.ones(b, nq, nk, dtype=torch.bool)
-        else:
-            qt, kt = (t.reshape(-1, n).expand(b, n) for t, n in zip(raw_tags, (nq, nk)))
-            allowed = (qt[:, :, None] & kt[:, None, :]) != 0
-        expected = tiles_visited(allowed, bm, bn)
+        expected = tiles_visited(allowed_pairs(raw_tags, call["b"], call["nq"], call["nk"]), *res.tile_shape)
         assert torch.equal(res.tiles_visited.cpu().long(), expected[:, None].expand(-1, call["h"], -1)), \
             f"tiles visited {res.tiles_visited.tolist()} vs {expected.tolist()}"
     else:

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
