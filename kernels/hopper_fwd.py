@@ -19,8 +19,9 @@ so programs that run together share one head's K/V in L2. With the last wave's k
 (``SPLIT``, ``tail_split.py``) the grid has one axis: the whole tiles in that order, then the
 pieces of the last tiles' key ranges.
 
-Scope: fp16/bf16, head_dim 128 (and 64 on long key sequences: ``serves_head_dim``), any Nq/Nk (ragged last tiles: TMA zero-fills rows past the
-end, the last key tile is masked, stores are masked), both layouts and any 16-byte aligned
+Scope: fp16/bf16, head_dim 128 (and 64 on long key sequences: ``serves_head_dim``), any
+Nq/Nk (ragged last tiles: TMA zero-fills rows past the end, the last key tile is masked,
+stores are masked), both layouts and any 16-byte aligned
 strides (4-D TMA descriptors over the [B, H, N, D] view), optional head weights and LSE, and
 optionally a fused key-group probe (IID's image x instruction map: per query row, the
 probability mass on each of up to 32 key groups; see ``_key_group_update``) and a block
