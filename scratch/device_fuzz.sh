@@ -8,13 +8,13 @@ nvidia-smi -L
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > /dev/null 2>&1
 mkdir -p $OUT
 if [ -n "$TARGETS" ]; then
-  PYTHONPATH=/tmp/site:$PWD timeout ${TARGET_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -n 4 -m cuda $TARGETS 2>&1 \
+  PYTHONPATH=/tmp/site:$PWD timeout -s INT ${TARGET_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -n 4 -m cuda $TARGETS 2>&1 \
     | grep -E "^E  |passed|failed" | head -20
 fi
 START=$(date +%s)
 for s in ${SEEDS:-1 2 3 4}; do
   CUDA_LAUNCH_BLOCKING=${BLOCKING:-1} IIDKERN_FUZZ_LOG=/tmp/calls$s.log IIDKERN_FUZZ_EXAMPLES=${EXAMPLES:-120} \
-    PYTHONPATH=/tmp/site:$PWD timeout ${LIMIT:-420} python3 -m pytest -q -x -p no:cacheprovider \
+    PYTHONPATH=/tmp/site:$PWD timeout -s INT ${LIMIT:-420} python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_attention_fuzz_extras.py -k cuda --hypothesis-seed=$s > /tmp/fuzz$s.log 2>&1 &
 done
 wait
@@ -33,3 +33,4 @@ if [ -n "$FAULT" ]; then
   cp $FAULT $OUT/
 fi
 cp /tmp/fuzz*.log $OUT/ 2>/dev/null
+for s in ${SEEDS:-1 2 3 4}; do tail -n 40 /tmp/calls$s.log > $OUT/calls$s.tail.log; done

@@ -48,6 +48,19 @@ def assert_close_rel(out, ref, tol, what="output"):
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
 
 
+def assert_within_magnitudes(out, ref, magnitudes, tol, what="probe"):
+    """Per element ``|out - ref| <= tol * magnitudes``, where ``magnitudes`` is the sum of the
+    absolute values of the terms that ``ref`` sums: the bound of a per-term relative error
+    (tf32's truncation), which ``rel_err`` cannot give where signed terms cancel."""
+    assert out.shape == ref.shape == magnitudes.shape, f"{what}: shapes {tuple(out.shape)}, {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{what} holds NaN (an unwritten, poisoned element?)"
+    err = (out.double() - ref.double()).abs()
+    excess = err - tol * magnitudes.double()
+    worst = int(excess.argmax())
+    assert excess.max() <= 0, (f"{what}: error {err.flatten()[worst]:.3e} at flat index {worst} past {tol:.0e} "
+                               f"of its terms' magnitudes {magnitudes.flatten()[worst]:.3e}")
+
+
 def assert_lse_equal(lse, ref, tol=1e-4):
     assert torch.equal(torch.isinf(lse), torch.isinf(ref)), "LSE -inf pattern differs from the reference"
     fin = torch.isfinite(ref)
