@@ -6,8 +6,9 @@ import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.reference import attention_probs, attention_reference
 from iidkern.kernels import launch
-from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, make_qkv, random_key_groups, random_tags, \
-    rel_err
+from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, assert_within_magnitudes, make_qkv, \
+    random_key_groups, random_tags, rel_err
+from oracle import oracle
 
 OPTS = {"poison": True}
 B, H, NQ, NK, D = 2, 3, 45, 38, 32
@@ -379,10 +380,6 @@ def test_probe_pass_folds_groups_to_fp32_precision(dev, dtype, probe_pass_calls)
     group of probabilities ~1e-10, at either side and both. The interpreter's fold is exact
     fp32; on the GPU a tf32 product truncates each operand to 11 bits, ~1e-3 a term, which
     three bf16 pieces per value would bring to fp32's precision (the patch)."""
-    import sys
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from oracle import oracle
-    from helpers import assert_within_magnitudes
     device = torch.device(dev)
     g = torch.Generator().manual_seed(76)
     b, h, nq, nk, d = 2, 3, 70, 93, 32
