@@ -48,6 +48,24 @@ def assert_close_rel(out, ref, tol, what="output"):
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
 
 
+def probe_on(probe, device):
+    """``probe`` with its tensors (group ids, head weights, a value probe's x) on ``device``."""
+    from iidkern import Probe, TokenGroups, ValueProbe
+
+    def move_heads(heads):
+        return heads.to(device) if isinstance(heads, torch.Tensor) else heads
+
+    def move_groups(g):
+        if g.kind == "each" or device.type == "cpu":
+            return g
+        return TokenGroups.ids(g.group_ids.to(device), g.count, span=(g.start, g.stop))
+    if isinstance(probe, ValueProbe):
+        return ValueProbe(probe.x.to(device), move_groups(probe.queries), heads=move_heads(probe.heads),
+                          normalize=probe.normalize)
+    return Probe(move_groups(probe.queries), move_groups(probe.keys), heads=move_heads(probe.heads),
+                 normalize=probe.normalize)
+
+
 def assert_within_magnitudes(out, ref, magnitudes, tol, what="probe"):
     """Per element ``|out - ref| <= tol * magnitudes``, where ``magnitudes`` is the sum of the
     absolute values of the terms that ``ref`` sums: the bound of a per-term relative error

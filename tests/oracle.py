@@ -154,3 +154,16 @@ def tiles_visited(allowed_rows: torch.Tensor, block_m: int, block_n: int) -> tor
     padded = torch.zeros(b, mt * block_m, nt * block_n, dtype=torch.bool, device=allowed_rows.device)
     padded[:, :nq, :nk] = allowed_rows
     return padded.view(b, mt, block_m, nt, block_n).any(4).any(2).sum(-1)
+
+
+def magnitude_probes(probes):
+    """The probes with every signed factor (a value probe's ``x``, head weights) taken by
+    absolute value: their oracle gives, per element, the sum of its terms' magnitudes (the
+    scale of a per-term relative error; probabilities and memberships are never negative)."""
+    from iidkern.specs import Probe, ValueProbe
+
+    def positive(heads):
+        return heads.abs() if isinstance(heads, torch.Tensor) else heads
+    return [ValueProbe(p.x.abs(), p.queries, heads=positive(p.heads), normalize=p.normalize)
+            if isinstance(p, ValueProbe) else Probe(p.queries, p.keys, heads=positive(p.heads), normalize=p.normalize)
+            for p in probes]

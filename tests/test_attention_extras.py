@@ -7,8 +7,8 @@ from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.reference import attention_probs, attention_reference
 from iidkern.kernels import launch
 from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, assert_within_magnitudes, make_qkv, \
-    random_key_groups, random_tags, rel_err
-from oracle import oracle
+    probe_on, random_key_groups, random_tags, rel_err
+from oracle import magnitude_probes, oracle
 
 OPTS = {"poison": True}
 B, H, NQ, NK, D = 2, 3, 45, 38, 32
@@ -395,17 +395,12 @@ def test_probe_pass_folds_groups_to_fp32_precision(dev, dtype, probe_pass_calls)
         Probe(TG.each(1, nq), TG.ids(k_ids), heads="mean"),  # keys fold
         Probe(TG.each(0, 9), TG.ids(k_ids, 5, span=(0, nk)), heads="sum", normalize="keys"),
     ]
-    on = [Probe(TG.ids(p.queries.group_ids.to(device)) if p.queries.kind == "ids" else p.queries,
-                TG.ids(p.keys.group_ids.to(device), p.keys.count, span=(p.keys.start, p.keys.stop))
-                if p.keys.kind == "ids" else p.keys,
-                heads=p.heads.to(device) if isinstance(p.heads, torch.Tensor) else p.heads, normalize=p.normalize)
-          for p in probes]
-    res = iidkern.attention(*(t.to(device) for t in (q, k, v)), probes=on, backend="triton",
+    res = iidkern.attention(*(t.to(device) for t in (q, k, v)), probes=[probe_on(p, device) for p in probes],
+                            backend="triton",
                             kernel_options={**OPTS, "fuse_key_groups": False})
     assert len(probe_pass_calls) == len(probes)  # none rides in the main pass (its own fp16 split)
     want = oracle(q, k, v, probes=probes).probes
-    magnitudes = oracle(q, k, v, probes=[Probe(p.queries, p.keys, heads=p.heads.abs(), normalize=p.normalize)
-                                         if isinstance(p.heads, torch.Tensor) else p for p in probes]).probes
+    magnitudes = oracle(q, k, v, probes=magnitude_probes(probes)).probes
     tiny = want[2][:, :, :, 4]
     assert 0 < tiny.abs().max() < 1e-7  # the tiny group is there
     for i, (got, w, m) in enumerate(zip(res.probes, want, magnitudes)):

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups, ValueProbe
 from helpers import (GPU_PROBE_TOL, OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, assert_within_magnitudes,
-                     rel_err)
-from oracle import allowed_pairs, oracle, pair_sums, tiles_visited
+                     probe_on, rel_err)
+from oracle import allowed_pairs, magnitude_probes, oracle, pair_sums, tiles_visited
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # A deeper run: IIDKERN_FUZZ_EXAMPLES=1000 pytest tests/test_attention_fuzz_extras.py --hypothesis-seed=N
@@ -160,22 +160,7 @@ def on(device, call):
         tags = iidkern.tag_mask(qt.to(device), kt.to(device)) if kind == "mask" else (qt.to(device), kt.to(device))
     hw = call["head_weights"].to(device) if call["head_weights"] is not None else None
 
-    def move_heads(heads):
-        return heads.to(device) if isinstance(heads, torch.Tensor) else heads
-
-    def move_groups(g):
-        if g.kind == "each" or device.type == "cpu":
-            return g
-        return TokenGroups.ids(g.group_ids.to(device), g.count, span=(g.start, g.stop))
-
-    probes = []
-    for p in call["probes"]:
-        if isinstance(p, ValueProbe):
-            probes.append(ValueProbe(p.x.to(device), move_groups(p.queries), heads=move_heads(p.heads),
-                                     normalize=p.normalize))
-        else:
-            probes.append(Probe(move_groups(p.queries), move_groups(p.keys), heads=move_heads(p.heads),
-                                normalize=p.normalize))
+    probes = [probe_on(p, device) for p in call["probes"]]
     m = call["block_multiplier"]
     if m is not None:
         m = BlockMultiplier(m.values.to(device), query_start=m.query_start, key_start=m.key_start)
@@ -183,16 +168,9 @@ def on(device, call):
 
 
 def probe_magnitudes(q, k, v, call, raw_tags):
-    """Per probe element, the sum of its terms' magnitudes: the oracle's probes with the value
-    probes' x and every head-weight rule taken by absolute value (probabilities and group
-    memberships are never negative)."""
-    def positive(heads):
-        return heads.abs() if isinstance(heads, torch.Tensor) else heads
-
-    probes = [ValueProbe(p.x.abs(), p.queries, heads=positive(p.heads), normalize=p.normalize)
-              if isinstance(p, ValueProbe) else Probe(p.queries, p.keys, heads=positive(p.heads), normalize=p.normalize)
-              for p in call["probes"]]
-    return oracle(q, k, v, layout=call["layout"], scale=call["scale"], tags=raw_tags, probes=probes).probes
+    """Per probe element, the sum of its terms' magnitudes (oracle.magnitude_probes)."""
+    return oracle(q, k, v, layout=call["layout"], scale=call["scale"], tags=raw_tags,
+                  probes=magnitude_probes(call["probes"])).probes
 
 
 def describe(call) -> str:
