@@ -373,7 +373,8 @@ def test_query_group_folding_keeps_small_groups_and_non_finite_rows_apart():
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.xfail(
     raises=AssertionError, strict=True,
     reason="the GPU folds 16-bit calls' groups with one tf32 product (~1e-3 a term); "
-           "scratch/fold_bf16_split.patch, not yet run on a GPU, makes it exact (NOTES.md 76)")])])
+           "scratch/fold_bf16_split.patch makes it exact (passed on an H200; its head-dim route, "
+           "added after a fault at head dim 40, not yet run there: NOTES.md 76)")])])
 def test_probe_pass_folds_groups_to_fp32_precision(dev, dtype, probe_pass_calls):
     """The probe pass's fold of probabilities into groups: per element within 1e-5 of the sum
     of its terms' magnitudes against float64 (fp32's own exp2 is ~1e-6 here), also for a

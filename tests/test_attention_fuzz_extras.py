@@ -300,6 +300,36 @@ def test_fuzz_every_extra_against_float64_cuda(call):
     check_call(call, torch.device("cuda"))
 
 
+def fused_probe_beside_probe_pass_call() -> dict:
+    """A call of the form the GPU suite's fuzz faulted on with the three-piece bf16 fold of
+    ``scratch/fold_bf16_split.patch`` (an out-of-bounds shared-memory read in the probe pass's
+    key fold, NOTES.md 76; the shipped tf32 fold passes it): head dim 40 (channel-masked
+    loads), packed bf16 inputs, a grouped-key probe riding in the main pass and a second one,
+    spread queries and per-head weights, in the probe pass; head weights, pair statistics,
+    LSE and tile counts beside them."""
+    g = torch.Generator().manual_seed(630)
+    nq, nk, h = 152, 99, 4
+    segments = torch.full((nk,), -1, dtype=torch.int32)
+    segments[4:51], segments[51:72], segments[72:77] = 0, 1, 2
+    probes = [
+        Probe(TokenGroups.ids(torch.randint(-1, 5, (nq,), generator=g, dtype=torch.int32)),
+              TokenGroups.ids(torch.randint(-1, 4, (nk,), generator=g, dtype=torch.int32)), heads="mean"),
+        Probe(TokenGroups.each(99, 117), TokenGroups.ids(segments, 3, span=(4, 77)),
+              heads=torch.randn(1, h, generator=g)),
+    ]
+    return dict(layout="bhnd", packed=True, b=1, h=h, nq=nq, nk=nk, d=40, dtype=torch.bfloat16, seed=630,
+                scale=None, tags=None, head_weights=torch.rand(h, generator=g) + 0.5, probes=probes,
+                block_multiplier=None, pair_stats=[(0, 0)] * 3, return_lse=True, count_tiles=True, tiles=None)
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fused_probe_beside_probe_pass_at_head_dim_40(dev, probe_pass_calls):
+    call = fused_probe_beside_probe_pass_call()
+    check_call(call, torch.device(dev))
+    # The first probe rode in the main pass; the second (spread queries) took the probe pass.
+    assert [p.queries.kind for p in probe_pass_calls] == ["each"]
+
+
 def tf32_truncated(t: torch.Tensor) -> torch.Tensor:
     """fp32 values as a tensor core reads them in a tf32 product: the low 13 mantissa bits dropped."""
     return (t.float().view(torch.int32) & ~0x1FFF).view(torch.float32)
