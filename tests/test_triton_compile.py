@@ -26,6 +26,7 @@ BRANCHES = {
     "attn_fwd_kernel": ("HAS_TAGS", "HAS_HW", "HAS_MULT", "HAS_X", "HAS_KG", "STORE_LSE", "COUNT_TILES", "KG_SPLIT",
                         "MULT_SPLIT", "EVEN_D", "HAS_LISTS"),
     "probe_kernel": ("Q_SPREAD", "K_SPREAD", "HAS_COEF", "KEEP_HEADS", "HAS_TAGS"),
+    "combine_kernel": ("HAS_HW", "STORE_LSE", "HAS_KG"),
 }
 
 
@@ -48,7 +49,7 @@ def test_every_launched_specialization_compiles():
     assert not failed, "\n\n".join(failed)
 
     # The matrix is not vacuous: every kernel, both targets, each branch both ways, each precision.
-    assert {e["kernel"] for e in compiled} == {"attn_fwd_kernel", "probe_kernel", "pair_stats_kernel"}
+    assert {e["kernel"] for e in compiled} == {"attn_fwd_kernel", "probe_kernel", "pair_stats_kernel", "combine_kernel"}
     assert {e["target"] for e in compiled} == {"sm_90", "sm_80"}
     for kernel, flags in BRANCHES.items():
         for flag in flags:

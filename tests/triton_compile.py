@@ -8,7 +8,8 @@ test did not compile there). Here the package runs with ``TRITON_INTERPRET=0`` o
 tensors, its launches are recorded instead of run (so the launch code chooses the tiles,
 warps and constexprs it chooses on a GPU, not the interpreter's), and each distinct
 specialization is compiled for sm_90 (H100) and sm_80 (A100: the Triton kernels are the
-fallback off Hopper). Only the Triton kernels are compiled here; the Hopper Gluon kernel has
+fallback off Hopper); the Hopper path's join pass, a Triton kernel that only runs beside the
+Gluon kernel, is launched here as that path builds it. The Gluon kernel itself has
 tests/hopper_compile.py. Run by tests/test_triton_compile.py in a child process.
 """
 import json
@@ -26,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import iidkern  # noqa: E402
 import iidkern.kernels as kernels  # noqa: E402
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe  # noqa: E402
-from iidkern.kernels import fast_launch  # noqa: E402
+from iidkern.kernels import fast_launch, hopper_fwd, tail_split  # noqa: E402
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 ALL = None  # every case of calls()
@@ -114,7 +115,33 @@ def record_launches():
             spec = specs.setdefault(spec_key(kernel, args, kw), (kernel, args, kw, [], set()))
             spec[3].append(label)
             spec[4].update(targets)
+    for label, kernel, args, kw in join_launches():
+        spec = specs.setdefault(spec_key(kernel, args, kw), (kernel, args, kw, [], {"sm_90"}))
+        spec[3].append(label)
     return list(specs.values())
+
+
+def join_launches():
+    """(label, kernel, args, kwargs) of the Hopper path's join pass as hopper_fwd launches it
+    (CPU tensors of the dtypes it passes), for a few and many pieces, at both head dims, with
+    and without head weights, LSE and key-group sums."""
+    tile_rows, g_pad, n_q, heads = 2 * hopper_fwd.BLOCK_M, 16, 300, 3
+    for dtype in (torch.bfloat16, torch.float16):
+        for head_dim in (64, 128):
+            for pieces in (3, 12):
+                for extras in (False, True):
+                    pieces_p2, rows, warps = tail_split.combine_shape(pieces, tile_rows, head_dim)
+                    part = pieces * tile_rows
+                    out = torch.empty(1, heads, n_q, head_dim, dtype=dtype)
+                    lse, hw, kgo = torch.empty(1, heads, n_q), torch.empty(1, heads, n_q), torch.empty(1, heads, n_q, 4)
+                    args = (torch.empty(part, head_dim), torch.empty(part), out, lse if extras else out,
+                            hw if extras else out, *out.stride()[:3], 0, n_q, 1, torch.empty(part, g_pad),
+                            kgo if extras else out, 0, n_q, 4, 4, 3, pieces, heads, n_q)
+                    kwargs = dict(TILE_ROWS=tile_rows, BLOCK_R=rows, HEAD_DIM=head_dim, G_PAD=g_pad,
+                                  PIECES_P2=pieces_p2, HAS_HW=extras, STORE_LSE=extras, HAS_KG=extras,
+                                  num_warps=warps)
+                    label = f"join-{str(dtype)[6:]}-d{head_dim}-p{pieces}" + ("-extras" if extras else "")
+                    yield label, tail_split.combine_kernel, args, kwargs
 
 
 def arg_type(a) -> str:
