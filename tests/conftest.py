@@ -1,6 +1,11 @@
 """Shared fixtures. On a CPU-only machine the Triton kernels run under the interpreter
 (``iidkern.kernels`` sets TRITON_INTERPRET=1 before they are decorated)."""
+import fcntl
 import importlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +30,33 @@ def fresh_replays():
     replays.clear()
     yield
     replays.clear()
+
+
+@pytest.fixture(scope="session")
+def compile_script(request, tmp_path_factory):
+    """``run(script)``: the JSON that a tests/ script compiling kernels for real GPUs prints
+    on its last line, run in a child process without the interpreter. Under pytest-xdist
+    the first worker to ask runs it and the others read its result: each run compiles for
+    minutes, and every worker would otherwise run it for its own share of the tests."""
+    here = os.path.dirname(__file__)
+
+    def run(script: str):
+        def child() -> str:
+            env = dict(os.environ, TRITON_INTERPRET="0")
+            env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
+            proc = subprocess.run([sys.executable, os.path.join(here, script)], capture_output=True, text=True,
+                                  env=env, timeout=1200)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return proc.stdout.strip().splitlines()[-1]
+        if getattr(request.config, "workerinput", None) is None:  # not an xdist worker
+            return json.loads(child())
+        shared = tmp_path_factory.getbasetemp().parent / f"{script}.json"  # this session's, all workers'
+        with open(f"{shared}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait for the first
+            if not shared.exists():
+                shared.write_text(child())
+        return json.loads(shared.read_text())
+    return run
 
 
 @pytest.fixture

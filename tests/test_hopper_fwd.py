@@ -5,11 +5,7 @@ sm_90 (it must build on every Triton the package supports) and tests which calls
 to it; its results are tested on an H100 against the float64 reference (``cuda`` tests).
 """
 import importlib
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -34,14 +30,9 @@ needs_hopper = pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (
 
 # --------------------------------------------------------------------------- compiles (CPU)
 @pytest.fixture(scope="module")
-def compiled_variants():
+def compiled_variants(compile_script):
     """Every kernel variant compiled for sm_90 in a non-interpreting child process."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "hopper_compile.py")],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return compile_script("hopper_compile.py")
 
 
 @needs_gluon
