@@ -57,7 +57,9 @@ def _poisoned(shape, dtype, device):
 
 
 def _fp32_product_precision(dtype: torch.dtype) -> str:
-    """Precision of products of fp32 probabilities (value probes, group folding).
+    """Precision of products of fp32 probabilities (value probes, the fused key-group probe's
+    fp32 mode; the probe pass's group folds where they may not take three bf16 products,
+    :func:`_fold_split_allowed`).
 
     fp32 inputs get true fp32 products; half inputs get one tf32 product, far cheaper than
     fp32 FMAs. The tensor cores read an fp32 operand's top 19 bits (a truncation, not a
@@ -498,10 +500,22 @@ def _run_probe(p: Probe, q, k, lse, layout, tags, batch, heads, n_q, n_k, head_d
         q_lo, q_hi, k_lo, k_hi, gq, gk, coef if coef is not None else dummy_f, coef_value, out_heads,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, G_BLOCK=g_block, ROWS=rows, COLS=cols,
         HAS_COEF=coef is not None, KEEP_HEADS=keep, Q_SPREAD=q_spread, K_SPREAD=k_spread, HAS_TAGS=tags is not None,
-        DOT_PRECISION=dot_precision, ONEHOT_PRECISION=_fp32_product_precision(q.dtype),
-        UPCAST_DOTS=_INTERPRET and q.dtype == torch.bfloat16, **launch_opts,
+        DOT_PRECISION=dot_precision,
+        FOLD_SPLIT=_fold_split_allowed(q.dtype, q_spread and k_spread, head_dim == block_d),
+        ONEHOT_PRECISION=_fp32_product_precision(q.dtype),
+        UPCAST_DOTS=_INTERPRET and q.dtype != torch.float32, **launch_opts,
     )
     return normalize_groups(result, p.queries, p.keys, p.normalize, n_q, n_k)
+
+
+def _fold_split_allowed(dtype: torch.dtype, token_by_token: bool, even_d: bool) -> bool:
+    """probe_kernel's ``FOLD_SPLIT``: fold 16-bit calls' probabilities into groups as three
+    bf16 products (exact to fp32) rather than one tf32 product (~1e-3 a term). Not for fp32
+    inputs (their fold is an fp32 product), not for a token x token map (nothing to fold), and
+    not at a head dim that is not a power of two (Q and K loaded with a channel mask): there
+    Triton 3.6 compiled the bf16 fold into an out-of-bounds shared-memory read on an H200
+    (NOTES.md 76), as it did the fused key-group probe's fp16 split (74); those keep tf32."""
+    return dtype != torch.float32 and not token_by_token and even_d
 
 
 def _fused_probe_index(probes: Sequence, cfg: dict) -> Optional[int]:

@@ -19,6 +19,38 @@ import triton.language as tl
 
 
 @triton.jit
+def _fold_split(values, onehot, VALUES_LEFT: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """``values @ onehot`` (or ``onehot @ values``) to fp32's precision at 16-bit product rates:
+    fp32 values as the sum of three bf16 pieces (8 + 8 + 8 of fp32's 24 mantissa bits, each
+    residual exact in fp32, and bf16 has fp32's exponent range) and three bf16 products with
+    fp32 accumulation, against a one-hot matrix that bf16 holds exactly. A tf32 product
+    truncates each value to 11 bits, ~1e-3 of it (NOTES.md 76)."""
+    hi = values.to(tl.bfloat16)
+    rest = values - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    # One return at the end: Triton compiles every statement after a return nested in a
+    # constexpr `if`, so the other side's product (shapes that do not match) would be built too.
+    if UPCAST_DOTS:  # the interpreter (its bf16 tl.dot is wrong): the same pieces, multiplied exactly
+        one = onehot.to(tl.float32)
+        hi, mid, lo = hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32)
+        if VALUES_LEFT:
+            folded = tl.dot(hi, one, input_precision="ieee") + tl.dot(mid, one, input_precision="ieee") + \
+                tl.dot(lo, one, input_precision="ieee")
+        else:
+            folded = tl.dot(one, hi, input_precision="ieee") + tl.dot(one, mid, input_precision="ieee") + \
+                tl.dot(one, lo, input_precision="ieee")
+    else:
+        one = onehot.to(tl.bfloat16)
+        # Smallest piece first: the fp32 accumulator adds the large one last.
+        if VALUES_LEFT:
+            folded = tl.dot(hi, one, tl.dot(mid, one, tl.dot(lo, one)))
+        else:
+            folded = tl.dot(one, hi, tl.dot(one, mid, tl.dot(one, lo)))
+    return folded
+
+
+@triton.jit
 def probe_kernel(
     Q, K, LSE, OUT,
     stride_qb, stride_qh, stride_qn,
@@ -34,8 +66,9 @@ def probe_kernel(
     HAS_COEF: tl.constexpr,  # per-(batch, head) weights in HEAD_COEF; else every head gets coef_value
     KEEP_HEADS: tl.constexpr,
     Q_SPREAD: tl.constexpr, K_SPREAD: tl.constexpr, HAS_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ONEHOT_PRECISION: tl.constexpr,  # folding p into groups: "tf32" for half inputs, "ieee" for fp32
-    UPCAST_DOTS: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, fp32 operands are exact
+    FOLD_SPLIT: tl.constexpr,  # folding p into groups: three bf16 products (half inputs) ...
+    ONEHOT_PRECISION: tl.constexpr,  # ... else one product: "tf32" for half inputs, "ieee" for fp32
+    UPCAST_DOTS: tl.constexpr,  # the interpreter: fp32 operands are exact (its bf16 tl.dot is wrong)
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -129,7 +162,7 @@ def probe_kernel(
             # A token x token map without tags: every row has allowed keys (finite lse), and a
             # padded row or column only fills an output element that is never stored, so no
             # select per score (one instruction of the few per exp).
-            p = tl.math.exp2(s - lse2[:, None]) * coef
+            p = tl.math.exp2(s - lse2[:, None])
         else:
             valid = m_ok[:, None] & n_ok[None, :]
             if HAS_TAGS:
@@ -138,17 +171,24 @@ def probe_kernel(
                 valid = valid & ((q_tags[:, None] & k_tags[None, :]) != 0)
             # Masked entries and rows with no allowed key (lse = -inf) contribute 0; grouped
             # sides fold every column and row through a one-hot product, so 0, not garbage.
-            p = tl.math.exp2(tl.where(valid, s - lse2[:, None], float("-inf"))) * coef
+            p = tl.math.exp2(tl.where(valid, s - lse2[:, None], float("-inf")))
+        # The head's coefficient scales the folded sums (one multiply per output, not per p).
         if K_SPREAD:
             p_cols = p
         else:
-            k_onehot = (k_group[:, None] == col_ids[None, :]).to(tl.float32)  # [BLOCK_N, G_BLOCK]
-            p_cols = tl.dot(p, k_onehot, input_precision=ONEHOT_PRECISION)
+            k_onehot = k_group[:, None] == col_ids[None, :]  # [BLOCK_N, G_BLOCK]
+            if FOLD_SPLIT:
+                p_cols = _fold_split(p, k_onehot, True, UPCAST_DOTS)
+            else:
+                p_cols = tl.dot(p, k_onehot.to(tl.float32), input_precision=ONEHOT_PRECISION)
         if Q_SPREAD:
-            acc += p_cols
+            acc += p_cols * coef  # spread x spread: the same exp2 -> * coef -> + acc chain as ever
         else:
-            q_onehot = (q_group[:, None] == row_ids[None, :]).to(tl.float32)  # [BLOCK_M, G_BLOCK]
-            acc += tl.dot(tl.trans(q_onehot), p_cols, input_precision=ONEHOT_PRECISION)
+            q_onehot_t = row_ids[:, None] == q_group[None, :]  # [G_BLOCK, BLOCK_M]
+            if FOLD_SPLIT:
+                acc += _fold_split(p_cols, q_onehot_t, False, UPCAST_DOTS) * coef
+            else:
+                acc += tl.dot(q_onehot_t.to(tl.float32), p_cols, input_precision=ONEHOT_PRECISION) * coef
 
     rows_ok = row_ids < n_q_out
     cols_ok = col_ids < n_k_out

@@ -5,7 +5,7 @@ import torch
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups as TG, ValueProbe
 from iidkern.reference import attention_probs, attention_reference
-from iidkern.kernels import launch
+from iidkern.kernels import fast_launch, launch
 from helpers import OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, assert_within_magnitudes, make_qkv, \
     probe_on, random_key_groups, random_tags, rel_err
 from oracle import magnitude_probes, oracle
@@ -369,23 +369,48 @@ def test_query_group_folding_keeps_small_groups_and_non_finite_rows_apart():
     assert torch.isnan(got[0, 0, 0]).all() and torch.isfinite(got[0, 0, 1:]).all() and got[0, 0, 2].item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 40, 64])
+def test_probe_pass_splits_its_fold_only_at_power_of_two_head_dims(dtype, head_dim):
+    """The three-piece bf16 fold (16-bit inputs, a grouped side) is what Triton 3.6 compiled
+    into an out-of-bounds shared-memory read at head dim 40 (NOTES.md 76): a head dim that
+    is not a power of two, and fp32 inputs, take the one-product fold. The launch's constexprs
+    show the route; the folds still match float64."""
+    g = torch.Generator().manual_seed(77)
+    q, k, v = make_qkv(2, 2, 37, 45, head_dim, dtype=dtype, generator=g)
+    probes = [Probe(TG.ids(torch.randint(-1, 3, (37,), generator=g, dtype=torch.int32)), TG.each(0, 45)),
+              Probe(TG.each(0, 37), random_key_groups(45, (3, 41), 4, g), heads="keep"),
+              Probe(TG.each(0, 37), TG.each(0, 45))]  # token x token: nothing folds
+    with fast_launch.recording() as launches:
+        res = iidkern.attention(q, k, v, probes=probes, backend="triton",
+                                kernel_options={**OPTS, "fuse_key_groups": False})
+    folds = [c for (_, _, _, c) in launches if "FOLD_SPLIT" in c]
+    assert len(folds) == len(probes)
+    split = dtype != torch.float32 and head_dim in (32, 64)
+    assert [c["FOLD_SPLIT"] for c in folds] == [split, split, False]
+    ref = attention_reference(q, k, v, probes=probes, compute_dtype=torch.float64)
+    for i, (got, want) in enumerate(zip(res.probes, ref.probes)):
+        assert_close_rel(got, want, PROBE_TOL[dtype], what=f"probe {i}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.xfail(
-    raises=AssertionError, strict=True,
-    reason="the GPU folds 16-bit calls' groups with one tf32 product (~1e-3 a term); "
-           "scratch/fold_bf16_split.patch makes it exact (passed on an H200; its head-dim route, "
-           "added after a fault at head dim 40, not yet run there: NOTES.md 76)")])])
-def test_probe_pass_folds_groups_to_fp32_precision(dev, dtype, probe_pass_calls):
-    """The probe pass's fold of probabilities into groups: per element within 1e-5 of the sum
-    of its terms' magnitudes against float64 (fp32's own exp2 is ~1e-6 here), also for a
-    group of probabilities ~1e-10, at either side and both. The interpreter's fold is exact
-    fp32; on the GPU a tf32 product truncates each operand to 11 bits, ~1e-3 a term, which
-    three bf16 pieces per value would bring to fp32's precision (the patch)."""
+@pytest.mark.parametrize("dev, d", [("cpu", 32)] + [pytest.param("cuda", d, marks=pytest.mark.cuda)
+                                                    for d in (16, 32, 64, 128, 256)])
+def test_probe_pass_folds_groups_to_fp32_precision(dev, d, dtype, probe_pass_calls):
+    """The probe pass folds 16-bit calls' probabilities into groups as three bf16 pieces per
+    value (kernels/probe.py, ``_fold_split``; at head dims that are powers of two, each of
+    which the GPU compiles with its own tiles; the interpreter's product does not depend on
+    the head dim, so CPU runs one): per element within
+    1e-5 of the sum of its terms' magnitudes against float64 (fp32's own exp2 is ~1e-6 here),
+    also for a group of probabilities ~1e-10, at either side and both. A tf32 product (the
+    fold before NOTES.md 76, and still at other head dims) truncates each operand to 11 bits,
+    ~1e-3 a term."""
     device = torch.device(dev)
     g = torch.Generator().manual_seed(76)
-    b, h, nq, nk, d = 2, 3, 70, 93, 32
+    b, h, nq, nk = 2, 3, 70, 93
     q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype) for n in (nq, nk, nk))
-    q[..., 0], k[..., :80, 0], k[..., 80:, 0] = 4, 0, -25  # keys 80.. score ~18 below the rest
+    # Keys 80.. score ~18 below the rest at every head dim (scores scale by 1 / sqrt(d)).
+    q[..., 0], k[..., :80, 0], k[..., 80:, 0] = 4 * (d / 32) ** 0.5, 0, -25
     q_ids = torch.randint(-1, 5, (b, nq), generator=g, dtype=torch.int32)
     k_ids = torch.randint(-1, 4, (nk,), generator=g, dtype=torch.int32)
     k_ids[80:] = 4
