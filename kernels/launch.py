@@ -544,7 +544,9 @@ def _fold_query_groups(per_query: torch.Tensor, groups, row0: int, n_q: int) -> 
         return per_query[:, :, groups.start - row0:groups.stop - row0]
     ids = groups.dense_ids(batch, n_q, per_query.device)[:, row0:row0 + rows].long()
     slot = torch.where(ids >= 0, ids, groups.count)  # unprobed rows sort last, into a dropped segment
-    slot, order = torch.sort(slot, dim=1, stable=True)
+    # contiguous: ids from a transposed [N, B] tensor give a sort result in its strides, which
+    # searchsorted reads correctly but warns about (a warning on every call of such a probe).
+    slot, order = torch.sort(slot.contiguous(), dim=1, stable=True)
     ordered = per_query.double().gather(2, order[:, None, :, None].expand(batch, heads, rows, channels))
     starts = torch.searchsorted(slot, torch.arange(groups.count + 2, device=slot.device).expand(batch, -1).contiguous())
     lengths = (starts[:, 1:] - starts[:, :-1])[:, None, :].expand(batch, heads, groups.count + 1)

@@ -1,4 +1,6 @@
 """Probes, value probes, head weights, block multiplier and branch-pair statistics vs the oracle."""
+import warnings
+
 import pytest
 import torch
 
@@ -332,19 +334,25 @@ def test_each_probe_result_is_its_own_contiguous_tensor():
     assert len(storages) == len(probes)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_query_group_folding_sums_each_group_in_float64(batched):
+@pytest.mark.parametrize("ids_form", ["shared", "batched", "transposed"])
+def test_query_group_folding_sums_each_group_in_float64(ids_form):
     """The host fold of per-query probe rows into query groups (value probes, grouped-query
     key-group probes): each group's float64 sum, empty groups zero, unprobed rows dropped,
-    from any first row; sort and running sum, so the same on every run (no atomics)."""
+    from any first row; sort and running sum, so the same on every run (no atomics). Ids
+    read from a transposed tensor fold the same, without a warning."""
     from iidkern.kernels.launch import _fold_query_groups
     g = torch.Generator().manual_seed(17)
     b, h, n, c, count, row0 = 2, 3, 57, 4, 6, 5
-    shape = (b, n) if batched else (n,)
+    shape = {"shared": (n,), "batched": (b, n), "transposed": (n, b)}[ids_form]
     ids = torch.randint(-1, count - 1, shape, generator=g, dtype=torch.int32)  # group count-1 stays empty
+    if ids_form == "transposed":
+        ids = ids.t()
+        assert not ids.is_contiguous()
     groups = TG.ids(ids, num_groups=count, span=(0, n))
     per_query = torch.randn(b, h, n - row0, c, generator=g) * 100
-    got = _fold_query_groups(per_query, groups, row0, n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _fold_query_groups(per_query, groups, row0, n)
     dense = ids.expand(b, n)[:, row0:]
     want = torch.stack([(per_query.double() * (dense == j)[:, None, :, None]).sum(2) for j in range(count)], 2)
     assert got.dtype == torch.float32 and got.shape == (b, h, count, c)

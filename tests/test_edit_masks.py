@@ -45,6 +45,32 @@ def test_otsu_separates_two_modes():
     assert torch.equal(mask, values > 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_otsu_splits_maps_whose_spread_is_tiny_beside_their_values(dtype):
+    """The threshold in map units keeps the histogram's two classes: where the spread is a few
+    steps of the dtype beside large values, lo + a fraction of it rounds back to lo, and the
+    mask took every token. Here two values one or two steps apart, and random maps offset far
+    from 0 and scaled down: the split is never all or nothing, t lies above every background
+    value and at most the smallest foreground one, and binarize agrees with it."""
+    g = torch.Generator().manual_seed(13)
+    step = torch.finfo(dtype).eps
+    pairs = [(0.5, 0.5 + step / 2), (1.0, 1.0 + 2 * step), (1000.0, 1000.0 + 1000 * step)]
+    pattern = torch.tensor([0, 1, 0, 1, 1, 0, 0])
+    maps = torch.stack([torch.where(pattern.bool(), torch.tensor(b, dtype=torch.float64), a) for a, b in pairs])
+    maps = maps.to(dtype)
+    assert (maps.max(-1).values > maps.min(-1).values).all()  # two distinct values in the dtype
+    assert torch.equal(binarize(maps, "otsu"), pattern.bool().expand(len(pairs), -1))
+    offsets = torch.tensor([0.0, 1.0, -3.0, 100.0], dtype=torch.float64)[:, None]
+    spreads = torch.tensor([1.0, 1e-2, 300 * step, 40 * step], dtype=torch.float64)[:, None]
+    random_maps = (offsets + spreads * torch.rand(4, 64, generator=g, dtype=torch.float64) *
+                   offsets.abs().clamp_min(1)).to(dtype)
+    for m in [*maps, *random_maps]:
+        t = otsu_threshold(m)
+        mask = binarize(m, "otsu")
+        assert torch.equal(mask, m >= t) and 0 < mask.sum() < m.numel(), (m, t)
+        assert m[~mask].max() < t <= m[mask].min()
+
+
 def test_threshold_rules():
     g = torch.Generator().manual_seed(4)
     values = torch.rand(2, 50, generator=g)

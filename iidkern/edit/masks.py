@@ -118,17 +118,19 @@ def threshold_value_problem(rule: str, value: float) -> Optional[str]:
 def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
     """Otsu's threshold of each map (last dim), maximizing the between-class variance.
 
-    Returns ``[...]`` thresholds in the maps' units; a map is foreground where ``>= t``.
+    Returns ``[...]`` thresholds in the maps' units and (floating) dtype; a map is foreground
+    where ``>= t``, which keeps the histogram's two classes however small the spread.
     A constant map has no two classes to split: its threshold is ``+inf`` (no foreground),
     whatever the constant, so an all-zero and an all-0.7 map give the same empty mask.
     """
     lead = values.shape[:-1]
-    x = values.reshape(-1, values.shape[-1]).float()
+    # float64 maps stay float64: a spread below float32's step would collapse to a constant.
+    x = values.reshape(-1, values.shape[-1]).to(torch.promote_types(values.dtype, torch.float32))
     lo = x.min(-1, keepdim=True).values
     hi = x.max(-1, keepdim=True).values
-    span = (hi - lo).clamp_min(1e-12)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # any spread, however small (a constant: below)
     idx = ((x - lo) / span * bins).long().clamp_(0, bins - 1)
-    hist = torch.zeros(x.shape[0], bins, device=x.device).scatter_add_(1, idx, torch.ones_like(x))
+    hist = torch.zeros(x.shape[0], bins, device=x.device).scatter_add_(1, idx, torch.ones_like(x, dtype=torch.float32))
     p = hist / hist.sum(-1, keepdim=True)
     centers = (torch.arange(bins, device=x.device, dtype=torch.float32) + 0.5) / bins
     w0 = p.cumsum(-1)
@@ -138,9 +140,19 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
     between = (mt * w0 - m0) ** 2 / (w0 * w1).clamp_min(1e-12)
     between = torch.where((w0 > 0) & (w1 > 0), between, torch.full_like(between, -1.0))
     k = between.argmax(-1, keepdim=True)  # split after bin k
-    t = lo + (k.float() + 1) / bins * span
-    # lo + a split of the 1e-12 clamped span rounds back to lo for any constant but 0 (all foreground,
-    # while 0 gave none): decide the constant case explicitly instead of by rounding.
+    t = lo + (k.to(x.dtype) + 1) / bins * span
+    # The split in map units must keep the histogram's classes: where the spread is tiny beside
+    # the values (0.5 and 0.5 + 2^-23), lo + a fraction of it rounds back to lo, and `>= t`
+    # would take every token. So t, in the maps' own dtype (a 0-dim float32 t would be rounded
+    # to a half map's dtype by the comparison), lies above the largest background value and at
+    # most the smallest foreground one; both are map values, exact in that dtype.
+    out_dtype = values.dtype if values.is_floating_point() else x.dtype
+    foreground = idx > k
+    top_background = torch.where(foreground, -float("inf"), x).max(-1, keepdim=True).values.to(out_dtype)
+    low_foreground = torch.where(foreground, x, float("inf")).min(-1, keepdim=True).values.to(out_dtype)
+    above_background = torch.nextafter(top_background, torch.full_like(top_background, float("inf")))
+    t = torch.minimum(torch.maximum(t.to(out_dtype), above_background), low_foreground)
+    # A constant map: one class, whatever the constant (0 and 0.7 alike), so no foreground.
     t = torch.where(hi > lo, t, torch.full_like(t, float("inf")))
     return t.reshape(lead)
 
