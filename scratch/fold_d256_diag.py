@@ -9,18 +9,14 @@ import iidkern
 from iidkern import Probe, TokenGroups as TG
 from helpers import probe_on
 from oracle import oracle
+from test_attention_extras import fold_precision_inputs
 
 DEV = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 for d in ((128, 256) if DEV.type == 'cuda' else (32,)):
     for dtype in (torch.bfloat16, torch.float16):
-        g = torch.Generator().manual_seed(76)
-        b, h, nq, nk = 2, 3, 70, 93
-        q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype) for n in (nq, nk, nk))
-        q[..., 0], k[..., :80, 0], k[..., 80:, 0] = 4 * (d / 32) ** 0.5, 0, -25
-        q_ids = torch.randint(-1, 5, (b, nq), generator=g, dtype=torch.int32)
-        k_ids = torch.randint(-1, 4, (nk,), generator=g, dtype=torch.int32)
-        k_ids[80:] = 4
+        q, k, v, q_ids, k_ids, _ = fold_precision_inputs(d, dtype)
+        nq, nk = q.shape[2], k.shape[2]
         probes = [Probe(TG.ids(q_ids), TG.each(0, nk), heads="keep"), Probe(TG.each(0, nq), TG.ids(k_ids), heads="keep"),
                   Probe(TG.each(0, nq), TG.each(0, nk), heads="keep")]
         res = iidkern.attention(*(t.to(DEV) for t in (q, k, v)), probes=[probe_on(p, DEV) for p in probes], backend="triton",

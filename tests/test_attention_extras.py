@@ -401,6 +401,21 @@ def test_probe_pass_splits_its_fold_only_at_power_of_two_head_dims(dtype, head_d
         assert_close_rel(got, want, PROBE_TOL[dtype], what=f"probe {i}")
 
 
+def fold_precision_inputs(d, dtype):
+    """q, k, v ``[2, 3, N, d]`` (70 queries, 93 keys), query ids in 5 groups per batch row and
+    key ids with keys 80.. alone in group 4, scoring ~18 below the rest at every head dim
+    (scores scale by 1 / sqrt(d)), and the generator, to draw more. Also used by
+    scratch/fold_d256_diag.py."""
+    g = torch.Generator().manual_seed(76)
+    b, h, nq, nk = 2, 3, 70, 93
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype) for n in (nq, nk, nk))
+    q[..., 0], k[..., :80, 0], k[..., 80:, 0] = 4 * (d / 32) ** 0.5, 0, -25
+    q_ids = torch.randint(-1, 5, (b, nq), generator=g, dtype=torch.int32)
+    k_ids = torch.randint(-1, 4, (nk,), generator=g, dtype=torch.int32)
+    k_ids[80:] = 4
+    return q, k, v, q_ids, k_ids, g
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dev, d", [("cpu", 32)] + [pytest.param("cuda", d, marks=pytest.mark.cuda)
                                                     for d in (16, 32, 64, 128, 256)])
@@ -415,14 +430,8 @@ def test_probe_pass_folds_groups_to_fp32_precision(dev, d, dtype, probe_pass_cal
     probabilities ~1e-10, at either side and both. A tf32 product (the fold before NOTES.md
     76, and still at other head dims) truncates each operand to 11 bits, ~1e-3 a term."""
     device = torch.device(dev)
-    g = torch.Generator().manual_seed(76)
-    b, h, nq, nk = 2, 3, 70, 93
-    q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype) for n in (nq, nk, nk))
-    # Keys 80.. score ~18 below the rest at every head dim (scores scale by 1 / sqrt(d)).
-    q[..., 0], k[..., :80, 0], k[..., 80:, 0] = 4 * (d / 32) ** 0.5, 0, -25
-    q_ids = torch.randint(-1, 5, (b, nq), generator=g, dtype=torch.int32)
-    k_ids = torch.randint(-1, 4, (nk,), generator=g, dtype=torch.int32)
-    k_ids[80:] = 4
+    q, k, v, q_ids, k_ids, g = fold_precision_inputs(d, dtype)
+    (b, h, nq, _), nk = q.shape, k.shape[2]
     signed = torch.rand(b, h, generator=g) * 2 - 1
     probes = [
         Probe(TG.ids(q_ids), TG.ids(k_ids), heads=signed, normalize="both"),  # both sides fold
