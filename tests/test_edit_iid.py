@@ -83,6 +83,33 @@ def test_mask_tags_equal_the_allow_table(background, layout):
     assert torch.equal(got, expected)
 
 
+def test_masked_rows_leave_the_other_rows_of_the_batch_unmasked():
+    """A guidance batch [uncond; cond; ...]: the rows flagged in ``masked_rows`` take the
+    instruction masks, the others attend unmasked; outputs row by row equal the masked and
+    the unmasked call of that row alone. No flagged row: no request."""
+    g = torch.Generator().manual_seed(29)
+    instructions, text, image = [(0, 2), (2, 5)], (0, 7), (7, 19)
+    site = AttentionSite(block=0, block_kind="double", text=text, image=image, step=4, num_steps=6)
+    masks = random_masks(2, 12, seed=5)
+    flags = [False, True, False]
+    policy = IIDMaskPolicy(instructions, masks, masked_rows=flags)
+    tags = policy.request(site).tags
+    allow = allowed_pairs(tags.q_tags, tags.k_tags)  # [3, N, N]
+    alone = IIDMaskPolicy(instructions, masks).request(site).tags
+    alone_allow = allowed_pairs(alone.q_tags.view(1, -1), alone.k_tags.view(1, -1))[0]
+    assert not alone_allow.all()  # the masks restrict something
+    assert allow[0].all() and allow[2].all() and torch.equal(allow[1], alone_allow)
+    q, k, v = (torch.randn(3, 2, site.seq_len, 8, generator=g) for _ in range(3))
+    got = attention(q, k, v, tags=tags, backend="reference")
+    torch.testing.assert_close(got[[0, 2]], attention(q[[0, 2]], k[[0, 2]], v[[0, 2]], backend="reference"))
+    torch.testing.assert_close(got[1:2], attention(q[1:2], k[1:2], v[1:2], tags=alone, backend="reference"))
+    per_row = IIDMaskPolicy(instructions, masks.expand(3, -1, -1), masked_rows=flags).request(site).tags
+    assert torch.equal(allowed_pairs(per_row.q_tags, per_row.k_tags), allow)
+    assert IIDMaskPolicy(instructions, masks, masked_rows=[False, False]).request(site) is None
+    late = IIDPolicy(instructions, (3, 4), masks=masks, masked_rows=flags).request(site)
+    assert torch.equal(allowed_pairs(late.tags.q_tags, late.tags.k_tags), allow)
+
+
 def test_isolation_rows_hide_other_instructions():
     instructions = [(0, 2), (2, 4)]
     site = AttentionSite(block=0, block_kind="double", text=(0, 5), image=(5, 13), step=0, num_steps=4)
@@ -222,6 +249,15 @@ def test_config_refuses_wrong_types_when_built(kwargs, exc, words):
      ["from_step", "'a'"]),
     (lambda: IIDMaskPolicy([(0, 3)], torch.ones(1, 4, dtype=torch.bool), until_step=-2), ValueError,
      ["until_step", ">= 0"]),
+    (lambda: IIDMaskPolicy([(0, 3)], torch.ones(1, 4, dtype=torch.bool), masked_rows="10"), TypeError,
+     ["masked_rows", "'10'"]),
+    (lambda: IIDMaskPolicy([(0, 3)], torch.ones(1, 4, dtype=torch.bool), masked_rows=[0, 1]), TypeError,
+     ["masked_rows", "bool", "0"]),
+    (lambda: IIDMaskPolicy([(0, 3)], torch.ones(1, 4, dtype=torch.bool), masked_rows=[]), ValueError,
+     ["masked_rows", "at least one"]),
+    (lambda: IIDMaskPolicy([(0, 3)], torch.ones(2, 1, 4, dtype=torch.bool), masked_rows=[True]), ValueError,
+     ["masked_rows", "B=2", "1 flags"]),
+    (lambda: IIDPolicy([(0, 3)], (2, 2), masked_rows=(True, "no")), TypeError, ["IIDPolicy: masked_rows", "'no'"]),
     (lambda: IIDConfig(propagation_signal=[[1.0]] * 9), TypeError, ["propagation_signal", "torch.Tensor", "list"]),
     (lambda: IIDConfig(propagation_signal=torch.ones(9)), ValueError, ["propagation_signal", "2-D", "(9,)"]),
 ])

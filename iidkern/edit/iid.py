@@ -67,7 +67,12 @@ class IIDConfig:
     instruction, ``"all"`` = every instruction). ``mask_until``: last masked step
     (inclusive; ``None`` = to the end). ``visible_ranges``: names of ``AttentionSite.extra``
     ranges that stay visible to and from everything (conditioning: source image, time
-    token); ``None`` = every extra range.
+    token); ``None`` = every extra range. ``shared_text``: text tokens outside every
+    instruction, padding included, are conditioning seen by every token (``"visible"``) or
+    seen by none (``"hidden"``); where the text encoder ran over the whole prompt (one T5
+    sequence holding every instruction, padded to 512 as diffusers' Flux does), those tokens
+    carry every instruction, so ``"hidden"`` keeps the regions apart. The built-in pipelines
+    encode each instruction on its own and leave no such tokens.
     """
 
     map_step: Optional[int] = None
@@ -223,6 +228,15 @@ def _site_range(site: AttentionSite, name: str, field: str) -> Range:
 
 def _has_text(site: AttentionSite) -> bool:
     return site.text[1] > site.text[0]
+
+
+def _check_masked_rows(value, what: str) -> Optional[Tuple[bool, ...]]:
+    if value is None:
+        return None
+    rows = tuple(checks.flag(r, what) for r in checks.sequence(value, what, "None or one bool a batch row"))
+    if not rows:
+        raise ValueError(f"{what} must name at least one batch row, got {value!r}")
+    return rows
 
 
 def _layout_key(site: AttentionSite) -> tuple:
@@ -390,10 +404,19 @@ class IIDMaskPolicy(AttentionPolicy):
     built once per sequence layout as an :func:`iidkern.tag_mask` (so tile lists are built
     once) and reused by every block and step. ``from_step`` / ``until_step``: the window
     (inclusive); ``None`` = unbounded.
+
+    ``masked_rows``: which batch rows hold the instructions and take the masks, one flag a
+    row, e.g. ``[False, True]`` for a classifier-free-guidance batch ``[uncond; cond]``, whose
+    unconditional row's text holds no instructions (its tokens at the instructions' places
+    are not theirs); the other rows attend unmasked. ``None``: every row of whatever batch
+    runs. A guidance that runs the negative prompt as a forward of its own (diffusers' true
+    CFG) is a separate call of one row: rows cannot tell it apart, so do not mask it with
+    this policy.
     """
 
     def __init__(self, instructions: Sequence[Range], masks: torch.Tensor, config: Optional[IIDConfig] = None,
-                 from_step: Optional[int] = None, until_step: Optional[int] = None):
+                 from_step: Optional[int] = None, until_step: Optional[int] = None,
+                 masked_rows: Optional[Sequence[bool]] = None):
         self.instructions = _check_instructions(instructions)
         if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
             # A soft map cast to bool would be "any value > 0": threshold it first (binarize).
@@ -406,6 +429,10 @@ class IIDMaskPolicy(AttentionPolicy):
         self.config = config or IIDConfig()
         self.from_step = checks.optional_integer(from_step, "IIDMaskPolicy: from_step", 0)
         self.until_step = checks.optional_integer(until_step, "IIDMaskPolicy: until_step", 0)
+        self.masked_rows = _check_masked_rows(masked_rows, "IIDMaskPolicy: masked_rows")
+        if self.masked_rows is not None and masks.dim() == 3 and masks.shape[0] != len(self.masked_rows):
+            raise ValueError(f"IIDMaskPolicy: masks [B, N, N_img] and masked_rows must describe the same rows, "
+                             f"got B={masks.shape[0]} and {len(self.masked_rows)} flags")
         self._tags: Dict[tuple, object] = {}
 
     def tags_for(self, site: AttentionSite):
@@ -415,7 +442,13 @@ class IIDMaskPolicy(AttentionPolicy):
                 site.seq_len, image=site.image, instructions=absolute_instruction_ranges(site, self.instructions),
                 region_masks=self.masks, background=self.config.background,
                 always_visible=self.visible_ranges(site))
-            if self.masks.dim() == 2:  # shared by every row of whatever batch runs
+            if self.masked_rows is not None:
+                # Every bit set: an unmasked row's tokens meet every token of that row.
+                free = ~torch.tensor(self.masked_rows, device=q_tags.device)[:, None]
+                rows = len(self.masked_rows)
+                q_tags = torch.where(free, -1, q_tags.expand(rows, -1))
+                k_tags = torch.where(free, -1, k_tags.expand(rows, -1))
+            elif self.masks.dim() == 2:  # shared by every row of whatever batch runs
                 q_tags, k_tags = q_tags[0], k_tags[0]
             self._tags[key] = tag_mask(q_tags, k_tags)
         return self._tags[key]
@@ -436,6 +469,8 @@ class IIDMaskPolicy(AttentionPolicy):
     def request(self, site):
         if not self.in_window(site.step) or not _has_text(site):
             return None  # image-only attention (SD3.5's attn2): image sees all image, nothing to mask
+        if self.masked_rows is not None and not any(self.masked_rows):
+            return None
         return AttentionRequest(tags=self.tags_for(site))
 
 
@@ -447,6 +482,9 @@ class IIDPolicy(RunScopedPolicy):
     single-instruction branch or ``None`` (combined branch); ``None`` altogether = one
     combined row only; in a CFG batch that repeats the rows ([uncond; cond]) the last row
     of each instruction is its branch, as the last combined row gives the text maps.
+    ``masked_rows``: the batch rows of the steps after S that take the masks (one bool a
+    row; ``[False, True]`` for ``[uncond; cond]``), :class:`IIDMaskPolicy`'s argument;
+    ``None`` masks every row.
     ``masks`` (or :meth:`set_masks` later): precomputed masks, which skip the capture, stay
     across runs and mask every call after S, and every call without a step number. After
     the capture, ``masks`` / ``soft`` / ``per_head_maps`` hold the result.
@@ -460,10 +498,11 @@ class IIDPolicy(RunScopedPolicy):
 
     def __init__(self, instructions: Sequence[Range], grid: Tuple[int, int], config: Optional[IIDConfig] = None,
                  row_instruction: Optional[Sequence[Optional[int]]] = None, masks: Optional[torch.Tensor] = None,
-                 device=None):
+                 device=None, masked_rows: Optional[Sequence[bool]] = None):
         self.instructions = _check_instructions(instructions)
         self.grid = _check_grid(grid)
         self.config = config or IIDConfig()
+        self.masked_rows = _check_masked_rows(masked_rows, "IIDPolicy: masked_rows")
         rows = checks.sequence(row_instruction, "IIDPolicy: row_instruction",
                                "None or a sequence of instruction indices or None, one per batch row") \
             if row_instruction is not None else (None,)
@@ -515,7 +554,8 @@ class IIDPolicy(RunScopedPolicy):
             # as the captured masks are: one column per token of the latent grid
             raise ValueError(f"IIDPolicy: masks must have grid {self.grid} = {n_grid} columns "
                              f"([N, {n_grid}] or [B, N, {n_grid}]), got {tuple(masks.shape)}")
-        self.mask_policy = IIDMaskPolicy(self.instructions, masks, self.config, until_step=self.config.mask_until)
+        self.mask_policy = IIDMaskPolicy(self.instructions, masks, self.config, until_step=self.config.mask_until,
+                                         masked_rows=self.masked_rows)
 
     def _phase(self, site) -> str:
         if site.step is None:  # no step to place the call: precomputed masks still apply
