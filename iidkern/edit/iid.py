@@ -28,6 +28,7 @@ step ``S`` produced; masked attention runs in every block of steps ``S+1`` up to
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -393,6 +394,12 @@ class IIDMapPolicy(RunScopedPolicy):
         self.masks, self.soft = iid_masks(self.per_head_maps, self.grid, sigma=cfg.sigma,
                                           kernel_size=cfg.kernel_size, threshold=cfg.threshold,
                                           threshold_value=cfg.threshold_value)
+        empty = [i for i in range(self.masks.shape[-2]) if not self.masks[..., i, :].any()]
+        if empty:
+            # Not an error (a flat map has no region to find), but the instruction then reaches
+            # no image token after S and the blend takes the combined row there: say so.
+            warnings.warn(f"IID: the mask of instruction(s) {empty} is empty at step {site.step} (a flat or "
+                          f"sub-threshold map): they edit nothing after step S", RuntimeWarning, stacklevel=2)
         return None
 
 
