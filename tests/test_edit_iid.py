@@ -461,24 +461,34 @@ def test_a_second_forward_at_the_capture_step_is_not_probed():
     assert torch.equal(twice.per_head_maps, only_negative.per_head_maps)
 
 
-def test_an_empty_instruction_mask_warns():
+def test_an_empty_instruction_mask_warns_when_the_masks_are_taken_into_use():
     """An instruction whose map is below another's everywhere has nothing left after the
     heads' differencing: a flat map, an empty Otsu mask, so it would edit nothing after S.
-    That is said (a RuntimeWarning naming it), and the other instruction's mask stands."""
+    That is said (a RuntimeWarning naming it) once the captured masks are used, after step S
+    (not per map layer: a later layer's maps can still fill it); the other mask stands."""
     from types import SimpleNamespace
     g = torch.Generator().manual_seed(63)
     grid, heads = (3, 4), 2
-    site = AttentionSite(block=0, block_kind="joint", text=(0, 4), image=(4, 16), step=1, num_steps=3)
+    site = AttentionSite(block=0, block_kind="joint", text=(0, 4), image=(4, 16), step=1, num_steps=3,
+                         layer=0, num_layers=2)
     strong = torch.rand(1, heads, 12, 1, generator=g) + 1.0
-    maps = torch.cat([strong, strong - 1.0 - torch.rand(1, heads, 12, 1, generator=g)], -1)  # [1, H, N_img, 2]
-    policy = IIDMapPolicy([(0, 2), (2, 4)], grid, IIDConfig(map_step=1, sigma=0.0))
-    with pytest.warns(RuntimeWarning, match=r"instruction\(s\) \[1\] is empty at step 1"):
-        policy.receive(site, SimpleNamespace(probes=[maps]))
-    assert not policy.masks[1].any() and policy.masks[0].any()
-    balanced = IIDMapPolicy([(0, 2), (2, 4)], grid, IIDConfig(map_step=1, sigma=0.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        balanced.receive(site, SimpleNamespace(probes=[torch.rand(1, heads, 12, 2, generator=g)]))
+    flat_second = torch.cat([strong, strong - 1.0 - torch.rand(1, heads, 12, 1, generator=g)], -1)  # [1, H, N_img, 2]
+    for maps, empty in ((flat_second, True), (torch.rand(1, heads, 12, 2, generator=g), False)):
+        policy = IIDPolicy([(0, 2), (2, 4)], grid, IIDConfig(map_step=1, sigma=0.0))
+        policy.request(site)  # step 1 = S: the capture phase
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            policy.capture.receive(site, SimpleNamespace(probes=[maps]))  # the capture itself is silent
+        later = AttentionSite(**{**site.__dict__, "step": 2})
+        if empty:
+            with pytest.warns(RuntimeWarning, match=r"instruction\(s\) \[1\] captured at step 1 is empty"):
+                assert policy.request(later) is not None
+            assert not policy.masks[1].any() and policy.masks[0].any()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert policy.request(later) is not None
+            assert policy.masks.any(-1).all()
 
 
 def test_without_row_instruction_the_maps_come_from_the_last_batch_row():

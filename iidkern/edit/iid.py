@@ -240,6 +240,16 @@ def _check_masked_rows(value, what: str) -> Optional[Tuple[bool, ...]]:
     return rows
 
 
+def _warn_if_empty(masks: torch.Tensor, map_step: int) -> None:
+    """Captured masks taken into use (after every map layer of step S has been averaged): an
+    empty one is no error (a flat map has no region to find), but its instruction then
+    reaches no image token after S and the blend keeps the combined row there: say so."""
+    empty = [i for i in range(masks.shape[-2]) if not masks[..., i, :].any()]
+    if empty:
+        warnings.warn(f"IID: the mask of instruction(s) {empty} captured at step {map_step} is empty (a flat or "
+                      f"sub-threshold map): they edit nothing after step S", RuntimeWarning, stacklevel=3)
+
+
 def _layout_key(site: AttentionSite) -> tuple:
     return (site.text, site.image, site.extra, site.seq_len)
 
@@ -394,12 +404,6 @@ class IIDMapPolicy(RunScopedPolicy):
         self.masks, self.soft = iid_masks(self.per_head_maps, self.grid, sigma=cfg.sigma,
                                           kernel_size=cfg.kernel_size, threshold=cfg.threshold,
                                           threshold_value=cfg.threshold_value)
-        empty = [i for i in range(self.masks.shape[-2]) if not self.masks[..., i, :].any()]
-        if empty:
-            # Not an error (a flat map has no region to find), but the instruction then reaches
-            # no image token after S and the blend takes the combined row there: say so.
-            warnings.warn(f"IID: the mask of instruction(s) {empty} is empty at step {site.step} (a flat or "
-                          f"sub-threshold map): they edit nothing after step S", RuntimeWarning, stacklevel=2)
         return None
 
 
@@ -577,6 +581,7 @@ class IIDPolicy(RunScopedPolicy):
                                    f"step S did not run in this run (a sampler skipping it; set "
                                    f"IIDConfig.map_step to a step it runs), or map layer {self.config.map_layer} "
                                    f"did not (site.num_layers={site.num_layers})")
+            _warn_if_empty(self.capture.masks, s)
             self._use_masks(self.capture.masks)
         return "late"
 
