@@ -112,6 +112,37 @@ def test_masked_rows_leave_the_other_rows_of_the_batch_unmasked():
     assert torch.equal(allowed_pairs(late.tags.q_tags, late.tags.k_tags), allow)
 
 
+def test_masking_only_the_first_forward_of_each_step():
+    """``forwards="first"`` (diffusers' true CFG: the positive prompt's forward, then the
+    negative one's): a step's first forward is masked at every layer, a later forward that
+    repeats its layers runs unmasked; a new step, a call without a step, and IIDPolicy's
+    reset of a run with precomputed masks start over. ``"all"`` masks every forward."""
+    instructions, n_layers = [(0, 2), (2, 5)], 3
+    masks = random_masks(2, 12, seed=6)
+
+    def site(step, layer, num_layers=n_layers):
+        return AttentionSite(block=layer, block_kind="double", text=(0, 7), image=(7, 19), step=step, num_steps=8,
+                             layer=layer, num_layers=num_layers)
+
+    def masked_calls(policy, step, forwards=2):
+        return [[policy.request(site(step, layer)) is not None for layer in range(n_layers)] for _ in range(forwards)]
+
+    first = IIDMaskPolicy(instructions, masks, forwards="first")
+    everything = IIDMaskPolicy(instructions, masks)
+    for step in (3, 4):
+        assert masked_calls(first, step) == [[True] * n_layers, [False] * n_layers]
+        assert masked_calls(everything, step) == [[True] * n_layers] * 2
+    assert masked_calls(first, 4, forwards=1) == [[False] * n_layers]  # a third forward of step 4
+    assert masked_calls(first, 5, forwards=1) == [[True] * n_layers]  # the next step starts over
+    assert all(first.request(site(None, 0)) is not None for _ in range(2))  # no step: always masked
+    with pytest.raises(ValueError, match="forwards='first' needs AttentionSite.num_layers"):
+        first.request(site(6, 0, num_layers=0))
+    late = IIDPolicy(instructions, (3, 4), masks=masks, forwards="first")
+    assert masked_calls(late, 6) == [[True] * n_layers, [False] * n_layers]
+    late.reset()  # a new run at the same step: its first forward is masked again
+    assert masked_calls(late, 6, forwards=1) == [[True] * n_layers]
+
+
 def test_isolation_rows_hide_other_instructions():
     instructions = [(0, 2), (2, 4)]
     site = AttentionSite(block=0, block_kind="double", text=(0, 5), image=(5, 13), step=0, num_steps=4)
@@ -260,6 +291,9 @@ def test_config_refuses_wrong_types_when_built(kwargs, exc, words):
     (lambda: IIDMaskPolicy([(0, 3)], torch.ones(2, 1, 4, dtype=torch.bool), masked_rows=[True]), ValueError,
      ["masked_rows", "B=2", "1 flags"]),
     (lambda: IIDPolicy([(0, 3)], (2, 2), masked_rows=(True, "no")), TypeError, ["IIDPolicy: masked_rows", "'no'"]),
+    (lambda: IIDMaskPolicy([(0, 3)], torch.ones(1, 4, dtype=torch.bool), forwards="second"), ValueError,
+     ["IIDMaskPolicy: forwards", "'all', 'first'", "'second'"]),
+    (lambda: IIDPolicy([(0, 3)], (2, 2), forwards=None), ValueError, ["IIDPolicy: forwards", "None"]),
     (lambda: IIDConfig(propagation_signal=[[1.0]] * 9), TypeError, ["propagation_signal", "torch.Tensor", "list"]),
     (lambda: IIDConfig(propagation_signal=torch.ones(9)), ValueError, ["propagation_signal", "2-D", "(9,)"]),
 ])

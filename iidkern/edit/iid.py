@@ -231,6 +231,9 @@ def _has_text(site: AttentionSite) -> bool:
     return site.text[1] > site.text[0]
 
 
+FORWARDS = ("all", "first")  # IIDMaskPolicy: which forwards of a step take the masks
+
+
 def _check_masked_rows(value, what: str) -> Optional[Tuple[bool, ...]]:
     if value is None:
         return None
@@ -420,14 +423,18 @@ class IIDMaskPolicy(AttentionPolicy):
     row, e.g. ``[False, True]`` for a classifier-free-guidance batch ``[uncond; cond]``, whose
     unconditional row's text holds no instructions (its tokens at the instructions' places
     are not theirs); the other rows attend unmasked. ``None``: every row of whatever batch
-    runs. A guidance that runs the negative prompt as a forward of its own (diffusers' true
-    CFG) is a separate call of one row: rows cannot tell it apart, so do not mask it with
-    this policy.
+    runs. ``forwards``: ``"all"`` masks every forward of a step; ``"first"`` only its first,
+    for a guidance that runs the negative prompt as a forward of its own (diffusers' true
+    CFG: the positive prompt, then the negative one, each a batch that rows cannot tell
+    apart): a call at a (step, layer) already seen in this step belongs to a later forward
+    and runs unmasked, as :class:`IIDMapPolicy` probes only a step's first forward. It needs
+    the runner's layer numbering (``AttentionSite.num_layers``); calls without a step number
+    are always masked.
     """
 
     def __init__(self, instructions: Sequence[Range], masks: torch.Tensor, config: Optional[IIDConfig] = None,
                  from_step: Optional[int] = None, until_step: Optional[int] = None,
-                 masked_rows: Optional[Sequence[bool]] = None):
+                 masked_rows: Optional[Sequence[bool]] = None, forwards: str = "all"):
         self.instructions = _check_instructions(instructions)
         if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
             # A soft map cast to bool would be "any value > 0": threshold it first (binarize).
@@ -444,7 +451,31 @@ class IIDMaskPolicy(AttentionPolicy):
         if self.masked_rows is not None and masks.dim() == 3 and masks.shape[0] != len(self.masked_rows):
             raise ValueError(f"IIDMaskPolicy: masks [B, N, N_img] and masked_rows must describe the same rows, "
                              f"got B={masks.shape[0]} and {len(self.masked_rows)} flags")
+        if forwards not in FORWARDS:
+            raise ValueError(f"IIDMaskPolicy: forwards must be one of {FORWARDS}, got {forwards!r}")
+        self.forwards = forwards
         self._tags: Dict[tuple, object] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget which layers the current step has run (``forwards="first"``); a new step
+        forgets by itself, so only runs that repeat the step they stopped at need this."""
+        self._step: Optional[int] = None
+        self._layers_seen: set = set()
+
+    def is_later_forward(self, site: AttentionSite) -> bool:
+        """``forwards="first"``: whether this call repeats a layer this step has already run."""
+        if self.forwards == "all" or site.step is None:
+            return False
+        if site.num_layers <= 0:
+            raise ValueError("IIDMaskPolicy: forwards='first' needs AttentionSite.num_layers and layer "
+                             "(the runner must number its attention calls)")
+        if site.step != self._step:
+            self._step, self._layers_seen = site.step, set()
+        if site.layer in self._layers_seen:
+            return True
+        self._layers_seen.add(site.layer)
+        return False
 
     def tags_for(self, site: AttentionSite):
         key = _layout_key(site)
@@ -482,6 +513,8 @@ class IIDMaskPolicy(AttentionPolicy):
             return None  # image-only attention (SD3.5's attn2): image sees all image, nothing to mask
         if self.masked_rows is not None and not any(self.masked_rows):
             return None
+        if self.is_later_forward(site):
+            return None
         return AttentionRequest(tags=self.tags_for(site))
 
 
@@ -495,7 +528,8 @@ class IIDPolicy(RunScopedPolicy):
     of each instruction is its branch, as the last combined row gives the text maps.
     ``masked_rows``: the batch rows of the steps after S that take the masks (one bool a
     row; ``[False, True]`` for ``[uncond; cond]``), :class:`IIDMaskPolicy`'s argument;
-    ``None`` masks every row.
+    ``None`` masks every row. ``forwards``: ``"first"`` masks only a step's first forward
+    (true CFG's negative prompt runs second), :class:`IIDMaskPolicy`'s argument.
     ``masks`` (or :meth:`set_masks` later): precomputed masks, which skip the capture, stay
     across runs and mask every call after S, and every call without a step number. After
     the capture, ``masks`` / ``soft`` / ``per_head_maps`` hold the result.
@@ -509,11 +543,14 @@ class IIDPolicy(RunScopedPolicy):
 
     def __init__(self, instructions: Sequence[Range], grid: Tuple[int, int], config: Optional[IIDConfig] = None,
                  row_instruction: Optional[Sequence[Optional[int]]] = None, masks: Optional[torch.Tensor] = None,
-                 device=None, masked_rows: Optional[Sequence[bool]] = None):
+                 device=None, masked_rows: Optional[Sequence[bool]] = None, forwards: str = "all"):
         self.instructions = _check_instructions(instructions)
         self.grid = _check_grid(grid)
         self.config = config or IIDConfig()
         self.masked_rows = _check_masked_rows(masked_rows, "IIDPolicy: masked_rows")
+        if forwards not in FORWARDS:
+            raise ValueError(f"IIDPolicy: forwards must be one of {FORWARDS}, got {forwards!r}")
+        self.forwards = forwards
         rows = checks.sequence(row_instruction, "IIDPolicy: row_instruction",
                                "None or a sequence of instruction indices or None, one per batch row") \
             if row_instruction is not None else (None,)
@@ -539,6 +576,8 @@ class IIDPolicy(RunScopedPolicy):
         super().reset()
         if not self._precomputed:
             self.mask_policy = None
+        elif self.mask_policy is not None:
+            self.mask_policy.reset()  # precomputed masks stay; which layers a step has run does not
         self._last = "none"
 
     @property
@@ -566,7 +605,7 @@ class IIDPolicy(RunScopedPolicy):
             raise ValueError(f"IIDPolicy: masks must have grid {self.grid} = {n_grid} columns "
                              f"([N, {n_grid}] or [B, N, {n_grid}]), got {tuple(masks.shape)}")
         self.mask_policy = IIDMaskPolicy(self.instructions, masks, self.config, until_step=self.config.mask_until,
-                                         masked_rows=self.masked_rows)
+                                         masked_rows=self.masked_rows, forwards=self.forwards)
 
     def _phase(self, site) -> str:
         if site.step is None:  # no step to place the call: precomputed masks still apply
