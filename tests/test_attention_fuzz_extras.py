@@ -302,9 +302,9 @@ def test_fuzz_every_extra_against_float64_cuda(call):
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_fused_probe_beside_probe_pass_at_head_dim_40(dev, probe_pass_calls):
-    """A call of the form the GPU suite's fuzz faulted on with the three-piece bf16 fold of
-    ``scratch/fold_bf16_split.patch`` (an out-of-bounds shared-memory read in the probe pass's
-    key fold, NOTES.md 76; the shipped tf32 fold passes it): head dim 40 (channel-masked
+    """A call of the form the GPU suite's fuzz faulted on with the probe pass's three-piece
+    bf16 fold at every head dim (an out-of-bounds shared-memory read in its key fold, NOTES.md
+    76; the fold now takes tf32 at head dims that are not powers of two): head dim 40 (channel-masked
     loads), packed bf16 inputs, a grouped-key probe riding in the main pass and a second one,
     spread queries and per-head weights, in the probe pass; head weights, pair statistics,
     LSE and tile counts beside them."""

@@ -32,7 +32,7 @@ def test_every_launched_specialization_compiles(compiled):
 @pytest.mark.parametrize("kernel,flag", [
     *[("attn_fwd_kernel", f) for f in ("HAS_TAGS", "HAS_HW", "HAS_MULT", "HAS_X", "HAS_KG", "STORE_LSE", "COUNT_TILES",
                                        "KG_SPLIT", "MULT_SPLIT", "EVEN_D", "HAS_LISTS")],
-    *[("probe_kernel", f) for f in ("Q_SPREAD", "K_SPREAD", "HAS_COEF", "KEEP_HEADS", "HAS_TAGS")],
+    *[("probe_kernel", f) for f in ("Q_SPREAD", "K_SPREAD", "HAS_COEF", "KEEP_HEADS", "HAS_TAGS", "FOLD_SPLIT")],
     *[("combine_kernel", f) for f in ("HAS_HW", "STORE_LSE", "HAS_KG")],
 ])
 def test_the_calls_compile_each_branch_both_ways(compiled, kernel, flag):

@@ -42,6 +42,13 @@ def flag(value, what: str) -> bool:
     raise TypeError(f"{what} must be a bool, got {value!r} ({type(value).__name__})")
 
 
+def choice(value, options: Tuple[str, ...], what: str) -> str:
+    """One of ``options`` (a ValueError naming ``what``, the options and the value)."""
+    if value not in options:
+        raise ValueError(f"{what} must be one of {options}, got {value!r}")
+    return value
+
+
 def names(value, what: str) -> Optional[Tuple[str, ...]]:
     """``None`` or a sequence of names as a tuple; a bare string is refused (it would be
     read letter by letter)."""

@@ -451,9 +451,7 @@ class IIDMaskPolicy(AttentionPolicy):
         if self.masked_rows is not None and masks.dim() == 3 and masks.shape[0] != len(self.masked_rows):
             raise ValueError(f"IIDMaskPolicy: masks [B, N, N_img] and masked_rows must describe the same rows, "
                              f"got B={masks.shape[0]} and {len(self.masked_rows)} flags")
-        if forwards not in FORWARDS:
-            raise ValueError(f"IIDMaskPolicy: forwards must be one of {FORWARDS}, got {forwards!r}")
-        self.forwards = forwards
+        self.forwards = checks.choice(forwards, FORWARDS, "IIDMaskPolicy: forwards")
         self._tags: Dict[tuple, object] = {}
         self.reset()
 
@@ -548,9 +546,7 @@ class IIDPolicy(RunScopedPolicy):
         self.grid = _check_grid(grid)
         self.config = config or IIDConfig()
         self.masked_rows = _check_masked_rows(masked_rows, "IIDPolicy: masked_rows")
-        if forwards not in FORWARDS:
-            raise ValueError(f"IIDPolicy: forwards must be one of {FORWARDS}, got {forwards!r}")
-        self.forwards = forwards
+        self.forwards = checks.choice(forwards, FORWARDS, "IIDPolicy: forwards")
         rows = checks.sequence(row_instruction, "IIDPolicy: row_instruction",
                                "None or a sequence of instruction indices or None, one per batch row") \
             if row_instruction is not None else (None,)
