@@ -6,7 +6,9 @@ processors) calls :func:`attend` for every joint attention, describing the call 
 :class:`AttentionPolicy` looks at the site and answers with an :class:`AttentionRequest`
 (tags, head weights, probes, a block multiplier, pair statistics) or ``None``; the
 result comes back to the policy through :meth:`AttentionPolicy.receive`, which may
-return a replacement output (HeadRouter's routing does).
+return a replacement output (HeadRouter's routing does). A request with ``keep_inputs``
+also gets the call itself (:class:`AttentionInputs`: q, k, v and the request as run), for a
+policy that completes the call with a second one (HeadRouter's same-call DTR).
 
 Editing methods are policies (``iidkern.edit``), never forked models. A policy that
 answers ``None`` costs nothing: the call is the plain fused attention.
@@ -87,10 +89,29 @@ class AttentionRequest:
     block_multiplier: Optional[BlockMultiplier] = None
     pair_stats: Optional[Sequence[Tuple[int, int]]] = None
     return_lse: bool = False
+    keep_inputs: bool = False  # receive(site, result, inputs=AttentionInputs(...)) instead of (site, result)
 
     @property
     def wants_result(self) -> bool:
         return bool(self.probes) or self.pair_stats is not None or self.return_lse
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """The call behind a result, for a policy whose request set ``keep_inputs``.
+
+    ``request`` is the request as run (a :class:`ChainPolicy`'s merged one, with whatever
+    tags or head weights its other members or a model's padding mask added), so a second
+    call made from these inputs sees the same mask and weights as the first.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layout: str
+    scale: Optional[float]
+    backend: str
+    request: AttentionRequest
 
 
 class AttentionPolicy:
@@ -100,7 +121,10 @@ class AttentionPolicy:
         return None
 
     def receive(self, site: AttentionSite, result: AttentionResult) -> Optional[torch.Tensor]:
-        """Called with the result of a call this policy asked for; may return a new output."""
+        """Called with the result of a call this policy asked for; may return a new output.
+
+        A policy whose request sets ``keep_inputs`` is called as ``receive(site, result,
+        inputs=...)`` and declares that keyword; other policies keep this two-argument form."""
         return None
 
 
@@ -175,7 +199,7 @@ class ChainPolicy(AttentionPolicy):
             req = pol.request(site)
             if req is None:
                 continue
-            owners.append((pol, len(merged.probes), len(req.probes)))
+            owners.append((pol, len(merged.probes), len(req.probes), bool(req.keep_inputs)))
             for name in ("tags", "head_weights", "block_multiplier", "pair_stats"):
                 value = getattr(req, name)
                 if value is not None:
@@ -184,15 +208,16 @@ class ChainPolicy(AttentionPolicy):
                     setattr(merged, name, value)
             merged.probes = tuple(merged.probes) + tuple(req.probes)
             merged.return_lse = bool(merged.return_lse or req.return_lse)
+            merged.keep_inputs = bool(merged.keep_inputs or req.keep_inputs)
         self._owners = owners
         return merged if owners else None
 
-    def receive(self, site, result):
+    def receive(self, site, result, inputs: Optional[AttentionInputs] = None):
         out = None
-        for pol, first, count in self._owners:
+        for pol, first, count, keeps_inputs in self._owners:
             part = AttentionResult(out=result.out if out is None else out, lse=result.lse,
                                    probes=result.probes[first:first + count], pair_stats=result.pair_stats)
-            replaced = pol.receive(site, part)
+            replaced = pol.receive(site, part, inputs=inputs) if keeps_inputs else pol.receive(site, part)
             out = replaced if replaced is not None else out
         return out
 
@@ -211,5 +236,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: AttentionSit
     if not request.wants_result:
         out = result
         result = AttentionResult(out=out)
-    replaced = policy.receive(site, result)
+    if request.keep_inputs:
+        inputs = AttentionInputs(q, k, v, layout, scale, backend, request)
+        replaced = policy.receive(site, result, inputs=inputs)
+    else:
+        replaced = policy.receive(site, result)
     return replaced if replaced is not None else result.out

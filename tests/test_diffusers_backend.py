@@ -22,6 +22,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel  # noqa: E402
 from diffusers.models.transformers import transformer_flux, transformer_qwenimage  # noqa: E402
 
+from iidkern.edit.headrouter import HeadRouterConfig, HeadRouterPolicy  # noqa: E402
 from iidkern.integrations.diffusers import FluxIidkernProcessor, IidkernHandle, use_iidkern  # noqa: E402
 from iidkern.policy import AttentionPolicy, AttentionRequest, CapturePolicy  # noqa: E402
 from iidkern.specs import BlockMultiplier, Probe, TokenGroups, instruction_tags  # noqa: E402
@@ -387,6 +388,51 @@ def test_request_changes_only_its_block(name, request_kind):
     assert len(policy.results) == 1 and policy.results[0] is not None
     assert rel_err(expected, plain) > 1e-3, "the request should change the model output"
     assert_close_rel(out, expected, 1e-4, f"{name}: {request_kind} at layer {case.layer}")
+
+
+class OnlyAtLayer(AttentionPolicy):
+    """Hands one layer's calls to ``inner`` (and the call's inputs, when its request keeps them)."""
+
+    def __init__(self, layer: int, inner: AttentionPolicy):
+        self.layer, self.inner, self.received = layer, inner, 0
+
+    def request(self, site):
+        return self.inner.request(site) if site.layer == self.layer else None
+
+    def receive(self, site, result, inputs=None):
+        self.received += 1
+        return self.inner.receive(site, result, inputs=inputs)
+
+
+@pytest.mark.parametrize("name,backend", [(name, "reference") for name in PROBED] + [("qwen-padded", "triton")])
+def test_same_call_dtr_through_the_processors(name, backend):
+    """HeadRouter's default paper form (the call's own map, a second small call) inside a model:
+    the second call gets q, k, v and the mask as run, QwenImage's text padding included (the
+    padded prompt is row 0, so row 0 is the edit row here)."""
+    case = CASES[name]()
+    (i0, i1), (t0, t1) = case.image, case.text
+
+    def manual(q, k, v, key_mask):  # one pass of HeadRouter at this call, float64, written out
+        probs = attention_probs(q, k, with_key_mask(None, key_mask, q.shape[0], q.shape[1], k.shape[1])).clone()
+        a_zp = probs[0, :, i0:i1, t0:t1].mean(0)  # the edit row's head-mean image x text map
+        probs[0, :, i0:i1, t0:t1] *= 2.0 * torch.sigmoid(5.0 * torch.softmax(a_zp, dim=0))
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v.double())
+        recon, edit = (out[r].transpose(0, 1).flatten(1) for r in (1, 0))  # [H, N * D]
+        cos = (recon * edit).sum(-1) / (recon.norm(dim=-1) * edit.norm(dim=-1))
+        d = (cos.max() - cos) / max((cos.max() - cos.min()).item(), 1e-6)
+        out[0] *= (1 + 0.2 * torch.sigmoid(d - 0.5))[None, :, None]
+        return out.to(q.dtype)
+
+    plain = case.run()
+    with spying(case) as spy:
+        spy.replace[case.layer] = manual
+        expected = case.run()
+    policy = OnlyAtLayer(case.layer, HeadRouterPolicy(HeadRouterConfig(alpha=2.0, upsilon=5.0, pairs=((1, 0),))))
+    with use_iidkern(case.model, policy=policy, backend=backend):
+        out = case.run()
+    assert policy.received == 1
+    assert rel_err(expected, plain) > 1e-3, "HeadRouter should change the model output"
+    assert_close_rel(out, expected, 1e-4, f"{name}: same-call DTR and IARouter at layer {case.layer}")
 
 
 # --------------------------------------------------------------------------- step and per-forward state

@@ -98,3 +98,28 @@ def test_headrouter_at_1024(capsys):
     with capsys.disabled():
         print(f"\n[HeadRouter 1024^2, 2+2 blocks, 8 steps] {time.perf_counter() - t0:.2f}s, phases "
               f"{({k: round(v, 3) for k, v in r.timings.items()})}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim,image_first", [(128, False), (64, True)])
+def test_same_call_dtr_on_gpu(dtype, dim, image_first):
+    """HeadRouter's default paper form on the kernels (the Hopper kernel at head dim 128 on sm_90):
+    the plain call plus the small text-key call against one float64 pass weighted by the call's
+    own map, at token counts off the tiles (77 text, 1000 image tokens) and both stream orders."""
+    from test_edit_headrouter import dense_headrouter
+
+    from iidkern.edit.headrouter import HeadRouterConfig, HeadRouterPolicy
+    from iidkern.policy import AttentionSite, attend
+
+    n_text, n_img, heads = 77, 1000, 4
+    g = torch.Generator().manual_seed(dim + image_first)
+    q, k, v = (torch.randn(2, n_text + n_img, heads, dim, generator=g).to("cuda", dtype) for _ in range(3))
+    text, image = ((n_img, n_img + n_text), (0, n_img)) if image_first else ((0, n_text), (n_text, n_text + n_img))
+    where = AttentionSite(block=0, block_kind="joint", text=text, image=image, step=0, num_steps=4)
+    cfg = HeadRouterConfig(alpha=5.0, upsilon=5.0)
+    out = attend(q, k, v, where, HeadRouterPolicy(cfg), backend="triton")
+    expected = dense_headrouter(q, k, v, text, image, cfg)
+    err = ((out.double() - expected).norm() / expected.norm()).item()
+    assert err < 1e-2, f"relative error {err:.2e}"
+    plain = dense_headrouter(q, k, v, text, image, HeadRouterConfig(route=False, dtr_image="off"))
+    assert ((out[1].double() - plain[1]).norm() / plain[1].norm()).item() > 5 * err  # the weighting is visible

@@ -5,8 +5,9 @@ import torch
 
 from iidkern.edit.headrouter import (HeadRouterConfig, HeadRouterPolicy, KeyRegionPolicy, TextResidual,
                                      dtr_weights)
+import iidkern
 from iidkern.edit.iid import IIDConfig
-from iidkern.policy import AttentionSite, attend
+from iidkern.policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPolicy, attend
 from helpers import assert_raises_naming
 
 N_TEXT, N_IMG, H, D = 5, 12, 3, 8
@@ -57,7 +58,7 @@ def test_router_weights_equal_the_formula(backend):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("heads", ["mean", "keep"])
 def test_dtr_multiplier_from_previous_step_equals_reference(backend, heads):
-    cfg = HeadRouterConfig(route=False, dtr_image="paper", dtr_heads=heads, alpha=5.0, upsilon=5.0)
+    cfg = HeadRouterConfig(route=False, dtr_image="paper", dtr_map="previous", dtr_heads=heads, alpha=5.0, upsilon=5.0)
     policy = HeadRouterPolicy(cfg)
     q0, k0, v0 = qkv(1)
     first = attend(q0, k0, v0, site(0), policy, backend=backend)
@@ -82,7 +83,7 @@ def test_dtr_multiplier_stays_float32_in_16_bit_calls(dtype):
     """The next step's multiplier is float32 whatever the call's dtype, its values those of
     dtr_weights unrounded: at real image lengths the weights vary by ~0.1% around alpha / 2,
     which bf16 values would round away (bench/NOTES.md 71)."""
-    cfg = HeadRouterConfig(route=False, dtr_image="paper", alpha=5.0, upsilon=5.0)
+    cfg = HeadRouterConfig(route=False, dtr_image="paper", dtr_map="previous", alpha=5.0, upsilon=5.0)
     policy = HeadRouterPolicy(cfg)
     q0, k0, v0 = (t.to(dtype) for t in qkv(5))
     attend(q0, k0, v0, site(0), policy, backend="reference")
@@ -114,7 +115,7 @@ def test_code_form_weights_image_tokens_of_the_edit_row_from_the_same_call():
 def test_paper_form_with_two_forwards_a_step_weights_each_by_its_own_previous_map(backend):
     """True CFG in diffusers' Flux pipelines: a positive, then a negative forward per step.
     Each forward of step 1 gets the map of the same forward of step 0, not the other prompt's."""
-    cfg = HeadRouterConfig(route=False, dtr_image="paper", alpha=5.0, upsilon=5.0)
+    cfg = HeadRouterConfig(route=False, dtr_image="paper", dtr_map="previous", alpha=5.0, upsilon=5.0)
     policy = HeadRouterPolicy(cfg)
     inputs = {name: (qkv(seed), qkv(seed + 10)) for name, seed in (("pos", 20), ("neg", 21))}
     for name in ("pos", "neg"):  # step 0: no multiplier yet
@@ -149,14 +150,146 @@ def test_paper_form_never_takes_a_map_older_than_the_step_before():
     """Steps with 2, then 1, then 2 forwards: the second forward of step 2 has no map from
     step 1 and runs without a multiplier (not with step 0's); a skipped step number (0, 2)
     still counts as the step before."""
-    policy = _MultiplierSpy(HeadRouterConfig(route=False, dtr_image="paper"))
+    policy = _MultiplierSpy(HeadRouterConfig(route=False, dtr_image="paper", dtr_map="previous"))
     for i, step in enumerate((0, 0, 1, 2, 2)):
         attend(*qkv(30 + i), site(step), policy, backend="reference")
     assert policy.weighted == [False, False, True, True, False]
-    skipping = _MultiplierSpy(HeadRouterConfig(route=False, dtr_image="paper"))
+    skipping = _MultiplierSpy(HeadRouterConfig(route=False, dtr_image="paper", dtr_map="previous"))
     for i, step in enumerate((0, 2)):
         attend(*qkv(40 + i), site(step), skipping, backend="reference")
     assert skipping.weighted == [False, True]
+
+
+# ---------------------------------------------------------------- same-call DTR (dtr_map="same")
+def dense_headrouter(q, k, v, text, image, cfg, tags=None, head_weights=None):
+    """One pass of the paper's HeadRouter in float64, written out: the masked softmax, each edit
+    row's image x text block weighted by ``alpha * sigmoid(upsilon * softmax over image tokens of
+    A^{ZP})`` from this same softmax (normalizer unchanged), ``A V``, the call's head weights, then
+    IARouter's per-head weights from the weighted outputs. bnhd in, bnhd out."""
+    qh, kh, vh = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
+    scores = qh @ kh.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if tags is not None:
+        qt, kt = (t.reshape(1, -1).long() if t.dim() == 1 else t.long() for t in tags)
+        scores = scores.masked_fill(((qt[:, :, None] & kt[:, None, :]) == 0)[:, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees no key: zeros
+    mult = torch.ones_like(p)
+    (t0, t1), (i0, i1) = text, image
+    for _, e in cfg.pairs:
+        a_zp = p[e][:, i0:i1, t0:t1]
+        if cfg.dtr_heads == "mean":
+            a_zp = a_zp.mean(0, keepdim=True)
+        mult[e, :, i0:i1, t0:t1] = cfg.alpha * torch.sigmoid(cfg.upsilon * torch.softmax(a_zp, dim=-2))
+    out = (p * mult) @ vh
+    if head_weights is not None:
+        hw = head_weights.double()
+        out = out * (hw[None, :, None, None] if hw.dim() == 1 else hw[:, :, None, None] if hw.dim() == 2
+                     else hw[..., None])
+    if cfg.route:
+        for r, e in cfg.pairs:
+            w = formula_router_weights(out[[r, e]].transpose(1, 2), cfg.gamma, cfg.delta)
+            out[e] = out[e] * w[:, None, None]
+    return out.transpose(1, 2)
+
+
+def random_call(seed, layout):
+    """Random sizes and an order of the two streams; q, k, v in bnhd plus the call's site."""
+    g = torch.Generator().manual_seed(seed)
+    n_text, n_img = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((2, 9), (5, 23)))
+    heads, batch = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(2, 5, (1,), generator=g))
+    q, k, v = (torch.randn(batch, n_text + n_img, heads, 16, generator=g) for _ in range(3))
+    image_first = seed % 2 == 1  # SD3's order [image; text] on odd seeds, Flux's [text; image] on even
+    text, image = ((n_img, n_img + n_text), (0, n_img)) if image_first else ((0, n_text), (n_text, n_text + n_img))
+    where = AttentionSite(block=0, block_kind="joint", text=text, image=image, step=0, num_steps=4)
+    return q, k, v, where, g
+
+
+def in_layout(t, layout):
+    return t if layout == "bnhd" else t.transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("heads", ["mean", "keep"])
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("route", [False, True])
+def test_same_call_dtr_equals_one_pass_weighted_by_its_own_map(backend, heads, layout, route):
+    """The default paper form weighs a call by the call's own A^{ZP}: from the first step on,
+    equal to one pass with that multiplier, and IARouter's weights come from the weighted output."""
+    seed = {"mean": 100, "keep": 200}[heads] + 10 * (layout == "bhnd") + 2 * route + (backend == "triton")
+    q, k, v, where, _ = random_call(seed, layout)
+    batch = q.shape[0]
+    pairs = ((0, 1),) if batch < 4 else ((0, 2), (1, 3))
+    cfg = HeadRouterConfig(route=route, dtr_heads=heads, alpha=5.0, upsilon=5.0, pairs=pairs, layout=layout)
+    assert cfg.dtr_image == "paper" and cfg.dtr_map == "same"  # the defaults this test is about
+    policy = HeadRouterPolicy(cfg)
+    out = attend(*(in_layout(t, layout) for t in (q, k, v)), where, policy, layout=layout, backend=backend)
+    expected = dense_headrouter(q, k, v, where.text, where.image, cfg)
+    torch.testing.assert_close(in_layout(out, layout).double(), expected, rtol=1e-4, atol=1e-5)
+    plain = dense_headrouter(q, k, v, where.text, where.image,
+                             HeadRouterConfig(route=False, dtr_image="off", pairs=pairs))
+    assert not torch.allclose(in_layout(out, layout).double(), plain, atol=1e-3)  # the weighting did act
+    for r, _ in pairs:  # the reconstruction rows stay plain
+        torch.testing.assert_close(in_layout(out, layout)[r].double(), plain[r], rtol=1e-4, atol=1e-5)
+
+
+class _MaskAndWeights(AttentionPolicy):
+    """Another policy of a chain: it adds tags and head weights to every call."""
+
+    def __init__(self, tags, head_weights):
+        self.tags, self.head_weights = tags, head_weights
+
+    def request(self, site):
+        return AttentionRequest(tags=self.tags, head_weights=self.head_weights)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("weights_shape", ["H", "BH", "BHN"])
+def test_same_call_dtr_keeps_the_chains_tags_and_head_weights(backend, weights_shape):
+    """The second, small call sees the first call's mask and head weights (cut to the edit rows
+    and the image x text block): rows that see no text key, or no key at all, included."""
+    seed = 300 + 2 * ["H", "BH", "BHN"].index(weights_shape) + (backend == "triton")
+    q, k, v, where, g = random_call(seed, "bnhd")
+    batch, n, heads = q.shape[:3]
+    q_tags = torch.randint(1, 8, (batch, n), generator=g)
+    k_tags = torch.randint(0, 8, (batch, n), generator=g)
+    (i0, _), (t0, t1) = where.image, where.text
+    q_tags[:, i0] = 0  # an image query that sees nothing
+    q_tags[:, i0 + 1], k_tags[:, t0:t1] = 8, k_tags[:, t0:t1] & 7  # one that sees no text key
+    k_tags[:, t0] |= 1
+    shape = {"H": (heads,), "BH": (batch, heads), "BHN": (batch, heads, n)}[weights_shape]
+    head_weights = torch.rand(shape, generator=g) + 0.5
+    tags = iidkern.tag_mask(q_tags, k_tags) if weights_shape == "BH" else (q_tags, k_tags)
+    cfg = HeadRouterConfig(alpha=2.0, upsilon=5.0, pairs=((0, 1),))
+    policy = ChainPolicy(_MaskAndWeights(tags, head_weights), HeadRouterPolicy(cfg))
+    out = attend(q, k, v, where, policy, backend=backend)
+    expected = dense_headrouter(q, k, v, where.text, where.image, cfg, tags=(q_tags, k_tags),
+                                head_weights=head_weights)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out[:, i0], torch.zeros_like(out[:, i0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_same_call_dtr_in_16_bit_calls(dtype):
+    """16-bit inputs on the kernels: within the dtype's rounding of the float64 one-pass result
+    (the weighted output is the first output, rounded, plus the small call's part)."""
+    q, k, v, where, _ = random_call(400 + (dtype == torch.float16), "bnhd")
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    cfg = HeadRouterConfig(alpha=5.0, upsilon=5.0)
+    out = attend(q, k, v, where, HeadRouterPolicy(cfg), backend="triton")
+    assert out.dtype == dtype
+    expected = dense_headrouter(q, k, v, where.text, where.image, cfg)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_same_call_dtr_needs_the_calls_inputs():
+    """receive without the call's inputs (a wrapping policy that does not pass them on) is an
+    error naming what is missing, not an unweighted output."""
+    q, k, v = qkv(50)
+    policy = HeadRouterPolicy(HeadRouterConfig(route=False))
+    request = policy.request(site(0))
+    assert request.keep_inputs and request.return_lse and request.block_multiplier is None
+    result = iidkern.attention(q, k, v, layout="bnhd", backend="reference", probes=request.probes, return_lse=True)
+    with pytest.raises(RuntimeError, match="inputs"):
+        policy.receive(site(0), result)
 
 
 def test_router_and_multiplier_together_on_several_pairs():
@@ -197,6 +330,7 @@ def test_key_regions():
 def test_config_errors():
     with pytest.raises(ValueError, match="dtr_image"):
         HeadRouterConfig(dtr_image="both")
+    assert_raises_naming(ValueError, ["dtr_map", "'same'", "'previous'", "'next'"], HeadRouterConfig, dtr_map="next")
     with pytest.raises(ValueError, match="pairs"):
         HeadRouterConfig(pairs=((1, 1),))
     with pytest.raises(ValueError, match="keep"):
@@ -301,7 +435,7 @@ def test_reused_policies_start_a_new_run_when_the_steps_go_back():
     """A HeadRouter policy reused for a second run without reset(): step 0 of that run must
     not get the first run's last-step DTR multiplier, and key-region maps must not add up
     across runs (steps only grow within a run)."""
-    cfg = HeadRouterConfig(route=False, dtr_image="paper", dtr_heads="mean", alpha=5.0, upsilon=5.0)
+    cfg = HeadRouterConfig(route=False, dtr_image="paper", dtr_map="previous", dtr_heads="mean", alpha=5.0, upsilon=5.0)
     policy = HeadRouterPolicy(cfg)
     for step, seed in ((0, 11), (1, 12)):
         attend(*qkv(seed), site(step), policy, backend="reference")

@@ -7,18 +7,29 @@ prompt) and an editing row (target prompt); ``pairs`` lists ``(recon_row, edit_r
   statistics (``pair_stats``); :func:`iidkern.router_weights` turns them into ``w_h`` and
   :meth:`HeadRouterPolicy.receive` multiplies the editing row's head outputs by ``w_h``
   (a broadcast multiply on ``[B, N, H, D]``; the output projection follows in the model).
-* **DTR, image tokens** (step 2), paper form: a post-softmax :class:`~iidkern.BlockMultiplier`
-  on the editing row's image-query x text-key block,
-  ``w = alpha * sigmoid(upsilon * softmax_over_image_tokens(A^{ZP}))``.
-  A^{ZP} comes from a probe of the **previous step** at the same block (the probe of a call
-  reads the exact softmax, untouched by that call's multiplier, so one fused pass per call
+* **DTR, image tokens** (step 2), paper form: a post-softmax weight on the editing row's
+  image-query x text-key block, ``w = alpha * sigmoid(upsilon * softmax_over_image_tokens(A^{ZP}))``,
+  ``A^{ZP} <- w * A^{ZP}``, then ``A V`` (the normalizer unchanged).
+
+  ``dtr_map="same"`` (default, the paper's form): ``A^{ZP}`` is the call's own attention.
+  The call runs plain, with a probe of ``A^{ZP}`` and its LSE; since ``w`` changes only the
+  text keys' terms, ``receive`` then adds ``sum_k (w - 1) A V`` over the text keys, which a
+  second, small call computes (the edit rows' image queries against the text keys only,
+  ``(w - 1)`` as its block multiplier, its probabilities brought to the full row's
+  normalizer by ``exp(lse_text - lse)``; about ``N_text / N`` of the first call's work).
+  The result equals one pass with ``w`` as the multiplier, up to the output dtype's rounding
+  of the first output. IARouter's statistics are then taken on the weighted output, in
+  PyTorch, as the one-pass forms' kernels take them after their multiplier.
+
+  ``dtr_map="previous"`` (one fused pass a call): ``A^{ZP}`` comes from a probe of the
+  **previous step** at the same block, passed as a :class:`~iidkern.BlockMultiplier` (the
+  probe of a call reads the exact softmax, untouched by that call's multiplier, so the pass
   both applies this step's multiplier and measures the next one's map; step 0 runs without
-  a multiplier). A same-call (two-pass) form would need ``attend`` to run a second pass,
-  which the policy door does not offer today. A step may hold several forwards (true CFG in
-  diffusers' Flux pipelines runs the positive prompt, then the negative one): the maps are
-  kept per forward of a step, so the k-th forward of a step is weighted by the map of the
-  k-th forward of the step before, and runs without a multiplier if that step had no k-th
-  forward (a step number is needed for that: without one, every call is the next step's).
+  a multiplier). A step may hold several forwards (true CFG in diffusers' Flux pipelines
+  runs the positive prompt, then the negative one): the maps are kept per forward of a
+  step, so the k-th forward of a step is weighted by the map of the k-th forward of the
+  step before, and runs without a multiplier if that step had no k-th forward (a step
+  number is needed for that: without one, every call is the next step's).
   ``dtr_image="code"`` is the released-code form: the weighting is applied to the editing
   row's image-token attention outputs (by default in single blocks, so on models without
   them, SD3, name the kinds in ``dtr_block_kinds``), with one weight per image token from
@@ -36,13 +47,16 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..policy import AttentionRequest, AttentionSite, RunScopedPolicy
+from ..attention import attention
+from ..kernels.tiles import TagMask
+from ..policy import AttentionInputs, AttentionRequest, AttentionSite, RunScopedPolicy
 from ..routing import router_weights
-from ..specs import BlockMultiplier, Probe, TokenGroups, as_integer, index_arg
+from ..specs import BlockMultiplier, PairStats, Probe, TokenGroups, as_integer, index_arg
 from . import checks
 from .masks import key_region_masks
 
 DTR_IMAGE_FORMS = ("paper", "code", "off")
+DTR_MAPS = ("same", "previous")
 
 
 @dataclass
@@ -52,12 +66,14 @@ class HeadRouterConfig:
     ``pairs``: ``(recon_row, edit_row)`` batch-row pairs. ``route``: IARouter on/off.
     ``dtr_image``: ``"paper"`` | ``"code"`` | ``"off"``; ``dtr_block_kinds``: block kinds
     that get it (``None`` = every kind for the paper form, ``("single",)`` for the code
-    form). ``dtr_heads``: ``"mean"`` (one map shared by the heads) or ``"keep"`` (a map per
-    head; H times the memory). ``dtr_text_keep``: the weight of the previous block's input
-    in the text residual (0.1). ``steps``: ``(start, stop)`` step window of the attention
-    side (``None`` = every step). ``layout``: layout of the output ``attend`` hands back
-    (the runner's is ``"bnhd"``, so :func:`~iidkern.edit.pipeline.headrouter_edit` takes no
-    other). Each edit row belongs to one pair and is never a recon row.
+    form). ``dtr_map`` (paper form): ``"same"`` (the call's own attention, a second small
+    call) or ``"previous"`` (the previous step's, one fused pass). ``dtr_heads``: ``"mean"``
+    (one map shared by the heads) or ``"keep"`` (a map per head; H times the memory).
+    ``dtr_text_keep``: the weight of the previous block's input in the text residual (0.1).
+    ``steps``: ``(start, stop)`` step window of the attention side (``None`` = every step).
+    ``layout``: layout of the output ``attend`` hands back (the runner's is ``"bnhd"``, so
+    :func:`~iidkern.edit.pipeline.headrouter_edit` takes no other). Each edit row belongs to
+    one pair and is never a recon row.
     """
 
     gamma: float = 0.2
@@ -67,6 +83,7 @@ class HeadRouterConfig:
     dtr_image: str = "paper"
     dtr_block_kinds: Optional[Sequence[str]] = None
     dtr_heads: str = "mean"
+    dtr_map: str = "same"
     alpha: float = 2.0
     upsilon: float = 5.0
     dtr_text: bool = True
@@ -86,6 +103,7 @@ class HeadRouterConfig:
             raise ValueError(f"HeadRouterConfig: dtr_image must be one of {DTR_IMAGE_FORMS}, got {self.dtr_image!r}")
         if self.dtr_heads not in ("mean", "keep"):
             raise ValueError(f"HeadRouterConfig: dtr_heads must be 'mean' or 'keep', got {self.dtr_heads!r}")
+        checks.choice(self.dtr_map, DTR_MAPS, "HeadRouterConfig: dtr_map")
         if self.layout not in ("bnhd", "bhnd"):
             raise ValueError(f"HeadRouterConfig: layout must be 'bnhd' or 'bhnd', got {self.layout!r}")
         self.pairs = checks.index_pairs(self.pairs, "HeadRouterConfig: pairs", "((0, 1),)")
@@ -137,6 +155,38 @@ def dtr_token_weights(text_mass: torch.Tensor, alpha: float, upsilon: float) -> 
     return alpha * torch.sigmoid(upsilon * torch.softmax(text_mass.float(), dim=-1))
 
 
+def branch_pair_stats(out: torch.Tensor, pairs: Sequence[Tuple[int, int]], layout: str = "bnhd") -> PairStats:
+    """IARouter's per-head statistics of ``out``'s row pairs in PyTorch, float32 ``[P, H]``
+    (what the kernels' pair pass computes, for an output changed after the call)."""
+    first = out[[a for a, _ in pairs]].float()
+    second = out[[b for _, b in pairs]].float()
+    tokens_and_channels = (1, 3) if layout == "bnhd" else (2, 3)
+    return PairStats(dot=(first * second).sum(tokens_and_channels), norm0_sq=(first * first).sum(tokens_and_channels),
+                     norm1_sq=(second * second).sum(tokens_and_channels))
+
+
+def _tag_block(tags, rows: Sequence[int], queries: Tuple[int, int], keys: Tuple[int, int]):
+    """A call's tags cut to ``rows`` and the ``queries`` x ``keys`` block (as a pair: tags of
+    one call, so the kernels do not read their tile lists back to the host)."""
+    if tags is None:
+        return None
+    pair = (tags.q_tags, tags.k_tags) if isinstance(tags, TagMask) else tags
+
+    def cut(t, span):
+        t = t.reshape(1, -1) if t.dim() == 1 else t  # [N] and [1, N] tags are shared by the batch
+        return (t if t.shape[0] == 1 else t[list(rows)])[:, span[0]:span[1]]
+
+    return cut(pair[0], queries), cut(pair[1], keys)
+
+
+def _head_weight_block(weights, rows: Sequence[int], queries: Tuple[int, int]):
+    """A call's head weights (``[H]``, ``[B, H]`` or ``[B, H, Nq]``) cut to ``rows`` and ``queries``."""
+    if weights is None or weights.dim() == 1:
+        return weights
+    weights = weights[list(rows)]
+    return weights if weights.dim() == 2 else weights[:, :, queries[0]:queries[1]]
+
+
 def scale_heads(out: torch.Tensor, rows: Sequence[int], weights: torch.Tensor, layout: str = "bnhd") -> torch.Tensor:
     """A copy of ``out`` with row ``rows[p]``'s heads multiplied by ``weights[p]`` (``[P, H]``)."""
     new = out.clone()
@@ -173,6 +223,9 @@ class HeadRouterPolicy(RunScopedPolicy):
         if win is None or site.step is None:
             return True
         return win[0] <= site.step < win[1]
+
+    def _same_call(self) -> bool:
+        return self.config.dtr_image == "paper" and self.config.dtr_map == "same"
 
     def _dtr_here(self, site: AttentionSite) -> bool:
         if self.config.dtr_image == "off" or site.text[1] <= site.text[0]:  # no text: nothing to refine
@@ -226,31 +279,76 @@ class HeadRouterPolicy(RunScopedPolicy):
             return None
         cfg = self.config
         req = AttentionRequest()
-        if cfg.route:
+        dtr = self._dtr_here(site)
+        if cfg.route and not (dtr and self._same_call()):  # same-call DTR: taken on the weighted output
             req.pair_stats = list(cfg.pairs)
-        if self._dtr_here(site):
+        if dtr:
             req.probes = (self._probe(site),)
-            req.block_multiplier = self._multiplier(site, self._map_key(site))
+            if self._same_call():
+                req.return_lse = req.keep_inputs = True
+            else:
+                req.block_multiplier = self._multiplier(site, self._map_key(site))
         if req.pair_stats is None and not req.probes:
             return None
         return req
 
-    def receive(self, site, result):
+    def receive(self, site, result, inputs: Optional[AttentionInputs] = None):
         cfg = self.config
         out = result.out
         dtr = self._dtr_here(site) and bool(result.probes)
-        if dtr and cfg.dtr_image == "paper":  # the next step's multiplier at this block and forward
+        new, stats = None, result.pair_stats
+        if dtr and self._same_call():
+            new = self._weigh_text_keys(site, result, inputs)
+            if cfg.route:
+                stats = branch_pair_stats(new, cfg.pairs, cfg.layout)
+        elif dtr and cfg.dtr_image == "paper":  # the next step's multiplier at this block and forward
             self._maps[self._current_key(site)] = (result.probes[0][list(cfg.edit_rows)].float(), out.shape[0],
                                                    site.step)
-        new = None
-        if cfg.route and result.pair_stats is not None:
-            w = router_weights(result.pair_stats, cfg.gamma, cfg.delta)  # [P, H]
+        if cfg.route and stats is not None:
+            w = router_weights(stats, cfg.gamma, cfg.delta)  # [P, H]
             self.last_router_weights[(site.block_kind, site.block)] = w
-            new = scale_heads(out, cfg.edit_rows, w, cfg.layout)
+            new = scale_heads(out if new is None else new, cfg.edit_rows, w, cfg.layout)
         if dtr and cfg.dtr_image == "code":  # weighted by this call's text mass
             base = new if new is not None else out.clone()
             new = self._apply_code_form(site, base, result.probes[0][list(cfg.edit_rows)].float())
         return new
+
+    def _weigh_text_keys(self, site: AttentionSite, result, inputs: Optional[AttentionInputs]) -> torch.Tensor:
+        """Same-call DTR: a copy of the output whose edit rows' image queries weigh their text
+        keys' probabilities by ``w`` (see the module doc)."""
+        if inputs is None:
+            raise RuntimeError("HeadRouterPolicy: dtr_map='same' needs the call's inputs, receive(site, result, "
+                               "inputs=...), which iidkern.policy.attend passes when the request sets keep_inputs "
+                               "(a policy that wraps this one must pass them on)")
+        cfg = self.config
+        rows = list(cfg.edit_rows)
+        (i0, i1), (t0, t1) = site.image, site.text
+        w = dtr_weights(result.probes[0][rows], cfg.alpha, cfg.upsilon)  # [P, 1 or H, N_img, N_txt] float32
+        excess = (w[:, 0] if cfg.dtr_heads == "mean" else w) - 1.0
+        token_dim = 1 if inputs.layout == "bnhd" else 2
+
+        def block(x, start, stop):
+            return x[rows].narrow(token_dim, start, stop - start)
+
+        request = inputs.request
+        text_part = attention(block(inputs.q, i0, i1), block(inputs.k, t0, t1), block(inputs.v, t0, t1),
+                              layout=inputs.layout, scale=inputs.scale, backend=inputs.backend,
+                              tags=_tag_block(request.tags, rows, site.image, site.text),
+                              head_weights=_head_weight_block(request.head_weights, rows, site.image),
+                              block_multiplier=BlockMultiplier(excess), return_lse=True)
+        # The small call's probabilities are normalized over the text keys; exp(lse_text - lse)
+        # brings them to the whole row's normalizer. A row that sees no text key adds nothing.
+        lse = result.lse[rows][:, :, i0:i1]
+        sees_text = torch.isfinite(text_part.lse)
+        share = torch.where(sees_text, torch.exp(text_part.lse - lse), torch.zeros_like(lse))  # [P, H, N_img]
+        share = share.transpose(1, 2)[..., None] if inputs.layout == "bnhd" else share[..., None]
+        out = result.out.clone()
+        weighted = (block(out, i0, i1).float() + text_part.out.float() * share).to(out.dtype)
+        if inputs.layout == "bnhd":
+            out[rows, i0:i1] = weighted
+        else:
+            out[rows, :, i0:i1] = weighted
+        return out
 
     def _apply_code_form(self, site: AttentionSite, out: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         img0, img1 = site.image

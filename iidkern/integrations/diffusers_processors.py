@@ -84,10 +84,12 @@ class _KeyPadding(AttentionPolicy):
         self.inner = inner
         self.key_tags = key_tags  # [B, N] int64: ALL_BITS for visible keys, 0 for padding
         self._inner_asked = False
+        self._inner_keeps_inputs = False
 
     def request(self, site):
         request = self.inner.request(site) if self.inner is not None else None
         self._inner_asked = request is not None
+        self._inner_keeps_inputs = request is not None and request.keep_inputs
         if request is None:
             request = AttentionRequest()
         if request.tags is None:
@@ -99,8 +101,12 @@ class _KeyPadding(AttentionPolicy):
             tags = (q_tags, k_tags & self.key_tags.to(k_tags.dtype))
         return dataclasses.replace(request, tags=tags)
 
-    def receive(self, site, result):
-        return self.inner.receive(site, result) if self._inner_asked else None
+    def receive(self, site, result, inputs=None):
+        if not self._inner_asked:
+            return None
+        # The inputs' request carries the padding tags: a second call made from them masks alike.
+        return self.inner.receive(site, result, inputs=inputs) if self._inner_keeps_inputs else \
+            self.inner.receive(site, result)
 
 
 class IidkernProcessor:
