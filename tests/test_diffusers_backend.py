@@ -619,3 +619,39 @@ def test_compiled_model_with_iidkern_processors():
                 assert torch.equal(probe_map, first_map)
             first_map = probe_map
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["sd35-qknorm-dual", "qwen-padded"])
+def test_processors_under_autocast(name):
+    """Under torch.autocast a QK norm with float32 weights gives float32 q, k beside a 16-bit v;
+    the stock processor's SDPA runs them in the autocast dtype, and so do iidkern's processors."""
+    case = CASES[name]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = case.run()
+        with use_iidkern(case.model, backend="reference"):
+            out = case.run()
+    assert out.dtype == expected.dtype
+    assert_close_rel(out.float(), expected.float(), 2e-2, f"{name} under autocast")
+
+
+def test_compiled_model_keeps_its_source_tokens():
+    """use_iidkern(torch.compile(model)): the wrapper's forward takes (*args, **kwargs), so the
+    hooks that read img_ids go on the model inside; Kontext's source range stays out of site.image."""
+    case = CASES["flux-kontext"]()
+    eager, compiled = RecordSites(), RecordSites()
+    with use_iidkern(case.model, policy=eager, backend="reference"):
+        case.run()
+    wrapper = torch.compile(case.model, backend="eager")
+    with use_iidkern(wrapper, policy=compiled, backend="reference") as handle:
+        with torch.no_grad():
+            wrapper(**case.inputs)
+        assert handle.model is wrapper
+    torch._dynamo.reset()
+    assert {(s.image, s.extra) for s in compiled.sites} == {(case.image, (("source", case.source),))}
+    assert [(s.image, s.extra) for s in compiled.sites] == [(s.image, s.extra) for s in eager.sites]
+
+
+def test_policy_class_instead_of_instance_is_refused():
+    case = CASES["flux"]()
+    with pytest.raises(TypeError, match=r"instance .* got the class CapturePolicy \(call it"):
+        use_iidkern(case.model, policy=CapturePolicy)

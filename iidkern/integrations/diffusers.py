@@ -140,6 +140,9 @@ def _plan(model) -> List[Tuple[LayerInfo, type]]:
 
 
 def _check_policy(policy):
+    if isinstance(policy, type):  # the class itself: its request() would want a self at the first call
+        raise TypeError(f"policy must be an instance of an AttentionPolicy, got the class {policy.__name__} "
+                        f"(call it: {policy.__name__}(...))")
     if policy is not None and not (callable(getattr(policy, "request", None))
                                    and callable(getattr(policy, "receive", None))):
         raise TypeError(f"policy must be an iidkern.policy.AttentionPolicy (request/receive) or None, "
@@ -305,6 +308,9 @@ def use_iidkern(model, policy: Optional[AttentionPolicy] = None, backend: str = 
         raise TypeError(f"model must be a diffusers model with attention processors (attn_processors / "
                         f"set_attn_processor), got {type(model).__name__}")
     session = Session(policy=_check_policy(policy), backend=_check_backend(backend))
+    # torch.compile(model) wraps it in a module whose forward takes (*args, **kwargs): the
+    # hooks that read the forward's arguments (img_ids, img_shapes) go on the model inside.
+    given, model = model, getattr(model, "_orig_mod", model)
     plan = _plan(model)
     originals = dict(model.attn_processors)
     processors = {info.name: replacement(session, info) for info, replacement in plan}
@@ -319,4 +325,4 @@ def use_iidkern(model, policy: Optional[AttentionPolicy] = None, backend: str = 
         for hook in hooks:
             hook.remove()
         raise
-    return IidkernHandle(model, session, processors, originals, hooks)
+    return IidkernHandle(given, session, processors, originals, hooks)

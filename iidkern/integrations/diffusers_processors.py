@@ -139,6 +139,11 @@ class IidkernProcessor:
 
     def _attend(self, q, k, v, site_fn, key_tags: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``site_fn()`` builds the site only when someone listens (a policy or a padding mask)."""
+        if torch.is_autocast_enabled(q.device.type):
+            # One dtype, the autocast one, as SDPA gets under autocast: a QK norm with float32
+            # weights hands back float32 q and k beside an autocast linear's 16-bit v.
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = (t.to(dtype) for t in (q, k, v))
         policy = self.session.policy
         if key_tags is not None:
             policy = _KeyPadding(policy, key_tags)
