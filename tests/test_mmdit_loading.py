@@ -211,3 +211,12 @@ def test_broken_files_and_configs_are_named(flux_state, tmp_path):
     _write(folder, flux_state)
     with pytest.raises(ValueError, match="'UNet2DModel'"):
         load_flux(folder)
+
+
+@pytest.mark.parametrize("config_class", ["FluxConfig", "SD3Config"])
+def test_malformed_config_json_names_the_file(tmp_path, config_class):
+    import iidkern.mmdit as mmdit
+
+    (tmp_path / "config.json").write_text('{"num_layers": 2,')
+    with pytest.raises(ValueError, match=rf"{config_class}.from_json: .*config.json' is not valid JSON"):
+        getattr(mmdit, config_class).from_json(str(tmp_path))

@@ -90,6 +90,29 @@ def test_flux_kontext_layout_matches_diffusers(tmp_path):
     assert_close_rel(got, expected, TOL, "Kontext velocity")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zero_text_tokens_match_diffusers(backend, tmp_path):
+    """An empty prompt sequence (``[B, 0, D]`` text) runs, as in diffusers: the joint sequence is the
+    image alone (heads were split with an inferred ``-1`` dim, which 0 tokens cannot give)."""
+    flux_config = FluxConfig.tiny(num_layers=2, num_single_layers=2)
+    reference = diffusers_flux(flux_config, seed=8)
+    runner = load_weights(FluxTransformer(flux_config), _save(reference, tmp_path, "flux.safetensors"))
+    x, text, pooled, t, guidance = flux_inputs(flux_config, rows=2, cols=3, num_text=0, seed=9)
+    with torch.no_grad():
+        expected = reference(x, text, pooled, t, img_ids=image_ids(2, 3), txt_ids=text_ids(0), guidance=guidance).sample
+        got = runner(x, text, pooled, t, img_ids=image_ids(2, 3), guidance=guidance, backend=backend)
+    assert_close_rel(got, expected, TOL, "Flux velocity without text tokens")
+
+    sd3_config = SD3Config.tiny(num_layers=2, qk_norm="rms_norm", dual_attention_layers=(0,))
+    reference = diffusers_sd3(sd3_config, seed=10)
+    runner = load_weights(SD3Transformer(sd3_config), _save(reference, tmp_path, "sd3.safetensors"))
+    latents, text, pooled, t = sd3_inputs(sd3_config, rows=2, cols=3, num_text=0, seed=11)
+    with torch.no_grad():
+        expected = reference(latents, text, pooled, t * 1000).sample
+        got = runner(latents, text, pooled, t, backend=backend)
+    assert_close_rel(got, expected, TOL, "SD3 velocity without text tokens")
+
+
 def test_load_from_diffusers_folders(tmp_path):
     """``load_sd3`` / ``load_flux`` read diffusers' save_pretrained folders (config.json + safetensors)."""
     sd3_config, flux_config = SD3Config.tiny(qk_norm="rms_norm"), FluxConfig.tiny()

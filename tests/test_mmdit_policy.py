@@ -1,4 +1,5 @@
 """Every attention call of the runner goes through iidkern's policy door with a complete AttentionSite."""
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,47 @@ def test_bad_inputs_are_named():
         SD3Config.tiny(caption_projection_dim=40)
     with pytest.raises(ValueError, match="axes_dims_rope"):
         FluxConfig.tiny(axes_dims_rope=(4, 4, 4))
+
+
+def test_time_and_guidance_take_any_real_scalar():
+    """``t`` / ``guidance`` take every real scalar a float does: numpy scalars (a numpy schedule
+    yields np.float32), 0-d arrays and 0-d tensors; bools, strings and bool tensors are refused."""
+    model = FluxTransformer.random(FluxConfig.tiny())
+    x, text, pooled, _, _ = flux_inputs(model.config, batch=1, rows=2, cols=2)
+    ids = image_ids(2, 2)
+
+    def flux(t, g):
+        with torch.no_grad():
+            return model(x, text, pooled, t, img_ids=ids, guidance=g, backend="reference")
+
+    expected = flux(0.5, 3.0)
+    for scalar in (np.float32, np.float64, np.array, torch.tensor):
+        assert torch.equal(flux(scalar(0.5), scalar(3.0)), expected), scalar
+    assert torch.equal(flux(0.5, np.int64(3)), expected)
+    for bad in (True, np.bool_(True), "0.5", torch.tensor(True), np.array([0.5])):
+        with pytest.raises(TypeError, match="^t must be a real number"):
+            flux(bad, 3.0)
+        with pytest.raises(TypeError, match="^guidance must be a real number"):
+            flux(0.5, bad)
+    sd3 = SD3Transformer.random(SD3Config.tiny())
+    latents, stext, spooled, _ = sd3_inputs(sd3.config, batch=1, rows=2, cols=2)
+    with torch.no_grad():
+        assert torch.equal(sd3(latents, stext, spooled, np.float32(0.5), backend="reference"),
+                           sd3(latents, stext, spooled, 0.5, backend="reference"))
+        with pytest.raises(TypeError, match="^t must be a real number"):
+            sd3(latents, stext, spooled, "0.5")
+
+
+def test_sd3_width_must_divide_by_4():
+    """The 2-D sin-cos position table needs a width divisible by 4: refused by the config, naming the
+    fields and values, not a size mismatch deep in the forward pass."""
+    message = r"num_attention_heads \* attention_head_dim must be divisible by 4 .*got 1 \* 6 = 6"
+    with pytest.raises(ValueError, match=message):
+        SD3Config.tiny(num_attention_heads=1, attention_head_dim=6)
+    with pytest.raises(ValueError, match="got 3 \\* 2 = 6"):
+        SD3Config.from_dict({**SD3Config.tiny().to_dict(), "num_attention_heads": 3, "attention_head_dim": 2,
+                             "caption_projection_dim": 6})
+    assert SD3Config.tiny(num_attention_heads=1, attention_head_dim=4).inner_dim == 4
 
 
 def test_bench_constructor_keeps_real_dimensions():

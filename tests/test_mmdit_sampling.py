@@ -103,6 +103,16 @@ def test_cfg_combines_the_two_branches():
     assert_close_rel(plain, v_c, 1e-6, "scale 1 = conditional only")
 
 
+def test_cfg_prompts_of_different_lengths_are_refused():
+    """CFG runs both prompts in one batch: texts of other lengths are a ValueError naming both
+    (diffusers' SD3 pipeline pads both to one length), not torch.cat's size error at the first step."""
+    model = _sd3(seed=4)
+    cond, uncond = _prompt(model.config, num_text=7, seed=5), _prompt(model.config, num_text=5, seed=6)
+    with pytest.raises(ValueError, match="prompt.text length 7 and negative.text length 5"):
+        SD3Denoiser(model, cond, uncond, guidance_scale=5.0, backend="reference")
+    assert SD3Denoiser(model, cond, backend="reference").negative is None  # no negative: nothing to match
+
+
 def _flux(seed=0, **kw):
     return FluxTransformer.random(FluxConfig.tiny(**kw), seed=seed)
 

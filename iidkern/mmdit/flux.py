@@ -23,8 +23,6 @@ after a cast to the model dtype (as diffusers and BFL do).
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 
 from ..policy import AttentionPolicy, AttentionSite, check_steps
 from .layers import (ContinuousAdaNorm, FeedForward, JointAttention, Modulation, TimeTextEmbedding, as_batch_vector,
-                     check_backend, check_tensor, config_from_dict, layer_norm, modulate)
+                     check_backend, check_tensor, config_from_dict, layer_norm, modulate, read_config_json)
 
 BlockHook = Callable[[str, int, Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
                      Optional[Tuple[torch.Tensor, torch.Tensor]]]
@@ -100,12 +98,7 @@ class FluxConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "FluxConfig":
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"FluxConfig.from_json: no config file at {path!r}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(read_config_json(path, "FluxConfig.from_json"))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -274,9 +267,9 @@ class FluxTransformer(nn.Module):
             x: ``[B, N_img, in_channels]`` packed latents (with channel-concatenated source
                 latents for FluxEdit / Control).
             text: ``[B, N_text, joint_attention_dim]`` T5 embeddings; ``pooled``: ``[B, 768]`` CLIP.
-            t: flow time in ``[0, 1]``, float or ``[B]``.
+            t: flow time in ``[0, 1]``, a real number (Python or numpy scalar, 0-d tensor) or ``[B]``.
             img_ids: ``[N_img, 3]`` (see :func:`image_ids`); ``txt_ids`` defaults to zeros.
-            guidance: guidance scale (float or ``[B]``) for guidance-distilled models; required
+            guidance: guidance scale (a real number or ``[B]``) for guidance-distilled models; required
                 iff ``config.guidance_embeds``.
             source, source_ids: Kontext source tokens ``[B, N_src, in_channels]`` and their ids.
             policy, step, num_steps, backend: see :class:`iidkern.policy.AttentionSite`; ``backend="sdpa"``

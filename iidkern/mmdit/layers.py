@@ -12,7 +12,9 @@ to PyTorch's SDPA with ``backend="sdpa"``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import typing
 from typing import Optional, Tuple
 
@@ -21,8 +23,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..policy import AttentionPolicy, AttentionSite, attend
+from ..specs import as_real
 
 ATTENTION_BACKENDS = ("auto", "triton", "reference", "sdpa")
+
+
+def read_config_json(path: str, who: str) -> dict:
+    """A diffusers ``config.json`` (the file, or the directory holding it) as a dict; a
+    missing or malformed file is an error naming the file and ``who`` read it."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{who}: no config file at {path!r}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as exc:  # json.JSONDecodeError, and text that is not UTF-8
+        raise ValueError(f"{who}: {path!r} is not valid JSON ({exc})") from None
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -158,7 +175,7 @@ class JointAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, *, qk_norm: bool, text: bool = False,
                  text_out: bool = True, image_out: bool = True, eps: float = 1e-6):
         super().__init__()
-        self.heads = heads
+        self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
         self.norm_q = RMSNorm(head_dim, eps) if qk_norm else None
@@ -173,7 +190,8 @@ class JointAttention(nn.Module):
 
     def _heads(self, x, q_proj, k_proj, v_proj, norm_q, norm_k):
         b, n, _ = x.shape
-        q, k, v = (proj(x).view(b, n, self.heads, -1) for proj in (q_proj, k_proj, v_proj))
+        # The head dim is spelled out: with no text tokens (n == 0) a -1 cannot be inferred.
+        q, k, v = (proj(x).view(b, n, self.heads, self.head_dim) for proj in (q_proj, k_proj, v_proj))
         if norm_q is not None:
             q, k = norm_q(q), norm_k(k)
         return q, k, v
@@ -281,11 +299,17 @@ def _json_mismatch(value, hint) -> Optional[str]:
 
 
 def as_batch_vector(value, batch: int, name: str, device, dtype=torch.float32) -> torch.Tensor:
-    """A scalar or ``[B]`` (or ``[1]``) tensor as a ``[B]`` tensor."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full((batch,), float(value), device=device, dtype=dtype)
+    """A real scalar (Python, numpy scalar or 0-d array, 0-d tensor) or a ``[B]`` (or ``[1]``)
+    tensor as a ``[B]`` tensor. A bool, a string or a complex value is a TypeError."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a float or a tensor of shape [{batch}], got {type(value).__name__}")
+        # numpy scalars too: a schedule built with numpy yields np.float32 times, not floats.
+        real = as_real(value)
+        if real is None:
+            raise TypeError(f"{name} must be a real number or a tensor of shape [{batch}], got "
+                            f"{value!r} ({type(value).__name__})")
+        return torch.full((batch,), real, device=device, dtype=dtype)
+    if value.dtype == torch.bool or value.dtype.is_complex:
+        raise TypeError(f"{name} must be a real number or a real tensor of shape [{batch}], got a {value.dtype} tensor")
     value = value.reshape(-1) if value.dim() == 0 else value
     if value.dim() != 1 or value.shape[0] not in (1, batch):
         raise ValueError(f"{name} must be a scalar or have shape [{batch}], got {tuple(value.shape)}")

@@ -121,6 +121,16 @@ def _expand_batch(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     raise ValueError(f"{name} has batch {t.shape[0]}, latents have {batch} (use 1 or {batch})")
 
 
+def _check_same_text_length(prompt, negative) -> None:
+    """CFG stacks both prompts in one batch, so their texts need one length (diffusers' SD3
+    pipeline pads both to the same length and refuses prompt embeddings of other shapes)."""
+    n_pos, n_neg = prompt.text.shape[1], negative.text.shape[1]
+    if n_pos != n_neg:
+        raise ValueError(f"prompt and negative must have the same number of text tokens (classifier-free "
+                         f"guidance runs them in one batch), got prompt.text length {n_pos} and "
+                         f"negative.text length {n_neg}; pad the shorter one")
+
+
 class SD3Denoiser:
     """``v(x, t)`` of an :class:`SD3Transformer` with classifier-free guidance.
 
@@ -133,6 +143,8 @@ class SD3Denoiser:
                  policy: Optional[AttentionPolicy] = None, backend: str = "auto", block_hook=None):
         if not isinstance(model, SD3Transformer):
             raise TypeError(f"SD3Denoiser needs an SD3Transformer, got {type(model).__name__}")
+        if negative is not None:
+            _check_same_text_length(prompt, negative)
         self.model, self.prompt, self.negative = model, prompt, negative
         self.guidance_scale = float(guidance_scale)
         self.policy, self.backend, self.block_hook = policy, backend, block_hook

@@ -15,8 +15,6 @@ multiplies it by 1000 itself, like the diffusers pipeline does before calling it
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Tuple
 
@@ -25,7 +23,7 @@ import torch.nn as nn
 
 from ..policy import AttentionPolicy, AttentionSite, check_steps
 from .layers import (ContinuousAdaNorm, FeedForward, JointAttention, Modulation, TimeTextEmbedding, as_batch_vector,
-                     check_backend, check_tensor, config_from_dict, layer_norm, modulate)
+                     check_backend, check_tensor, config_from_dict, layer_norm, modulate, read_config_json)
 
 Streams = Tuple[Optional[torch.Tensor], torch.Tensor]  # (text, image); text is None after the last block
 BlockHook = Callable[[str, int, Streams, Streams], Optional[Streams]]
@@ -57,6 +55,11 @@ class SD3Config:
             raise ValueError(f"SD3Config.caption_projection_dim ({self.caption_projection_dim}) must equal "
                              f"num_attention_heads * attention_head_dim ({self.inner_dim}): the text stream "
                              "shares the block width")
+        if self.inner_dim % 4:
+            # The 2-D sin-cos position table gives each axis half the width, as sin|cos pairs.
+            raise ValueError(f"SD3Config: num_attention_heads * attention_head_dim must be divisible by 4 "
+                             f"(the 2-D sin-cos position table), got {self.num_attention_heads} * "
+                             f"{self.attention_head_dim} = {self.inner_dim}")
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"SD3Config.dual_attention_layers {bad} lie outside [0, {self.num_layers})")
@@ -108,12 +111,7 @@ class SD3Config:
     @classmethod
     def from_json(cls, path: str) -> "SD3Config":
         """From a diffusers ``config.json`` (file or the directory holding it)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"SD3Config.from_json: no config file at {path!r}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(read_config_json(path, "SD3Config.from_json"))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -259,7 +257,7 @@ class SD3Transformer(nn.Module):
                 policy: Optional[AttentionPolicy] = None, step: Optional[int] = None,
                 num_steps: Optional[int] = None, backend: str = "auto",
                 block_hook: Optional[BlockHook] = None) -> torch.Tensor:
-        """Velocity for ``latents`` ``[B, C, H, W]`` at flow time ``t`` (float or ``[B]``, in [0, 1]).
+        """Velocity for ``latents`` ``[B, C, H, W]`` at flow time ``t`` (a real number or ``[B]``, in [0, 1]).
 
         Args:
             text: ``[B, N_text, joint_attention_dim]`` prompt embeddings (CLIP-L/G + T5 in SD3).
