@@ -114,12 +114,15 @@ class TokenGroups:
         """Group ``i`` is the token range ``ranges[i]``; other tokens are not probed.
 
         Ranges may not overlap (a token has one group id); use several probes otherwise.
-        The ids are built and checked on the host (no device synchronization) and, with
-        ``device``, copied there asynchronously.
+        ``ranges`` may be any iterable of ``(start, stop)`` pairs (read once); one range is
+        ``[(start, stop)]``. The ids are built and checked on the host (no device
+        synchronization) and, with ``device``, copied there asynchronously.
         """
         length = index_arg(length, "TokenGroups.segments: length")
         if length < 1:
             raise ValueError(f"TokenGroups.segments: length must be >= 1, got {length}")
+        ranges = range_list(ranges, "TokenGroups.segments: ranges", "TokenGroups.segments: range")
+        device = device_arg(device, "TokenGroups.segments: device")
         if len(ranges) == 0:
             raise ValueError("TokenGroups.segments: ranges must hold at least one (start, stop) range, got none")
         ids = torch.full((length,), -1, dtype=torch.int32)
@@ -383,6 +386,64 @@ def index_arg(x, what: str) -> int:
     return i
 
 
+def _is_sequence(x) -> bool:
+    """Iterable and not a string (read letter by letter), a number or a 0-d array/tensor."""
+    return not isinstance(x, (str, bytes)) and getattr(x, "ndim", 1) != 0 and hasattr(x, "__iter__")
+
+
+_RANGE_KINDS = {2: "pair", 3: "triple"}
+
+
+def range_items(value, what: str, form: str = "(start, stop)") -> tuple:
+    """The items of one range ``form`` (a tuple, list, 1-D array or tensor of as many
+    items); a TypeError naming ``what`` and showing the value otherwise (a bare int, a
+    string, a triple where a pair is expected)."""
+    size = form.count(",") + 1
+    expected = f"a {form} {_RANGE_KINDS[size]}"
+    if not _is_sequence(value):
+        raise TypeError(f"{what} must be {expected}, got {value!r} ({type(value).__name__})")
+    items = tuple(value)
+    if len(items) != size:
+        raise TypeError(f"{what} must be {expected}, got {value!r} (length {len(items)})")
+    return items
+
+
+def range_list(value, what: str, item: str, form: str = "(start, stop)") -> list:
+    """A sequence of ranges (any iterable, a generator included: read once) as a list of
+    tuples (:func:`range_items`); ``what`` names the argument, ``item`` one range
+    (``f"{item} {i}"``). A bare range (``(3, 4)`` for ``[(3, 4)]``) is refused."""
+    expected = f"a sequence of {form} {_RANGE_KINDS[form.count(',') + 1]}s"
+    if not _is_sequence(value):
+        raise TypeError(f"{what} must be {expected}, got {value!r} ({type(value).__name__})")
+    items = list(value)
+    shown = value if isinstance(value, (list, tuple)) else items
+    for i, x in enumerate(items):
+        if not _is_sequence(x):
+            raise TypeError(f"{what} must be {expected} (one range: [{form}]), got {shown!r}: "
+                            f"item {i} is {x!r} ({type(x).__name__})")
+    return [range_items(x, f"{item} {i}", form) for i, x in enumerate(items)]
+
+
+def size_arg(x, what: str) -> int:
+    """A tensor size (batch, token count) as an int >= 1 (a TypeError / ValueError naming ``what``)."""
+    n = index_arg(x, what)
+    if n < 1:
+        raise ValueError(f"{what} must be >= 1, got {n}")
+    return n
+
+
+def device_arg(device, what: str) -> Optional[torch.device]:
+    """``None`` or a ``torch.device`` (from a string, an index or a device); an error naming
+    ``what`` where torch's own (a RuntimeError listing device types) would not."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        exc = ValueError if isinstance(device, (str, int)) else TypeError
+        raise exc(f"{what} must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+
+
 # --------------------------------------------------------------------------- multiplier
 @dataclass(frozen=True)
 class BlockMultiplier:
@@ -413,12 +474,31 @@ class PairStats:
     """Per (pair, head) statistics of two batch rows' attention outputs, float32 ``[P, H]``.
 
     ``dot = <O_b0,h, O_b1,h>``, ``norm0_sq = ||O_b0,h||^2``, ``norm1_sq = ||O_b1,h||^2``,
-    summed over all query tokens and channels.
+    summed over all query tokens and channels. The three are floating-point tensors of one
+    shape ``[P, H]`` on one device (checked at construction and by :func:`iidkern.router_weights`).
     """
 
     dot: torch.Tensor
     norm0_sq: torch.Tensor
     norm1_sq: torch.Tensor
+
+    def __post_init__(self):
+        self.check("PairStats")
+
+    def check(self, where: str) -> None:
+        """Types, dtypes, shapes and devices (no values: that would synchronize a GPU)."""
+        fields = {name: getattr(self, name) for name in ("dot", "norm0_sq", "norm1_sq")}
+        for name, t in fields.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{where}: {name} must be floating point, got {t.dtype}")
+        shapes = {name: tuple(t.shape) for name, t in fields.items()}
+        if len(set(shapes.values())) != 1 or self.dot.dim() != 2:
+            raise ValueError(f"{where}: dot, norm0_sq and norm1_sq must share one shape [P, H], got {shapes}")
+        devices = {name: str(t.device) for name, t in fields.items()}
+        if len(set(devices.values())) != 1:
+            raise ValueError(f"{where}: dot, norm0_sq and norm1_sq must be on one device, got {devices}")
 
     def cosine(self, eps: float = 1e-12) -> torch.Tensor:
         return self.dot / torch.sqrt(self.norm0_sq * self.norm1_sq).clamp_min(eps)
@@ -443,8 +523,14 @@ ALL_BITS = -1  # int64 with every bit set: a key every query sees / a query that
 
 def tags_from_segments(length: int, segments: Sequence[Tuple[int, int, int]], *, batch: int = 1,
                        default: int = 0, device=None) -> torch.Tensor:
-    """Build ``[B, N]`` int64 tags: tokens in ``[start, stop)`` get bit set ``bits`` OR-ed in."""
-    batch, length = index_arg(batch, "tags_from_segments: batch"), index_arg(length, "tags_from_segments: length")
+    """Build ``[B, N]`` int64 tags: tokens in ``[start, stop)`` get bit set ``bits`` OR-ed in.
+
+    ``segments``: any iterable of ``(start, stop, bits)`` triples (read once); ``batch`` and
+    ``length`` are >= 1."""
+    batch, length = size_arg(batch, "tags_from_segments: batch"), size_arg(length, "tags_from_segments: length")
+    segments = range_list(segments, "tags_from_segments: segments", "tags_from_segments: segment",
+                          "(start, stop, bits)")
+    device = device_arg(device, "tags_from_segments: device")
     tags = torch.full((batch, length), _bit_set(default, "tags_from_segments: default"), dtype=torch.int64,
                       device=device)
     for i, (start, stop, bits) in enumerate(segments):
@@ -484,10 +570,20 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
       (zero output, LSE ``-inf``) and no query sees them, always-visible ones included.
       Name them in ``always_visible`` to keep them in play.
 
-    ``region_masks``: bool ``[N_instr, N_img]`` or ``[B, N_instr, N_img]``; at most 62
-    instructions. Returns ``(q_tags, k_tags)`` int64 ``[B, N]``.
+    ``image`` is one ``(start, stop)`` pair; ``instructions`` and ``always_visible`` are
+    iterables of such pairs (read once; one range is ``[(start, stop)]``). Instruction
+    ranges may not overlap each other or the image (a token of text belongs to one
+    instruction: a shared token would let ``P_i`` see ``P_k``); ``always_visible`` ranges
+    may overlap anything and win. ``region_masks``: bool ``[N_instr, N_img]`` or
+    ``[B, N_instr, N_img]`` with ``B >= 1``; at most 62 instructions. Returns
+    ``(q_tags, k_tags)`` int64 ``[B, N]``.
     """
     length = index_arg(length, "instruction_tags: length")
+    image = range_items(image, "instruction_tags: image")
+    instructions = range_list(instructions, "instruction_tags: instructions", "instruction_tags: instruction")
+    always_visible = range_list(always_visible, "instruction_tags: always_visible",
+                                "instruction_tags: always_visible range")
+    device = device_arg(device, "instruction_tags: device")
     n_instr = len(instructions)
     if not 1 <= n_instr <= 62:
         raise ValueError(f"instruction_tags: need 1..62 instructions, got {n_instr}")
@@ -495,7 +591,7 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
         raise ValueError(f"instruction_tags: background must be 'none' or 'all', got {background!r}")
     img_lo, img_hi = index_arg(image[0], "instruction_tags: image start"), index_arg(image[1], "instruction_tags: image stop")
     if not 0 <= img_lo < img_hi <= length:
-        raise ValueError(f"instruction_tags: image range {image} must lie in [0, {length})")
+        raise ValueError(f"instruction_tags: image range {(img_lo, img_hi)} must lie in [0, {length})")
     if not isinstance(region_masks, torch.Tensor) or region_masks.dtype != torch.bool:
         # A soft map cast to bool would be "any value > 0": threshold it first.
         raise TypeError(f"instruction_tags: region_masks must be a bool torch.Tensor, got "
@@ -504,9 +600,9 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
     masks = region_masks
     if masks.dim() == 2:
         masks = masks.unsqueeze(0)
-    if masks.dim() != 3 or masks.shape[1] != n_instr or masks.shape[2] != img_hi - img_lo:
+    if masks.dim() != 3 or masks.shape[0] < 1 or masks.shape[1] != n_instr or masks.shape[2] != img_hi - img_lo:
         raise ValueError(f"instruction_tags: region_masks must have shape [N_instr={n_instr}, N_img={img_hi - img_lo}] "
-                         f"or [B, {n_instr}, {img_hi - img_lo}], got {tuple(region_masks.shape)}")
+                         f"or [B >= 1, {n_instr}, {img_hi - img_lo}], got {tuple(region_masks.shape)}")
     device = device if device is not None else masks.device
     masks = masks.to(device=device)
     batch = masks.shape[0]
@@ -516,12 +612,18 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
 
     q_tags = torch.zeros(batch, length, dtype=torch.int64, device=device)
     k_tags = torch.zeros(batch, length, dtype=torch.int64, device=device)
+    seen = []
     for i, (a, b) in enumerate(instructions):
         a, b = index_arg(a, f"instruction_tags: instruction {i} start"), index_arg(b, f"instruction_tags: instruction {i} stop")
         if not 0 <= a < b <= length:
             raise ValueError(f"instruction_tags: instruction {i} range {(a, b)} must lie in [0, {length})")
         if a < img_hi and img_lo < b:  # an instruction's text would also be image: its bits would mix
-            raise ValueError(f"instruction_tags: instruction {i} range {(a, b)} overlaps the image range {image}")
+            raise ValueError(f"instruction_tags: instruction {i} range {(a, b)} overlaps the image range "
+                             f"{(img_lo, img_hi)}")
+        for j, (c, d) in enumerate(seen):
+            if a < d and c < b:  # a shared token would carry both bits: P_i would see P_j
+                raise ValueError(f"instruction_tags: instruction ranges {j} {(c, d)} and {i} {(a, b)} overlap")
+        seen.append((a, b))
         q_tags[:, a:b] |= (1 << i) | img_bit  # P_i sees P_i and all image
         k_tags[:, a:b] |= 1 << i  # P_i is seen only by holders of bit i
     region_bits = (masks.long() * instr_bits[None, :, None]).sum(1)  # [B, N_img], distinct bits: sum == OR
@@ -529,10 +631,11 @@ def instruction_tags(length: int, *, image: Tuple[int, int], instructions: Seque
         region_bits = torch.where(region_bits == 0, torch.full_like(region_bits, all_instr), region_bits)
     q_tags[:, img_lo:img_hi] |= region_bits | img_bit
     k_tags[:, img_lo:img_hi] |= img_bit
-    for a, b in always_visible:
-        a, b = index_arg(a, "instruction_tags: always_visible start"), index_arg(b, "instruction_tags: always_visible stop")
+    for i, (a, b) in enumerate(always_visible):
+        a = index_arg(a, f"instruction_tags: always_visible range {i} start")
+        b = index_arg(b, f"instruction_tags: always_visible range {i} stop")
         if not 0 <= a <= b <= length:
-            raise ValueError(f"instruction_tags: always_visible range {(a, b)} must lie in [0, {length}]")
+            raise ValueError(f"instruction_tags: always_visible range {i}={(a, b)} must lie in [0, {length}]")
         q_tags[:, a:b] = ALL_BITS
         k_tags[:, a:b] = ALL_BITS
     return q_tags, k_tags
