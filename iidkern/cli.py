@@ -116,6 +116,9 @@ def _check_edit_args(parser, args):
             parser.error(f"--method {args.method} needs at least one --instruction \"...\"")
         if any(not s.strip() for s in args.instruction):
             parser.error("--instruction: an instruction is empty")
+        if args.method == "iid" and len(args.instruction) > MAX_IID_INSTRUCTIONS:
+            parser.error(f"--method iid masks at most {MAX_IID_INSTRUCTIONS} instructions (one tag bit each), "
+                         f"got {len(args.instruction)} --instruction")
     _check_run_args(parser, args)
     _check_iid_args(parser, args)
     if args.model != "tiny" and not os.path.isdir(args.model):
@@ -123,13 +126,15 @@ def _check_edit_args(parser, args):
 
 
 MAX_STEPS = 10_000  # iidkern.edit.pipeline.MAX_STEPS (not imported: --help stays free of torch)
+MAX_IID_INSTRUCTIONS = 62  # iidkern.edit.iid.MAX_MASKED_INSTRUCTIONS: one int64 tag bit each
+MAX_SIZE = 16_384  # pixels a side: past any MM-DiT's resolution, and a typo would otherwise exhaust memory
 
 
 def _check_run_args(parser, args):
     if not 1 <= args.steps <= MAX_STEPS:
         parser.error(f"--steps must be in [1, {MAX_STEPS}], got {args.steps}")
-    if args.size < 0 or 0 < args.size < 32:
-        parser.error(f"--size must be 0 (keep) or >= 32, got {args.size}")
+    if not (args.size == 0 or 32 <= args.size <= MAX_SIZE):
+        parser.error(f"--size must be 0 (keep) or in [32, {MAX_SIZE}], got {args.size}")
     if args.device is not None:
         import torch
 

@@ -81,6 +81,10 @@ def test_edit_writes_pngs(tmp_path, input_png, method):
     (["edit", "--image", "{input}", "--instruction", "x", "--out", ""], "--out must name a directory"),
     (["edit", "--image", "{input}", "--instruction", "x", "--seed", str(2**70)], "--seed must be in [-2**63, 2**64)"),
     (["demo", "--steps", str(10**20)], "--steps must be in [1, 10000], got 100000000000000000000"),
+    (["edit", "--image", "{input}", "--instruction", "x", "--size", str(10**9)],
+     "--size must be 0 (keep) or in [32, 16384], got 1000000000"),
+    (["demo", "--size", str(10**20)], "--size must be 0 (keep) or in [32, 16384]"),
+    (["edit", "--image", "{input}", *["--instruction", "w"] * 63], "--method iid masks at most 62 instructions"),
     # IID's options with another method, which would ignore them
     (["edit", "--image", "{input}", "--method", "headrouter", "--source", "a", "--target", "b", "--map-step", "3"],
      "--map-step: IID options belong to --method iid, not --method headrouter"),
@@ -97,8 +101,9 @@ def test_bad_arguments_exit_2_with_a_message(input_png, args, message):
 @pytest.mark.parametrize("args,message", [
     (["--map-layer", "100"], "--map-layer must be in [-4, 3] for this model (4 attention layers"),
     (["--map-layer", "-100"], "--map-layer must be in [-4, 3]"),
-    (["--sigma", "-1"], "--sigma must be a finite number >= 0"),
-    (["--sigma", "nan"], "--sigma must be a finite number >= 0 (0: no smoothing), got nan"),
+    (["--sigma", "-1"], "--sigma must be a finite number in [0, 1000] latent tokens"),
+    (["--sigma", "nan"], "--sigma must be a finite number in [0, 1000] latent tokens (0: no smoothing), got nan"),
+    (["--sigma", "1e300"], "--sigma must be a finite number in [0, 1000] latent tokens (0: no smoothing), got 1e+300"),
     (["--threshold", "fixed", "--threshold-value", "2"], "--threshold-value: rule 'fixed' takes a value in [0, 1]"),
     (["--threshold", "top", "--threshold-value", "0"], "--threshold-value: rule 'top' takes a value in (0, 1]"),
     (["--threshold", "top", "--threshold-value", "nan"], "(0, 1] (a fraction of tokens), got nan"),
@@ -121,8 +126,9 @@ def test_layout_with_headrouter_is_refused(input_png):
 
 def test_the_cli_bounds_steps_as_the_pipelines_do():
     from iidkern import cli
-    from iidkern.edit import pipeline
+    from iidkern.edit import iid, pipeline
     assert cli.MAX_STEPS == pipeline.MAX_STEPS
+    assert cli.MAX_IID_INSTRUCTIONS == iid.MAX_MASKED_INSTRUCTIONS
 
 
 @pytest.mark.parametrize("seed", [-2**63 - 1, -2**63, -1, 0, 2**63, 2**64 - 1, 2**64])
@@ -179,6 +185,9 @@ def test_edit_with_a_local_model_directory(tmp_path, input_png):
     (tmp_path / "model" / "transformer" / "config.json").write_text(_json.dumps({**cfg.to_dict(), "num_layers": 3}))
     res = run_cli(*common, "--allow-stand-ins")  # weights that do not fit the config: the strict loader's report
     assert res.returncode == 2 and "missing keys" in res.stderr
+    (tmp_path / "model" / "transformer" / "config.json").write_text("{bad")
+    res = run_cli(*common, "--allow-stand-ins")  # malformed JSON: the file is named
+    assert res.returncode == 2 and "transformer/config.json' is not valid JSON" in res.stderr, res.stderr
     (tmp_path / "model" / "transformer" / "config.json").write_text(_json.dumps(cfg.to_dict()))
     for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):  # present but empty
         (tmp_path / "model" / name).mkdir()

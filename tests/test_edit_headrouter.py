@@ -292,6 +292,21 @@ def test_same_call_dtr_needs_the_calls_inputs():
         policy.receive(site(0), result)
 
 
+POLICY_WORDS = ["HeadRouterPolicy: pairs ((0, 3),)", "row(s) [3]", "batch of 2 rows"]
+KERNEL_WORDS = ["pair_stats", "[0, 2)", "[[0, 3]]"]  # the call's own check of the pairs it is asked for
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(), POLICY_WORDS), (dict(route=False), POLICY_WORDS), (dict(route=False, dtr_map="previous"), POLICY_WORDS),
+    (dict(dtr_image="off"), KERNEL_WORDS), (dict(dtr_image="code", dtr_block_kinds=("double",)), KERNEL_WORDS)])
+def test_pairs_outside_the_batch_are_named(kwargs, words):
+    """A pair row the call's batch lacks is a ValueError naming it, in every form (not an
+    IndexError; the same-call form asks the kernel for no pair statistics, whose check names it
+    where it is asked)."""
+    policy = HeadRouterPolicy(HeadRouterConfig(pairs=((0, 3),), **kwargs))
+    assert_raises_naming(ValueError, words, attend, *qkv(60), site(0), policy, backend="reference")
+
+
 def test_router_and_multiplier_together_on_several_pairs():
     """Batch [recon, edit, recon, edit] (e.g. two images): each pair routed with its own weights."""
     q, k, v = qkv(5, batch=4)

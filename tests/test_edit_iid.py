@@ -227,6 +227,7 @@ def test_config_errors_name_the_argument():
 
 @pytest.mark.parametrize("kwargs,field", [
     (dict(sigma=float("nan")), "sigma"), (dict(sigma=float("inf")), "sigma"), (dict(sigma=-0.5), "sigma"),
+    (dict(sigma=1e9), "sigma"),  # a kernel of 6e9 taps at step S
     (dict(threshold="fixed", threshold_value=2.0), "threshold_value"),
     (dict(threshold="fixed", threshold_value=float("nan")), "threshold_value"),
     (dict(threshold="top", threshold_value=0.0), "threshold_value"),
@@ -296,10 +297,39 @@ def test_config_refuses_wrong_types_when_built(kwargs, exc, words):
     (lambda: IIDPolicy([(0, 3)], (2, 2), forwards=None), ValueError, ["IIDPolicy: forwards", "None"]),
     (lambda: IIDConfig(propagation_signal=[[1.0]] * 9), TypeError, ["propagation_signal", "torch.Tensor", "list"]),
     (lambda: IIDConfig(propagation_signal=torch.ones(9)), ValueError, ["propagation_signal", "2-D", "(9,)"]),
+    # 63 instructions: one int64 tag bit each runs out (bit 62 marks image tokens)
+    (lambda: IIDMaskPolicy([(i, i + 1) for i in range(63)], torch.ones(63, 4, dtype=torch.bool)), ValueError,
+     ["at most 62 instructions", "got 63"]),
+    (lambda: IIDPolicy([(i, i + 1) for i in range(63)], (2, 2)), ValueError, ["at most 62 instructions", "got 63"]),
+    (lambda: IIDConfig(map_step=3, mask_until=3), ValueError, ["mask_until must be > map_step", "map_step=3",
+                                                               "mask_until=3"]),
 ])
 def test_policies_refuse_bad_arguments_when_built(build, exc, words):
     """Not at step S, after sampling up to it; a soft map is not silently made a mask."""
     assert_raises_naming(exc, words, build)
+
+
+def test_62_instructions_are_masked_and_a_capture_takes_more():
+    """The bound is the masks' (tag bits), not the maps': 62 masked instructions build, and a
+    map capture alone takes 63."""
+    IIDMaskPolicy([(i, i + 1) for i in range(62)], torch.ones(62, 4, dtype=torch.bool))
+    IIDPolicy([(i, i + 1) for i in range(62)], (2, 2))
+    IIDMapPolicy([(i, i + 1) for i in range(63)], (2, 2))
+    IIDConfig(map_step=3, mask_until=4)
+
+
+@pytest.mark.parametrize("map_source,kwargs,words", [
+    ("text", dict(), ["IIDConfig: map_row 3", "batch of 2 rows", "step 0, layer 0"]),
+    ("image_colmean", dict(branch_rows=[0, 2]), ["IIDMapPolicy: branch_rows (0, 2)", "batch of 2 rows"]),
+])
+def test_map_rows_outside_the_batch_are_named(map_source, kwargs, words):
+    """A row the call's batch lacks is a ValueError naming it at step S (not an IndexError)."""
+    config = IIDConfig(map_step=0, map_layer=0, map_row=3, map_source=map_source)
+    policy = IIDMapPolicy([(0, 2), (2, 3)], (2, 2), config, **kwargs)
+    q, k, v = (torch.randn(2, 7, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    site = AttentionSite(block=0, block_kind="double", text=(0, 3), image=(3, 7), step=0, num_steps=2, layer=0,
+                         num_layers=1)
+    assert_raises_naming(ValueError, words, attend, q, k, v, site, policy, backend="reference")
 
 
 def test_map_layers_outside_the_model_are_refused():

@@ -34,6 +34,56 @@ def test_gaussian_smooth_preserves_mass_and_constants():
     assert torch.equal(gaussian_smooth(noisy, (8, 8), sigma=0.0), noisy)
 
 
+def _mirrored_smooth_1d(x, kernel):
+    """Reference: each output sums kernel taps over the half-sample symmetric extension of
+    ``x``, written as a loop (``c b a | a b c | c b a | ...``)."""
+    n, r = len(x), len(kernel) // 2
+    out = []
+    for i in range(n):
+        total = 0.0
+        for t in range(-r, r + 1):
+            j = (i + t) % (2 * n)
+            total += kernel[t + r] * x[j if j < n else 2 * n - 1 - j]
+        out.append(total)
+    return out
+
+
+@pytest.mark.parametrize("grid,sigma", [((2, 3), 2.0), ((3, 1), 4.5), ((7, 9), 1.0), ((4, 5), 1.5)])
+def test_gaussian_smooth_mirrors_also_where_the_kernel_is_wider_than_the_grid(grid, sigma):
+    """Against a loop over the mirrored extension, row and column passes, kernel radius below and
+    above the grid's sides; the sum of a corner spike is kept (a replicated edge would not)."""
+    from iidkern.edit.masks import gaussian_kernel1d
+
+    h, w = grid
+    g = torch.Generator().manual_seed(h * 10 + w)
+    maps = torch.rand(2, h * w, generator=g, dtype=torch.float64)
+    kernel = gaussian_kernel1d(sigma).double().tolist()
+    expected = []
+    for m in maps:
+        rows = [_mirrored_smooth_1d(m.view(h, w)[i].tolist(), kernel) for i in range(h)]
+        cols = [_mirrored_smooth_1d([rows[i][j] for i in range(h)], kernel) for j in range(w)]
+        expected.append([cols[j][i] for i in range(h) for j in range(w)])
+    torch.testing.assert_close(gaussian_smooth(maps, grid, sigma=sigma).double(),
+                               torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    spike = torch.zeros(1, h * w)
+    spike[0, 0] = 1.0
+    assert abs(gaussian_smooth(spike, grid, sigma=sigma).sum().item() - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_constant_maps_normalize_to_zeros_in_every_dtype(dtype):
+    """minmax_normalize's eps rounds to 0 in fp16, where 0 / 0 made a constant map NaN and the
+    "fixed" rule then marked no token (every token in fp32)."""
+    from iidkern.edit.masks import minmax_normalize
+
+    maps = torch.full((2, 7), 0.3, dtype=dtype)
+    assert torch.equal(minmax_normalize(maps), torch.zeros_like(maps))
+    assert binarize(maps, "fixed", 0.0).all() and not binarize(maps, "fixed", 0.5).any()
+    assert key_region_masks(maps, 0.0).all()
+    ramp = torch.linspace(0, 1, 7, dtype=dtype)[None]
+    assert torch.equal(minmax_normalize(ramp), ramp)  # a spread map is unchanged
+
+
 def test_otsu_separates_two_modes():
     g = torch.Generator().manual_seed(3)
     low = 0.2 + 0.05 * torch.rand(300, generator=g)

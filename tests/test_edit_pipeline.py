@@ -226,6 +226,10 @@ def test_pipelines_refuse_wrong_arguments_before_encoding(concat_model, t2i_mode
         iid_edit(concat_model, picture, INSTRUCTIONS, num_steps=2, config=HeadRouterConfig(), progress=False)
     with pytest.raises(TypeError, match="num_steps must be an integer, got '2'"):
         iid_edit(concat_model, picture, INSTRUCTIONS, num_steps="2", progress=False)
+    with pytest.raises(ValueError, match="instructions: IID masks at most 62 instructions .* got 63"):
+        iid_edit(concat_model, picture, [f"word{i}" for i in range(63)], num_steps=2, progress=False)
+    with pytest.raises(ValueError, match="mask_until must be > map_step .* map_step=1, mask_until=1"):
+        iid_edit(concat_model, picture, INSTRUCTIONS, num_steps=4, config=IIDConfig(mask_until=1), progress=False)
     with pytest.raises(ValueError, match="num_steps must be >= 1"):
         headrouter_edit(t2i_model, picture, "a house", "a red house", num_steps=0, progress=False)
     with pytest.raises(TypeError, match="config must be an instance of HeadRouterConfig"):

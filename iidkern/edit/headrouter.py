@@ -295,6 +295,10 @@ class HeadRouterPolicy(RunScopedPolicy):
     def receive(self, site, result, inputs: Optional[AttentionInputs] = None):
         cfg = self.config
         out = result.out
+        outside = sorted({r for pair in cfg.pairs for r in pair if r >= out.shape[0]})
+        if outside:
+            raise ValueError(f"HeadRouterPolicy: pairs {cfg.pairs} name row(s) {outside}, outside this call's batch "
+                             f"of {out.shape[0]} rows")
         dtr = self._dtr_here(site) and bool(result.probes)
         new, stats = None, result.pair_stats
         if dtr and self._same_call():

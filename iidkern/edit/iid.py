@@ -62,7 +62,7 @@ class IIDConfig:
     ``"image_propagation"`` (per branch row, ``mean_h A_h @ x`` for a per-key signal ``x``).
     ``map_row``: the batch row whose text maps are used (the combined branch, last by
     default). ``sigma`` / ``kernel_size``: Gaussian smoothing on the latent grid (sigma: a
-    finite number >= 0, 0 = off). ``threshold``: ``"otsu"`` | ``"fixed"`` (``threshold_value``
+    finite number in [0, 1000] latent tokens, 0 = off). ``threshold``: ``"otsu"`` | ``"fixed"`` (``threshold_value``
     in [0, 1]) | ``"top"`` (``threshold_value`` in (0, 1]); Otsu ignores ``threshold_value``.
     ``background``: what image tokens outside every mask see after S (``"none"`` = no
     instruction, ``"all"`` = every instruction). ``mask_until``: last masked step
@@ -120,6 +120,8 @@ class IIDConfig:
             raise ValueError(f"IIDConfig: threshold_value: {problem}")
         if self.map_step is not None and self.map_step < 0:
             raise ValueError(f"IIDConfig: map_step must be None or >= 0, got {self.map_step}")
+        if self.map_step is not None:
+            check_mask_window(self.map_step, self.mask_until)
         if not _layer_tuple(self.map_layer):
             raise ValueError(f"IIDConfig: map_layer must be an int or a non-empty sequence of ints, "
                              f"got {self.map_layer!r}")
@@ -166,10 +168,27 @@ def _layer_tuple(map_layer) -> Tuple[int, ...]:
     return tuple(int(x) for x in map_layer) if all(is_int(x) for x in map_layer) else ()
 
 
-def _check_instructions(instructions: Sequence[Range]) -> Tuple[Range, ...]:
+# instruction_tags gives each instruction a tag bit of an int64 (bit 62 marks image tokens)
+MAX_MASKED_INSTRUCTIONS = 62
+
+
+def check_mask_window(map_step: int, mask_until: Optional[int]) -> None:
+    """The masked steps are ``S+1 .. mask_until``: a ``mask_until`` at or before S leaves none,
+    which would silently run IID without its masked attention."""
+    if mask_until is not None and mask_until <= map_step:
+        raise ValueError(f"IIDConfig: mask_until must be > map_step (the masked steps are map_step+1 .. mask_until), "
+                         f"got map_step={map_step}, mask_until={mask_until}")
+
+
+def _check_instructions(instructions: Sequence[Range], masked: bool = False) -> Tuple[Range, ...]:
+    """``masked``: the instructions' masks become tags, which hold at most 62: checked here,
+    before any step runs, not at the first masked step."""
     out = checks.index_pairs(instructions, "IID: instructions", "[(0, 5), (5, 9)]")
     if not out:
         raise ValueError("IID: need at least one instruction range")
+    if masked and len(out) > MAX_MASKED_INSTRUCTIONS:
+        raise ValueError(f"IID: at most {MAX_MASKED_INSTRUCTIONS} instructions can be masked (one int64 tag bit "
+                         f"each; bit 62 marks image tokens), got {len(out)}")
     for i, (a, b) in enumerate(out):
         if not 0 <= a < b:
             raise ValueError(f"IID: instruction {i} range {(a, b)} must satisfy 0 <= start < stop "
@@ -393,8 +412,16 @@ class IIDMapPolicy(RunScopedPolicy):
         return AttentionRequest(probes=(self.probe_for(site),))
 
     def receive(self, site, result):
-        self._captured.add((site.step, site.layer))
         raw = result.probes[0].float()
+        batch = raw.shape[0]
+        if self.config.map_source == "text":
+            rows, what = (self.map_row,), "IIDConfig: map_row"
+        else:
+            rows, what = tuple(self.branch_rows), "IIDMapPolicy: branch_rows"
+        if any(not -batch <= r < batch for r in rows):
+            raise ValueError(f"{what} {rows if len(rows) > 1 else rows[0]} must index the batch of {batch} rows of the "
+                             f"call at step {site.step}, layer {site.layer}")
+        self._captured.add((site.step, site.layer))
         if self.config.map_source == "text":
             maps = raw[self.map_row]  # [H, N_img, N]
         elif self.config.map_source == "image_colmean":
@@ -435,7 +462,7 @@ class IIDMaskPolicy(AttentionPolicy):
     def __init__(self, instructions: Sequence[Range], masks: torch.Tensor, config: Optional[IIDConfig] = None,
                  from_step: Optional[int] = None, until_step: Optional[int] = None,
                  masked_rows: Optional[Sequence[bool]] = None, forwards: str = "all"):
-        self.instructions = _check_instructions(instructions)
+        self.instructions = _check_instructions(instructions, masked=True)
         if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
             # A soft map cast to bool would be "any value > 0": threshold it first (binarize).
             raise TypeError(f"IIDMaskPolicy: masks must be a bool torch.Tensor, got "
@@ -542,7 +569,7 @@ class IIDPolicy(RunScopedPolicy):
     def __init__(self, instructions: Sequence[Range], grid: Tuple[int, int], config: Optional[IIDConfig] = None,
                  row_instruction: Optional[Sequence[Optional[int]]] = None, masks: Optional[torch.Tensor] = None,
                  device=None, masked_rows: Optional[Sequence[bool]] = None, forwards: str = "all"):
-        self.instructions = _check_instructions(instructions)
+        self.instructions = _check_instructions(instructions, masked=True)
         self.grid = _check_grid(grid)
         self.config = config or IIDConfig()
         self.masked_rows = _check_masked_rows(masked_rows, "IIDPolicy: masked_rows")

@@ -63,9 +63,9 @@ def _pad_symmetric(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     n = x.shape[dim]
     if r == 0:
         return x
-    if r > n:  # kernel wider than the grid: repeat the edge values
-        pad = (r, r, 0, 0) if dim == 3 else (0, 0, r, r)
-        return F.pad(x, pad, mode="replicate")
+    if r > n:  # a kernel wider than the grid: the mirrored extension repeats with period 2n
+        j = torch.arange(-r, n + r, device=x.device) % (2 * n)
+        return x.index_select(dim, torch.where(j < n, j, 2 * n - 1 - j))
     head = x.narrow(dim, 0, r).flip(dim)
     tail = x.narrow(dim, n - r, r).flip(dim)
     return torch.cat([head, x, tail], dim=dim)
@@ -75,8 +75,9 @@ def gaussian_smooth(maps: torch.Tensor, grid: Tuple[int, int], sigma: float = 1.
                     kernel_size: Optional[int] = None) -> torch.Tensor:
     """Separable Gaussian blur of ``[..., h*w]`` maps on the ``(h, w)`` latent grid.
 
-    Borders are mirrored (half-sample symmetric), so a constant map stays constant and a
-    region touching the edge keeps its edge value. ``sigma <= 0`` returns the maps as they are.
+    Borders are mirrored (half-sample symmetric, also where the kernel is wider than the grid),
+    so a constant map stays constant, a map's sum is kept, and a region touching the edge keeps
+    its edge value. ``sigma <= 0`` returns the maps as they are.
     """
     h, w = grid
     if maps.shape[-1] != h * w:
@@ -93,18 +94,24 @@ def gaussian_smooth(maps: torch.Tensor, grid: Tuple[int, int], sigma: float = 1.
 
 
 def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Scale every map (last dim) to ``[0, 1]``; a constant map becomes all zeros."""
+    """Scale every map (last dim) to ``[0, 1]``; a constant map becomes all zeros (in every
+    dtype: ``eps`` rounds to 0 in fp16, where 0 / 0 would otherwise make it NaN)."""
     lo = maps.min(-1, keepdim=True).values
-    hi = maps.max(-1, keepdim=True).values
-    return (maps - lo) / (hi - lo).clamp_min(eps)
+    span = (maps.max(-1, keepdim=True).values - lo).clamp_min(eps)
+    return torch.where(span > 0, (maps - lo) / span, torch.zeros_like(maps))
+
+
+# A smoothing width far past any latent grid (a 4096-pixel side is 256 tokens): the kernel has
+# 6 sigma + 1 taps, so a typo such as 1e9 would otherwise allocate gigabytes at step S.
+SIGMA_MAX = 1000.0
 
 
 def sigma_problem(sigma: float) -> Optional[str]:
     """Why ``sigma`` is no smoothing width (None when it is one; 0 means no smoothing):
     IIDConfig and the CLI check it, as NaN or inf would reach the kernel size."""
-    if math.isfinite(sigma) and sigma >= 0:
+    if math.isfinite(sigma) and 0 <= sigma <= SIGMA_MAX:
         return None
-    return f"must be a finite number >= 0 (0: no smoothing), got {sigma}"
+    return f"must be a finite number in [0, {SIGMA_MAX:g}] latent tokens (0: no smoothing), got {sigma}"
 
 
 def threshold_value_problem(rule: str, value: float) -> Optional[str]:

@@ -36,7 +36,7 @@ from ..mmdit.sampling import FluxDenoiser, euler_step, flux_sigmas, initial_nois
 from ..policy import ChainPolicy
 from . import checks
 from .headrouter import HeadRouterConfig, HeadRouterPolicy, KeyRegionPolicy, TextResidual
-from .iid import IIDConfig, IIDPolicy
+from .iid import MAX_MASKED_INSTRUCTIONS, IIDConfig, IIDPolicy, check_mask_window
 from .inversion import RFEditController, RFInversionConfig, invert
 from .models import EditModel
 
@@ -228,9 +228,13 @@ def _check_iid_config(model: EditModel, config: IIDConfig, num_steps: int, batch
     """S, after checking S, the map layers and the map row against this run (``batch`` rows:
     one per instruction's branch, then the combined one): a wrong one would otherwise show
     only after sampling up to S, as "no maps captured" or an IndexError."""
+    if batch - 1 > MAX_MASKED_INSTRUCTIONS:
+        raise ValueError(f"instructions: IID masks at most {MAX_MASKED_INSTRUCTIONS} instructions (one tag bit each), "
+                         f"got {batch - 1}")
     s = config.resolved_map_step(num_steps)
     if not 0 <= s < num_steps:
         raise ValueError(f"IIDConfig: map_step must be in [0, num_steps={num_steps}), got {s}")
+    check_mask_window(s, config.mask_until)  # map_step=None resolves S only now
     config.map_layers(model.transformer.num_attention_layers)  # raises on a layer the model lacks
     if not -batch <= config.map_row < batch:
         raise ValueError(f"IIDConfig: map_row must index this run's batch of {batch} rows (one per instruction, "
