@@ -123,3 +123,26 @@ def test_same_call_dtr_on_gpu(dtype, dim, image_first):
     assert err < 1e-2, f"relative error {err:.2e}"
     plain = dense_headrouter(q, k, v, text, image, HeadRouterConfig(route=False, dtr_image="off"))
     assert ((out[1].double() - plain[1]).norm() / plain[1].norm()).item() > 5 * err  # the weighting is visible
+
+
+@pytest.mark.parametrize("form", [dict(), dict(route=False), dict(dtr_map="previous"), dict(dtr_image="off"),
+                                  dict(dtr_image="code", dtr_block_kinds=("double",))])
+def test_headrouter_calls_do_not_synchronize(form):
+    """Every HeadRouter form runs its calls without a host-device synchronization (a list index,
+    an .item(), a host copy), so a model's host work runs ahead of the GPU: CUDA's sync debug
+    mode turns any synchronizing call into an error, after warm-up calls (compilation, caches)."""
+    from iidkern.edit.headrouter import HeadRouterConfig, HeadRouterPolicy
+    from iidkern.policy import AttentionSite, attend
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 77 + 1024, 4, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+    policy = HeadRouterPolicy(HeadRouterConfig(**form))
+    for step in range(4):
+        if step == 2:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            site = AttentionSite(block=0, block_kind="double", text=(0, 77), image=(77, 1101), step=step, num_steps=4)
+            attend(q, k, v, site, policy, backend="triton")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -477,3 +477,14 @@ def test_pairs_and_key_region_tokens_must_be_integers():
     with pytest.raises(TypeError, match="tokens"):
         KeyRegionPolicy(tokens=[(0, 2.5)])
     assert KeyRegionPolicy(tokens=[torch.tensor(1), (2, 4)]).groups == ((1, 2), (2, 4))
+
+
+@pytest.mark.parametrize("rows", [[1], [0, 1], [2, 0], [-1], [-3, -1], [1, 2, 3]])
+def test_batch_rows_equals_list_indexing(rows):
+    """The policies' row selection without a list index (which synchronizes a GPU): x[rows]."""
+    from iidkern.edit.rows import batch_rows
+
+    x = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(len(rows)))
+    assert torch.equal(batch_rows(x, rows), x[rows])
+    if rows == [0, 1]:
+        assert batch_rows(x, rows).data_ptr() == x.data_ptr()  # consecutive rows: a view, no copy

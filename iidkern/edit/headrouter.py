@@ -54,6 +54,7 @@ from ..routing import router_weights
 from ..specs import BlockMultiplier, PairStats, Probe, TokenGroups, as_integer, index_arg
 from . import checks
 from .masks import key_region_masks
+from .rows import batch_rows
 
 DTR_IMAGE_FORMS = ("paper", "code", "off")
 DTR_MAPS = ("same", "previous")
@@ -145,9 +146,13 @@ def dtr_weights(a_zp: torch.Tensor, alpha: float, upsilon: float) -> torch.Tenso
     """Paper-form DTR weights ``alpha * sigmoid(upsilon * softmax over image tokens of A^{ZP})``.
 
     ``a_zp``: ``[..., N_img, N_txt]`` attention of image queries on text keys; the softmax
-    runs over the image axis (-2), per text token (and head).
+    runs over the image axis (-2), per text token (and head). Returns a contiguous float32
+    tensor of ``a_zp``'s shape.
     """
-    return alpha * torch.sigmoid(upsilon * torch.softmax(a_zp.float(), dim=-2))
+    # Over the last axis of the transposed map: PyTorch's softmax over an inner axis runs a
+    # spatial kernel, 2.4 ms at Flux 1024^2 against ~0.02 ms this way (bench/NOTES.md 78).
+    by_text = torch.softmax(a_zp.float().transpose(-1, -2), dim=-1)
+    return (alpha * torch.sigmoid(upsilon * by_text)).transpose(-1, -2).contiguous()
 
 
 def dtr_token_weights(text_mass: torch.Tensor, alpha: float, upsilon: float) -> torch.Tensor:
@@ -158,9 +163,9 @@ def dtr_token_weights(text_mass: torch.Tensor, alpha: float, upsilon: float) -> 
 def branch_pair_stats(out: torch.Tensor, pairs: Sequence[Tuple[int, int]], layout: str = "bnhd") -> PairStats:
     """IARouter's per-head statistics of ``out``'s row pairs in PyTorch, float32 ``[P, H]``
     (what the kernels' pair pass computes, for an output changed after the call)."""
-    first = out[[a for a, _ in pairs]].float()
-    second = out[[b for _, b in pairs]].float()
-    tokens_and_channels = (1, 3) if layout == "bnhd" else (2, 3)
+    first = batch_rows(out, [a for a, _ in pairs]).float()
+    second = batch_rows(out, [b for _, b in pairs]).float()
+    tokens_and_channels = (1, 3) if layout == "bnhd" else (2, 3)  # elementwise: einsum made slow gemv kernels
     return PairStats(dot=(first * second).sum(tokens_and_channels), norm0_sq=(first * first).sum(tokens_and_channels),
                      norm1_sq=(second * second).sum(tokens_and_channels))
 
@@ -174,7 +179,7 @@ def _tag_block(tags, rows: Sequence[int], queries: Tuple[int, int], keys: Tuple[
 
     def cut(t, span):
         t = t.reshape(1, -1) if t.dim() == 1 else t  # [N] and [1, N] tags are shared by the batch
-        return (t if t.shape[0] == 1 else t[list(rows)])[:, span[0]:span[1]]
+        return (t if t.shape[0] == 1 else batch_rows(t, rows))[:, span[0]:span[1]]
 
     return cut(pair[0], queries), cut(pair[1], keys)
 
@@ -183,17 +188,19 @@ def _head_weight_block(weights, rows: Sequence[int], queries: Tuple[int, int]):
     """A call's head weights (``[H]``, ``[B, H]`` or ``[B, H, Nq]``) cut to ``rows`` and ``queries``."""
     if weights is None or weights.dim() == 1:
         return weights
-    weights = weights[list(rows)]
+    weights = batch_rows(weights, rows)
     return weights if weights.dim() == 2 else weights[:, :, queries[0]:queries[1]]
 
 
-def scale_heads(out: torch.Tensor, rows: Sequence[int], weights: torch.Tensor, layout: str = "bnhd") -> torch.Tensor:
-    """A copy of ``out`` with row ``rows[p]``'s heads multiplied by ``weights[p]`` (``[P, H]``)."""
-    new = out.clone()
-    idx = list(rows)
-    w = weights.to(out.dtype)
+def scale_heads(out: torch.Tensor, rows: Sequence[int], weights: torch.Tensor, layout: str = "bnhd",
+                copy: bool = True) -> torch.Tensor:
+    """``out`` (a copy, or ``out`` itself with ``copy=False``) with row ``rows[p]``'s heads
+    multiplied by ``weights[p]`` (``[P, H]``)."""
+    new = out.clone() if copy else out
+    w = weights.to(out.dtype).float()
     w = w[:, None, :, None] if layout == "bnhd" else w[:, :, None, None]
-    new[idx] = (out[idx].float() * w.float()).to(out.dtype)
+    for p, r in enumerate(rows):  # row by row: no list index (see rows.batch_rows)
+        new[r] = (out[r].float() * w[p]).to(out.dtype)
     return new
 
 
@@ -270,7 +277,8 @@ class HeadRouterPolicy(RunScopedPolicy):
         # becomes alpha / 2) and fp16 to one or two steps. Rounding M is a fixed bias per key,
         # not noise that P @ V averages out (bench/NOTES.md 71; 16-bit values would be faster).
         values = torch.ones((batch,) + tuple(w.shape[1:]), dtype=torch.float32, device=w.device)
-        values[list(self.config.edit_rows)] = w
+        for p, r in enumerate(self.config.edit_rows):
+            values[r] = w[p]
         return BlockMultiplier(values, query_start=site.image[0], key_start=site.text[0])
 
     def request(self, site):
@@ -306,15 +314,15 @@ class HeadRouterPolicy(RunScopedPolicy):
             if cfg.route:
                 stats = branch_pair_stats(new, cfg.pairs, cfg.layout)
         elif dtr and cfg.dtr_image == "paper":  # the next step's multiplier at this block and forward
-            self._maps[self._current_key(site)] = (result.probes[0][list(cfg.edit_rows)].float(), out.shape[0],
-                                                   site.step)
+            self._maps[self._current_key(site)] = (batch_rows(result.probes[0], cfg.edit_rows).float(),
+                                                   out.shape[0], site.step)
         if cfg.route and stats is not None:
             w = router_weights(stats, cfg.gamma, cfg.delta)  # [P, H]
             self.last_router_weights[(site.block_kind, site.block)] = w
-            new = scale_heads(out if new is None else new, cfg.edit_rows, w, cfg.layout)
+            new = scale_heads(out if new is None else new, cfg.edit_rows, w, cfg.layout, copy=new is None)
         if dtr and cfg.dtr_image == "code":  # weighted by this call's text mass
             base = new if new is not None else out.clone()
-            new = self._apply_code_form(site, base, result.probes[0][list(cfg.edit_rows)].float())
+            new = self._apply_code_form(site, base, batch_rows(result.probes[0], cfg.edit_rows).float())
         return new
 
     def _weigh_text_keys(self, site: AttentionSite, result, inputs: Optional[AttentionInputs]) -> torch.Tensor:
@@ -327,12 +335,12 @@ class HeadRouterPolicy(RunScopedPolicy):
         cfg = self.config
         rows = list(cfg.edit_rows)
         (i0, i1), (t0, t1) = site.image, site.text
-        w = dtr_weights(result.probes[0][rows], cfg.alpha, cfg.upsilon)  # [P, 1 or H, N_img, N_txt] float32
+        w = dtr_weights(batch_rows(result.probes[0], rows), cfg.alpha, cfg.upsilon)  # [P, 1 or H, N_img, N_txt]
         excess = (w[:, 0] if cfg.dtr_heads == "mean" else w) - 1.0
         token_dim = 1 if inputs.layout == "bnhd" else 2
 
         def block(x, start, stop):
-            return x[rows].narrow(token_dim, start, stop - start)
+            return batch_rows(x, rows).narrow(token_dim, start, stop - start)
 
         request = inputs.request
         text_part = attention(block(inputs.q, i0, i1), block(inputs.k, t0, t1), block(inputs.v, t0, t1),
@@ -342,28 +350,24 @@ class HeadRouterPolicy(RunScopedPolicy):
                               block_multiplier=BlockMultiplier(excess), return_lse=True)
         # The small call's probabilities are normalized over the text keys; exp(lse_text - lse)
         # brings them to the whole row's normalizer. A row that sees no text key adds nothing.
-        lse = result.lse[rows][:, :, i0:i1]
+        lse = batch_rows(result.lse, rows)[:, :, i0:i1]
         sees_text = torch.isfinite(text_part.lse)
         share = torch.where(sees_text, torch.exp(text_part.lse - lse), torch.zeros_like(lse))  # [P, H, N_img]
         share = share.transpose(1, 2)[..., None] if inputs.layout == "bnhd" else share[..., None]
         out = result.out.clone()
         weighted = (block(out, i0, i1).float() + text_part.out.float() * share).to(out.dtype)
-        if inputs.layout == "bnhd":
-            out[rows, i0:i1] = weighted
-        else:
-            out[rows, :, i0:i1] = weighted
+        for p, r in enumerate(rows):  # row by row: no list index (see rows.batch_rows)
+            out[r].narrow(token_dim - 1, i0, i1 - i0).copy_(weighted[p])
         return out
 
     def _apply_code_form(self, site: AttentionSite, out: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         img0, img1 = site.image
         w = dtr_token_weights(mass[:, 0, :, 0], self.config.alpha, self.config.upsilon)  # [P, N_img]
-        rows = list(self.config.edit_rows)
-        if self.config.layout == "bnhd":
-            part = out[rows, img0:img1].float() * w[:, :, None, None]
-            out[rows, img0:img1] = part.to(out.dtype)
-        else:
-            part = out[rows, :, img0:img1].float() * w[:, None, :, None]
-            out[rows, :, img0:img1] = part.to(out.dtype)
+        w = w[:, :, None, None] if self.config.layout == "bnhd" else w[:, None, :, None]
+        token_dim = 0 if self.config.layout == "bnhd" else 1  # within one batch row
+        for p, r in enumerate(self.config.edit_rows):  # row by row: no list index (see rows.batch_rows)
+            image = out[r].narrow(token_dim, img0, img1 - img0)
+            image.copy_((image.float() * w[p]).to(out.dtype))
         return out
 
 
@@ -393,7 +397,8 @@ class TextResidual:
         if self.rows is None:
             return mixed
         new = text_out.clone()
-        new[list(self.rows)] = mixed[list(self.rows)]
+        for r in self.rows:  # row by row: no list index (see rows.batch_rows)
+            new[r] = mixed[r]
         return new
 
 

@@ -39,6 +39,7 @@ from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPoli
 from ..specs import Probe, TokenGroups, ValueProbe, instruction_tags
 from . import checks
 from .masks import THRESHOLD_RULES, iid_masks, sigma_problem, threshold_value_problem
+from .rows import batch_rows
 
 Range = Tuple[int, int]
 MAP_SOURCES = ("text", "image_colmean", "image_propagation")
@@ -425,9 +426,9 @@ class IIDMapPolicy(RunScopedPolicy):
         if self.config.map_source == "text":
             maps = raw[self.map_row]  # [H, N_img, N]
         elif self.config.map_source == "image_colmean":
-            maps = raw[list(self.branch_rows), :, 0, :].permute(1, 2, 0)  # [N, H, N_key] -> [H, N_key, N]
+            maps = batch_rows(raw, self.branch_rows)[:, :, 0, :].permute(1, 2, 0)  # [N, H, N_key] -> [H, N_key, N]
         else:
-            maps = raw[list(self.branch_rows)].mean(-1).permute(1, 2, 0)  # [N, H, N_img] -> [H, N_img, N]
+            maps = batch_rows(raw, self.branch_rows).mean(-1).permute(1, 2, 0)  # [N, H, N_img] -> [H, N_img, N]
         self._sum = maps if self._sum is None else self._sum + maps
         self.per_head_maps = self._sum / len(self._captured)
         cfg = self.config

@@ -87,7 +87,8 @@ class RFEditController:
         if self.rows is None:
             return hat
         out = v.clone()
-        out[list(self.rows)] = hat[list(self.rows)]
+        for r in self.rows:  # row by row: no list index (see rows.batch_rows)
+            out[r] = hat[r]
         return out
 
 

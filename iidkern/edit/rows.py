@@ -1,0 +1,20 @@
+"""Batch rows of a tensor without a host-device synchronization.
+
+Indexing a GPU tensor with a Python list (``x[[1, 3]]``) copies the list to the device
+through pageable memory, which waits for the stream's queued work: a synchronization in
+every attention call of a policy that does it. The editing policies select their rows here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def batch_rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """``x[rows]`` along the first axis: a view for a run of consecutive rows, else a stack.
+    Negative rows count from the end, as in indexing."""
+    rows = [int(r) % x.shape[0] if -x.shape[0] <= int(r) < 0 else int(r) for r in rows]
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return x[rows[0]:rows[0] + len(rows)]
+    return torch.stack([x[r] for r in rows])
