@@ -150,7 +150,7 @@ def dtr_weights(a_zp: torch.Tensor, alpha: float, upsilon: float) -> torch.Tenso
     tensor of ``a_zp``'s shape.
     """
     # Over the last axis of the transposed map: PyTorch's softmax over an inner axis runs a
-    # spatial kernel, 2.4 ms at Flux 1024^2 against ~0.02 ms this way (bench/NOTES.md 78).
+    # spatial kernel, 2.4 ms at Flux 1024^2 against 0.01 ms this way (bench/NOTES.md 78).
     by_text = torch.softmax(a_zp.float().transpose(-1, -2), dim=-1)
     return (alpha * torch.sigmoid(upsilon * by_text)).transpose(-1, -2).contiguous()
 
