@@ -37,7 +37,7 @@ def formula_router_weights(out, gamma, delta):
     """Per-head cosine of rows 0 and 1, then w_h = 1 + gamma * sigmoid(d_h - delta)."""
     o0, o1 = out[0].transpose(0, 1).flatten(1), out[1].transpose(0, 1).flatten(1)  # [H, N*D]
     s = (o0 * o1).sum(-1) / (o0.norm(dim=-1) * o1.norm(dim=-1))
-    d = (s.max() - s) / max((s.max() - s.min()).item(), 1e-6)
+    d = (s.max() - s) / (s.max() - s.min()).clamp_min(1e-6)  # a tensor: the gradient test differentiates it
     return 1 + gamma * torch.sigmoid(d - delta)
 
 
@@ -174,7 +174,7 @@ def dense_headrouter(q, k, v, text, image, cfg, tags=None, head_weights=None):
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees no key: zeros
     mult = torch.ones_like(p)
     (t0, t1), (i0, i1) = text, image
-    for _, e in cfg.pairs:
+    for _, e in cfg.pairs if cfg.dtr_image == "paper" else ():
         a_zp = p[e][:, i0:i1, t0:t1]
         if cfg.dtr_heads == "mean":
             a_zp = a_zp.mean(0, keepdim=True)
@@ -184,10 +184,11 @@ def dense_headrouter(q, k, v, text, image, cfg, tags=None, head_weights=None):
         hw = head_weights.double()
         out = out * (hw[None, :, None, None] if hw.dim() == 1 else hw[:, :, None, None] if hw.dim() == 2
                      else hw[..., None])
-    if cfg.route:
+    if cfg.route:  # out of place: the gradient test backpropagates through this
+        route = torch.ones(out.shape[:2], dtype=out.dtype)
         for r, e in cfg.pairs:
-            w = formula_router_weights(out[[r, e]].transpose(1, 2), cfg.gamma, cfg.delta)
-            out[e] = out[e] * w[:, None, None]
+            route[e] = formula_router_weights(out[[r, e]].transpose(1, 2), cfg.gamma, cfg.delta)
+        out = out * route[:, :, None, None]
     return out.transpose(1, 2)
 
 
@@ -488,3 +489,82 @@ def test_batch_rows_equals_list_indexing(rows):
     assert torch.equal(batch_rows(x, rows), x[rows])
     if rows == [0, 1]:
         assert batch_rows(x, rows).data_ptr() == x.data_ptr()  # consecutive rows: a view, no copy
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(dtr_map="previous"), dict(dtr_image="off"), dict(route=False)])
+def test_a_layout_other_than_the_configs_is_named(kwargs):
+    """cfg.layout tells receive how to read rows, heads and tokens: a call in the other layout
+    would be routed per token instead of per head, silently (the same-call form's DTR part used
+    the call's own layout)."""
+    q, k, v = (t.transpose(1, 2) for t in qkv(61))
+    policy = HeadRouterPolicy(HeadRouterConfig(**kwargs))
+    assert_raises_naming(ValueError, ["HeadRouterConfig.layout is 'bnhd'", "attends in 'bhnd'"], attend, q, k, v,
+                         site(1), policy, layout="bhnd", backend="reference")
+
+
+class _Multiplier(AttentionPolicy):
+    def request(self, site):
+        values = torch.full((2, N_IMG, N_TEXT), 1.5)
+        return AttentionRequest(block_multiplier=iidkern.BlockMultiplier(values, site.image[0], site.text[0]))
+
+
+def test_same_call_dtr_refuses_another_policys_multiplier():
+    """w would have to multiply the chain's multiplier, not add to it: refused, as the one-pass
+    form refuses two multipliers."""
+    policy = ChainPolicy(_Multiplier(), HeadRouterPolicy(HeadRouterConfig(route=False)))
+    assert_raises_naming(ValueError, ["dtr_map='same'", "block_multiplier"], attend, *qkv(62), site(0), policy,
+                         backend="reference")
+
+
+def test_a_call_without_a_step_is_outside_the_step_window():
+    """As for the IID and key-region policies: a window set, a call without a step number runs plain."""
+    q, k, v = qkv(63)
+    unnumbered = AttentionSite(block=0, block_kind="double", text=(0, N_TEXT), image=(N_TEXT, N_TEXT + N_IMG))
+    policy = HeadRouterPolicy(HeadRouterConfig(steps=(0, 3)))
+    assert policy.request(unnumbered) is None
+    assert policy.request(site(1)) is not None and policy.request(site(3)) is None
+
+
+def test_text_residual_rows_outside_the_batch_are_named():
+    text = torch.randn(2, 4, 8)
+    assert_raises_naming(ValueError, ["TextResidual: rows [5]", "batch of 2 rows"], TextResidual(rows=(5,)), 0, 3,
+                         text, text)
+
+
+@pytest.mark.parametrize("rows", [[2, 3], [5], [-5]])
+def test_batch_rows_refuses_rows_outside_like_indexing(rows):
+    from iidkern.edit.rows import batch_rows
+
+    x = torch.randn(3, 2)
+    with pytest.raises(IndexError, match="out of range for 3 rows"):
+        batch_rows(x, rows)
+    assert batch_rows(x, []).shape == x[[]].shape == (0, 2)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(route=False), dict(dtr_image="off"),
+                                    dict(dtr_image="code", dtr_block_kinds=("double",))])
+def test_gradients_flow_through_headrouter_on_the_reference_backend(kwargs):
+    """The policies write their copies in place only where autograd has not saved them: a backward
+    through a HeadRouter call equals the dense formula's (reference backend; the kernels are
+    forward-only)."""
+    q, k, v = (t.requires_grad_() for t in qkv(64))
+    cfg = HeadRouterConfig(alpha=5.0, upsilon=5.0, **kwargs)
+    out = attend(q, k, v, site(0), HeadRouterPolicy(cfg), backend="reference")
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(65))
+    (out * weights).sum().backward()
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    if cfg.dtr_image == "code":  # dense code form: IARouter on the call's output, then per image token of the
+        p = dense_probs(q2, k2)  # edit row its head-mean text mass weighs the routed output
+        expected = dense_out(p, v2)
+        if cfg.route:
+            w = formula_router_weights(expected, cfg.gamma, cfg.delta)
+            expected = torch.cat([expected[:1], expected[1:] * w[None, None, :, None]])
+        mass = p[1][:, N_TEXT:, :N_TEXT].sum(-1).mean(0)
+        scale = torch.ones(2, N_TEXT + N_IMG, 1, 1, dtype=torch.float64)
+        scale[1, N_TEXT:, 0, 0] = 5.0 * torch.sigmoid(5.0 * torch.softmax(mass, dim=0))
+        expected = expected * scale
+    else:
+        expected = dense_headrouter(q2, k2, v2, (0, N_TEXT), (N_TEXT, N_TEXT + N_IMG), cfg)
+    (expected * weights.double()).sum().backward()
+    for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)

@@ -71,7 +71,8 @@ class HeadRouterConfig:
     call) or ``"previous"`` (the previous step's, one fused pass). ``dtr_heads``: ``"mean"``
     (one map shared by the heads) or ``"keep"`` (a map per head; H times the memory).
     ``dtr_text_keep``: the weight of the previous block's input in the text residual (0.1).
-    ``steps``: ``(start, stop)`` step window of the attention side (``None`` = every step).
+    ``steps``: ``(start, stop)`` step window of the attention side (``None`` = every call; a
+    call without a step number is outside any window, as for the IID and key-region policies).
     ``layout``: layout of the output ``attend`` hands back (the runner's is ``"bnhd"``, so
     :func:`~iidkern.edit.pipeline.headrouter_edit` takes no other). Each edit row belongs to
     one pair and is never a recon row.
@@ -227,9 +228,9 @@ class HeadRouterPolicy(RunScopedPolicy):
 
     def _active(self, site: AttentionSite) -> bool:
         win = self.config.steps
-        if win is None or site.step is None:
+        if win is None:
             return True
-        return win[0] <= site.step < win[1]
+        return site.step is not None and win[0] <= site.step < win[1]  # no step number: outside any window
 
     def _same_call(self) -> bool:
         return self.config.dtr_image == "paper" and self.config.dtr_map == "same"
@@ -286,14 +287,14 @@ class HeadRouterPolicy(RunScopedPolicy):
         if not self._active(site):
             return None
         cfg = self.config
-        req = AttentionRequest()
+        req = AttentionRequest(keep_inputs=True)  # receive checks the call's layout against cfg.layout
         dtr = self._dtr_here(site)
         if cfg.route and not (dtr and self._same_call()):  # same-call DTR: taken on the weighted output
             req.pair_stats = list(cfg.pairs)
         if dtr:
             req.probes = (self._probe(site),)
             if self._same_call():
-                req.return_lse = req.keep_inputs = True
+                req.return_lse = True
             else:
                 req.block_multiplier = self._multiplier(site, self._map_key(site))
         if req.pair_stats is None and not req.probes:
@@ -303,6 +304,9 @@ class HeadRouterPolicy(RunScopedPolicy):
     def receive(self, site, result, inputs: Optional[AttentionInputs] = None):
         cfg = self.config
         out = result.out
+        if inputs is not None and inputs.layout != cfg.layout:  # rows, heads and tokens would be misread
+            raise ValueError(f"HeadRouterConfig.layout is {cfg.layout!r} but the call attends in {inputs.layout!r} "
+                             f"(the diffusers processors and the runner use 'bnhd')")
         outside = sorted({r for pair in cfg.pairs for r in pair if r >= out.shape[0]})
         if outside:
             raise ValueError(f"HeadRouterPolicy: pairs {cfg.pairs} name row(s) {outside}, outside this call's batch "
@@ -319,10 +323,12 @@ class HeadRouterPolicy(RunScopedPolicy):
         if cfg.route and stats is not None:
             w = router_weights(stats, cfg.gamma, cfg.delta)  # [P, H]
             self.last_router_weights[(site.block_kind, site.block)] = w
-            new = scale_heads(out if new is None else new, cfg.edit_rows, w, cfg.layout, copy=new is None)
+            # In place only on the copy made above, and not where autograd saved it for a backward.
+            new = scale_heads(out if new is None else new, cfg.edit_rows, w, cfg.layout,
+                              copy=new is None or new.requires_grad)
         if dtr and cfg.dtr_image == "code":  # weighted by this call's text mass
-            base = new if new is not None else out.clone()
-            new = self._apply_code_form(site, base, batch_rows(result.probes[0], cfg.edit_rows).float())
+            new = self._apply_code_form(site, out if new is None else new,
+                                        batch_rows(result.probes[0], cfg.edit_rows).float())
         return new
 
     def _weigh_text_keys(self, site: AttentionSite, result, inputs: Optional[AttentionInputs]) -> torch.Tensor:
@@ -343,6 +349,10 @@ class HeadRouterPolicy(RunScopedPolicy):
             return batch_rows(x, rows).narrow(token_dim, start, stop - start)
 
         request = inputs.request
+        if request.block_multiplier is not None:  # w would have to multiply it, not add to it
+            raise ValueError("HeadRouterPolicy: dtr_map='same' cannot weigh a call that carries another policy's "
+                             "block_multiplier (a ChainPolicy member); the one-pass dtr_map='previous' refuses the "
+                             "pair too (ChainPolicy: two policies set block_multiplier)")
         text_part = attention(block(inputs.q, i0, i1), block(inputs.k, t0, t1), block(inputs.v, t0, t1),
                               layout=inputs.layout, scale=inputs.scale, backend=inputs.backend,
                               tags=_tag_block(request.tags, rows, site.image, site.text),
@@ -363,12 +373,13 @@ class HeadRouterPolicy(RunScopedPolicy):
     def _apply_code_form(self, site: AttentionSite, out: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         img0, img1 = site.image
         w = dtr_token_weights(mass[:, 0, :, 0], self.config.alpha, self.config.upsilon)  # [P, N_img]
-        w = w[:, :, None, None] if self.config.layout == "bnhd" else w[:, None, :, None]
-        token_dim = 0 if self.config.layout == "bnhd" else 1  # within one batch row
-        for p, r in enumerate(self.config.edit_rows):  # row by row: no list index (see rows.batch_rows)
-            image = out[r].narrow(token_dim, img0, img1 - img0)
-            image.copy_((image.float() * w[p]).to(out.dtype))
-        return out
+        # One factor per (row, token), 1 outside the edit rows' image tokens: out of place (a
+        # backward may need ``out``), and no list index (see rows.batch_rows).
+        b, n = out.shape[0], out.shape[1] if self.config.layout == "bnhd" else out.shape[2]
+        factor = torch.ones((b, n, 1, 1) if self.config.layout == "bnhd" else (b, 1, n, 1), device=out.device)
+        for p, r in enumerate(self.config.edit_rows):
+            factor[r].view(-1)[img0:img1] = w[p]
+        return (out.float() * factor).to(out.dtype)
 
 
 class TextResidual:
@@ -396,6 +407,9 @@ class TextResidual:
         mixed = self.keep * text_in + (1.0 - self.keep) * text_out
         if self.rows is None:
             return mixed
+        outside = [r for r in self.rows if r >= text_out.shape[0]]
+        if outside:
+            raise ValueError(f"TextResidual: rows {outside} are outside the batch of {text_out.shape[0]} rows")
         new = text_out.clone()
         for r in self.rows:  # row by row: no list index (see rows.batch_rows)
             new[r] = mixed[r]

@@ -13,8 +13,15 @@ import torch
 
 def batch_rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     """``x[rows]`` along the first axis: a view for a run of consecutive rows, else a stack.
-    Negative rows count from the end, as in indexing."""
-    rows = [int(r) % x.shape[0] if -x.shape[0] <= int(r) < 0 else int(r) for r in rows]
+    Negative rows count from the end and a row outside ``x`` is an IndexError, as in indexing."""
+    n = x.shape[0]
+    rows = [int(r) for r in rows]
+    outside = [r for r in rows if not -n <= r < n]
+    if outside:
+        raise IndexError(f"batch_rows: rows {outside} are out of range for {n} rows")
+    rows = [r % n for r in rows]
+    if not rows:
+        return x[:0]
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return x[rows[0]:rows[0] + len(rows)]
     return torch.stack([x[r] for r in rows])
