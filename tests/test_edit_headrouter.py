@@ -185,7 +185,7 @@ def dense_headrouter(q, k, v, text, image, cfg, tags=None, head_weights=None):
         out = out * (hw[None, :, None, None] if hw.dim() == 1 else hw[:, :, None, None] if hw.dim() == 2
                      else hw[..., None])
     if cfg.route:  # out of place: the gradient test backpropagates through this
-        route = torch.ones(out.shape[:2], dtype=out.dtype)
+        route = torch.ones(out.shape[:2], dtype=out.dtype, device=out.device)
         for r, e in cfg.pairs:
             route[e] = formula_router_weights(out[[r, e]].transpose(1, 2), cfg.gamma, cfg.delta)
         out = out * route[:, :, None, None]
