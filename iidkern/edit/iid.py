@@ -63,8 +63,9 @@ class IIDConfig:
     ``"image_propagation"`` (per branch row, ``mean_h A_h @ x`` for a per-key signal ``x``).
     ``map_row``: the batch row whose text maps are used (the combined branch, last by
     default). ``sigma`` / ``kernel_size``: Gaussian smoothing on the latent grid (sigma: a
-    finite number in [0, 1000] latent tokens, 0 = off). ``threshold``: ``"otsu"`` | ``"fixed"`` (``threshold_value``
-    in [0, 1]) | ``"top"`` (``threshold_value`` in (0, 1]); Otsu ignores ``threshold_value``.
+    finite number in [0, 1000] latent tokens, 0 = off). ``threshold``: ``"otsu"`` |
+    ``"fixed"`` (``threshold_value`` in [0, 1]) | ``"top"`` (``threshold_value`` in (0, 1]);
+    Otsu ignores ``threshold_value``.
     ``background``: what image tokens outside every mask see after S (``"none"`` = no
     instruction, ``"all"`` = every instruction). ``mask_until``: last masked step
     (inclusive; ``None`` = to the end). ``visible_ranges``: names of ``AttentionSite.extra``
