@@ -129,14 +129,41 @@ def test_same_call_dtr_on_gpu(dtype, dim, image_first):
                                   dict(dtr_image="code", dtr_block_kinds=("double",))])
 def test_headrouter_calls_do_not_synchronize(form):
     """Every HeadRouter form runs its calls without a host-device synchronization (a list index,
-    an .item(), a host copy), so a model's host work runs ahead of the GPU: CUDA's sync debug
-    mode turns any synchronizing call into an error, after warm-up calls (compilation, caches)."""
+    an .item(), a host copy), so a model's host work runs ahead of the GPU: torch's sync debug
+    mode turns the synchronizing calls it detects (not all, says torch) into errors, after
+    warm-up calls (compilation, caches)."""
     from iidkern.edit.headrouter import HeadRouterConfig, HeadRouterPolicy
     from iidkern.policy import AttentionSite, attend
 
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 77 + 1024, 4, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
     policy = HeadRouterPolicy(HeadRouterConfig(**form))
+    for step in range(4):
+        if step == 2:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            site = AttentionSite(block=0, block_kind="double", text=(0, 77), image=(77, 1101), step=step, num_steps=4)
+            attend(q, k, v, site, policy, backend="triton")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("masked_rows", [None, (False, True)])
+def test_iid_masked_calls_do_not_synchronize(masked_rows):
+    """After S every block of every step runs IID's masked attention: once a layout's tag mask is
+    built (its tile lists read back once), the calls run without a host-device synchronization
+    that torch's sync debug mode detects, and so do the key-region probes HeadRouter's pipeline
+    sums per call."""
+    from iidkern.edit.headrouter import KeyRegionPolicy
+    from iidkern.edit.iid import IIDMaskPolicy
+    from iidkern.policy import AttentionSite, ChainPolicy, attend
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 77 + 1024, 4, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+    masks = torch.rand(2, 1024, generator=g).to("cuda") < 0.5
+    policy = ChainPolicy(IIDMaskPolicy([(0, 20), (20, 41)], masks, masked_rows=masked_rows),
+                         KeyRegionPolicy(tokens=[3, (5, 9)], row=1))
     for step in range(4):
         if step == 2:
             torch.cuda.synchronize()
