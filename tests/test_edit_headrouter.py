@@ -568,3 +568,17 @@ def test_gradients_flow_through_headrouter_on_the_reference_backend(kwargs):
     (expected * weights.double()).sum().backward()
     for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_call_without_image_tokens_is_routed_without_dtr(backend):
+    """No image x text block to weigh (a text-only call): DTR leaves it alone, IARouter still
+    routes it (an empty image range was an error from TokenGroups.each)."""
+    q, k, v = qkv(66)
+    text_only = AttentionSite(block=0, block_kind="double", text=(0, N_TEXT + N_IMG), image=(N_TEXT + N_IMG,) * 2,
+                              step=0)
+    policy = HeadRouterPolicy(HeadRouterConfig(gamma=0.3, delta=0.4))
+    out = attend(q, k, v, text_only, policy, backend=backend)
+    ref = dense_out(dense_probs(q, k), v)
+    w = formula_router_weights(ref, 0.3, 0.4)
+    torch.testing.assert_close(out.double(), torch.stack([ref[0], ref[1] * w[None, :, None]]), rtol=1e-4, atol=1e-5)

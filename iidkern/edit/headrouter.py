@@ -236,8 +236,8 @@ class HeadRouterPolicy(RunScopedPolicy):
         return self.config.dtr_image == "paper" and self.config.dtr_map == "same"
 
     def _dtr_here(self, site: AttentionSite) -> bool:
-        if self.config.dtr_image == "off" or site.text[1] <= site.text[0]:  # no text: nothing to refine
-            return False
+        if self.config.dtr_image == "off" or site.text[1] <= site.text[0] or site.image[1] <= site.image[0]:
+            return False  # no text or no image tokens: no image x text block to weigh
         kinds = self.config.dtr_kinds()
         return kinds is None or site.block_kind in kinds
 
