@@ -30,7 +30,9 @@ API
     ``QwenDoubleStreamAttnProcessor2_0``; SD3's ``FusedJointAttnProcessor2_0`` drops the QK
     norms, so unfuse first). Any other processor (IP-adapter, custom, an
     iidkern processor already installed) raises a ``ValueError`` naming it: iidkern would
-    otherwise silently drop its behaviour.
+    otherwise silently drop its behaviour. ``model`` may be a ``torch.compile`` wrapper (the
+    hooks go on the model inside it). Under ``torch.autocast`` q, k and v run in the
+    autocast dtype, as the stock processors' SDPA does.
 ``IidkernHandle``
     * ``policy`` / ``backend`` (settable), ``set_step(step, num_steps=None)``, ``step``,
       ``num_steps``; ``callback_on_step_end`` (pass to a pipeline: advances the step after
