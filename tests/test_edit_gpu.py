@@ -125,19 +125,14 @@ def test_same_call_dtr_on_gpu(dtype, dim, image_first):
     assert ((out[1].double() - plain[1]).norm() / plain[1].norm()).item() > 5 * err  # the weighting is visible
 
 
-@pytest.mark.parametrize("form", [dict(), dict(route=False), dict(dtr_map="previous"), dict(dtr_image="off"),
-                                  dict(dtr_image="code", dtr_block_kinds=("double",))])
-def test_headrouter_calls_do_not_synchronize(form):
-    """Every HeadRouter form runs its calls without a host-device synchronization (a list index,
-    an .item(), a host copy), so a model's host work runs ahead of the GPU: torch's sync debug
-    mode turns the synchronizing calls it detects (not all, says torch) into errors, after
-    warm-up calls (compilation, caches)."""
-    from iidkern.edit.headrouter import HeadRouterConfig, HeadRouterPolicy
+def _steps_without_synchronizing(policy, seed):
+    """Four steps of one call (77 text + 1024 image tokens, 4 heads x 128, bf16) through
+    ``policy``; the last two under torch's sync debug mode "error", after warm-up calls
+    (compilation, caches, a tag mask's one read-back)."""
     from iidkern.policy import AttentionSite, attend
 
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, 77 + 1024, 4, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
-    policy = HeadRouterPolicy(HeadRouterConfig(**form))
     for step in range(4):
         if step == 2:
             torch.cuda.synchronize()
@@ -147,6 +142,19 @@ def test_headrouter_calls_do_not_synchronize(form):
             attend(q, k, v, site, policy, backend="triton")
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("form", [dict(), dict(route=False), dict(dtr_map="previous"), dict(dtr_image="off"),
+                                  dict(dtr_image="code", dtr_block_kinds=("double",))])
+def test_headrouter_calls_do_not_synchronize(form):
+    """Every HeadRouter form runs its calls without a host-device synchronization (a list index,
+    an .item(), a host copy), so a model's host work runs ahead of the GPU: torch's sync debug
+    mode turns the synchronizing calls it detects (not all, says torch) into errors, after
+    warm-up calls (compilation, caches)."""
+    from iidkern.edit.headrouter import HeadRouterConfig, HeadRouterPolicy
+
+    policy = HeadRouterPolicy(HeadRouterConfig(**form))
+    _steps_without_synchronizing(policy, seed=7)
 
 
 @pytest.mark.parametrize("masked_rows", [None, (False, True)])
@@ -157,19 +165,9 @@ def test_iid_masked_calls_do_not_synchronize(masked_rows):
     sums per call."""
     from iidkern.edit.headrouter import KeyRegionPolicy
     from iidkern.edit.iid import IIDMaskPolicy
-    from iidkern.policy import AttentionSite, ChainPolicy, attend
+    from iidkern.policy import ChainPolicy
 
-    g = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(2, 77 + 1024, 4, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
-    masks = torch.rand(2, 1024, generator=g).to("cuda") < 0.5
+    masks = torch.rand(2, 1024, generator=torch.Generator().manual_seed(9)).to("cuda") < 0.5
     policy = ChainPolicy(IIDMaskPolicy([(0, 20), (20, 41)], masks, masked_rows=masked_rows),
                          KeyRegionPolicy(tokens=[3, (5, 9)], row=1))
-    for step in range(4):
-        if step == 2:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            site = AttentionSite(block=0, block_kind="double", text=(0, 77), image=(77, 1101), step=step, num_steps=4)
-            attend(q, k, v, site, policy, backend="triton")
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    _steps_without_synchronizing(policy, seed=8)
