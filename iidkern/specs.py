@@ -386,7 +386,7 @@ def index_arg(x, what: str) -> int:
     return i
 
 
-def _is_sequence(x) -> bool:
+def is_sequence(x) -> bool:
     """Iterable and not a string (read letter by letter), a number or a 0-d array/tensor."""
     return not isinstance(x, (str, bytes)) and getattr(x, "ndim", 1) != 0 and hasattr(x, "__iter__")
 
@@ -400,7 +400,7 @@ def range_items(value, what: str, form: str = "(start, stop)") -> tuple:
     string, a triple where a pair is expected)."""
     size = form.count(",") + 1
     expected = f"a {form} {_RANGE_KINDS[size]}"
-    if not _is_sequence(value):
+    if not is_sequence(value):
         raise TypeError(f"{what} must be {expected}, got {value!r} ({type(value).__name__})")
     items = tuple(value)
     if len(items) != size:
@@ -413,12 +413,12 @@ def range_list(value, what: str, item: str, form: str = "(start, stop)") -> list
     tuples (:func:`range_items`); ``what`` names the argument, ``item`` one range
     (``f"{item} {i}"``). A bare range (``(3, 4)`` for ``[(3, 4)]``) is refused."""
     expected = f"a sequence of {form} {_RANGE_KINDS[form.count(',') + 1]}s"
-    if not _is_sequence(value):
+    if not is_sequence(value):
         raise TypeError(f"{what} must be {expected}, got {value!r} ({type(value).__name__})")
     items = list(value)
     shown = value if isinstance(value, (list, tuple)) else items
     for i, x in enumerate(items):
-        if not _is_sequence(x):
+        if not is_sequence(x):
             raise TypeError(f"{what} must be {expected} (one range: [{form}]), got {shown!r}: "
                             f"item {i} is {x!r} ({type(x).__name__})")
     return [range_items(x, f"{item} {i}", form) for i, x in enumerate(items)]

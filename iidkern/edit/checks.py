@@ -7,7 +7,7 @@ method (a string where names are expected is iterated letter by letter) is what 
 import math
 from typing import Optional, Tuple
 
-from ..specs import as_real, index_arg, scalar_dtype_kind
+from ..specs import as_real, index_arg, is_sequence, scalar_dtype_kind
 
 
 def integer(value, what: str, minimum: Optional[int] = None) -> int:
@@ -68,7 +68,7 @@ def names(value, what: str) -> Optional[Tuple[str, ...]]:
 def sequence(value, what: str, expected: str) -> tuple:
     """``value``'s items as a tuple: a list, tuple, 1-D array or tensor; not a string (read
     letter by letter), a number or a 0-d array (a TypeError naming ``what``)."""
-    if isinstance(value, (str, bytes)) or getattr(value, "ndim", 1) == 0 or not hasattr(value, "__iter__"):
+    if not is_sequence(value):
         raise TypeError(f"{what} must be {expected}, got {value!r}")
     return tuple(value)
 

@@ -54,7 +54,7 @@ from ..routing import router_weights
 from ..specs import BlockMultiplier, PairStats, Probe, TokenGroups, as_integer, index_arg
 from . import checks
 from .masks import key_region_masks
-from .rows import batch_rows
+from .rows import batch_rows, replace_rows
 
 DTR_IMAGE_FORMS = ("paper", "code", "off")
 DTR_MAPS = ("same", "previous")
@@ -410,10 +410,7 @@ class TextResidual:
         outside = [r for r in self.rows if r >= text_out.shape[0]]
         if outside:
             raise ValueError(f"TextResidual: rows {outside} are outside the batch of {text_out.shape[0]} rows")
-        new = text_out.clone()
-        for r in self.rows:  # row by row: no list index (see rows.batch_rows)
-            new[r] = mixed[r]
-        return new
+        return replace_rows(text_out, self.rows, mixed)
 
 
 def _token_range(token) -> Tuple[int, int]:

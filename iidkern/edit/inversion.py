@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import checks
+from .rows import replace_rows
 
 PAPER_STEPS = 28
 
@@ -86,10 +87,7 @@ class RFEditController:
         hat = v + self.eta * (target - v)
         if self.rows is None:
             return hat
-        out = v.clone()
-        for r in self.rows:  # row by row: no list index (see rows.batch_rows)
-            out[r] = hat[r]
-        return out
+        return replace_rows(v, self.rows, hat)
 
 
 def invert(denoiser, y0: torch.Tensor, sigmas: torch.Tensor, *, gamma: float = 0.5,

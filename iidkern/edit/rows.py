@@ -2,7 +2,8 @@
 
 Indexing a GPU tensor with a Python list (``x[[1, 3]]``) copies the list to the device
 through pageable memory, which waits for the stream's queued work: a synchronization in
-every attention call of a policy that does it. The editing policies select their rows here.
+every attention call of a policy that does it. The editing policies select and replace
+rows here.
 """
 from __future__ import annotations
 
@@ -25,3 +26,11 @@ def batch_rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return x[rows[0]:rows[0] + len(rows)]
     return torch.stack([x[r] for r in rows])
+
+
+def replace_rows(base: torch.Tensor, rows: Sequence[int], source: torch.Tensor) -> torch.Tensor:
+    """A copy of ``base`` whose ``rows`` are ``source``'s, written row by row."""
+    new = base.clone()
+    for r in rows:
+        new[r] = source[r]
+    return new
