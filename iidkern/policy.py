@@ -226,7 +226,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: AttentionSit
            policy: Optional[AttentionPolicy] = None, *, layout: str = "bnhd", scale: Optional[float] = None,
            backend: str = "auto") -> torch.Tensor:
     """Joint attention for one model call, with whatever the policy asks for at this site."""
-    request = policy.request(site) if policy is not None else None
+    try:
+        request = policy.request(site) if policy is not None else None
+    except (TypeError, ValueError) as error:
+        if hasattr(error, "add_note"):  # Python >= 3.11: say which call the policy failed on
+            error.add_note(f"(in {type(policy).__name__}.request at {site})")
+        raise
     if request is None:
         return attention(q, k, v, layout=layout, scale=scale, backend=backend)
     result = attention(q, k, v, layout=layout, scale=scale, backend=backend, tags=request.tags,

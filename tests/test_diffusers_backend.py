@@ -460,8 +460,8 @@ def test_step_from_handle_and_attention_kwargs(name):
             case.run(**{case.kwargs_name: {"iidkern_step": 12}})
         assert handle.callback_on_step_end(SimpleNamespace(num_timesteps=10), 4, None, {}) == {}
         assert (handle.step, handle.num_steps) == (5, 10)
-        handle.callback_on_step_end(SimpleNamespace(num_timesteps=10), 9, None, {})  # the last step: no step 10
-        assert handle.step == 5
+        handle.callback_on_step_end(SimpleNamespace(num_timesteps=10), 9, None, {})  # the last step: no step 10,
+        assert (handle.step, handle.num_steps) == (0, 10)  # the next run's step 0
 
 
 def test_pipeline_callback_numbers_the_steps():
@@ -475,12 +475,16 @@ def test_pipeline_callback_numbers_the_steps():
     policy = RecordSites()
     with use_iidkern(pipe.transformer, policy=policy, backend="reference") as handle:
         handle.set_step(0, 3)
-        pipe(prompt_embeds=torch.randn(1, NUM_TEXT, 24, generator=g),
-             pooled_prompt_embeds=torch.randn(1, 12, generator=g), height=48, width=80, num_inference_steps=3, output_type="latent", generator=g,
-             callback_on_step_end=handle.callback_on_step_end)
-    # 48 x 80 pixels -> 6 x 10 latents -> 3 x 5 packed image tokens
+        for num_steps in (3, 3, 2):  # one handle, pipeline call after pipeline call: each numbered from 0
+            pipe(prompt_embeds=torch.randn(1, NUM_TEXT, 24, generator=g),
+                 pooled_prompt_embeds=torch.randn(1, 12, generator=g), height=48, width=80,
+                 num_inference_steps=num_steps, output_type="latent", generator=g,
+                 callback_on_step_end=handle.callback_on_step_end)
+    # 48 x 80 pixels -> 6 x 10 latents -> 3 x 5 packed image tokens. The 2-step run learns its
+    # count at its first callback: its step 0 still reads the previous run's 3.
     assert [(s.step, s.num_steps, s.layer) for s in policy.sites] == \
-        [(step, 3, layer) for step in range(3) for layer in range(2)]
+        [(step, 3, layer) for _ in range(2) for step in range(3) for layer in range(2)] + \
+        [(0, 3, 0), (0, 3, 1), (1, 2, 0), (1, 2, 1)]
     assert {(s.text, s.image) for s in policy.sites} == {((0, NUM_TEXT), (NUM_TEXT, NUM_TEXT + 15))}
 
 
@@ -655,3 +659,44 @@ def test_policy_class_instead_of_instance_is_refused():
     case = CASES["flux"]()
     with pytest.raises(TypeError, match=r"instance .* got the class CapturePolicy \(call it"):
         use_iidkern(case.model, policy=CapturePolicy)
+
+
+def test_a_flux_like_model_whose_single_blocks_take_no_text_is_refused():
+    """Chroma's blocks use the stock FluxAttnProcessor, but its single blocks get no
+    encoder_hidden_states: the text length of their calls is unknown, so use_iidkern refuses
+    the model (before, every call with a policy failed, and every masked call)."""
+    diffusers = pytest.importorskip("diffusers")
+    chroma = getattr(diffusers, "ChromaTransformer2DModel", None)
+    if chroma is None:
+        pytest.skip("this diffusers has no ChromaTransformer2DModel")
+    model = chroma(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
+                   approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1)
+    before = dict(model.attn_processors)
+    with pytest.raises(ValueError, match="ChromaSingleTransformerBlock .*single_transformer_blocks.0 of "
+                                         "ChromaTransformer2DModel.* takes no encoder_hidden_states"):
+        use_iidkern(model)
+    assert dict(model.attn_processors) == before  # nothing installed, no hook left
+    assert not any(block._forward_pre_hooks for block in model.single_transformer_blocks)
+
+
+def test_deepcopy_of_an_installed_model_is_refused():
+    import copy
+    case = flux_case(num_double=1, num_single=1, source_rows=1, source_cols=3)
+    with use_iidkern(case.model, policy=RecordSites(), backend="reference"):
+        with pytest.raises(TypeError, match="cannot deepcopy a model with iidkern processors installed"):
+            copy.deepcopy(case.model)
+    copy.deepcopy(case.model)  # after remove(): an ordinary model again
+
+
+@pytest.mark.skipif(not hasattr(ValueError(), "add_note"), reason="exception notes need Python >= 3.11")
+def test_a_policy_error_names_the_site():
+    """A policy that fails on one call (an SD3.5 attn2 call has no text tokens) says where."""
+    case = sd3_case(dual=(0,))
+    policy = CapturePolicy(when=lambda s: True, probes=lambda s: [Probe(TokenGroups.each(*s.image),
+                                                                        TokenGroups.each(*s.text))])
+    with use_iidkern(case.model, policy=policy, backend="reference"):
+        with pytest.raises(ValueError, match="TokenGroups.each") as failure:
+            case.run()
+    assert any("CapturePolicy.request at AttentionSite(block=0, block_kind='image'" in note
+               for note in failure.value.__notes__)

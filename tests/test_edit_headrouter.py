@@ -232,6 +232,17 @@ def test_same_call_dtr_equals_one_pass_weighted_by_its_own_map(backend, heads, l
         torch.testing.assert_close(in_layout(out, layout)[r].double(), plain[r], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("upsilon", [-4.0, 0.0])
+def test_same_call_dtr_with_a_negative_or_zero_upsilon(upsilon):
+    """upsilon is any finite real: negative favours the least-attended image tokens, 0 weighs
+    every text key by alpha / 2; both as the formula says."""
+    q, k, v, where, _ = random_call(400 + int(upsilon), "bnhd")
+    cfg = HeadRouterConfig(route=False, alpha=3.0, upsilon=upsilon)
+    out = attend(q, k, v, where, HeadRouterPolicy(cfg), layout="bnhd", backend="reference")
+    torch.testing.assert_close(out.double(), dense_headrouter(q, k, v, where.text, where.image, cfg),
+                               rtol=1e-4, atol=1e-5)
+
+
 class _MaskAndWeights(AttentionPolicy):
     """Another policy of a chain: it adds tags and head weights to every call."""
 

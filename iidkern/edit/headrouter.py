@@ -48,6 +48,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ..attention import attention
+from ..checked_config import CheckedOnAssignment
 from ..kernels.tiles import TagMask
 from ..policy import AttentionInputs, AttentionRequest, AttentionSite, RunScopedPolicy
 from ..routing import router_weights
@@ -61,7 +62,7 @@ DTR_MAPS = ("same", "previous")
 
 
 @dataclass
-class HeadRouterConfig:
+class HeadRouterConfig(CheckedOnAssignment):
     """HeadRouter's knobs (public defaults: gamma 0.2, delta 0.5, alpha 2 or 5, upsilon 5).
 
     ``pairs``: ``(recon_row, edit_row)`` batch-row pairs. ``route``: IARouter on/off.
@@ -70,12 +71,15 @@ class HeadRouterConfig:
     form). ``dtr_map`` (paper form): ``"same"`` (the call's own attention, a second small
     call) or ``"previous"`` (the previous step's, one fused pass). ``dtr_heads``: ``"mean"``
     (one map shared by the heads) or ``"keep"`` (a map per head; H times the memory).
+    ``alpha`` (> 0) and ``upsilon`` (any finite real; a negative one gives the least-attended
+    image tokens the largest weights) shape DTR's ``alpha * sigmoid(upsilon * softmax(.))``.
     ``dtr_text_keep``: the weight of the previous block's input in the text residual (0.1).
     ``steps``: ``(start, stop)`` step window of the attention side (``None`` = every call; a
     call without a step number is outside any window, as for the IID and key-region policies).
     ``layout``: layout of the output ``attend`` hands back (the runner's is ``"bnhd"``, so
     :func:`~iidkern.edit.pipeline.headrouter_edit` takes no other). Each edit row belongs to
-    one pair and is never a recon row.
+    one pair and is never a recon row. Assigning a field later is checked as the constructor
+    checks it (:class:`~iidkern.checked_config.CheckedOnAssignment`).
     """
 
     gamma: float = 0.2

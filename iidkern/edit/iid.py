@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..attention import tag_mask
+from ..checked_config import CheckedOnAssignment
 from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPolicy, RunScopedPolicy
 from ..specs import Probe, TokenGroups, ValueProbe, instruction_tags
 from . import checks
@@ -52,7 +53,7 @@ def default_map_step(num_steps: int) -> int:
 
 
 @dataclass
-class IIDConfig:
+class IIDConfig(CheckedOnAssignment):
     """The open choices of IID, all configurable (defaults documented in METHODS.md).
 
     ``map_step``: S (0-based); ``None`` = :func:`default_map_step`. ``map_layer``: which

@@ -119,6 +119,13 @@ class IidkernProcessor:
     def __repr__(self):
         return f"{type(self).__name__}({self.layer.name}, kind={self.layer.block_kind!r}, block={self.layer.block})"
 
+    def __deepcopy__(self, memo):
+        # A copied model would keep hooks that feed this installation's processors (text
+        # lengths, source ranges) and a handle that cannot restore it: wrong sites, silently.
+        raise TypeError(f"cannot deepcopy a model with iidkern processors installed ({self.layer.name}): its hooks "
+                        f"would still feed the original's processors; copy the model before use_iidkern, or "
+                        f"handle.remove(), copy, then use_iidkern on each model")
+
     def _site(self, text: Tuple[int, int], image_stream: Tuple[int, int], step, num_steps,
               with_source: bool) -> AttentionSite:
         """``image_stream``: the image-stream range; its last ``session.source_tokens`` are the source."""
