@@ -1,7 +1,9 @@
 """Build shim. Metadata lives in pyproject.toml.
 
-The optional CUDA extension in csrc/ is built only when IIDKERN_BUILD_CUDA=1 and a CUDA
-toolkit is present; the Triton kernels need no build step.
+The optional CUDA extension in csrc/ is built only when IIDKERN_BUILD_CUDA=1; it then needs a
+CUDA toolkit (nvcc, CUDA_HOME) and torch in the build environment (pip install
+--no-build-isolation; csrc/README.md), and fails without them. The Triton kernels need no
+build step.
 """
 import os
 

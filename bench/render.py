@@ -10,12 +10,21 @@ cases). Every number comes from each case's ``extra_info`` (see bench/test_atten
 ``median_ms`` is the median of per-call CUDA-event times, ``graph_median_ms`` the same
 from CUDA-graph replays. Standard library only; the plot needs matplotlib and is skipped
 with a message without it.
+
+Hand-written notes survive a render: a block between ``<!-- notes:NAME -->`` and
+``<!-- /notes:NAME -->`` in the existing ``--out`` file (NAME: ``header``, after the run's
+facts; ``targets``, after the targets table and the plot) is carried into the new file at
+the same place (``--fresh`` drops them; they describe the run they were written for, so
+update them). A missing input file, or inputs without a timed case, is an error that
+writes nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -35,6 +44,22 @@ TAGS_EFFICIENCY = 0.80
 EXTRA_OVERHEAD = 1.03
 PROBE_MEMORY_SLACK_ROWS = 4  # "O(B*H*N)": allow this many fp32 [B, H, N] buffers beyond the probe outputs
 MIB = 2 ** 20
+
+
+NOTE_SLOTS = ("header", "targets")
+_NOTE_BLOCK = re.compile(r"<!-- notes:(?P<name>\w+) -->\n(?P<body>.*?)<!-- /notes:(?P=name) -->", re.S)
+
+
+def read_notes(text: str) -> Dict[str, str]:
+    """The hand-written blocks of a rendered file, by slot name (their bodies, without markers)."""
+    return {m["name"]: m["body"] for m in _NOTE_BLOCK.finditer(text)}
+
+
+def _note_lines(notes: Optional[Dict[str, str]], slot: str) -> List[str]:
+    body = (notes or {}).get(slot)
+    if not body:
+        return []
+    return [f"<!-- notes:{slot} -->", body.rstrip("\n"), f"<!-- /notes:{slot} -->"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -376,7 +401,8 @@ def _shape_text(c: dict) -> str:
 
 
 def render_markdown(res: Results, command: str = "bash bench/gpu_run.sh", tests_summary: str = "",
-                    plot_name: Optional[str] = None) -> str:
+                    plot_name: Optional[str] = None, notes: Optional[Dict[str, str]] = None) -> str:
+    """The markdown of ``res``; ``notes``: hand-written blocks by slot (see :data:`NOTE_SLOTS`)."""
     env = res.env
     lines = ["# iidkern benchmark results", "",
              f"- device: {env.get('gpu', '?')} ({env.get('sm_count', '?')} SMs, {env.get('gpu_memory_gib', '?')} GiB, "
@@ -387,6 +413,7 @@ def render_markdown(res: Results, command: str = "bash bench/gpu_run.sh", tests_
              f"- reproduce: `{command}`"]
     if tests_summary:
         lines.append(f"- GPU tests (`python -m pytest -m cuda tests`): {tests_summary}")
+    lines += _note_lines(notes, "header")
     lines += ["", "Times are medians of per-call CUDA-event times with calls launched back to back "
                   "(inputs rotated when they fit in L2); *graph* times replay the same calls from a CUDA graph "
                   "(no Python launch overhead). TFLOP/s = 4·B·H·Nq·Nk·D / median time (dense-equivalent, "
@@ -403,6 +430,8 @@ def render_markdown(res: Results, command: str = "bash bench/gpu_run.sh", tests_
 
     if plot_name:
         lines += [f"![time vs sequence length]({plot_name})", ""]
+    if _note_lines(notes, "targets"):
+        lines += _note_lines(notes, "targets") + [""]
 
     lines += ["## Results by shape and feature", ""]
     current_shape = None
@@ -496,12 +525,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--command", default="bash bench/gpu_run.sh")
     ap.add_argument("--tests-summary", default="")
     ap.add_argument("--summary", action="store_true", help="print the short targets table")
+    ap.add_argument("--fresh", action="store_true",
+                    help="do not carry the hand-written <!-- notes:NAME --> blocks of an existing --out over")
     args = ap.parse_args(argv)
     if args.json is None and args.records is None:
         ap.error("give --json and/or --records")
+    for option, path in (("--json", args.json), ("--records", args.records), ("--first-call", args.first_call)):
+        if path is not None and not path.is_file():
+            ap.error(f"{option}: no such file: {path}")
     res = load_results(args.json, args.records, args.first_call)
     if not res.cases:
-        print("render: no timed cases found in the inputs")
+        print(f"render: no timed cases in the inputs; {args.out} left as it was", file=sys.stderr)
+        return 1
+    notes = {}
+    if not args.fresh and args.out.is_file():
+        notes = read_notes(args.out.read_text())
+        unknown = sorted(set(notes) - set(NOTE_SLOTS))
+        if unknown:
+            ap.error(f"{args.out} has notes blocks {unknown} with no slot in the render (slots: {list(NOTE_SLOTS)}); "
+                     f"rename them, or pass --fresh to drop every block")
+        if notes:
+            print(f"render: carried the hand-written notes {sorted(notes)} of {args.out} over: update them for this run")
     plot_name = None
     if args.plot is not None:
         message = write_plot(res, args.plot)
@@ -509,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if message.startswith("plot written"):
             plot_name = args.plot.name
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render_markdown(res, args.command, args.tests_summary, plot_name))
+    args.out.write_text(render_markdown(res, args.command, args.tests_summary, plot_name, notes))
     print(f"results written to {args.out}")
     if args.summary:
         print(summary_text(res))

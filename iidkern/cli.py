@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--target", default=None, help="prompt describing the wanted picture (headrouter)")
     edit.add_argument("--method", default="iid", choices=METHODS, help="editing method (default: %(default)s)")
     edit.add_argument("--model", default="tiny",
-                      help="local Flux pipeline directory (transformer/, text encoders, vae/), or 'tiny' for the "
-                           "embedded random model (default)")
+                      help="local Flux pipeline directory (transformer/, text encoders, vae/; loading these needs "
+                           "pip install 'iidkern[diffusers]'), or 'tiny' for the embedded random model (default)")
     edit.add_argument("--allow-stand-ins", action="store_true",
                       help="with --model DIR lacking text encoders / VAE: use the tiny model's hash word vectors and "
                            "pixel codec (for saved test models; a real model gives garbage with them)")

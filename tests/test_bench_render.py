@@ -3,6 +3,7 @@ right numbers and ratios, the issue-5 targets get the right verdicts, cut-off ru
 skipped cases are handled, and the plot is optional."""
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -229,6 +230,61 @@ def test_cli_writes_results(tmp_path, synthetic, capsys):
     assert "2 probes <= 1.10x plain" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         render.main(["--out", str(out)])  # neither --json nor --records
+
+
+def test_cli_refuses_missing_inputs_and_empty_runs_without_writing(tmp_path, synthetic, capsys):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("kept\n")
+    for option in ("--json", "--records"):
+        with pytest.raises(SystemExit) as exit_:
+            render.main([option, str(tmp_path / "typo.jsonl"), "--out", str(out)])
+        assert exit_.value.code == 2 and f"{option}: no such file" in capsys.readouterr().err
+    empty = _write(tmp_path, {"benchmarks": []})
+    assert render.main(["--json", str(empty), "--out", str(out)]) == 1
+    assert "no timed cases" in capsys.readouterr().err
+    assert out.read_text() == "kept\n"
+
+
+def test_hand_written_notes_survive_a_render(tmp_path, synthetic, capsys):
+    """Blocks between notes markers in the existing file come back at their slot; --fresh drops them."""
+    data = _write(tmp_path, _bench_json(synthetic["cases"]))
+    out = tmp_path / "RESULTS.md"
+    render.main(["--json", str(data), "--out", str(out)])
+    header, targets = "- run 7: what changed since run 6.\n  A second line.", "### Why row 2 missed\n\nBecause."
+    text = out.read_text()
+    assert "notes:" not in text
+    text = text.replace("\n\nTimes are medians", f"\n<!-- notes:header -->\n{header}\n<!-- /notes:header -->"
+                                                  f"\n\nTimes are medians")
+    text = text.replace("\n## Results by shape", f"\n<!-- notes:targets -->\n{targets}\n<!-- /notes:targets -->"
+                                                  f"\n\n## Results by shape")
+    out.write_text(text)
+    assert render.read_notes(text) == {"header": header + "\n", "targets": targets + "\n"}
+    assert render.main(["--json", str(data), "--out", str(out)]) == 0
+    assert out.read_text() == text  # rendered again: the same file, notes where they were
+    assert "carried the hand-written notes ['header', 'targets']" in capsys.readouterr().out
+    render.main(["--json", str(data), "--out", str(out), "--fresh"])
+    assert "notes:" not in out.read_text() and header not in out.read_text()
+    out.write_text("<!-- notes:footer -->\nx\n<!-- /notes:footer -->\n")
+    with pytest.raises(SystemExit):  # a block the render has no place for is not dropped silently
+        render.main(["--json", str(data), "--out", str(out)])
+    assert "notes blocks ['footer'] with no slot" in capsys.readouterr().err
+
+
+def test_checked_in_results_keep_their_notes_when_rendered_from_their_records(tmp_path):
+    """bench/RESULTS.md is the render of its run's records plus its notes blocks: rendering the
+    records over a copy of it changes nothing but the plot link (no matplotlib needed here)."""
+    bench = Path(render.__file__).parent
+    results = (bench / "RESULTS.md").read_text()
+    records = re.search(r"raw records in `bench/runs/(\S+)_\*\.jsonl`", results)
+    command = re.search(r"^- reproduce: `(.+)`$", results, re.M)
+    assert records and command, "RESULTS.md names its raw records and its command"
+    out = tmp_path / "RESULTS.md"
+    out.write_text(results)
+    stem = bench / "runs" / records[1]
+    render.main(["--records", f"{stem}_records.jsonl", "--first-call", f"{stem}_first_call.jsonl", "--out", str(out),
+                 "--command", command[1]])
+    plot = "![time vs sequence length](attention_bench.png)\n\n"
+    assert out.read_text() == results.replace(plot, "")
 
 
 def test_targets_read_the_interleaved_pairs_where_measured(tmp_path, synthetic):

@@ -198,3 +198,27 @@ def test_edit_with_a_local_model_directory(tmp_path, input_png):
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     res = run_cli(*common, "--allow-stand-ins")
     assert res.returncode == 2 and "cannot read the weights file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_model_directory_without_the_optional_dependencies_says_which(tmp_path, monkeypatch):
+    """A base install (no transformers / diffusers) loading real text encoders: a ValueError
+    naming the extra to install (the CLI turns it into exit 2), not a ModuleNotFoundError."""
+    import json as _json
+
+    from iidkern.edit import models
+    from iidkern.mmdit import FluxConfig, FluxTransformer, save_weights
+
+    cfg = FluxConfig.tiny(in_channels=32, out_channels=16, num_layers=1, num_single_layers=1)
+    (tmp_path / "transformer").mkdir()
+    save_weights(FluxTransformer.random(cfg, seed=4), tmp_path / "transformer" / "model.safetensors")
+    (tmp_path / "transformer" / "config.json").write_text(_json.dumps(cfg.to_dict()))
+    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        (tmp_path / name).mkdir()
+
+    def no_transformers(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'transformers'")
+
+    monkeypatch.setattr(models.FluxPromptEncoder, "from_pretrained", no_transformers)
+    with pytest.raises(ValueError, match=r"needs the optional dependencies: pip install 'iidkern\[diffusers\]' "
+                                         r"\(No module named 'transformers'\)"):
+        models.EditModel.from_dir(tmp_path, device="cpu", stand_ins=True)

@@ -98,7 +98,8 @@ class EditModel:
         ``layout``: None infers ``"concat"`` from a channel-concat transformer, else ``"kontext"``.
         ``dtype``: None = the checkpoint's own dtype. ``stand_ins``: when the folder has no text
         encoders / VAE, use the tiny model's hash word vectors / pixel codec instead of failing
-        (for saved test models; a real model gives garbage with them).
+        (for saved test models; a real model gives garbage with them). Real text encoders and a
+        VAE need ``transformers`` and ``diffusers`` (``pip install 'iidkern[diffusers]'``).
         """
         from ..mmdit.loading import load_flux
 
@@ -129,6 +130,9 @@ class EditModel:
                 PixelCodec(cfg.out_channels // 4, factor=8)
         except OSError as exc:
             raise ValueError(f"model directory {path!r}: cannot load its text encoders or VAE ({exc})") from None
+        except ImportError as exc:  # the base install has neither transformers nor diffusers
+            raise ValueError(f"model directory {path!r}: loading its text encoders and VAE needs the optional "
+                             f"dependencies: pip install 'iidkern[diffusers]' ({exc})") from None
         return cls(transformer, text, codec, layout, backend=backend, name=os.path.basename(os.path.normpath(path)),
                    is_tiny_random=False)
 
