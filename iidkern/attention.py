@@ -113,7 +113,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
         tags: ``(q_tags, k_tags)`` int32/int64 bit sets of shape ``[B, Nq]``/``[B, Nk]``
             (or ``[1, N]`` / ``[N]``, shared by the batch), or a prebuilt :func:`tag_mask`. Query ``i``
             may attend key ``j`` iff ``q_tags[i] & k_tags[j] != 0``. Tiles with no allowed
-            pair are skipped. A query with no allowed key gets a zero output and LSE -inf.
+            pair are skipped. A query with no allowed key gets a zero output and LSE -inf. As in SDPA
+            with a mask, a masked key's probability is 0 and ``0 * v`` joins the sum where its tile is
+            read, so a NaN / inf in ``v`` reaches queries that cannot see that key.
         head_weights: ``[H]``, ``[B, H]`` or ``[B, H, Nq]``; multiplies each head's output.
         probes: :class:`Probe` / :class:`ValueProbe` specs; each returns a float32 tensor
             (see ``iidkern.specs``) computed from the exact masked softmax, unaffected by

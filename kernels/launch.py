@@ -208,7 +208,7 @@ def triton_attention(q, k, v, *, layout: str, scale: float, tags: Optional[TagMa
         tiles, x_out = _triton_main_pass(
             q, k, v, out, lse, layout, tags, head_weights, probes, block_multiplier, key_groups, count_tiles,
             cfg, kernel_options, batch, heads, n_q, n_k, head_dim, block_d, qk_scale, dot_precision, alloc)
-        tile_shape = (block_m, block_n)
+        tile_shape = (block_m, block_n) if count_tiles else None  # what the counts refer to
 
     results = []
     col = 0

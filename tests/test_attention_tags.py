@@ -126,6 +126,9 @@ def test_without_tags_every_tile_is_visited():
     q, k, v = make_qkv(1, 1, 33, 50, 16)
     res = iidkern.attention(q, k, v, backend="triton", count_tiles=True, kernel_options=TILES)
     assert (res.tiles_visited == 4).all()  # ceil(50 / 16)
+    assert res.tile_shape == (16, 16)
+    res = iidkern.attention(q, k, v, backend="triton", return_lse=True, kernel_options=TILES)
+    assert res.tiles_visited is None and res.tile_shape is None  # no counts, no shape they refer to
 
 
 def test_tile_classification_rules():
