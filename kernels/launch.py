@@ -560,6 +560,18 @@ def _finish_value_probe(vp: ValueProbe, per_query: torch.Tensor, n_q: int) -> to
     return normalize_groups(folded, vp.queries, None, vp.normalize, n_q, 0)
 
 
+def output_pair_stats(out: torch.Tensor, pairs: Sequence, layout: str) -> PairStats:
+    """The pair-statistics pass alone, over an output made outside the kernels (HeadRouter's
+    same-call DTR weighs the output after the call): ``pairs`` a list of in-range
+    ``(b0, b1)`` batch rows, ``out`` 16/32-bit float ``[B, H, N, D]`` / ``[B, N, H, D]`` with a
+    unit channel stride (callers check; this is the kernels' side)."""
+    heads, n_q, head_dim = (out.shape[1], out.shape[2], out.shape[3]) if layout == "bhnd" else \
+        (out.shape[2], out.shape[1], out.shape[3])
+    counters = torch.zeros((len(pairs), heads), dtype=torch.int32, device=out.device)
+    return _pair_stats(out, torch.as_tensor(pairs, dtype=torch.int64), counters, layout, heads, n_q, head_dim,
+                       max(16, pow2_at_least(head_dim)), torch.empty)
+
+
 def _pair_stats(out, pairs, counters, layout, heads, n_q, head_dim, block_d, alloc) -> PairStats:
     """One launch per pair, with the batch rows as scalars: no index tensor on the device, so
     no host-to-device copy (which would synchronize the stream) on this hot path. ``counters``

@@ -8,6 +8,7 @@ import sys
 import torch
 
 import iidkern
+from iidkern.edit import headrouter
 from iidkern.edit.headrouter import HeadRouterConfig, HeadRouterPolicy
 from iidkern.policy import AttentionSite, attend
 
@@ -24,8 +25,14 @@ policies = {
     "dtr same": HeadRouterPolicy(HeadRouterConfig(route=False, dtr_map="same")),
     "route+dtr previous": HeadRouterPolicy(HeadRouterConfig(dtr_map="previous")),
     "route+dtr same": HeadRouterPolicy(HeadRouterConfig(dtr_map="same")),
+    "route+dtr same, torch stats": HeadRouterPolicy(HeadRouterConfig(dtr_map="same")),
 }
 steps = {name: 0 for name in policies}
+kernel_stats = headrouter.branch_pair_stats
+
+
+def torch_stats(out, pairs, layout, backend=None):
+    return kernel_stats(out, pairs, layout, backend="reference")
 
 
 def call(name):
@@ -33,6 +40,12 @@ def call(name):
         return iidkern.attention(q, k, v, layout="bnhd")
     steps[name] += 1
     site = AttentionSite(block=0, block_kind="double", text=text, image=image, step=steps[name])
+    if name.endswith("torch stats"):  # the pair statistics of the weighted output in PyTorch (before s30)
+        headrouter.branch_pair_stats = torch_stats
+        try:
+            return attend(q, k, v, site, policies[name], backend="triton")
+        finally:
+            headrouter.branch_pair_stats = kernel_stats
     return attend(q, k, v, site, policies[name], backend="triton")
 
 
@@ -42,8 +55,24 @@ for name in names:
     for _ in range(3):
         call(name)
 torch.cuda.synchronize()
-for _ in range(5):
+import os  # noqa: E402
+
+only = os.environ.get("ONLY")  # names separated by "|": time only these (and plain)
+if only:
+    names = ["plain"] + [n for n in names if n in only.split("|")]
+back_to_back = os.environ.get("BACK_TO_BACK") == "1"  # 20 calls between two events: max(host, GPU) per call
+for _ in range(int(os.environ.get("ROUNDS", "5"))):
     for name in names:
+        if back_to_back:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            for _ in range(20):
+                call(name)
+            b.record()
+            torch.cuda.synchronize()
+            times[name].append(a.elapsed_time(b) / 20)
+            continue
         for _ in range(20):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -51,8 +80,9 @@ for _ in range(5):
             b.record()
             torch.cuda.synchronize()
             times[name].append(a.elapsed_time(b))
-base = statistics.median(times["plain"])
 print(f"{torch.cuda.get_device_name()} torch {torch.__version__} | B=2 H={heads} D={dim} text {n_text} image {n_img} bf16")
-for name in names:
-    med = statistics.median(times[name])
-    print(f"{name:20s} {med:8.3f} ms  {med / base:6.3f}x plain")
+if times["plain"]:  # (ROUNDS=0: set up and warm up only, for scratch/pair_kernel_gpu_time.py)
+    base = statistics.median(times["plain"])
+    for name in names:
+        med = statistics.median(times[name])
+        print(f"{name:20s} {med:8.3f} ms  {med / base:6.3f}x plain")

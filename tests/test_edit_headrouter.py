@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from iidkern.edit.headrouter import (HeadRouterConfig, HeadRouterPolicy, KeyRegionPolicy, TextResidual,
-                                     dtr_weights)
+                                     branch_pair_stats, dtr_weights, scale_heads)
 import iidkern
 from iidkern.edit.iid import IIDConfig
 from iidkern.policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPolicy, attend
@@ -593,3 +593,56 @@ def test_a_call_without_image_tokens_is_routed_without_dtr(backend):
     ref = dense_out(dense_probs(q, k), v)
     w = formula_router_weights(ref, 0.3, 0.4)
     torch.testing.assert_close(out.double(), torch.stack([ref[0], ref[1] * w[None, :, None]]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_branch_pair_stats_of_an_output_equal_the_float64_sums(backend, layout, dtype):
+    """The statistics of an output changed after the call: the kernels' pair pass on it (one
+    read, under the interpreter here) and the PyTorch form give the float64 sums."""
+    g = torch.Generator().manual_seed(500 + 7 * ["reference", "triton"].index(backend) + 3 * (layout == "bhnd")
+                                      + [torch.float32, torch.bfloat16, torch.float16].index(dtype))
+    batch, n, heads, d = 4, int(torch.randint(5, 40, (1,), generator=g)), 3, 24  # d: not a power of two
+    out = torch.randn(batch, n, heads, d, generator=g).to(dtype)
+    pairs = ((0, 2), (3, 1), (1, 1))
+    stats = branch_pair_stats(in_layout(out, layout), pairs, layout, backend=backend)
+    o = out.double()
+    for p, (a, b) in enumerate(pairs):
+        for name, value in (("dot", (o[a] * o[b]).sum((0, 2))), ("norm0_sq", (o[a] ** 2).sum((0, 2))),
+                            ("norm1_sq", (o[b] ** 2).sum((0, 2)))):
+            got = getattr(stats, name)
+            assert got.dtype == torch.float32 and got.shape == (len(pairs), heads)
+            torch.testing.assert_close(got[p].double(), value, rtol=1e-5, atol=1e-4)
+
+
+def test_branch_pair_stats_auto_takes_pytorch_on_cpu_and_under_autograd():
+    out = torch.randn(2, 6, 2, 8, requires_grad=True)
+    stats = branch_pair_stats(out, ((0, 1),), "bnhd", backend="auto")
+    stats.dot.sum().backward()  # the PyTorch form: differentiable
+    torch.testing.assert_close(out.grad[0], out.detach()[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_scale_heads_rounds_once_with_and_without_autograd(dtype, layout):
+    """The in-place product (no autograd) gives the bits of the float32 product rounded once,
+    as the out-of-place one that autograd takes; other rows are untouched."""
+    g = torch.Generator().manual_seed(600 + 2 * [torch.float32, torch.bfloat16, torch.float16].index(dtype)
+                                      + (layout == "bhnd"))
+    out = in_layout(torch.randn(3, 11, 4, 8, generator=g), layout).to(dtype)
+    weights = 1 + torch.rand(2, 4, generator=g)
+    expected = out.clone()
+    w = weights.to(dtype).float()
+    for p, r in enumerate((2, 0)):
+        per_head = w[p][None, :, None] if layout == "bnhd" else w[p][:, None, None]
+        expected[r] = (out[r].float() * per_head).to(dtype)
+    fast = scale_heads(out, (2, 0), weights, layout)
+    assert torch.equal(fast, expected) and not torch.equal(fast, out)
+    assert torch.equal(fast[1], out[1])
+    tracked = out.clone().requires_grad_(dtype == torch.float32)
+    weights_tracked = weights.clone().requires_grad_(dtype != torch.float32)
+    slow = scale_heads(tracked, (2, 0), weights_tracked, layout)
+    assert torch.equal(slow.detach(), expected)
+    slow.float().sum().backward()  # autograd reaches what requires grad
+    assert (tracked.grad if dtype == torch.float32 else weights_tracked.grad) is not None

@@ -165,9 +165,25 @@ def dtr_token_weights(text_mass: torch.Tensor, alpha: float, upsilon: float) -> 
     return alpha * torch.sigmoid(upsilon * torch.softmax(text_mass.float(), dim=-1))
 
 
-def branch_pair_stats(out: torch.Tensor, pairs: Sequence[Tuple[int, int]], layout: str = "bnhd") -> PairStats:
-    """IARouter's per-head statistics of ``out``'s row pairs in PyTorch, float32 ``[P, H]``
-    (what the kernels' pair pass computes, for an output changed after the call)."""
+def branch_pair_stats(out: torch.Tensor, pairs: Sequence[Tuple[int, int]], layout: str = "bnhd",
+                      backend: str = "reference") -> PairStats:
+    """IARouter's per-head statistics of ``out``'s row pairs, float32 ``[P, H]`` (what the
+    attention call's ``pair_stats`` gives, for an output changed after the call).
+
+    ``backend``: ``"reference"`` (PyTorch, differentiable), ``"triton"`` (the kernels' pair
+    pass: one read of the rows, no float32 copies; on CPU under Triton's interpreter) or
+    ``"auto"`` (the kernels on CUDA unless autograd records ``out``). ``pairs``: in-range rows.
+    """
+    if backend == "auto":
+        backend = "triton" if out.is_cuda and not (out.requires_grad and torch.is_grad_enabled()) else "reference"
+    if backend == "triton" and out.dtype in (torch.float16, torch.bfloat16, torch.float32) and out.stride(-1) == 1:
+        from .. import kernels  # sets up Triton's interpreter on a CUDA-less host
+
+        if not out.is_cuda and kernels.INTERPRETER_UNAVAILABLE:
+            raise ValueError(kernels.INTERPRETER_UNAVAILABLE)
+        from ..kernels.launch import output_pair_stats
+
+        return output_pair_stats(out, [tuple(pair) for pair in pairs], layout)
     first = batch_rows(out, [a for a, _ in pairs]).float()
     second = batch_rows(out, [b for _, b in pairs]).float()
     tokens_and_channels = (1, 3) if layout == "bnhd" else (2, 3)  # elementwise: einsum made slow gemv kernels
@@ -202,10 +218,15 @@ def scale_heads(out: torch.Tensor, rows: Sequence[int], weights: torch.Tensor, l
     """``out`` (a copy, or ``out`` itself with ``copy=False``) with row ``rows[p]``'s heads
     multiplied by ``weights[p]`` (``[P, H]``)."""
     new = out.clone() if copy else out
-    w = weights.to(out.dtype).float()
+    w = weights.to(out.dtype)
     w = w[:, None, :, None] if layout == "bnhd" else w[:, :, None, None]
-    for p, r in enumerate(rows):  # row by row: no list index (see rows.batch_rows)
-        new[r] = (out[r].float() * w[p]).to(out.dtype)
+    if torch.is_grad_enabled() and (out.requires_grad or weights.requires_grad):
+        w = w.float()  # out of place: autograd needs the row before the product
+        for p, r in enumerate(rows):  # row by row: no list index (see rows.batch_rows)
+            new[r] = (out[r].float() * w[p]).to(out.dtype)
+        return new
+    for p, r in enumerate(rows):  # PyTorch multiplies 16-bit tensors in float32 and rounds once: the same
+        new[r].mul_(w[p])         # bits as the float32 product above, without its float32 copies
     return new
 
 
@@ -320,7 +341,7 @@ class HeadRouterPolicy(RunScopedPolicy):
         if dtr and self._same_call():
             new = self._weigh_text_keys(site, result, inputs)
             if cfg.route:
-                stats = branch_pair_stats(new, cfg.pairs, cfg.layout)
+                stats = branch_pair_stats(new, cfg.pairs, cfg.layout, backend=inputs.backend)
         elif dtr and cfg.dtr_image == "paper":  # the next step's multiplier at this block and forward
             self._maps[self._current_key(site)] = (batch_rows(result.probes[0], cfg.edit_rows).float(),
                                                    out.shape[0], site.step)
