@@ -646,3 +646,18 @@ def test_scale_heads_rounds_once_with_and_without_autograd(dtype, layout):
     assert torch.equal(slow.detach(), expected)
     slow.float().sum().backward()  # autograd reaches what requires grad
     assert (tracked.grad if dtype == torch.float32 else weights_tracked.grad) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_call_dtr_gives_the_same_bits_with_and_without_autograd(dtype):
+    """Without autograd the weighted rows are summed with fewer float32 copies; the bits are
+    those of the out-of-place form autograd takes (route on: the statistics too)."""
+    q, k, v, where, _ = random_call(700 + (dtype == torch.bfloat16), "bnhd")
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    outs = []
+    for grad in (False, True):
+        policy = HeadRouterPolicy(HeadRouterConfig(alpha=4.0))
+        inputs = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        outs.append(attend(*inputs, where, policy, layout="bnhd", backend="reference"))
+    assert outs[1].requires_grad and not outs[0].requires_grad
+    assert torch.equal(outs[0], outs[1].detach())

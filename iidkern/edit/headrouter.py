@@ -390,7 +390,10 @@ class HeadRouterPolicy(RunScopedPolicy):
         share = torch.where(sees_text, torch.exp(text_part.lse - lse), torch.zeros_like(lse))  # [P, H, N_img]
         share = share.transpose(1, 2)[..., None] if inputs.layout == "bnhd" else share[..., None]
         out = result.out.clone()
-        weighted = (block(out, i0, i1).float() + text_part.out.float() * share).to(out.dtype)
+        if torch.is_grad_enabled() and (out.requires_grad or text_part.out.requires_grad):
+            weighted = (block(out, i0, i1).float() + text_part.out.float() * share).to(out.dtype)
+        else:  # the same float32 sum with fewer float32 copies (copy_ below rounds as .to does)
+            weighted = text_part.out.to(torch.float32, copy=True).mul_(share).add_(block(out, i0, i1))
         for p, r in enumerate(rows):  # row by row: no list index (see rows.batch_rows)
             out[r].narrow(token_dim - 1, i0, i1 - i0).copy_(weighted[p])
         return out
