@@ -116,3 +116,19 @@ def test_iid_pipeline_on_other_gpu(other_gpu):
                                 config=cfg, progress=False)
     err = (out["triton"].latents - out["reference"].latents).norm() / out["reference"].latents.norm()
     assert err < 1e-3, f"triton vs reference latents on cuda:1 differ by {err:.2e}"
+
+
+@pytest.mark.cuda
+@needs_two_gpus
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_branch_pair_stats_on_other_gpu(other_gpu, layout):
+    """HeadRouter's pair pass over an output on cuda:1 (the same-call DTR's weighted output)
+    runs there and equals the PyTorch statistics."""
+    from iidkern.edit.headrouter import branch_pair_stats
+    out = qkv(other_gpu, 3, 4, 300, 128, torch.bfloat16, layout, seed=9)[0]
+    pairs = ((0, 1), (2, 0))
+    got = branch_pair_stats(out, pairs, layout, backend="triton")
+    expected = branch_pair_stats(out, pairs, layout, backend="reference")
+    for name in ("dot", "norm0_sq", "norm1_sq"):
+        assert getattr(got, name).device == other_gpu
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-3)
