@@ -15,8 +15,9 @@ Hand-written notes survive a render: a block between ``<!-- notes:NAME -->`` and
 ``<!-- /notes:NAME -->`` in the existing ``--out`` file (NAME: ``header``, after the run's
 facts; ``targets``, after the targets table and the plot) is carried into the new file at
 the same place (``--fresh`` drops them; they describe the run they were written for, so
-update them). A missing input file, or inputs without a timed case, is an error that
-writes nothing.
+update them). With no ``--json`` / ``--records`` file found, or no timed case in them, it
+writes nothing and fails (exit 2 / 1); a missing file beside a found one is left out, with a
+message.
 """
 from __future__ import annotations
 
@@ -47,12 +48,35 @@ MIB = 2 ** 20
 
 
 NOTE_SLOTS = ("header", "targets")
-_NOTE_BLOCK = re.compile(r"<!-- notes:(?P<name>\w+) -->\n(?P<body>.*?)<!-- /notes:(?P=name) -->", re.S)
+_NOTE_MARKER = re.compile(r"<!--\s*(?P<close>/?)notes:(?P<name>[\w.-]+)\s*-->")
+_NOTE_MARKER_LIKE = re.compile(r"<!--\s*/?\s*notes\b")  # what a reader would take for a marker
 
 
 def read_notes(text: str) -> Dict[str, str]:
-    """The hand-written blocks of a rendered file, by slot name (their bodies, without markers)."""
-    return {m["name"]: m["body"] for m in _NOTE_BLOCK.finditer(text)}
+    """The hand-written blocks of a rendered file, by name (their bodies, without the markers
+    and the line break after the opening one). A marker that does not parse, a block opened
+    inside another or twice, or one left open, is a ValueError: its notes would be lost."""
+    markers = list(_NOTE_MARKER.finditer(text))
+    if len(markers) != len(_NOTE_MARKER_LIKE.findall(text)):
+        raise ValueError("a notes marker does not read '<!-- notes:NAME -->' / '<!-- /notes:NAME -->'")
+    notes, opened = {}, None
+    for m in markers:
+        name = m["name"]
+        if not m["close"]:
+            if opened is not None:
+                raise ValueError(f"notes block {name!r} opens inside block {opened[0]!r}")
+            if name in notes:
+                raise ValueError(f"notes block {name!r} appears twice")
+            opened = (name, m.end())
+        elif opened is None or opened[0] != name:
+            raise ValueError(f"'<!-- /notes:{name} -->' closes a block that is not open")
+        else:
+            body = text[opened[1]:m.start()]
+            notes[name] = body[2:] if body.startswith("\r\n") else body[1:] if body.startswith("\n") else body
+            opened = None
+    if opened is not None:
+        raise ValueError(f"notes block {opened[0]!r} is never closed")
+    return notes
 
 
 def _note_lines(notes: Optional[Dict[str, str]], slot: str) -> List[str]:
@@ -530,16 +554,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.json is None and args.records is None:
         ap.error("give --json and/or --records")
-    for option, path in (("--json", args.json), ("--records", args.records), ("--first-call", args.first_call)):
-        if path is not None and not path.is_file():
-            ap.error(f"{option}: no such file: {path}")
+    # bench/gpu_run.sh names every file; a cut-off run may not have written each of them.
+    given = [(option, path) for option, path in (("--json", args.json), ("--records", args.records),
+                                                 ("--first-call", args.first_call)) if path is not None]
+    missing = [f"{option} {path}" for option, path in given if not path.is_file()]
+    if not [path for option, path in given if option != "--first-call" and path.is_file()]:
+        ap.error(f"no input file to render: {', '.join(missing)} not found")
+    if missing:
+        print(f"render: not found, left out: {', '.join(missing)}", file=sys.stderr)
     res = load_results(args.json, args.records, args.first_call)
     if not res.cases:
         print(f"render: no timed cases in the inputs; {args.out} left as it was", file=sys.stderr)
         return 1
     notes = {}
     if not args.fresh and args.out.is_file():
-        notes = read_notes(args.out.read_text())
+        try:
+            notes = read_notes(args.out.read_text())
+        except ValueError as error:
+            ap.error(f"{args.out}: {error} (fix it, or pass --fresh to drop every notes block)")
         unknown = sorted(set(notes) - set(NOTE_SLOTS))
         if unknown:
             ap.error(f"{args.out} has notes blocks {unknown} with no slot in the render (slots: {list(NOTE_SLOTS)}); "

@@ -237,12 +237,18 @@ def test_cli_refuses_missing_inputs_and_empty_runs_without_writing(tmp_path, syn
     out.write_text("kept\n")
     for option in ("--json", "--records"):
         with pytest.raises(SystemExit) as exit_:
-            render.main([option, str(tmp_path / "typo.jsonl"), "--out", str(out)])
-        assert exit_.value.code == 2 and f"{option}: no such file" in capsys.readouterr().err
+            render.main([option, str(tmp_path / "typo.jsonl"), "--first-call", str(tmp_path / "none.jsonl"),
+                         "--out", str(out)])
+        assert exit_.value.code == 2 and "no input file to render" in capsys.readouterr().err
     empty = _write(tmp_path, {"benchmarks": []})
     assert render.main(["--json", str(empty), "--out", str(out)]) == 1
     assert "no timed cases" in capsys.readouterr().err
     assert out.read_text() == "kept\n"
+    # A run cut off before some files (bench/gpu_run.sh names them all): the rest renders.
+    data = _write(tmp_path, _bench_json(synthetic["cases"]))
+    assert render.main(["--json", str(data), "--records", str(tmp_path / "none.jsonl"), "--first-call",
+                        str(tmp_path / "none2.jsonl"), "--out", str(out)]) == 0
+    assert "left out: --records" in capsys.readouterr().err and "## Issue 5 targets" in out.read_text()
 
 
 def test_hand_written_notes_survive_a_render(tmp_path, synthetic, capsys):
@@ -268,6 +274,22 @@ def test_hand_written_notes_survive_a_render(tmp_path, synthetic, capsys):
     with pytest.raises(SystemExit):  # a block the render has no place for is not dropped silently
         render.main(["--json", str(data), "--out", str(out)])
     assert "notes blocks ['footer'] with no slot" in capsys.readouterr().err
+    malformed = {"<!-- notes:header  -->\nx\n<!-- /notes:header -->": None,  # spaces are fine
+                 "<!-- notes:header -->\r\nx\r\n<!-- /notes:header -->": None,  # so is CRLF
+                 "<!-- notes:header -->\nx\n": "never closed",
+                 "<!-- notes: header -->\nx\n<!-- /notes:header -->": "does not read",
+                 "<!-- notes:header -->\n<!-- notes:targets -->\n<!-- /notes:targets -->": "opens inside",
+                 "<!-- /notes:header -->": "not open",
+                 "<!-- notes:header -->a<!-- /notes:header --><!-- notes:header -->b<!-- /notes:header -->":
+                     "appears twice"}
+    for text, error in malformed.items():
+        if error is None:
+            assert render.read_notes(text)["header"].strip() == "x"
+            continue
+        out.write_text(text)
+        with pytest.raises(SystemExit):
+            render.main(["--json", str(data), "--out", str(out)])
+        assert error in capsys.readouterr().err and out.read_text() == text  # nothing written
 
 
 def test_checked_in_results_keep_their_notes_when_rendered_from_their_records(tmp_path):

@@ -661,23 +661,33 @@ def test_policy_class_instead_of_instance_is_refused():
         use_iidkern(case.model, policy=CapturePolicy)
 
 
-def test_a_flux_like_model_whose_single_blocks_take_no_text_is_refused():
+def test_a_flux_like_model_whose_single_blocks_take_no_text():
     """Chroma's blocks use the stock FluxAttnProcessor, but its single blocks get no
-    encoder_hidden_states: the text length of their calls is unknown, so use_iidkern refuses
-    the model (before, every call with a policy failed, and every masked call)."""
+    encoder_hidden_states: without a policy it runs as stock; with one, its single-block
+    calls say that they need iidkern_text_tokens, and run with it."""
     diffusers = pytest.importorskip("diffusers")
     chroma = getattr(diffusers, "ChromaTransformer2DModel", None)
     if chroma is None:
         pytest.skip("this diffusers has no ChromaTransformer2DModel")
-    model = chroma(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                   num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
-                   approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1)
-    before = dict(model.attn_processors)
-    with pytest.raises(ValueError, match="ChromaSingleTransformerBlock .*single_transformer_blocks.0 of "
-                                         "ChromaTransformer2DModel.* takes no encoder_hidden_states"):
-        use_iidkern(model)
-    assert dict(model.attn_processors) == before  # nothing installed, no hook left
-    assert not any(block._forward_pre_hooks for block in model.single_transformer_blocks)
+    model = _randomize(chroma(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
+                              approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1), 5)
+    g = torch.Generator().manual_seed(5)
+    inputs = dict(hidden_states=torch.randn(1, 6, 8, generator=g), encoder_hidden_states=torch.randn(1, 7, 24, generator=g),
+                  timestep=torch.tensor([0.5]), img_ids=_flux_ids(2, 3), txt_ids=torch.zeros(7, 3), return_dict=False)
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+        with use_iidkern(model, backend="reference"):
+            assert_close_rel(model(**inputs)[0], stock, 1e-5)
+        policy = RecordSites()
+        with use_iidkern(model, policy=policy, backend="reference"):
+            with pytest.raises(ValueError, match="text length of this single-stream call is unknown.*Chroma"):
+                model(**inputs)
+            policy.sites.clear()
+            out = model(**inputs, joint_attention_kwargs={"iidkern_text_tokens": 7})[0]
+    assert_close_rel(out, stock, 1e-5)
+    assert {(s.block_kind, s.text, s.image) for s in policy.sites} == {("double", (0, 7), (7, 13)),
+                                                                        ("single", (0, 7), (7, 13))}
 
 
 def test_deepcopy_of_an_installed_model_is_refused():

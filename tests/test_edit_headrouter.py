@@ -616,6 +616,18 @@ def test_branch_pair_stats_of_an_output_equal_the_float64_sums(backend, layout, 
             torch.testing.assert_close(got[p].double(), value, rtol=1e-5, atol=1e-4)
 
 
+def test_branch_pair_stats_and_scale_heads_refuse_bad_rows_and_backends():
+    out = torch.randn(2, 6, 2, 8)
+    for backend in ("reference", "triton"):
+        for pairs in (((0, -1),), ((0, 2),)):
+            with pytest.raises(ValueError, match=r"branch_pair_stats: pairs .* outside \[0, 2\)"):
+                branch_pair_stats(out, pairs, "bnhd", backend=backend)
+    with pytest.raises(ValueError, match="branch_pair_stats: backend"):
+        branch_pair_stats(out, ((0, 1),), "bnhd", backend="tirton")
+    with pytest.raises(ValueError, match="scale_heads: rows must be distinct"):
+        scale_heads(out, (1, 1), torch.ones(2, 2))
+
+
 def test_branch_pair_stats_auto_takes_pytorch_on_cpu_and_under_autograd():
     out = torch.randn(2, 6, 2, 8, requires_grad=True)
     stats = branch_pair_stats(out, ((0, 1),), "bnhd", backend="auto")

@@ -4,6 +4,7 @@ Each raises a TypeError / ValueError naming the argument and what it got, at con
 a wrong type found only at step S (after sampling up to it) or one that silently changes the
 method (a string where names are expected is iterated letter by letter) is what they stop.
 """
+import dataclasses
 import math
 from typing import Optional, Tuple
 
@@ -101,3 +102,16 @@ def step_window(value, what: str) -> Optional[Tuple[int, int]]:
     if stop <= start:
         raise ValueError(f"{what} must satisfy start < stop (no step would run), got {(start, stop)}")
     return start, stop
+
+
+def config(value, cls, what: str):
+    """``value``, an instance of the dataclass ``cls`` (None: its defaults), checked again as its
+    constructor checks it: a field assigned a bad value after construction raises here, where
+    a policy or pipeline takes the config, not at step S. Returns ``value`` itself (not a copy)."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise TypeError(f"{what} must be an instance of {cls.__name__} (or None for the defaults), "
+                        f"got {type(value).__name__}")
+    dataclasses.replace(value)  # __post_init__ on a copy: raises the constructor's error
+    return value

@@ -48,7 +48,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ..attention import attention
-from ..checked_config import CheckedOnAssignment
 from ..kernels.tiles import TagMask
 from ..policy import AttentionInputs, AttentionRequest, AttentionSite, RunScopedPolicy
 from ..routing import router_weights
@@ -62,7 +61,7 @@ DTR_MAPS = ("same", "previous")
 
 
 @dataclass
-class HeadRouterConfig(CheckedOnAssignment):
+class HeadRouterConfig:
     """HeadRouter's knobs (public defaults: gamma 0.2, delta 0.5, alpha 2 or 5, upsilon 5).
 
     ``pairs``: ``(recon_row, edit_row)`` batch-row pairs. ``route``: IARouter on/off.
@@ -78,8 +77,9 @@ class HeadRouterConfig(CheckedOnAssignment):
     call without a step number is outside any window, as for the IID and key-region policies).
     ``layout``: layout of the output ``attend`` hands back (the runner's is ``"bnhd"``, so
     :func:`~iidkern.edit.pipeline.headrouter_edit` takes no other). Each edit row belongs to
-    one pair and is never a recon row. Assigning a field later is checked as the constructor
-    checks it (:class:`~iidkern.checked_config.CheckedOnAssignment`).
+    one pair and is never a recon row. A field assigned after construction is checked again
+    when a :class:`HeadRouterPolicy` or :func:`~iidkern.edit.pipeline.headrouter_edit` takes
+    the config.
     """
 
     gamma: float = 0.2
@@ -174,6 +174,10 @@ def branch_pair_stats(out: torch.Tensor, pairs: Sequence[Tuple[int, int]], layou
     pass: one read of the rows, no float32 copies; on CPU under Triton's interpreter) or
     ``"auto"`` (the kernels on CUDA unless autograd records ``out``). ``pairs``: in-range rows.
     """
+    checks.choice(backend, ("reference", "triton", "auto"), "branch_pair_stats: backend")
+    outside = sorted({r for pair in pairs for r in pair if not 0 <= r < out.shape[0]})
+    if outside:  # (the kernels would read outside the tensor; -1 would be the last row in PyTorch)
+        raise ValueError(f"branch_pair_stats: pairs {tuple(pairs)} name row(s) {outside} outside [0, {out.shape[0]})")
     if backend == "auto":
         backend = "triton" if out.is_cuda and not (out.requires_grad and torch.is_grad_enabled()) else "reference"
     if backend == "triton" and out.dtype in (torch.float16, torch.bfloat16, torch.float32) and out.stride(-1) == 1:
@@ -217,6 +221,8 @@ def scale_heads(out: torch.Tensor, rows: Sequence[int], weights: torch.Tensor, l
                 copy: bool = True) -> torch.Tensor:
     """``out`` (a copy, or ``out`` itself with ``copy=False``) with row ``rows[p]``'s heads
     multiplied by ``weights[p]`` (``[P, H]``)."""
+    if len(set(rows)) != len(rows):  # the in-place product would scale a repeated row twice
+        raise ValueError(f"scale_heads: rows must be distinct, got {tuple(rows)}")
     new = out.clone() if copy else out
     w = weights.to(out.dtype)
     w = w[:, None, :, None] if layout == "bnhd" else w[:, :, None, None]
@@ -236,7 +242,7 @@ class HeadRouterPolicy(RunScopedPolicy):
     def __init__(self, config: Optional[HeadRouterConfig] = None):
         if config is not None and not isinstance(config, HeadRouterConfig):
             raise TypeError(f"HeadRouterPolicy: config must be a HeadRouterConfig or None, got {type(config).__name__}")
-        self.config = config or HeadRouterConfig()
+        self.config = checks.config(config, HeadRouterConfig, "HeadRouterPolicy: config")
         # A^{ZP} of the edit rows, the batch size it came with and the step that made it, per
         # (block kind, block, forward of the step)
         self._maps: Dict[Tuple[str, int, int], Tuple[torch.Tensor, int, Optional[int]]] = {}

@@ -35,7 +35,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..attention import tag_mask
-from ..checked_config import CheckedOnAssignment
 from ..policy import AttentionPolicy, AttentionRequest, AttentionSite, ChainPolicy, RunScopedPolicy
 from ..specs import Probe, TokenGroups, ValueProbe, instruction_tags
 from . import checks
@@ -53,7 +52,7 @@ def default_map_step(num_steps: int) -> int:
 
 
 @dataclass
-class IIDConfig(CheckedOnAssignment):
+class IIDConfig:
     """The open choices of IID, all configurable (defaults documented in METHODS.md).
 
     ``map_step``: S (0-based); ``None`` = :func:`default_map_step`. ``map_layer``: which
@@ -350,7 +349,7 @@ class IIDMapPolicy(RunScopedPolicy):
                  branch_rows: Optional[Sequence[int]] = None):
         self.instructions = _check_instructions(instructions)
         self.grid = _check_grid(grid)
-        self.config = config or IIDConfig()
+        self.config = checks.config(config, IIDConfig, "IIDMapPolicy: config")
         self.branch_rows = tuple(branch_rows) if branch_rows is not None else None
         self.map_row = self.config.map_row
         if self.config.map_source != "text":
@@ -474,7 +473,7 @@ class IIDMaskPolicy(AttentionPolicy):
             raise ValueError(f"IIDMaskPolicy: masks must be [N={len(self.instructions)}, N_img] or "
                              f"[B, N, N_img], got {tuple(masks.shape)}")
         self.masks = masks
-        self.config = config or IIDConfig()
+        self.config = checks.config(config, IIDConfig, "IIDMaskPolicy: config")
         self.from_step = checks.optional_integer(from_step, "IIDMaskPolicy: from_step", 0)
         self.until_step = checks.optional_integer(until_step, "IIDMaskPolicy: until_step", 0)
         self.masked_rows = _check_masked_rows(masked_rows, "IIDMaskPolicy: masked_rows")
@@ -574,7 +573,7 @@ class IIDPolicy(RunScopedPolicy):
                  device=None, masked_rows: Optional[Sequence[bool]] = None, forwards: str = "all"):
         self.instructions = _check_instructions(instructions, masked=True)
         self.grid = _check_grid(grid)
-        self.config = config or IIDConfig()
+        self.config = checks.config(config, IIDConfig, "IIDPolicy: config")
         self.masked_rows = _check_masked_rows(masked_rows, "IIDPolicy: masked_rows")
         self.forwards = checks.choice(forwards, FORWARDS, "IIDPolicy: forwards")
         rows = checks.sequence(row_instruction, "IIDPolicy: row_instruction",

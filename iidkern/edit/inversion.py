@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..checked_config import CheckedOnAssignment
 from . import checks
 from .rows import replace_rows
 
@@ -27,7 +26,7 @@ PAPER_STEPS = 28
 
 
 @dataclass
-class RFInversionConfig(CheckedOnAssignment):
+class RFInversionConfig:
     """``gamma``: inversion controller (0.5); ``eta``: editing controller (0.9); the editing
     controller acts on steps ``[start, stop)`` (public: stop 6-9 of 28 steps). ``stop=None``
     scales the middle of that range (7/28) to the run's step count."""

@@ -136,13 +136,9 @@ def _check_run(num_steps, seed) -> Tuple[int, int]:
 
 
 def _check_config(config, kind, name: str = "config"):
-    """``config``, or the method's defaults for None; another config class is a TypeError."""
-    if config is None:
-        return kind()
-    if not isinstance(config, kind):
-        raise TypeError(f"{name} must be an instance of {kind.__name__} (or None for the defaults), "
-                        f"got {type(config).__name__}")
-    return config
+    """``config`` checked again (fields assigned after construction), or the method's defaults
+    for None; another config class is a TypeError."""
+    return checks.config(config, kind, name)
 
 
 def _check_image(image: torch.Tensor, factor: int):

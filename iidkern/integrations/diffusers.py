@@ -30,8 +30,10 @@ API
     ``QwenDoubleStreamAttnProcessor2_0``; SD3's ``FusedJointAttnProcessor2_0`` drops the QK
     norms, so unfuse first). Any other processor (IP-adapter, custom, an
     iidkern processor already installed) raises a ``ValueError`` naming it: iidkern would
-    otherwise silently drop its behaviour; so does a Flux-like model whose single blocks take no
-    ``encoder_hidden_states`` (Chroma: their text length is unknown). While installed, the
+    otherwise silently drop its behaviour. A Flux-like model whose single blocks take no
+    ``encoder_hidden_states`` (Chroma) runs without a policy; with one, its single-block
+    calls need ``iidkern_text_tokens`` in the attention kwargs, and its padding masks are
+    not supported (a ValueError says so). While installed, the
     model cannot be deep-copied (the copy's hooks would feed these processors): a TypeError
     says so. ``model`` may be a ``torch.compile`` wrapper (the
     hooks go on the model inside it). Under ``torch.autocast`` q, k and v run in the
@@ -40,7 +42,8 @@ API
     * ``policy`` / ``backend`` (settable), ``set_step(step, num_steps=None)``, ``step``,
       ``num_steps``; ``callback_on_step_end`` (pass to a pipeline: advances the step after
       each denoising step, reading ``pipe.num_timesteps``, and back to 0 after a run's last
-      step, so one handle serves pipeline call after pipeline call);
+      step, so one handle serves pipeline call after pipeline call; a run stopped early
+      needs ``set_step(0, ...)`` again);
     * ``layers``: one :class:`LayerInfo` (name, block_kind, block, layer, num_layers) per
       attention call, in call order; ``num_layers``; ``processors`` (name -> processor);
     * ``remove()`` (idempotent) or ``with`` block: restores the original processors and
@@ -177,15 +180,9 @@ def _argument_reader(fn, name: str):
     return read
 
 
-def _text_length_hook(processor: FluxIidkernProcessor, block, model):
-    """Pre-hook of a Flux single block: its attention learns the text length of this very call."""
-    if "encoder_hidden_states" not in inspect.signature(block.forward).parameters:
-        # Chroma's single blocks, for one: the text length cannot be learned per call, and
-        # every call would fail (or, guessed, mix text and image tokens up).
-        raise ValueError(f"use_iidkern: {type(block).__name__} ({processor.layer.name.rsplit('.', 1)[0]} of "
-                         f"{type(model).__name__}) takes no encoder_hidden_states, so its attention cannot tell "
-                         f"text from image tokens; supported models: FluxTransformer2DModel (Kontext included), "
-                         f"SD3Transformer2DModel, QwenImageTransformer2DModel")
+def _text_length_hook(processor: FluxIidkernProcessor, block):
+    """Pre-hook of a Flux single block: its attention learns the text length of this very call
+    (a block without ``encoder_hidden_states``, as Chroma's, leaves it unknown: see the processor)."""
     read = _argument_reader(block.forward, "encoder_hidden_states")
 
     def hook(module, args, kwargs):
@@ -289,8 +286,9 @@ class IidkernHandle:
         call after another; a policy with per-run state sees the steps go back and resets).
 
         Call ``set_step(0, num_steps)`` before the first pipeline call (its first model call
-        precedes any callback). The next run's count of steps is known only at its first
-        callback: until then ``num_steps`` is the previous run's.
+        precedes any callback), and again after a run that stopped early (an error, an
+        interrupt, a callback that ended it): it left the handle mid-run. The next run's count
+        of steps is known only at its first callback: until then ``num_steps`` is the previous run's.
         """
         num_steps = getattr(pipeline, "num_timesteps", None) or self._session.num_steps
         if num_steps is None or step + 1 < num_steps:
@@ -337,7 +335,7 @@ def use_iidkern(model, policy: Optional[AttentionPolicy] = None, backend: str = 
     try:
         for name, processor in processors.items():
             if processor.layer.block_kind == "single" and isinstance(processor, FluxIidkernProcessor):
-                hooks.append(_text_length_hook(processor, model.get_submodule(name.rsplit(".", 1)[0]), model))
+                hooks.append(_text_length_hook(processor, model.get_submodule(name.rsplit(".", 1)[0])))
         hooks += _source_hooks(model, session)
         model.set_attn_processor({f"{name}.processor": p for name, p in processors.items()})
     except Exception:

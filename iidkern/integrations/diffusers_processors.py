@@ -240,8 +240,9 @@ class FluxIidkernProcessor(IidkernProcessor):
                 return 0  # nobody reads the site
             raise ValueError(
                 f"{self.layer.name}: the text length of this single-stream call is unknown. Call the attention "
-                "through its FluxSingleTransformerBlock (whose encoder_hidden_states tell it), or pass "
-                "iidkern_text_tokens=<number of text tokens> with the call")
+                "through a FluxSingleTransformerBlock (whose encoder_hidden_states tell it; Chroma's blocks take "
+                "none), or pass iidkern_text_tokens=<number of text tokens> with the call (e.g. in "
+                "joint_attention_kwargs)")
         if isinstance(num, bool) or not isinstance(num, int) or not 0 <= num <= length:
             raise ValueError(f"{self.layer.name}: text length must be an int in [0, {length}], got {num!r}")
         return num

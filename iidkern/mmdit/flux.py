@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checked_config import CheckedOnAssignment
 from ..policy import AttentionPolicy, AttentionSite, check_steps
 from .layers import (ContinuousAdaNorm, FeedForward, JointAttention, Modulation, TimeTextEmbedding, as_batch_vector,
                      check_backend, check_tensor, config_from_dict, layer_norm, modulate, read_config_json)
@@ -40,7 +39,7 @@ BlockHook = Callable[[str, int, Tuple[torch.Tensor, torch.Tensor], Tuple[torch.T
 
 
 @dataclass
-class FluxConfig(CheckedOnAssignment):
+class FluxConfig:
     """Hyper-parameters, named as in diffusers' ``FluxTransformer2DModel`` config."""
 
     in_channels: int = 64

@@ -21,7 +21,6 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..checked_config import CheckedOnAssignment
 from ..policy import AttentionPolicy, AttentionSite, check_steps
 from .layers import (ContinuousAdaNorm, FeedForward, JointAttention, Modulation, TimeTextEmbedding, as_batch_vector,
                      check_backend, check_tensor, config_from_dict, layer_norm, modulate, read_config_json)
@@ -31,7 +30,7 @@ BlockHook = Callable[[str, int, Streams, Streams], Optional[Streams]]
 
 
 @dataclass
-class SD3Config(CheckedOnAssignment):
+class SD3Config:
     """Hyper-parameters, named as in diffusers' ``SD3Transformer2DModel`` config."""
 
     sample_size: int = 128
