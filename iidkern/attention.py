@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .kernels.fast_launch import on_other_gpu
+from .kernels.fast_launch import device_guard as _on_device, on_other_gpu
 from .kernels.tiles import TagMask
 from .reference import attention_reference
 from .specs import AttentionResult, BlockMultiplier, PairStats, ValueProbe
@@ -74,14 +74,6 @@ def _plain_signature(q, k, v, layout, scale, backend, kernel_options):
             q.device, k.device, v.device, q.dtype, k.dtype, v.dtype,
             q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
             alignment, q is k, q is v, k is v)
-
-
-def _on_device(device: torch.device):
-    """The tensors' GPU as the current CUDA device for the launches. Triton launches on the
-    current device's current stream, whatever device the pointers are on, so tensors on
-    ``cuda:1`` under a current ``cuda:0`` would run on the wrong GPU (and outside the caller's
-    stream there); torch's own ops guard the device the same way."""
-    return torch.cuda.device(device) if on_other_gpu(device) else contextlib.nullcontext()
 
 
 def _without_autocast(device: torch.device):

@@ -52,6 +52,14 @@ def on_other_gpu(device: torch.device) -> bool:
     return device.type == "cuda" and device.index != torch.cuda.current_device()
 
 
+def device_guard(device: torch.device):
+    """The tensors' GPU as the current CUDA device for the launches. Triton launches on the
+    current device's current stream, whatever device the pointers are on, so tensors on
+    ``cuda:1`` under a current ``cuda:0`` would run on the wrong GPU (and outside the caller's
+    stream there); torch's own ops guard the device the same way."""
+    return torch.cuda.device(device) if on_other_gpu(device) else contextlib.nullcontext()
+
+
 def capturing(t: torch.Tensor) -> bool:
     """Whether ``t`` is on a GPU whose current stream is capturing a CUDA graph: what is
     built then holds values only once the graph replays, and cannot be read back. (The

@@ -4,7 +4,6 @@ Arguments arrive validated by ``iidkern.attention``; nothing here re-checks user
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Optional, Sequence
@@ -15,7 +14,7 @@ from iidkern.specs import AttentionResult, BlockMultiplier, PairStats, Probe, Va
     head_coefficients, normalize_groups, uniform_head_coefficient
 
 from . import hopper_fwd
-from .fast_launch import Launcher, capturing, on_other_gpu
+from .fast_launch import Launcher, capturing, device_guard
 from .flash_fwd import LOG2E, attn_fwd_kernel
 from .kernel_args import KeyGroupArgs, MultiplierArgs, scales_p_for_key_groups
 from .pair_stats import pair_stats_kernel
@@ -568,8 +567,7 @@ def output_pair_stats(out: torch.Tensor, pairs: Sequence, layout: str) -> PairSt
     unit channel stride (callers check; this is the kernels' side)."""
     heads, n_q, head_dim = (out.shape[1], out.shape[2], out.shape[3]) if layout == "bhnd" else \
         (out.shape[2], out.shape[1], out.shape[3])
-    # Triton launches on the current device: a tensor on another GPU makes that one current.
-    with torch.cuda.device(out.device) if on_other_gpu(out.device) else contextlib.nullcontext():
+    with device_guard(out.device):
         counters = torch.zeros((len(pairs), heads), dtype=torch.int32, device=out.device)
         return _pair_stats(out, torch.as_tensor(pairs, dtype=torch.int64), counters, layout, heads, n_q, head_dim,
                            max(16, pow2_at_least(head_dim)), torch.empty)

@@ -18,8 +18,9 @@ prompt) and an editing row (target prompt); ``pairs`` lists ``(recon_row, edit_r
   ``(w - 1)`` as its block multiplier, its probabilities brought to the full row's
   normalizer by ``exp(lse_text - lse)``; about ``N_text / N`` of the first call's work).
   The result equals one pass with ``w`` as the multiplier, up to the output dtype's rounding
-  of the first output. IARouter's statistics are then taken on the weighted output, in
-  PyTorch, as the one-pass forms' kernels take them after their multiplier.
+  of the first output. IARouter's statistics are then taken on the weighted output (by the
+  kernels' pair pass on a GPU, :func:`branch_pair_stats`), as the one-pass forms' kernels
+  take them after their multiplier.
 
   ``dtr_map="previous"`` (one fused pass a call): ``A^{ZP}`` comes from a probe of the
   **previous step** at the same block, passed as a :class:`~iidkern.BlockMultiplier` (the
@@ -240,8 +241,6 @@ class HeadRouterPolicy(RunScopedPolicy):
     """IARouter + DTR image-token weighting for the two-branch batch (see the module doc)."""
 
     def __init__(self, config: Optional[HeadRouterConfig] = None):
-        if config is not None and not isinstance(config, HeadRouterConfig):
-            raise TypeError(f"HeadRouterPolicy: config must be a HeadRouterConfig or None, got {type(config).__name__}")
         self.config = checks.config(config, HeadRouterConfig, "HeadRouterPolicy: config")
         # A^{ZP} of the edit rows, the batch size it came with and the step that made it, per
         # (block kind, block, forward of the step)
