@@ -21,10 +21,15 @@ Inside ``with recording() as launches:`` every ``Launcher.launch`` is also noted
 grid, args, kwargs), on this thread only, and so is every scratch tensor made by
 :func:`workspace` (``launches.workspaces``): ``replay.LaunchReplay`` builds on that. (A replay
 that calls the compiled kernel through :meth:`Launcher.compiled_runner` is not noted.)
+
+``Launcher(kernel, generic_when_one=("n_q", "n_k"))`` launches calls whose named integer
+arguments hold 1 through a twin of the kernel that does not specialize them (see
+:func:`generic_twin`).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import os
 import threading
@@ -94,15 +99,42 @@ def workspace(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
+def generic_twin(kernel, names):
+    """The same kernel (a ``@triton.jit`` or ``@gluon.jit`` function, or the interpreter's)
+    with the integer parameters ``names`` never specialized.
+
+    Triton compiles an integer argument that equals 1 as the constant 1, a code path of its
+    own that ordinary lengths never take. With triton 3.6 on an H200 the main pass compiled
+    for one key read shared memory out of bounds beside a value probe and a fused key-group
+    probe (an illegal address, or wrong group sums), and the Gluon kernel with a fused
+    key-group probe failed to compile (an LLVM assertion), while every other length ran
+    right (bench/NOTES.md 80). A twin that keeps such lengths run-time values runs the binary
+    that the other lengths run. (``do_not_specialize`` also drops the 16-divisibility
+    hint, which changes the compiled code of ordinary lengths: hence a twin for the unit
+    lengths only, rather than the option on the kernel itself.)"""
+    kept = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize") or []
+    return type(kernel)(kernel.fn, do_not_specialize=[*kept, *names])
+
+
 class Launcher:
     """Wraps a ``@triton.jit`` function whose constexpr parameters all come after the others
-    (so positional arguments fill exactly the run-time parameters)."""
+    (so positional arguments fill exactly the run-time parameters). Launches whose
+    ``generic_when_one`` arguments (parameter names) include a 1 go to a
+    :func:`generic_twin` of the kernel, which has its own launcher."""
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, generic_when_one=()):
         self.kernel = kernel
         self.enabled = not _DISABLED and hasattr(kernel, "params")
         self._cache = {}
         self._tensor_pos = None
+        self._twin, self._one_pos = None, ()
+        if generic_when_one:
+            names = list(inspect.signature(kernel.fn).parameters)
+            missing = [name for name in generic_when_one if name not in names]
+            if missing:
+                raise TypeError(f"{kernel.fn.__name__}: no parameter {missing} for generic_when_one")
+            self._one_pos = tuple(names.index(name) for name in generic_when_one)
+            self._twin = Launcher(generic_twin(kernel, generic_when_one))
         if self.enabled:
             params = kernel.params
             self._n_runtime = sum(1 for p in params if not p.is_constexpr)
@@ -115,6 +147,9 @@ class Launcher:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
+        if self._twin is not None and any(args[i] == 1 for i in self._one_pos):
+            self._twin.launch(grid, args, kwargs)  # it notes the launch in a recording
+            return
         launches = getattr(_THREAD, "launches", None)
         if launches is not None:
             launches.append((self, grid, args, kwargs))

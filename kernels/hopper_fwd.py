@@ -604,8 +604,10 @@ if AVAILABLE:
 
 if AVAILABLE:
     # Cached compiled kernels: Triton's own launch path costs ~45 us of host time per call.
-    _ATTN_HOPPER = Launcher(attn_fwd_hopper)
-    _COMBINE = Launcher(combine_kernel)
+    # A length of 1 takes the kernel's generic twin: compiled for n_k == 1 with a fused
+    # key-group probe, this kernel failed to compile (triton 3.6; fast_launch.generic_twin).
+    _ATTN_HOPPER = Launcher(attn_fwd_hopper, generic_when_one=("n_q", "n_k"))
+    _COMBINE = Launcher(combine_kernel, generic_when_one=("n_q",))
 
 
 def device_index(device: torch.device) -> int:

@@ -23,9 +23,11 @@ from .tiles import TagMask, cdiv, pow2_at_least
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Launches go through cached compiled kernels (see fast_launch.py): ~45 us less host time each (H100 host).
-_ATTN = Launcher(attn_fwd_kernel)
-_PROBE = Launcher(probe_kernel)
-_PAIR_STATS = Launcher(pair_stats_kernel)
+# A length of 1 takes the kernel's generic twin (fast_launch.generic_twin: Triton's unit
+# specialization of the main pass read out of bounds on an H200, NOTES.md 80).
+_ATTN = Launcher(attn_fwd_kernel, generic_when_one=("n_q", "n_k"))
+_PROBE = Launcher(probe_kernel, generic_when_one=("n_q", "n_k"))
+_PAIR_STATS = Launcher(pair_stats_kernel, generic_when_one=("n_tokens",))
 PROBE_GROUP_BLOCK = 16  # group ids per output tile on a grouped probe side
 MAX_VALUE_CHANNELS = 64  # all value probes of one call share one padded side channel
 MAX_FUSED_KEY_GROUPS = 32  # a grouped-key probe with at most this many groups rides in the main pass
@@ -403,8 +405,15 @@ def _kg_half_dot_mode(cfg: dict, dtype: torch.dtype, key_groups, block_multiplie
     head dim 40, found by tests/test_attention_fuzz_extras.py; the same call at head dim 64,
     and mode 0 at head dim 40 with tf32x3 products, were exact; mode 0 with the tf32 product
     shipped here was not run there, NOTES.md 74). The interpreter takes the same route, so CPU
-    tests cover what the GPU runs."""
+    tests cover what the GPU runs.
+
+    So does an unpipelined main pass (``num_stages=1`` in ``kernel_options``) on a GPU: there
+    triton 3.6 miscompiled the fp16 split on an H200 at head dim 128 (group sums ~3x off at
+    every key count) and read shared memory out of bounds at head dim 64; mode 0 there was
+    exact (NOTES.md 80). The interpreter, which ignores stages and runs with 1, keeps the split."""
     if key_groups is None or dtype == torch.float32 or not cfg.get("kg_half_dot", True) or not even_d:
+        return 0
+    if not _INTERPRET and int(cfg.get("num_stages", 2)) < 2:
         return 0
     return 2 if scales_p_for_key_groups(block_multiplier is not None, dtype == torch.float16) else 0
 

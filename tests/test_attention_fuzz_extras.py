@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups, ValueProbe
-from helpers import (GPU_PROBE_TOL, OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal, assert_within_magnitudes,
-                     probe_on, rel_err)
+from helpers import (GPU_PROBE_FLOOR, GPU_PROBE_TOL, OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal,
+                     assert_within_magnitudes, probe_on, rel_err)
 from oracle import allowed_pairs, magnitude_probes, oracle, pair_sums, tiles_visited
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -255,7 +255,8 @@ def _check_call(call, device, backend):
         assert g.dtype == torch.float32 and g.shape == w.shape, \
             f"probe {i}: {g.dtype} {tuple(g.shape)} vs {tuple(w.shape)}"
         if bound is not None:
-            assert_within_magnitudes(g, w, bound, GPU_PROBE_TOL, what=f"probe {i}")
+            assert_within_magnitudes(g, w, bound, GPU_PROBE_TOL, what=f"probe {i}",
+                                     floor=GPU_PROBE_FLOOR * float(bound.abs().max()))
         elif w.abs().max() > 0:
             assert_close_rel(g, w, PROBE_TOL[call["dtype"]], what=f"probe {i}")
         else:
