@@ -261,3 +261,27 @@ def test_hash_encoder_and_pixel_codec():
     codec = PixelCodec(4)
     flat = torch.full((1, 3, 16, 16), 0.3)
     assert torch.allclose(codec.decode(codec.encode(flat)), flat, atol=1e-5)
+
+
+def test_edit_model_refuses_parts_that_do_not_fit():
+    """EditModel names the layout or widths that do not fit together (the transformer's
+    channels against the layout, its latent channels against the codec's)."""
+    from iidkern.mmdit import FluxConfig, FluxTransformer
+
+    concat = FluxTransformer.random(FluxConfig.tiny(in_channels=32, out_channels=16), seed=1)
+    plain = FluxTransformer.random(FluxConfig.tiny(in_channels=16, out_channels=16), seed=1)
+    text, codec = HashTextEncoder(24, 20), PixelCodec(4)
+    EditModel(concat, text, codec, "concat")
+    EditModel(plain, text, codec, "kontext")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        EditModel(concat, text, codec, "side-by-side")
+    with pytest.raises(ValueError, match=r"layout 'concat' \(FluxEdit\) needs in_channels == 2 \* out_channels"):
+        EditModel(plain, text, codec, "concat")
+    with pytest.raises(ValueError, match="layout 't2i' needs in_channels == out_channels, got 32 and 16"):
+        EditModel(concat, text, codec, "t2i")
+    with pytest.raises(ValueError, match="works on 4 latent channels, the codec gives 8"):
+        EditModel(plain, text, PixelCodec(8), "t2i")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        EditModel.tiny("side-by-side", device="cpu")
+    unguided = FluxTransformer.random(FluxConfig.tiny(in_channels=16, out_channels=16, guidance_embeds=False), seed=1)
+    assert EditModel(unguided, text, codec, "t2i").guidance is None  # no guidance embedding: none passed
