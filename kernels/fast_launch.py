@@ -100,20 +100,28 @@ def workspace(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def generic_twin(kernel, names):
-    """The same kernel (a ``@triton.jit`` or ``@gluon.jit`` function, or the interpreter's)
-    with the integer parameters ``names`` never specialized.
+    """The same kernel (a ``@triton.jit`` or ``@gluon.jit`` function, or the interpreter's),
+    with its options, whose integer parameters ``names`` are never specialized.
 
-    Triton compiles an integer argument that equals 1 as the constant 1, a code path of its
-    own that ordinary lengths never take. With triton 3.6 on an H200 the main pass compiled
-    for one key read shared memory out of bounds beside a value probe and a fused key-group
-    probe (an illegal address, or wrong group sums), and the Gluon kernel with a fused
-    key-group probe failed to compile (an LLVM assertion), while every other length ran
-    right (bench/NOTES.md 80). A twin that keeps such lengths run-time values runs the binary
-    that the other lengths run. (``do_not_specialize`` also drops the 16-divisibility
-    hint, which changes the compiled code of ordinary lengths: hence a twin for the unit
-    lengths only, rather than the option on the kernel itself.)"""
-    kept = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize") or []
-    return type(kernel)(kernel.fn, do_not_specialize=[*kept, *names])
+    Triton compiles an integer argument that equals 1 as the constant 1: a code path of its
+    own, which no other value takes. With triton 3.6 on an H200 the main pass compiled for one
+    key read shared memory out of bounds beside a value probe and a fused key-group probe (an
+    illegal address, or wrong group sums), and the Gluon kernel with a fused key-group probe
+    failed to compile for one key (an LLVM assertion), while other lengths ran right
+    (bench/NOTES.md 80). The twin compiles its own binary, in which those lengths are
+    run-time values as in the code of every length other than 1. (``do_not_specialize``
+    also drops the 16-divisibility hint, which changes the compiled code of ordinary
+    lengths: hence a twin for launches that hold a 1, rather than the option on the kernel.)
+    Other integer arguments still become the constant 1 where they hold it."""
+    if hasattr(kernel, "params"):  # compiled Triton or Gluon
+        kept = list(kernel.do_not_specialize or [])
+        return type(kernel)(kernel.fn, version=kernel.version, do_not_specialize=[*kept, *names],
+                            do_not_specialize_on_alignment=kernel.do_not_specialize_on_alignment,
+                            debug=kernel.debug, noinline=kernel.noinline, repr=kernel._repr,
+                            launch_metadata=kernel.launch_metadata)
+    options = dict(getattr(kernel, "kwargs", {}))  # the interpreter keeps the decorator's options
+    options["do_not_specialize"] = [*(options.get("do_not_specialize") or []), *names]
+    return type(kernel)(kernel.fn, **options)
 
 
 class Launcher:
@@ -129,11 +137,12 @@ class Launcher:
         self._tensor_pos = None
         self._twin, self._one_pos = None, ()
         if generic_when_one:
-            names = list(inspect.signature(kernel.fn).parameters)
-            missing = [name for name in generic_when_one if name not in names]
-            if missing:
-                raise TypeError(f"{kernel.fn.__name__}: no parameter {missing} for generic_when_one")
-            self._one_pos = tuple(names.index(name) for name in generic_when_one)
+            params = inspect.signature(kernel.fn).parameters
+            wrong = [name for name in generic_when_one if name not in params or _is_constexpr(params[name])]
+            if wrong:
+                raise TypeError(f"{kernel.fn.__name__}: generic_when_one names {wrong}, which are not run-time "
+                                f"parameters")
+            self._one_pos = tuple(list(params).index(name) for name in generic_when_one)
             self._twin = Launcher(generic_twin(kernel, generic_when_one))
         if self.enabled:
             params = kernel.params
@@ -146,8 +155,13 @@ class Launcher:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
+    def _takes_twin(self, args) -> bool:
+        # Plain ints only (Triton specializes those): lengths are passed positionally.
+        return self._twin is not None and any(i < len(args) and type(args[i]) is int and args[i] == 1
+                                              for i in self._one_pos)
+
     def launch(self, grid, args, kwargs):
-        if self._twin is not None and any(args[i] == 1 for i in self._one_pos):
+        if self._takes_twin(args):
             self._twin.launch(grid, args, kwargs)  # it notes the launch in a recording
             return
         launches = getattr(_THREAD, "launches", None)
@@ -196,6 +210,8 @@ class Launcher:
         """``run(*args)`` launching the compiled kernel this launcher holds for these arguments
         (same key as :meth:`launch`), or None when it holds none: disabled, or never launched
         with this key. The caller promises later ``args`` differ only in what the key ignores."""
+        if self._takes_twin(args):
+            return self._twin.compiled_runner(grid, args, kwargs)
         if not self.enabled or self._tensor_pos is None:
             return None
         try:
@@ -207,6 +223,11 @@ class Launcher:
         compiled, constexprs = entry
         launch = compiled[grid + (1,) * (3 - len(grid))]
         return lambda *run_args: launch(*run_args, *constexprs)
+
+
+def _is_constexpr(param: inspect.Parameter) -> bool:
+    annotation = param.annotation
+    return "constexpr" in (annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
 
 
 def _is_descriptor(a) -> bool:

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups, ValueProbe
-from helpers import (GPU_PROBE_FLOOR, GPU_PROBE_TOL, OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal,
+from helpers import (FP16_SPLIT_TERM_ERROR, GPU_PROBE_TOL, OUT_TOL, PROBE_TOL, assert_close_rel, assert_lse_equal,
                      assert_within_magnitudes, probe_on, rel_err)
 from oracle import allowed_pairs, magnitude_probes, oracle, pair_sums, tiles_visited
 
@@ -71,7 +71,10 @@ def calls(draw, gpu=False):
         d = draw(st.sampled_from([64, 128]))
         dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
     elif gpu:
+        # Lengths of 1 a tenth of the time each: Triton compiles them as constants, a code path
+        # of its own (NOTES.md 80: the GPU fuzz found one that faulted, at 1 in 700 draws).
         nq, nk = draw(st.integers(1, 700)), draw(st.integers(1, 700))
+        nq, nk = (1 if draw(st.integers(0, 9)) == 0 else nq), (1 if draw(st.integers(0, 9)) == 0 else nk)
         d = draw(st.sampled_from([64, 128, 128, 96, 40]))
         dtype = draw(st.sampled_from([torch.bfloat16, torch.float16, torch.bfloat16, torch.float32]))
     else:
@@ -173,6 +176,19 @@ def probe_magnitudes(q, k, v, call, raw_tags):
                   probes=magnitude_probes(call["probes"])).probes
 
 
+def fp16_split_floor(probe, n_keys: int, heads: int) -> float:
+    """The absolute error a fused key-group probe may carry below the fp16 split's range
+    (helpers.FP16_SPLIT_TERM_ERROR a key, times the heads' total weight); 0 for probes that
+    never take that path (spread keys, value probes)."""
+    if not isinstance(probe, Probe) or probe.keys.kind == "each":
+        return 0.0
+    if isinstance(probe.heads, str):
+        weight = heads if probe.heads == "sum" else 1.0
+    else:
+        weight = float(probe.heads.double().abs().reshape(-1, probe.heads.shape[-1]).sum(-1).max())
+    return n_keys * FP16_SPLIT_TERM_ERROR * weight
+
+
 def describe(call) -> str:
     """One line naming everything a call draws (tensors by shape and dtype), for the log."""
     def t(x):
@@ -256,7 +272,7 @@ def _check_call(call, device, backend):
             f"probe {i}: {g.dtype} {tuple(g.shape)} vs {tuple(w.shape)}"
         if bound is not None:
             assert_within_magnitudes(g, w, bound, GPU_PROBE_TOL, what=f"probe {i}",
-                                     floor=GPU_PROBE_FLOOR * float(bound.abs().max()))
+                                     floor=fp16_split_floor(call["probes"][i], call["nk"], call["h"]))
         elif w.abs().max() > 0:
             assert_close_rel(g, w, PROBE_TOL[call["dtype"]], what=f"probe {i}")
         else:

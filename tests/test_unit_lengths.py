@@ -50,9 +50,45 @@ def test_generic_twins_keep_the_kernels_own_unspecialized_parameters():
         assert generic_names(hopper_fwd._COMBINE._twin.kernel) == ["n_q"]
 
 
-def test_generic_when_one_names_real_parameters():
-    with pytest.raises(TypeError, match="no parameter"):
+def test_compiled_twins_leave_the_unit_lengths_unspecialized(compile_script):
+    """As compiled Triton sees them (a child process without the interpreter): the kernels
+    specialize their lengths, the twins do not (and keep the kernels' own exceptions)."""
+    got = compile_script("unit_twins.py")
+    want = {"attn": ["n_q", "n_k"], "probe": ["n_q", "n_k"], "pair_stats": ["n_tokens"], "hopper": ["n_q", "n_k"],
+            "combine": ["n_q"]}
+    for name, kernel in got.items():
+        assert kernel["kind"] == kernel["twin_kind"] and kernel["kind"] in ("JITFunction", "GluonJITFunction")
+        own = ["b0", "b1"] if name == "pair_stats" else []
+        assert kernel["primary"] == own, name
+        assert sorted(kernel["twin"]) == sorted(own + want[name]), name
+    assert {"attn", "probe", "pair_stats"} <= set(got)
+
+
+def test_generic_when_one_names_run_time_parameters():
+    with pytest.raises(TypeError, match=r"generic_when_one names \['n_keys'\]"):
         fast_launch.Launcher(launch.attn_fwd_kernel, generic_when_one=("n_keys",))
+    with pytest.raises(TypeError, match="not run-time parameters"):
+        fast_launch.Launcher(launch.attn_fwd_kernel, generic_when_one=("BLOCK_M",))
+
+
+def test_compiled_runner_hands_unit_lengths_to_the_twin():
+    """A replay asks the primary launcher for its compiled kernel; for unit lengths the twin
+    answers (here nothing is compiled, so both say None, but the twin is the one asked)."""
+    asked = []
+    twin = launch._ATTN._twin
+    original = type(twin).compiled_runner
+
+    def spy(self, grid, args, kwargs):
+        asked.append(self)
+        return original(self, grid, args, kwargs)
+    type(twin).compiled_runner = spy
+    try:
+        args = [0] * 80
+        args[launch._ATTN._one_pos[1]] = 1
+        launch._ATTN.compiled_runner((1,), tuple(args), {})
+    finally:
+        type(twin).compiled_runner = original
+    assert asked == [launch._ATTN, twin]
 
 
 def unit_call(form, nq, nk, d, seed):
@@ -90,4 +126,10 @@ def unit_call(form, nq, nk, d, seed):
 @pytest.mark.parametrize("nq,nk", [(1, 1), (1, 77), (77, 1), (2, 1)])
 def test_unit_lengths_with_in_kernel_extras(dev, form, nq, nk):
     d = 128 if dev == "cuda" else 32
-    check_call(unit_call(form, nq, nk, d, seed=7000 + 10 * nq + nk), torch.device(dev))
+    with fast_launch.recording() as launches:
+        check_call(unit_call(form, nq, nk, d, seed=7000 + 10 * nq + nk), torch.device(dev))
+    launchers = [launcher for launcher, *_ in launches]
+    if dev == "cuda" and form in ("groups", "one_group") and hopper_fwd.on_hopper(torch.device(dev)):
+        assert launchers[0] is hopper_fwd._ATTN_HOPPER._twin  # the Gluon kernel's unit-length path
+    elif dev == "cuda" and form in ("value", "everything"):
+        assert launchers[0] is launch._ATTN._twin
