@@ -407,10 +407,11 @@ def _kg_half_dot_mode(cfg: dict, dtype: torch.dtype, key_groups, block_multiplie
     shipped here was not run there, NOTES.md 74). The interpreter takes the same route, so CPU
     tests cover what the GPU runs.
 
-    So does an unpipelined main pass (``num_stages=1`` in ``kernel_options``) on a GPU: there
-    triton 3.6 miscompiled the fp16 split on an H200 at head dim 128 (group sums ~3x off at
-    every key count) and read shared memory out of bounds at head dim 64; mode 0 there was
-    exact (NOTES.md 80). The interpreter, which ignores stages and runs with 1, keeps the split."""
+    An unpipelined main pass (``num_stages=1`` in ``kernel_options``) on a GPU takes mode 0
+    too: there triton 3.6 miscompiled the fp16 split on an H200 at head dim 128 (group sums ~3x
+    off at every key count) and read shared memory out of bounds at head dim 64, while mode 0
+    met the oracle at both (NOTES.md 80). The interpreter, which ignores stages and runs with
+    1, keeps the split."""
     if key_groups is None or dtype == torch.float32 or not cfg.get("kg_half_dot", True) or not even_d:
         return 0
     if not _INTERPRET and int(cfg.get("num_stages", 2)) < 2:
