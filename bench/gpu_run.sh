@@ -58,9 +58,11 @@ EOF
 
 TESTS_SUMMARY="not run"
 if [ "${SKIP_TESTS:-0}" = 0 ]; then
-  stamp "GPU tests (cap ${TEST_CAP} s)"
+  # The fuzz draws anew each run: its seed is printed, and HYPOTHESIS_SEED=N draws that run's calls again.
+  HYPOTHESIS_SEED=${HYPOTHESIS_SEED:-$(( $(date +%s) % 100000 ))}
+  stamp "GPU tests (cap ${TEST_CAP} s, hypothesis seed ${HYPOTHESIS_SEED})"
   timeout -s INT -k 15 "$TEST_CAP" python3 -m pytest -m cuda tests -x -q -p no:cacheprovider \
-    > "$OUT/gpu_tests.log" 2>&1
+    --hypothesis-seed="$HYPOTHESIS_SEED" > "$OUT/gpu_tests.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/gpu_tests.log"
   TESTS_SUMMARY=$(grep -E " in [0-9.]+s" "$OUT/gpu_tests.log" | tail -n 1 | tr -d '=' | sed 's/^ *//; s/ *$//')
