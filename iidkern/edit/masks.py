@@ -49,9 +49,12 @@ def gaussian_kernel1d(sigma: float, kernel_size: Optional[int] = None, device=No
         kernel_size = 2 * int(math.ceil(3 * sigma)) + 1
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"gaussian_kernel1d: kernel_size must be a positive odd int, got {kernel_size}")
-    x = torch.arange(kernel_size, dtype=torch.float32, device=device) - kernel_size // 2
+    # In float64 on the CPU (a few taps): a sigma below float32's smallest subnormal would round
+    # to 0 in float32 (0 / 0 = NaN at the centre tap); in float64 that Gaussian is the identity
+    # kernel it tends to.
+    x = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
     k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
+    return (k / k.sum()).to(device=device, dtype=torch.float32)
 
 
 def _pad_symmetric(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
