@@ -7,8 +7,8 @@ kind (ranges, ids, segments; every head rule and normalization; value probes), a
 multiplier (shared or per head, each dtype, anywhere in the score matrix), pair statistics,
 the LSE and tile counts. Outputs are poisoned before the run. On CPU the kernels run under
 Triton's interpreter with small tiles, and the dense reference backend answers to the same
-oracle; the CUDA variant draws longer sequences (some past 4096 keys), head dims 40, 64, 96
-and 128, mostly 16-bit, so that calls also reach the Hopper kernel and its tail split (it
+oracle; the CUDA variant draws longer sequences (some past 4096 keys), head dims 8, 16, 40, 64,
+96, 128 and 256, mostly 16-bit, so that calls also reach the Hopper kernel and its tail split (it
 found NOTES.md 74's miscompile; run it with scratch/device_fuzz.sh, which logs each call).
 """
 import os
@@ -75,7 +75,7 @@ def calls(draw, gpu=False):
         # of its own (NOTES.md 80: the GPU fuzz found one that faulted, at 1 in 700 draws).
         nq, nk = draw(st.integers(1, 700)), draw(st.integers(1, 700))
         nq, nk = (1 if draw(st.integers(0, 9)) == 0 else nq), (1 if draw(st.integers(0, 9)) == 0 else nk)
-        d = draw(st.sampled_from([64, 128, 128, 96, 40]))
+        d = draw(st.sampled_from([64, 128, 128, 96, 40, 8, 16, 256]))
         dtype = draw(st.sampled_from([torch.bfloat16, torch.float16, torch.bfloat16, torch.float32]))
     else:
         nq, nk = draw(st.integers(1, 70)), draw(st.integers(1, 70))
@@ -198,6 +198,8 @@ def describe(call) -> str:
         return f"{g.kind}[{g.start},{g.stop})x{g.count}" + (f":{t(g.group_ids)}" if g.group_ids is not None else "")
     parts = [f"{k}={call[k]!r}" for k in ("b", "h", "nq", "nk", "d", "dtype", "layout", "packed", "scale",
                                            "pair_stats", "return_lse", "count_tiles", "tiles", "seed")]
+    if call.get("kernel_options"):
+        parts.append(f"kernel_options={call['kernel_options']!r}")
     if call["tags"] is not None:
         parts.append(f"tags={call['tags'][0]}:{t(call['tags'][1])},{t(call['tags'][2])}")
     parts.append(f"head_weights={t(call['head_weights'])}")
@@ -247,6 +249,7 @@ def _check_call(call, device, backend):
     options = {"poison": True}
     if call["tiles"] is not None:
         options.update(BLOCK_M=call["tiles"][0], BLOCK_N=call["tiles"][1])
+    options.update(call.get("kernel_options") or {})  # e.g. {"hopper": False}: the Triton kernel on an H100
     res = iidkern.attention(q, k, v, layout=call["layout"], scale=call["scale"], tags=tags, head_weights=hw,
                             probes=probes, block_multiplier=mult, pair_stats=call["pair_stats"],
                             return_lse=call["return_lse"], count_tiles=call["count_tiles"],
