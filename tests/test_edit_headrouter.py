@@ -660,6 +660,22 @@ def test_scale_heads_rounds_once_with_and_without_autograd(dtype, layout):
     assert (tracked.grad if dtype == torch.float32 else weights_tracked.grad) is not None
 
 
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_scale_heads_copy_leaves_the_input_and_in_place_scales_it(layout):
+    """``copy=True`` (the default) writes a new tensor of ``out``'s strides and leaves ``out`` as it
+    was; ``copy=False`` scales ``out`` itself, to the same bits."""
+    g = torch.Generator().manual_seed(610 + (layout == "bhnd"))
+    out = in_layout(torch.randn(4, 9, 3, 8, generator=g), layout).to(torch.bfloat16)
+    before = out.clone()
+    weights = 1 + torch.rand(2, 3, generator=g)
+    copied = scale_heads(out, (3, 1), weights, layout)
+    assert torch.equal(out, before) and copied.stride() == out.stride()
+    assert torch.equal(copied[0], out[0]) and torch.equal(copied[2], out[2])
+    assert not torch.equal(copied[1], out[1]) and not torch.equal(copied[3], out[3])
+    same = scale_heads(out, (3, 1), weights, layout, copy=False)
+    assert same is out and torch.equal(out, copied)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_same_call_dtr_gives_the_same_bits_with_and_without_autograd(dtype):
     """Without autograd the weighted rows are summed with fewer float32 copies; the bits are

@@ -224,16 +224,29 @@ def scale_heads(out: torch.Tensor, rows: Sequence[int], weights: torch.Tensor, l
     multiplied by ``weights[p]`` (``[P, H]``)."""
     if len(set(rows)) != len(rows):  # the in-place product would scale a repeated row twice
         raise ValueError(f"scale_heads: rows must be distinct, got {tuple(rows)}")
-    new = out.clone() if copy else out
     w = weights.to(out.dtype)
     w = w[:, None, :, None] if layout == "bnhd" else w[:, :, None, None]
     if torch.is_grad_enabled() and (out.requires_grad or weights.requires_grad):
+        new = out.clone() if copy else out
         w = w.float()  # out of place: autograd needs the row before the product
         for p, r in enumerate(rows):  # row by row: no list index (see rows.batch_rows)
             new[r] = (out[r].float() * w[p]).to(out.dtype)
         return new
-    for p, r in enumerate(rows):  # PyTorch multiplies 16-bit tensors in float32 and rounds once: the same
-        new[r].mul_(w[p])         # bits as the float32 product above, without its float32 copies
+    # PyTorch multiplies 16-bit tensors in float32 and rounds once: the same bits as the float32
+    # product above, without its float32 copies.
+    if not copy:
+        for p, r in enumerate(rows):
+            out[r].mul_(w[p])
+        return out
+    # The copy is written once: scaled rows straight from ``out``, the others copied (a clone
+    # and then an in-place product would read and write the scaled rows twice).
+    new = torch.empty_like(out)
+    which = {r: p for p, r in enumerate(rows)}
+    for r in range(out.shape[0]):
+        if r in which:
+            torch.mul(out[r], w[which[r]], out=new[r])
+        else:
+            new[r].copy_(out[r])
     return new
 
 
