@@ -121,15 +121,17 @@ def test_autocast_does_not_change_results(backend):
         assert torch.equal(a, p)
 
 
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_float32_score_overflow_is_never_a_finite_wrong_answer(backend):
+def test_float32_score_overflow_is_never_a_finite_wrong_answer(backend, dev):
     """README: scores are float32, and products that overflow it give NaN or ±inf in the output
     and LSE (as SDPA does). Each row is either right or not finite; rows far from overflow are right."""
     g = torch.Generator().manual_seed(77)
     q, k = (torch.randn(1, 2, n, 16, generator=g) * 1e19 for n in (9, 7))
     q[:, :, :3] *= 1e-19  # rows whose scores stay far from float32's limit
     v = torch.randn(1, 2, 7, 16, generator=g)
-    res = iidkern.attention(q, k, v, backend=backend, return_lse=True)
+    res = iidkern.attention(q.to(dev), k.to(dev), v.to(dev), backend=backend, return_lse=True)
+    res = iidkern.AttentionResult(out=res.out.cpu(), lse=res.lse.cpu())
     scores = q.double() @ k.double().transpose(-1, -2) / 4.0
     want = torch.softmax(scores, -1) @ v.double()
     finite = torch.isfinite(res.out).all(-1) & torch.isfinite(res.lse)
