@@ -32,7 +32,8 @@ def router_weights(stats: PairStats, gamma: float = 0.2, delta: float = 0.5, eps
     the CPU are checked to be >= 0 (on a GPU the check would synchronize: there a negative
     one gives NaN weights). ``gamma``, ``delta``: finite reals; ``eps`` (the floor of the
     similarity spread): a finite real > 0. Heads of a pair with equal similarities (identical
-    branches) get ``d_h = 0``.
+    branches) get ``d_h = 0``. The cosine is taken in float64 (``PairStats.cosine``), so it
+    does not depend on the outputs' scale; the weights come in the stats' dtype, at least float32.
     """
     if not isinstance(stats, PairStats):
         raise TypeError(f"router_weights: stats must be a PairStats, got {type(stats).__name__}")

@@ -500,8 +500,17 @@ class PairStats:
         if len(set(devices.values())) != 1:
             raise ValueError(f"{where}: dot, norm0_sq and norm1_sq must be on one device, got {devices}")
 
-    def cosine(self, eps: float = 1e-12) -> torch.Tensor:
-        return self.dot / torch.sqrt(self.norm0_sq * self.norm1_sq).clamp_min(eps)
+    def cosine(self) -> torch.Tensor:
+        """``dot / (||O_b0,h|| * ||O_b1,h||)`` per (pair, head), 0 where a norm is 0; in the stats'
+        dtype, at least float32. Computed in float64 as a product of the two norms: a cosine
+        does not depend on the outputs' scale, while the product of two squared norms
+        overflows float32 past ~1.8e19 each (float16 past ~256), and a fixed floor on it
+        would bend small ones."""
+        dot, n0, n1 = (t.double() for t in (self.dot, self.norm0_sq, self.norm1_sq))
+        norms = n0.sqrt() * n1.sqrt()
+        nonzero = norms > 0
+        s = torch.where(nonzero, dot / torch.where(nonzero, norms, torch.ones_like(norms)), torch.zeros_like(dot))
+        return s.to(torch.promote_types(self.dot.dtype, torch.float32))
 
 
 # --------------------------------------------------------------------------- result

@@ -18,8 +18,11 @@ def stats(p=2, h=4, seed=0):
 
 
 def formula(st, gamma=0.2, delta=0.5, eps=1e-6):
-    """METHODS.md, HeadRouter step 1, as router_weights computed it before its checks."""
-    s = st.dot / torch.sqrt(st.norm0_sq * st.norm1_sq).clamp_min(1e-12)
+    """METHODS.md, HeadRouter step 1, as router_weights computes it without its checks (the
+    cosine in float64, 0 where a norm is 0, then in the stats' dtype, at least float32)."""
+    norms = st.norm0_sq.double().sqrt() * st.norm1_sq.double().sqrt()
+    s = torch.where(norms > 0, st.dot.double() / norms.clamp_min(1e-300), 0.0)
+    s = s.to(torch.promote_types(st.dot.dtype, torch.float32))
     s_max, s_min = s.max(-1, keepdim=True).values, s.min(-1, keepdim=True).values
     return 1.0 + gamma * torch.sigmoid((s_max - s) / torch.clamp(s_max - s_min, min=eps) - delta)
 
