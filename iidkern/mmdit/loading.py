@@ -126,7 +126,12 @@ def open_safetensors(file: str):
 
 
 def is_bfl_flux_layout(keys: Iterable[str]) -> bool:
-    return any(k.startswith(("double_blocks.", "img_in.", _BFL_PREFIX + "double_blocks.")) for k in keys)
+    """Whether a Flux checkpoint's keys are BFL's original layout (with or without the
+    ``model.diffusion_model.`` prefix of some exports): ``img_in.`` is in every such file,
+    ``double_blocks.`` in those with double blocks."""
+    marks = ("double_blocks.", "img_in.")
+    return any(k.startswith(marks) or (k.startswith(_BFL_PREFIX) and k[len(_BFL_PREFIX):].startswith(marks))
+               for k in keys)
 
 
 def bfl_flux_to_diffusers(state: Dict[str, torch.Tensor], inner_dim: int, mlp_hidden_dim: int):
