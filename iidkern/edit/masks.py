@@ -96,12 +96,20 @@ def gaussian_smooth(maps: torch.Tensor, grid: Tuple[int, int], sigma: float = 1.
     return x.reshape(*lead, h * w)
 
 
-def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Scale every map (last dim) to ``[0, 1]``; a constant map becomes all zeros (in every
-    dtype: ``eps`` rounds to 0 in fp16, where 0 / 0 would otherwise make it NaN)."""
-    lo = maps.min(-1, keepdim=True).values
-    span = (maps.max(-1, keepdim=True).values - lo).clamp_min(eps)
-    return torch.where(span > 0, (maps - lo) / span, torch.zeros_like(maps))
+def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
+    """Scale every map (last dim) to ``[0, 1]``, in the maps' dtype (float32 for integer maps);
+    a constant map becomes all zeros."""
+    return _normalized64(maps).to(maps.dtype if maps.is_floating_point() else torch.float32)
+
+
+def _normalized64(maps: torch.Tensor) -> torch.Tensor:
+    """:func:`minmax_normalize` in float64: the spread of float32 maps can overflow float32
+    (-3e38 and 3e38), and a threshold compared in float64 is not rounded to the maps' dtype
+    (a "fixed" threshold of 1e-9 would round to 0 in fp16 and take a constant map's zeros)."""
+    x = maps.double()
+    lo = x.min(-1, keepdim=True).values
+    span = x.max(-1, keepdim=True).values - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(x))
 
 
 # A smoothing width far past any latent grid (a 4096-pixel side is 256 tokens): the kernel has
@@ -134,8 +142,9 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
     whatever the constant, so an all-zero and an all-0.7 map give the same empty mask.
     """
     lead = values.shape[:-1]
-    # float64 maps stay float64: a spread below float32's step would collapse to a constant.
-    x = values.reshape(-1, values.shape[-1]).to(torch.promote_types(values.dtype, torch.float32))
+    # Binned in float64: the spread of float32 maps can overflow float32 (-3e38 and 3e38), and
+    # float64 maps keep a spread below float32's step.
+    x = values.reshape(-1, values.shape[-1]).double()
     lo = x.min(-1, keepdim=True).values
     hi = x.max(-1, keepdim=True).values
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # any spread, however small (a constant: below)
@@ -156,7 +165,7 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
     # would take every token. So t, in the maps' own dtype (a 0-dim float32 t would be rounded
     # to a half map's dtype by the comparison), lies above the largest background value and at
     # most the smallest foreground one; both are map values, exact in that dtype.
-    out_dtype = values.dtype if values.is_floating_point() else x.dtype
+    out_dtype = values.dtype if values.is_floating_point() else torch.float32
     foreground = idx > k
     top_background = torch.where(foreground, -float("inf"), x).max(-1, keepdim=True).values.to(out_dtype)
     low_foreground = torch.where(foreground, x, float("inf")).min(-1, keepdim=True).values.to(out_dtype)
@@ -183,10 +192,10 @@ def binarize(maps: torch.Tensor, rule: str = "otsu", value: float = 0.5) -> torc
     if rule == "otsu":
         return maps >= otsu_threshold(maps).unsqueeze(-1)
     if rule == "fixed":
-        return minmax_normalize(maps) >= value
+        return _normalized64(maps) >= value
     n = maps.shape[-1]
     keep = max(1, int(round(value * n)))
-    order = maps.argsort(-1, descending=True)
+    order = maps.argsort(dim=-1, descending=True, stable=True)  # ties: the earlier token first
     out = torch.zeros_like(maps, dtype=torch.bool)
     return out.scatter_(-1, order[..., :keep], True)
 
