@@ -65,16 +65,20 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
             base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """``mu`` linear in the number of image tokens: 0.5 at 256 tokens (512^2), 1.15 at 4096 (1024^2)."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * slope + base_shift - slope * base_seq_len
+    intercept = base_shift - slope * base_seq_len  # summed in diffusers' order: the same float bits
+    return image_seq_len * slope + intercept
 
 
 def sd3_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """``num_steps + 1`` times as diffusers' SD3 scheduler makes them (first 1.0, last 0.0)."""
+    """``num_steps + 1`` times as diffusers' SD3 scheduler makes them: first the shifted 1 of its
+    float32 table (1, or 1 ulp off it for some shifts), last 0.0."""
     _check_steps(num_steps)
-    # The scheduler's training table ends at the shifted 1/1000; inference times span [that, 1]
-    # evenly and are shifted once more, exactly as diffusers does.
-    sigma_min = float(shift_sigmas(torch.tensor(1.0 / num_train_timesteps, dtype=torch.float32), shift))
-    sigmas = np.linspace(num_train_timesteps, sigma_min * num_train_timesteps, num_steps) / num_train_timesteps
+    # The scheduler's float32 training table runs from the shifted 1 (1 - 1 ulp for some shifts)
+    # to the shifted 1/1000; inference times span it evenly and are shifted once more, exactly as
+    # diffusers does.
+    table_end = torch.tensor([1.0, 1.0 / num_train_timesteps], dtype=torch.float32)
+    sigma_max, sigma_min = (float(x) for x in shift_sigmas(table_end, shift))
+    sigmas = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_steps) / num_train_timesteps
     sigmas = shift_sigmas(sigmas, shift).astype(np.float32)
     return torch.cat([torch.from_numpy(sigmas), torch.zeros(1)])
 
