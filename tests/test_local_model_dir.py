@@ -3,7 +3,6 @@ their tokenizers, VAE), all tiny and random, built offline: the path ``--model D
 without stand-ins. The tokenizers are made in memory (a character BPE for CLIP, a word unigram
 with T5's metaspace and end token for T5) and saved as the pipeline would hold them."""
 import json
-import string
 
 import pytest
 import torch
@@ -15,36 +14,20 @@ tokenizers = pytest.importorskip("tokenizers")
 from iidkern.edit.models import EditModel, FluxPromptEncoder  # noqa: E402
 from iidkern.edit.pipeline import headrouter_edit, iid_edit  # noqa: E402
 from iidkern.mmdit import FluxConfig, FluxTransformer, save_weights  # noqa: E402
+from tiny_tokenizers import clip_tokenizer, t5_tokenizer  # noqa: E402
 
-WORDS = ["a", "red", "fox", "castle", "at", "dusk", "add", "tree", "make", "the", "sky", "blue", "cat", "hat"]
-CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
 
 def save_t5_tokenizer(path):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS] + \
-        [("\u2581", -2.0)] + [(c, -5.0) for c in CHARS]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                 extra_ids=0).save_pretrained(path)
-    return len(pieces)
+    tok, vocab = t5_tokenizer()
+    tok.save_pretrained(path)
+    return vocab
 
 
 def save_clip_tokenizer(path):
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in CHARS:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    path.mkdir(parents=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
-    return len(vocab)
+    tok, vocab = clip_tokenizer(path)
+    tok.save_pretrained(path)
+    return vocab
 
 
 def build_pipeline_dir(root, concat=True):

@@ -34,9 +34,7 @@ multiplies ``t`` by 1000, so only ``num_train_timesteps=1000`` timesteps are wha
 A deeper run: IIDKERN_FUZZ_EXAMPLES=300 pytest tests/test_sampling_fuzz.py
 """
 import copy
-import json
 import os
-import string
 import types
 
 import numpy as np
@@ -62,6 +60,7 @@ from iidkern.mmdit import (FluxTextEncoders, SD3Config, SD3TextEncoders, encode_
                            text_ids, unpack_latents)
 from iidkern.mmdit.sampling import shift_sigmas  # noqa: E402
 from iidkern.mmdit.testing import diffusers_sd3  # noqa: E402
+from tiny_tokenizers import CHARS, WORDS, clip_tokenizer, t5_tokenizer  # noqa: E402
 
 
 # A deeper run: IIDKERN_FUZZ_EXAMPLES=300 pytest tests/test_sampling_fuzz.py
@@ -344,38 +343,6 @@ def test_vae_codec_factors_equal_the_pipelines(vae, scale, shift, batch, size, s
 
 
 # --------------------------------------------------------------------------- prompts
-WORDS = ["a", "red", "fox", "castle", "at", "dusk", "add", "tree", "make", "the", "sky", "blue", "cat", "hat"]
-CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
-
-
-def t5_tokenizer():
-    """A word unigram with T5's metaspace and end token (as tests/test_local_model_dir.py)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS] + \
-        [("\u2581", -2.0)] + [(c, -5.0) for c in CHARS]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
-                                        pad_token="<pad>", extra_ids=0), len(pieces)
-
-
-def clip_tokenizer(path):
-    """A character BPE with CLIP's start / end tokens and the real tokenizers' 77-token limit."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in CHARS:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77), \
-        len(vocab)
-
-
 def _clip(vocab, hidden, projection=None, layers=2):
     cfg = transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                                       num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77,
@@ -396,7 +363,7 @@ def encoders(tmp_path_factory):
     levels = diffusers.utils.logging.get_verbosity(), transformers.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()  # truncation warnings of every long prompt
     transformers.logging.set_verbosity_error()
-    clip_tok, clip_vocab = clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
+    clip_tok, clip_vocab = clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"), model_max_length=77)
     t5_tok, t5_vocab = t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(31)
