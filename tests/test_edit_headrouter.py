@@ -626,6 +626,9 @@ def test_branch_pair_stats_and_scale_heads_refuse_bad_rows_and_backends():
         branch_pair_stats(out, ((0, 1),), "bnhd", backend="tirton")
     with pytest.raises(ValueError, match="scale_heads: rows must be distinct"):
         scale_heads(out, (1, 1), torch.ones(2, 2))
+    for rows in ((0, 5), (-1,)):
+        with pytest.raises(ValueError, match=r"scale_heads: rows must lie in \[0, \d+\)"):
+            scale_heads(out, rows, torch.ones(len(rows), 2))
 
 
 def test_branch_pair_stats_auto_takes_pytorch_on_cpu_and_under_autograd():

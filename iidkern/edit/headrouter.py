@@ -224,6 +224,9 @@ def scale_heads(out: torch.Tensor, rows: Sequence[int], weights: torch.Tensor, l
     multiplied by ``weights[p]`` (``[P, H]``)."""
     if len(set(rows)) != len(rows):  # the in-place product would scale a repeated row twice
         raise ValueError(f"scale_heads: rows must be distinct, got {tuple(rows)}")
+    outside = [r for r in rows if not 0 <= r < out.shape[0]]
+    if outside:
+        raise ValueError(f"scale_heads: rows must lie in [0, {out.shape[0]}) (the output's batch), got {tuple(rows)}")
     w = weights.to(out.dtype)
     w = w[:, None, :, None] if layout == "bnhd" else w[:, :, None, None]
     if torch.is_grad_enabled() and (out.requires_grad or weights.requires_grad):
