@@ -163,7 +163,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     """
     signature = None
     if _REPLAY and tags is None and head_weights is None and block_multiplier is None and pair_stats is None \
-            and not return_lse and not count_tiles and type(probes) in (tuple, list) and not probes:
+            and return_lse is False and count_tiles is False and type(probes) in (tuple, list) and not probes:
         signature = _plain_signature(q, k, v, layout, scale, backend, kernel_options)
         replay = _REPLAYS.get(signature) if signature is not None else None
         if replay is not None:  # this signature passed the checks below on its first call

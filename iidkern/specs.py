@@ -88,6 +88,8 @@ class TokenGroups:
         num_groups = index_arg(num_groups, "TokenGroups.ids: num_groups")
         if num_groups < 1:
             raise ValueError(f"TokenGroups.ids: need at least one group (an id >= 0), got num_groups={num_groups}")
+        if num_groups > 2**31 - 1:  # the kernels read ids as int32
+            raise ValueError(f"TokenGroups.ids: num_groups must be at most 2**31 - 1, got {num_groups}")
         if not isinstance(span, (tuple, list)) or len(span) != 2:
             raise ValueError(f"TokenGroups.ids: span must be a (start, stop) pair, got {span!r}")
         start, stop = index_arg(span[0], "TokenGroups.ids: span start"), index_arg(span[1], "TokenGroups.ids: span stop")
@@ -375,6 +377,15 @@ def check_data_tensor(t: torch.Tensor, what: str) -> None:
         raise TypeError(f"{what} must be a dense (strided) tensor, got layout {t.layout}")
     if t.device.type == "meta":
         raise ValueError(f"{what} is a meta tensor (no values); pass a CPU or CUDA tensor")
+    check_not_negated_view(t, what)
+
+
+def check_not_negated_view(t: torch.Tensor, what: str) -> None:
+    """Refuse a view with PyTorch's lazy negation bit (``z.conj().imag``): its memory holds the
+    negated values, which the kernels would read as they are."""
+    if t.is_neg():
+        raise TypeError(f"{what} is a lazily negated view (such as z.conj().imag), whose memory holds -{what}; "
+                        f"pass {what.split(': ')[-1]}.resolve_neg()")
 
 
 def index_arg(x, what: str) -> int:

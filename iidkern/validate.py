@@ -14,7 +14,7 @@ import torch
 from .kernels.flash_fwd import LOG2E
 from .kernels.tiles import TagMask
 from .specs import MAX_VALUE_PROBE_CHANNELS, BlockMultiplier, Probe, TokenGroups, ValueProbe, as_integer, as_real, \
-    check_data_tensor
+    check_data_tensor, check_not_negated_view
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TAG_DTYPES = (torch.int32, torch.int64)
@@ -55,6 +55,7 @@ def check_qkv(q, k, v, layout):
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name} must have a contiguous last (head) dim (stride 1), got strides {t.stride()}")
+        check_not_negated_view(t, name)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if not (q.device == k.device == v.device):
@@ -271,8 +272,9 @@ def check_pairs(pairs, b, device):
     if pairs is None:
         return None
     if not isinstance(pairs, torch.Tensor):
-        if not isinstance(pairs, (list, tuple)) or not all(isinstance(pair, (list, tuple, torch.Tensor))
-                                                           for pair in pairs):
+        if not isinstance(pairs, (list, tuple)) or not all(
+                isinstance(pair, (list, tuple)) or (isinstance(pair, torch.Tensor) and pair.dim() == 1)
+                for pair in pairs):
             raise TypeError(f"pair_stats must be a list of (b0, b1) pairs or a [P, 2] tensor (one pair: [(b0, b1)]), "
                             f"got {pairs!r}")
         if len({len(pair) for pair in pairs}) > 1:
@@ -281,6 +283,8 @@ def check_pairs(pairs, b, device):
         pairs_list = [[as_integer(i) for i in pair] for pair in pairs]
         if any(i is None for pair in pairs_list for i in pair):
             raise TypeError(f"pair_stats must hold integer batch indices, got {pairs!r}")
+        if any(not 0 <= i < b for pair in pairs_list for i in pair):  # also those past int64
+            raise ValueError(f"pair_stats indices must lie in [0, {b}), got {pairs_list}")
         pairs = pairs_list
     t = pairs if isinstance(pairs, torch.Tensor) else torch.as_tensor(pairs, dtype=torch.int64)
     check_data_tensor(t, "pair_stats")
