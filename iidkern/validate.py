@@ -72,7 +72,7 @@ def check_qkv(q, k, v, layout):
     if not (dq == dk == dv):
         raise ValueError(f"q, k, v head dims differ: q={dq}, k={dk}, v={dv}")
     if not 1 <= dq <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got D={dq}")
+        raise ValueError(f"q, k, v head dim must be in [1, {MAX_HEAD_DIM}], got D={dq}")
     if min(bq, hq, nq, nk) < 1:
         raise ValueError(f"q/k must be non-empty, got B={bq}, H={hq}, Nq={nq}, Nk={nk}")
     return bq, hq, nq, nk, dq

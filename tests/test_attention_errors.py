@@ -33,7 +33,7 @@ CASES = [
     ("kv-length", dict(v=torch.randn(B, H, N + 1, D)), ValueError, ["same number of tokens", "k=10", "v=11"]),
     ("head-dim-mismatch", dict(k=torch.randn(B, H, N, 8)), ValueError, ["head dims", "k=8"]),
     ("head-dim-too-large", dict(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300),
-                                v=torch.randn(1, 1, 2, 300)), ValueError, ["head dim", "256", "300"]),
+                                v=torch.randn(1, 1, 2, 300)), ValueError, ["q, k, v head dim", "256", "300"]),
     ("last-dim-strided", dict(q=torch.randn(B, H, N, 2 * D)[..., ::2]), ValueError, ["q", "contiguous last"]),
     ("layout", dict(layout="nhd"), ValueError, ["layout", "'nhd'"]),
     ("backend", dict(backend="cuda"), ValueError, ["backend", "'cuda'"]),
