@@ -384,8 +384,9 @@ def check_not_negated_view(t: torch.Tensor, what: str) -> None:
     """Refuse a view with PyTorch's lazy negation bit (``z.conj().imag``): its memory holds the
     negated values, which the kernels would read as they are."""
     if t.is_neg():
-        raise TypeError(f"{what} is a lazily negated view (such as z.conj().imag), whose memory holds -{what}; "
-                        f"pass {what.split(': ')[-1]}.resolve_neg()")
+        name = what.split(": ")[-1]  # "ValueProbe: x" -> "x"
+        raise TypeError(f"{what} is a lazily negated view (such as z.conj().imag), whose memory holds -{name}; "
+                        f"pass {name}.resolve_neg()")
 
 
 def index_arg(x, what: str) -> int:

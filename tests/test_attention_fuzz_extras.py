@@ -237,13 +237,8 @@ def check_call(call, device, backend="triton"):
                            f"after it): {str(e).splitlines()[0]}") from e
 
 
-def _check_call(call, device, backend):
-    log = os.environ.get("IIDKERN_FUZZ_LOG")  # with CUDA_LAUNCH_BLOCKING=1 its last line names a faulting call
-    if log:
-        with open(log, "a") as f:
-            f.write(describe(call) + "\n")
-        # ... and LOG.last.pt holds it whole, for scratch/replay_fuzz_call.py (compute-sanitizer)
-        torch.save({key: value for key, value in call.items() if key != "rng"}, log + ".last.pt")
+def run_call(call, device, backend="triton"):
+    """The call on ``device`` with poisoned outputs: ``(q, k, v, head weights, probes, result)``."""
     q, k, v = make_inputs(call, device)
     tags, hw, probes, mult = on(device, call)
     options = {"poison": True}
@@ -254,6 +249,17 @@ def _check_call(call, device, backend):
                             probes=probes, block_multiplier=mult, pair_stats=call["pair_stats"],
                             return_lse=call["return_lse"], count_tiles=call["count_tiles"],
                             backend=backend, kernel_options=options)
+    return q, k, v, hw, probes, res
+
+
+def _check_call(call, device, backend):
+    log = os.environ.get("IIDKERN_FUZZ_LOG")  # with CUDA_LAUNCH_BLOCKING=1 its last line names a faulting call
+    if log:
+        with open(log, "a") as f:
+            f.write(describe(call) + "\n")
+        # ... and LOG.last.pt holds it whole, for scratch/replay_fuzz_call.py (compute-sanitizer)
+        torch.save({key: value for key, value in call.items() if key != "rng"}, log + ".last.pt")
+    q, k, v, hw, probes, res = run_call(call, device, backend)
     raw_tags = None if call["tags"] is None else call["tags"][1:]
     want = oracle(q, k, v, layout=call["layout"], scale=call["scale"], tags=raw_tags, head_weights=hw,
                   probes=call["probes"], block_multiplier=call["block_multiplier"], pair_stats=call["pair_stats"])

@@ -20,10 +20,9 @@ import inspect
 import pytest
 import torch
 
-import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups, ValueProbe
 from iidkern.kernels import fast_launch, hopper_fwd
-from test_attention_fuzz_extras import check_call, make_inputs, on
+from test_attention_fuzz_extras import check_call, run_call
 
 # (kernel, parameter): why no valid call passes 1 there.
 NEVER_ONE = {
@@ -198,12 +197,7 @@ def test_every_integer_argument_is_one_in_some_call(dev):
     gpu = device.type == "cuda"
     with fast_launch.recording() as launches:
         for _, call in runs(gpu):
-            q, k, v = make_inputs(call, device)
-            tags, hw, probes, mult = on(device, call)
-            iidkern.attention(q, k, v, layout=call["layout"], tags=tags, head_weights=hw, probes=probes,
-                              block_multiplier=mult, pair_stats=call["pair_stats"], return_lse=call["return_lse"],
-                              count_tiles=call["count_tiles"], backend="triton",
-                              kernel_options=call.get("kernel_options"))
+            run_call(call, device)
     seen = integer_values(launches)
     want = KERNELS | (HOPPER_KERNELS if gpu and hopper_fwd.on_hopper(device) else set())
     assert want <= set(seen), f"kernels not reached: {sorted(want - set(seen))}"

@@ -11,6 +11,7 @@ import iidkern
 from iidkern import BlockMultiplier, Probe, TokenGroups, ValueProbe
 from iidkern.kernels import fast_launch, hopper_fwd, launch
 from test_attention_fuzz_extras import check_call
+from test_unit_arguments import base_call
 
 
 def generic_names(kernel):
@@ -100,9 +101,8 @@ def unit_call(form, nq, nk, d, seed):
     ids = torch.randint(-1, 2, (nk,), generator=g, dtype=torch.int32)
     ids[-1] = 1
     one = torch.where(ids >= 0, 0, -1).to(torch.int32)
-    call = dict(layout="bhnd", packed=False, b=2, h=2, nq=nq, nk=nk, d=d, dtype=torch.bfloat16, seed=seed,
-                scale=None, tags=None, head_weights=torch.rand(2, generator=g) + 0.5, probes=[],
-                block_multiplier=None, pair_stats=None, return_lse=False, count_tiles=False, tiles=None)
+    call = base_call(seed, b=2, h=2, nq=nq, nk=nk, d=d)
+    call["head_weights"] = torch.rand(2, generator=g) + 0.5
     if form == "value":
         call["probes"] = [ValueProbe(torch.randn(nk, 3, generator=g), TokenGroups.each(0, 1), heads="mean"),
                           Probe(TokenGroups.each(0, nq), TokenGroups.ids(ids), heads="mean")]
